@@ -1,0 +1,89 @@
+//! The derive input as the macro sees it: the struct, its named fields and its attribute, with spans.
+
+use syn::{Data, DeriveInput, Fields, Ident, Type};
+
+use crate::attr::{self, Attrs};
+use crate::ctxt::Ctxt;
+
+pub(crate) struct Container<'a> {
+    pub(crate) ident: &'a Ident,
+    pub(crate) fields: Vec<Field<'a>>,
+    pub(crate) attrs: Attrs,
+}
+
+pub(crate) struct Field<'a> {
+    pub(crate) ident: &'a Ident,
+    pub(crate) ty: &'a Type,
+    /// The database column: `#[sqlx(rename = "…")]`, or the field name.
+    pub(crate) column: String,
+}
+
+impl<'a> Container<'a> {
+    /// Reads the input; shape errors (not a struct with named fields, generics) go to `cx`.
+    pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
+        let attrs = Attrs::parse(cx, &input.attrs);
+        let fields = match &input.data {
+            Data::Struct(data) => match &data.fields {
+                Fields::Named(named) => named
+                    .named
+                    .iter()
+                    .filter_map(|f| {
+                        let ident = f.ident.as_ref()?;
+                        let column = attr::sqlx_rename(&f.attrs)
+                            .map_or_else(|| unraw(ident), |lit| lit.value());
+                        Some(Field {
+                            ident,
+                            ty: &f.ty,
+                            column,
+                        })
+                    })
+                    .collect(),
+                Fields::Unnamed(_) | Fields::Unit => {
+                    cx.error_spanned_by(
+                        &input.ident,
+                        "#[derive(CachedEntity)] needs a struct with named fields: placeholders such as `<id>` \
+                         name fields, and fields map to columns",
+                    );
+                    Vec::new()
+                }
+            },
+            Data::Enum(data) => {
+                cx.error_spanned_by(
+                    &data.enum_token,
+                    "#[derive(CachedEntity)] is for structs that map a table row; an enum is not a row type",
+                );
+                Vec::new()
+            }
+            Data::Union(data) => {
+                cx.error_spanned_by(
+                    &data.union_token,
+                    "#[derive(CachedEntity)] is for structs that map a table row; a union is not a row type",
+                );
+                Vec::new()
+            }
+        };
+        if !input.generics.params.is_empty() {
+            cx.error_spanned_by(
+                &input.generics,
+                "#[derive(CachedEntity)] does not support generic structs: an entity maps one table with \
+                 one set of templates; derive it on a concrete struct",
+            );
+        }
+        Self {
+            ident: &input.ident,
+            fields,
+            attrs,
+        }
+    }
+
+    pub(crate) fn field(&self, name: &str) -> Option<&Field<'a>> {
+        self.fields.iter().find(|f| unraw(f.ident) == name)
+    }
+}
+
+/// The field name without `r#`.
+pub(crate) fn unraw(ident: &Ident) -> String {
+    let s = ident.to_string();
+    s.strip_prefix("r#")
+        .map_or_else(|| s.clone(), str::to_owned)
+}

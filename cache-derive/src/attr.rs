@@ -1,0 +1,217 @@
+//! Parses `#[cached_entity(...)]` and the `#[sqlx(rename = "…")]` of fields.
+
+use proc_macro2::Span;
+use syn::spanned::Spanned as _;
+use syn::{Attribute, LitStr, Token, punctuated::Punctuated};
+
+use crate::ctxt::Ctxt;
+use crate::symbol;
+
+/// The container attribute, keeping the span of every value for error messages.
+#[derive(Default)]
+pub(crate) struct Attrs {
+    pub(crate) table: Option<LitStr>,
+    pub(crate) key: Option<LitStr>,
+    pub(crate) depends: Vec<LitStr>,
+    pub(crate) ttl: Option<LitStr>,
+    /// Where to point when something is missing: the first `#[cached_entity]`, if any.
+    pub(crate) span: Option<Span>,
+}
+
+impl Attrs {
+    pub(crate) fn parse(cx: &mut Ctxt, attrs: &[Attribute]) -> Self {
+        let mut out = Self::default();
+        let mut seen: Vec<String> = Vec::new();
+        for attr in attrs
+            .iter()
+            .filter(|a| a.path().is_ident(symbol::CACHED_ENTITY))
+        {
+            out.span.get_or_insert(attr.span());
+            let result = attr.parse_nested_meta(|meta| {
+                let name = meta.path.get_ident().map(ToString::to_string).unwrap_or_default();
+                if !symbol::ALL.contains(&name.as_str()) {
+                    let shown = quote::ToTokens::to_token_stream(&meta.path).to_string().replace(' ', "");
+                    let hint = closest(&shown, symbol::ALL.iter().copied())
+                        .map(|s| format!("did you mean `{s}`? "))
+                        .unwrap_or_default();
+                    cx.error_spanned_by(
+                        &meta.path,
+                        format!(
+                            "unknown key `{shown}` in #[cached_entity(...)]: {hint}expected one of `table`, `key`, \
+                             `depends`, `ttl`"
+                        ),
+                    );
+                    skip_value(&meta)?;
+                    return Ok(());
+                }
+                if seen.contains(&name) {
+                    cx.error_spanned_by(
+                        &meta.path,
+                        format!("duplicate `{name}` in #[cached_entity(...)]: give it once"),
+                    );
+                }
+                seen.push(name.clone());
+                match name.as_str() {
+                    symbol::DEPENDS => {
+                        let value = meta.value()?;
+                        let content;
+                        syn::bracketed!(content in value);
+                        let list = Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?;
+                        out.depends.extend(list);
+                    }
+                    other => {
+                        let value: LitStr = meta.value()?.parse()?;
+                        let slot = match other {
+                            symbol::TABLE => &mut out.table,
+                            symbol::KEY => &mut out.key,
+                            _ => &mut out.ttl,
+                        };
+                        slot.get_or_insert(value);
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = result {
+                cx.syn_error(syn::Error::new(
+                    e.span(),
+                    format!(
+                        "{e}; expected #[cached_entity(table = \"…\", key = \"…\", depends = [\"…\", …], \
+                         ttl = \"10m\")]"
+                    ),
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn skip_value(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+    if meta.input.peek(Token![=]) {
+        let _: syn::Expr = meta.value()?.parse()?;
+    } else if meta.input.peek(syn::token::Paren) {
+        meta.parse_nested_meta(|inner| skip_value(&inner))?;
+    }
+    Ok(())
+}
+
+/// The column of a field: its `#[sqlx(rename = "…")]`, or `None` for the field name. Other `sqlx` keys are
+/// sqlx's to check and are ignored here.
+pub(crate) fn sqlx_rename(attrs: &[Attribute]) -> Option<LitStr> {
+    let mut rename = None;
+    for attr in attrs.iter().filter(|a| a.path().is_ident(symbol::SQLX)) {
+        let _ = attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident(symbol::RENAME) {
+                rename = Some(meta.value()?.parse::<LitStr>()?);
+                Ok(())
+            } else {
+                skip_value(&meta)
+            }
+        });
+    }
+    rename
+}
+
+/// The candidate closest to `name` by edit distance, if it is close enough to be a likely typo.
+pub(crate) fn closest<'a>(
+    name: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .map(|c| (levenshtein(name, c), c))
+        .filter(|&(d, c)| {
+            d <= (c.len().max(name.len()) / 3).max(1) || c.contains(name) || name.contains(c)
+        })
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Parses a TTL such as `30s`, `10m`, `1h30m`, `500ms` or `1d`.
+pub(crate) fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+    let invalid = || {
+        format!(
+            "invalid ttl \"{text}\": write a duration such as \"30s\", \"10m\" or \"1h30m\" (units: ms, s, m, h, d)"
+        )
+    };
+    let mut total_ms: u64 = 0;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(invalid());
+        }
+        let number: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(invalid()),
+        };
+        rest = &rest[unit_len..];
+        total_ms = number
+            .checked_mul(factor)
+            .and_then(|ms| total_ms.checked_add(ms))
+            .ok_or_else(invalid)?;
+    }
+    if total_ms == 0 {
+        return Err(format!(
+            "ttl \"{text}\" is zero: every entry needs a TTL as a safety net; give a positive duration such as \"10m\""
+        ));
+    }
+    Ok(std::time::Duration::from_millis(total_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls() {
+        assert_eq!(parse_ttl("10m").map(|d| d.as_secs()), Ok(600));
+        assert_eq!(parse_ttl("1h30m").map(|d| d.as_secs()), Ok(5400));
+        assert_eq!(parse_ttl("500ms").map(|d| d.as_millis()), Ok(500));
+        assert_eq!(parse_ttl("2d").map(|d| d.as_secs()), Ok(172_800));
+        for bad in ["", "10", "m", "10x", "1.5h", "-1s", "99999999999999999d"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+        assert!(parse_ttl("0s").expect_err("zero").contains("is zero"));
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(
+            closest("catgory_id", ["id", "category_id", "name"].into_iter()),
+            Some("category_id")
+        );
+        assert_eq!(
+            closest("dependz", symbol::ALL.iter().copied()),
+            Some("depends")
+        );
+        assert_eq!(closest("zzz", ["id", "name"].into_iter()), None);
+    }
+}

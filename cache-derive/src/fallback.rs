@@ -1,0 +1,23 @@
+//! The stub emitted beside compile errors (thiserror's `fallback.rs`): the type still implements
+//! `CachedEntity`, so one mistake in the attribute does not cascade into errors at every use of the entity.
+
+use proc_macro2::TokenStream;
+use quote::quote;
+
+pub(crate) fn stub(ident: &syn::Ident) -> TokenStream {
+    quote! {
+        #[allow(unreachable_code, clippy::all)]
+        const _: () = {
+            #[automatically_derived]
+            impl ::cache_runtime::CachedEntity for #ident {
+                const META: &'static ::cache_runtime::EntityMeta = ::cache_runtime::__private::FALLBACK_META;
+                fn cache_key(&self) -> ::cache_runtime::Key {
+                    ::core::unreachable!()
+                }
+                fn cache_keys(&self) -> ::std::vec::Vec<::cache_runtime::Key> {
+                    ::core::unreachable!()
+                }
+            }
+        };
+    }
+}

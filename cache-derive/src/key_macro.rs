@@ -1,0 +1,129 @@
+//! `key!("template", name = value, ...)`: renders a key, checking at compile time that the values match the
+//! placeholders exactly and that some entity declares the template.
+
+use proc_macro2::{Literal, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::{Expr, Ident, LitStr, Token};
+
+use crate::attr::closest;
+use crate::ctxt::Ctxt;
+use crate::expand::{render_tokens, template_tokens};
+use crate::{template, valid};
+
+struct Input {
+    template: LitStr,
+    args: Vec<Arg>,
+}
+
+/// `name = value`, or `name` alone for `name = name`.
+struct Arg {
+    name: Ident,
+    value: Expr,
+}
+
+impl Parse for Input {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let template: LitStr = input.parse()?;
+        let mut args = Vec::new();
+        if input.parse::<Option<Token![,]>>()?.is_some() {
+            for arg in Punctuated::<Arg, Token![,]>::parse_terminated(input)? {
+                args.push(arg);
+            }
+        }
+        Ok(Self { template, args })
+    }
+}
+
+impl Parse for Arg {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let name: Ident = input.parse()?;
+        let value = if input.parse::<Option<Token![=]>>()?.is_some() {
+            input.parse()?
+        } else {
+            syn::parse_quote!(#name)
+        };
+        Ok(Self { name, value })
+    }
+}
+
+pub(crate) fn expand(input: TokenStream) -> TokenStream {
+    let input: Input = match syn::parse2(input) {
+        Ok(input) => input,
+        Err(e) => {
+            let message = format!("{e}; expected key!(\"prefix:<field>\", field = value, ...)");
+            return syn::Error::new(e.span(), message).to_compile_error();
+        }
+    };
+    let mut cx = Ctxt::default();
+    let Some(parsed) = valid::report(
+        &mut cx,
+        &input.template,
+        template::parse(&input.template.value()),
+    ) else {
+        return cx.into_compile_errors();
+    };
+    let placeholders: Vec<&str> = parsed.placeholders().collect();
+    for (i, arg) in input.args.iter().enumerate() {
+        let name = arg.name.to_string();
+        if input.args[..i].iter().any(|a| a.name == arg.name) {
+            cx.error_spanned_by(
+                &arg.name,
+                format!("`{name}` is given twice: give each placeholder one value"),
+            );
+        } else if !placeholders.contains(&name.as_str()) {
+            let hint = closest(&name, placeholders.iter().copied())
+                .map(|p| format!("did you mean `{p}`? "))
+                .unwrap_or_default();
+            cx.error_spanned_by(
+                &arg.name,
+                format!(
+                    "\"{}\" has no placeholder `<{name}>`: {hint}remove this value",
+                    parsed.text
+                ),
+            );
+        }
+    }
+    for name in &placeholders {
+        if !input.args.iter().any(|a| a.name == name) {
+            cx.error_spanned_by(
+                &input.template,
+                format!(
+                    "missing a value for placeholder `<{name}>` of \"{}\": add `{name} = …`",
+                    parsed.text
+                ),
+            );
+        }
+    }
+    if cx.has_errors() {
+        return cx.into_compile_errors();
+    }
+
+    let id = Literal::u64_suffixed(parsed.id());
+    let span = input.template.span();
+    let check = quote_spanned! {span=>
+        const _: () = ::cache_runtime::__private::declared::<::cache_runtime::__private::TemplateId<#id>, _>();
+    };
+    let template = template_tokens(&parsed);
+    let bindings = input.args.iter().enumerate().map(|(i, a)| {
+        let var = quote::format_ident!("__v{}", i);
+        let value = &a.value;
+        quote!(let #var = #value;)
+    });
+    let render = render_tokens(&parsed, &quote!(&__TEMPLATE), |name| {
+        let i = input
+            .args
+            .iter()
+            .position(|a| a.name == name)
+            .unwrap_or_default();
+        let var = quote::format_ident!("__v{}", i);
+        quote!(&#var)
+    });
+    quote! {{
+        #check
+        static __TEMPLATE: ::cache_runtime::Template = #template;
+        #(#bindings)*
+        #render
+    }}
+}

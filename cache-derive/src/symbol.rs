@@ -1,0 +1,10 @@
+//! Names of the attribute keys.
+
+pub(crate) const CACHED_ENTITY: &str = "cached_entity";
+pub(crate) const TABLE: &str = "table";
+pub(crate) const KEY: &str = "key";
+pub(crate) const DEPENDS: &str = "depends";
+pub(crate) const TTL: &str = "ttl";
+pub(crate) const ALL: &[&str] = &[TABLE, KEY, DEPENDS, TTL];
+pub(crate) const SQLX: &str = "sqlx";
+pub(crate) const RENAME: &str = "rename";
