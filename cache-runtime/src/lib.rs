@@ -3,6 +3,7 @@
 mod entity;
 mod key;
 mod registry;
+mod store;
 
 pub use cache_derive::{CachedEntity, key};
 pub use entity::{CachedEntity, Column, EntityMeta};
@@ -11,6 +12,8 @@ pub use key::{
     is_value_char,
 };
 pub use registry::{Registry, RegistryError, registry};
+pub use store::redis::RedisStore;
+pub use store::{BoxFuture, Store, StoreError};
 
 /// Support for generated code; not a public API.
 #[doc(hidden)]

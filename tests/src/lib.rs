@@ -1,2 +1,252 @@
-//! Shared entities and helpers of the integration tests. The entities live in this crate so that the tests,
-//! which are separate crates, exercise `key!` across crates.
+//! Shared helpers of the integration tests: isolated databases and Redis key prefixes on the real servers.
+//!
+//! Entities used by several test binaries live in this crate too, so that the tests, which are separate
+//! crates, exercise `key!` across crates.
+//!
+//! Servers come from `DATABASE_URL` (any database on the server; default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) and `REDIS_URL` (default `redis://127.0.0.1:6379`). When a
+//! server is not reachable the test fails with a message that says how to provide it.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection as _, PgConnection, PgPool};
+
+/// The admin URL of the PostgreSQL server the tests use.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The URL of the Redis server the tests use.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn unique(hint: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{hint}_{}_{}_{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A database of its own on the test server, dropped (with its connections) when this guard drops.
+#[derive(Debug)]
+pub struct TestDb {
+    /// The database name.
+    pub name: String,
+    /// Its connection URL.
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// Creates a fresh, empty database.
+    ///
+    /// # Panics
+    ///
+    /// When PostgreSQL is not reachable, with a message that says how to provide it.
+    pub async fn create(hint: &str) -> Self {
+        let admin_url = database_url();
+        let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is not reachable at {admin_url} ({e}). Start it (e.g. `pg_ctlcluster 15 main start`) \
+                 or set DATABASE_URL to a server where user may CREATE DATABASE."
+            )
+        });
+        let name = unique(&format!("cache_test_{hint}")).to_lowercase();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name} failed: {e}"));
+        let url = with_database(&admin_url, &name);
+        Self {
+            name,
+            url,
+            admin_url,
+        }
+    }
+
+    /// A pool on this database.
+    pub async fn pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.url))
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime: drop the database from a thread with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let mut admin = PgConnection::connect(&admin_url).await.ok()?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                )))
+                .execute(&mut admin)
+                .await
+                .ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(_))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// `url` with its database replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// A Redis key prefix of its own, whose keys are deleted when this guard drops.
+#[derive(Debug)]
+pub struct TestPrefix {
+    /// The prefix, ending in `:`.
+    pub prefix: String,
+    /// A plain connection, for assertions on raw keys.
+    pub conn: redis::aio::MultiplexedConnection,
+}
+
+impl TestPrefix {
+    /// A fresh prefix on the test Redis.
+    ///
+    /// # Panics
+    ///
+    /// When Redis is not reachable, with a message that says how to provide it.
+    pub async fn create(hint: &str) -> Self {
+        let url = redis_url();
+        let unreachable = |e: redis::RedisError| -> ! {
+            panic!(
+                "Redis is not reachable at {url} ({e}). Start it (e.g. `redis-server --daemonize yes --port 6379`) \
+                 or set REDIS_URL."
+            )
+        };
+        let client = redis::Client::open(url.as_str()).unwrap_or_else(|e| unreachable(e));
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| unreachable(e));
+        Self {
+            prefix: format!("{}:", unique(&format!("t_{hint}"))),
+            conn,
+        }
+    }
+
+    /// Whether `key` (without the prefix) exists.
+    pub async fn exists(&self, key: &str) -> bool {
+        let mut conn = self.conn.clone();
+        redis::cmd("EXISTS")
+            .arg(format!("{}{key}", self.prefix))
+            .query_async::<bool>(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("EXISTS: {e}"))
+    }
+
+    /// Sets `key` (without the prefix) to `value`.
+    pub async fn set(&self, key: &str, value: &str) {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(format!("{}{key}", self.prefix))
+            .arg(value)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("SET: {e}"));
+    }
+
+    /// The keys under this prefix (without it), sorted. Uses SCAN: for tests only.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut conn = self.conn.clone();
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor = 0_u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("SCAN: {e}"));
+            keys.extend(batch.into_iter().map(|k| k[self.prefix.len()..].to_owned()));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys
+    }
+}
+
+impl Drop for TestPrefix {
+    fn drop(&mut self) {
+        let (url, prefix) = (redis_url(), self.prefix.clone());
+        let _ = std::thread::spawn(move || -> redis::RedisResult<()> {
+            let mut conn = redis::Client::open(url.as_str())?.get_connection()?;
+            let mut cursor = 0_u64;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(&mut conn)?;
+                if !batch.is_empty() {
+                    redis::cmd("DEL").arg(batch).query::<()>(&mut conn)?;
+                }
+                if next == 0 {
+                    return Ok(());
+                }
+                cursor = next;
+            }
+        })
+        .join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn with_database_replaces_the_path() {
+        assert_eq!(
+            super::with_database("postgres://u@h:5432/postgres", "x"),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u@h:5432", "x"),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://h/db?sslmode=disable", "x"),
+            "postgres://h/x?sslmode=disable"
+        );
+    }
+}
