@@ -3,10 +3,12 @@
 
 use proc_macro2::{Literal, TokenStream};
 use quote::{quote, quote_spanned};
+use syn::ext::IdentExt as _;
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, Ident, LitStr, Token};
 
+use crate::ast::unraw;
 use crate::attr::closest;
 use crate::ctxt::Ctxt;
 use crate::expand::{render_tokens, template_tokens};
@@ -38,7 +40,7 @@ impl Parse for Input {
 
 impl Parse for Arg {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        let name: Ident = input.parse()?;
+        let name = Ident::parse_any(input)?;
         let value = if input.parse::<Option<Token![=]>>()?.is_some() {
             input.parse()?
         } else {
@@ -66,7 +68,7 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
     };
     let placeholders: Vec<&str> = parsed.placeholders().collect();
     for (i, arg) in input.args.iter().enumerate() {
-        let name = arg.name.to_string();
+        let name = unraw(&arg.name);
         if input.args[..i].iter().any(|a| a.name == arg.name) {
             cx.error_spanned_by(
                 &arg.name,
@@ -86,7 +88,7 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
         }
     }
     for name in &placeholders {
-        if !input.args.iter().any(|a| a.name == name) {
+        if !input.args.iter().any(|a| unraw(&a.name) == *name) {
             cx.error_spanned_by(
                 &input.template,
                 format!(
@@ -97,7 +99,7 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
         }
     }
     if cx.has_errors() {
-        return cx.into_compile_errors();
+        return errors_as_expr(cx);
     }
 
     let id = Literal::u64_suffixed(parsed.id());
@@ -126,4 +128,10 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
         #(#bindings)*
         #render
     }}
+}
+
+/// The errors, as an expression of type `Key`, so that the call site type-checks and no error cascades.
+fn errors_as_expr(cx: Ctxt) -> TokenStream {
+    let errors = cx.into_compile_errors();
+    quote!({ #errors ::cache_runtime::__private::fallback_key() })
 }
