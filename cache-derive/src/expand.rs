@@ -41,7 +41,7 @@ pub(crate) fn render_tokens(
     value: impl Fn(&str) -> TokenStream,
 ) -> TokenStream {
     let steps = t.segments.iter().map(|s| match s {
-        Segment::Lit(text) => quote!(__builder.lit(#text);),
+        Segment::Lit(text) => quote!(.lit(#text)),
         Segment::Placeholder(name) => {
             let v = value(name);
             let span = v
@@ -49,13 +49,12 @@ pub(crate) fn render_tokens(
                 .into_iter()
                 .next()
                 .map_or_else(proc_macro2::Span::call_site, |t| t.span());
-            quote_spanned!(span=> __builder.part(#v);)
+            quote_spanned!(span=> .part(#v))
         }
     });
+    // A method chain, no `let`: no local name can clash with the user's items.
     quote!({
-        let mut __builder = ::cache_runtime::__private::KeyBuilder::new(#template);
-        #(#steps)*
-        __builder.finish()
+        ::cache_runtime::__private::KeyBuilder::new(#template) #(#steps)* .finish()
     })
 }
 

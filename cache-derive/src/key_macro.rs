@@ -108,24 +108,17 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
         const _: () = ::cache_runtime::__private::declared::<::cache_runtime::__private::TemplateId<#id>, _>();
     };
     let template = template_tokens(&parsed);
-    let bindings = input.args.iter().enumerate().map(|(i, a)| {
-        let var = quote::format_ident!("__v{}", i);
-        let value = &a.value;
-        quote!(let #var = #value;)
-    });
     let render = render_tokens(&parsed, &quote!(&__TEMPLATE), |name| {
-        let i = input
+        let value = input
             .args
             .iter()
-            .position(|a| a.name == name)
-            .unwrap_or_default();
-        let var = quote::format_ident!("__v{}", i);
-        quote!(&#var)
+            .find(|a| unraw(&a.name) == name)
+            .map(|a| &a.value);
+        quote!(&(#value))
     });
     quote! {{
         #check
         static __TEMPLATE: ::cache_runtime::Template = #template;
-        #(#bindings)*
         #render
     }}
 }

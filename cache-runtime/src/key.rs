@@ -117,18 +117,17 @@ impl Template {
                 found: values.len(),
             });
         }
-        let mut builder = KeyBuilder::new(self);
         let mut values = values.iter();
-        for segment in self.segments {
-            match segment {
-                Segment::Lit(text) => builder.lit(text),
-                Segment::Placeholder(_) => {
-                    if let Some(value) = values.next() {
-                        builder.part(value);
-                    }
-                }
-            }
-        }
+        let builder =
+            self.segments
+                .iter()
+                .fold(KeyBuilder::new(self), |b, segment| match segment {
+                    Segment::Lit(text) => b.lit(text),
+                    Segment::Placeholder(_) => match values.next() {
+                        Some(value) => b.part(value),
+                        None => b,
+                    },
+                });
         Ok(builder.finish())
     }
 
@@ -310,15 +309,19 @@ impl KeyBuilder {
     }
 
     #[doc(hidden)]
-    pub fn lit(&mut self, text: &str) {
+    #[must_use]
+    pub fn lit(mut self, text: &str) -> Self {
         self.text.push_str(text);
+        self
     }
 
     #[doc(hidden)]
-    pub fn part<P: KeyPart + ?Sized>(&mut self, value: &P) {
+    #[must_use]
+    pub fn part<P: KeyPart + ?Sized>(mut self, value: &P) -> Self {
         value.write_key_part(KeyWriter {
             out: &mut self.text,
         });
+        self
     }
 
     #[doc(hidden)]
