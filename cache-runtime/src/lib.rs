@@ -1,17 +1,26 @@
 #![doc = include_str!("../../README.md")]
 
+mod classify;
 mod entity;
+mod error;
 mod key;
+pub mod pool;
 mod registry;
+mod relay;
+pub mod schema;
 mod store;
 
 pub use cache_derive::{CachedEntity, key};
+pub use classify::WRITE_WORDS;
 pub use entity::{CachedEntity, Column, EntityMeta};
+pub use error::{ColumnProblem, Error, Problem};
 pub use key::{
     Key, KeyError, KeyPart, KeyValue, KeyWriter, NULL_RENDERING, PartKind, Segment, Template,
     is_value_char,
 };
+pub use pool::{CachedPool, CachedPoolOptions, CachedTransaction, WriteDetection};
 pub use registry::{Registry, RegistryError, registry};
+pub use schema::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, Schema, TriggerMode};
 pub use store::redis::RedisStore;
 pub use store::{BoxFuture, Store, StoreError};
 

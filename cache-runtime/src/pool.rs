@@ -1,0 +1,878 @@
+//! [`CachedPool`] and [`CachedTransaction`]: a `PgPool` wrapper that invalidates the cache after every
+//! committed write.
+//!
+//! # How writes reach the store
+//!
+//! The triggers installed by [`Schema`] write the keys of every changed row into the outbox, in the writing
+//! transaction. The wrapper then delivers them:
+//!
+//! - **Transactions** ([`CachedPool::begin`]): the outermost [`CachedTransaction::commit`] reads the
+//!   transaction's outbox rows (`txid = pg_current_xact_id_if_assigned()`), sends `COMMIT`, invalidates the
+//!   keys in one store round trip, and returns. Every write inside the transaction is covered, whatever the
+//!   statement (functions, cascades, `COPY`, …). Savepoints ([`CachedTransaction::begin`]) publish nothing
+//!   themselves; the rows of a rolled-back savepoint vanish with it. Rollback and drop publish nothing.
+//! - **Autocommit statements on `&CachedPool`**: statements that *may write* (see below) are followed, on
+//!   the same connection, by one query for this backend's new outbox rows, whose keys are invalidated before
+//!   the call returns. Statements that cannot write cost nothing extra.
+//!
+//! After a successful `COMMIT`, a store failure is logged (`tracing`, target `cache_runtime`) and never
+//! returned: the rows stay in the outbox and the relay delivers them. Delivered rows are deleted by a
+//! background task in batches, with `synchronous_commit = off`: the caller's path has no extra WAL flush.
+//!
+//! # Which autocommit statements get read-your-writes synchronously
+//!
+//! With the default [`WriteDetection::Keywords`], a statement executed on `&CachedPool` is followed by the
+//! outbox query when its SQL text, outside comments, string literals, quoted identifiers and dollar-quoted
+//! bodies, contains one of the words `INSERT`, `UPDATE` (except in `FOR UPDATE` / `FOR NO KEY UPDATE`),
+//! `DELETE`, `MERGE`, `CALL`, `COPY`, `TRUNCATE`, `DO`, `EXECUTE` (case-insensitive). That covers:
+//! `INSERT`/`UPDATE`/`DELETE` (with `RETURNING`, `ON CONFLICT`, `FROM`, `USING`), data-modifying CTEs
+//! (`WITH x AS (UPDATE …) SELECT …`) through any `fetch_*`, `MERGE`, `CALL` of procedures, `DO` blocks,
+//! `TRUNCATE`, `EXECUTE` of prepared statements, `ON DELETE CASCADE` and trigger-made writes caused by such a
+//! statement, and multi-statement `raw_sql` containing any of them.
+//!
+//! Not detected, so delivered by the relay (within [`CachedPoolOptions::wrapped_grace`] plus a sweep
+//! interval, 2.5 s by default) instead of before the call returns: a *read-looking* statement that writes
+//! through a function, such as `SELECT my_writing_function()` or `VALUES (nextval_and_write())`. Run such
+//! statements in a [`CachedTransaction`] (always synchronous), or choose [`WriteDetection::Always`], which
+//! follows every autocommit statement with the outbox query (one extra round trip per read).
+//!
+//! Writes through [`CachedPool::pg_pool`] (the bare pool) are not delivered synchronously either; they are
+//! relayed like the above.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_core::future::BoxFuture;
+use futures_core::stream::BoxStream;
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{
+    PgConnectOptions, PgPoolOptions, PgQueryResult, PgRow, PgStatement, PgTypeInfo,
+};
+use sqlx::{Either, Execute, Executor, PgConnection, PgPool, Postgres};
+use sqlx_core::ext::async_stream::TryAsyncStream;
+use sqlx_core::sql_str::SqlStr;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::classify::may_write;
+use crate::error::Error;
+use crate::registry::{Registry, registry};
+use crate::relay::{self, RelayConfig};
+use crate::schema::{Schema, TriggerMode, WRAPPED_SETTING};
+use crate::store::Store;
+
+/// How [`CachedPool`] decides that an autocommit statement may have written (see the
+/// [module docs](crate::pool)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WriteDetection {
+    /// Statements containing a writing keyword ([`WRITE_WORDS`](crate::WRITE_WORDS)) are followed by the
+    /// outbox query; others rely on the relay. No extra round trip for plain reads.
+    #[default]
+    Keywords,
+    /// Every autocommit statement is followed by the outbox query: synchronous for every write, one extra
+    /// round trip per read.
+    Always,
+}
+
+/// Builder of a [`CachedPool`].
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn f() -> Result<(), cache_runtime::Error> {
+/// use cache_runtime::{CachedPool, RedisStore};
+///
+/// let store = RedisStore::connect("redis://127.0.0.1:6379", "myapp:").await?;
+/// let pool = CachedPool::options()
+///     .install_schema(true)
+///     .connect("postgres://app@localhost/app", store)
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct CachedPoolOptions {
+    registry: Option<Registry>,
+    pool_options: PgPoolOptions,
+    install: bool,
+    trigger_mode: TriggerMode,
+    relay: bool,
+    relay_config: RelayConfig,
+    detection: WriteDetection,
+}
+
+impl Default for CachedPoolOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CachedPoolOptions {
+    /// Defaults: the program's [`registry()`], `PgPoolOptions::new()`, verify (not install) the schema, relay
+    /// on, [`WriteDetection::Keywords`].
+    pub fn new() -> Self {
+        Self {
+            registry: None,
+            pool_options: PgPoolOptions::new(),
+            install: false,
+            trigger_mode: TriggerMode::default(),
+            relay: true,
+            relay_config: RelayConfig::default(),
+            detection: WriteDetection::default(),
+        }
+    }
+
+    /// Uses `registry` instead of every entity linked into the program.
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Options of the underlying pool (size, timeouts, …).
+    pub fn pool_options(mut self, options: PgPoolOptions) -> Self {
+        self.pool_options = options;
+        self
+    }
+
+    /// Installs (or updates) the triggers at connect instead of only checking them. Needs a role that may
+    /// create triggers on the registered tables.
+    pub fn install_schema(mut self, install: bool) -> Self {
+        self.install = install;
+        self
+    }
+
+    /// The trigger mode used when [installing](Self::install_schema).
+    pub fn trigger_mode(mut self, mode: TriggerMode) -> Self {
+        self.trigger_mode = mode;
+        self
+    }
+
+    /// Runs the relay as a background task of the pool (default `true`). Without it, writes by other
+    /// clients and left-behind rows wait for a relay running elsewhere.
+    pub fn relay(mut self, enabled: bool) -> Self {
+        self.relay = enabled;
+        self
+    }
+
+    /// Age after which the relay delivers outbox rows written through a wrapper (default 2 s). They are
+    /// normally delivered by the writing call itself; this is the delay for the ones that were not.
+    pub fn wrapped_grace(mut self, grace: Duration) -> Self {
+        self.relay_config.wrapped_grace = grace;
+        self
+    }
+
+    /// Time between two relay sweeps without notification (default 500 ms).
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.relay_config.sweep_interval = interval;
+        self
+    }
+
+    /// How autocommit writes are detected.
+    pub fn write_detection(mut self, detection: WriteDetection) -> Self {
+        self.detection = detection;
+        self
+    }
+
+    /// Connects to `url` (see [`connect_with`](Self::connect_with)).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect_with`](Self::connect_with); also [`Error::Database`] for an invalid URL.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`connect_with`](Self::connect_with).
+    pub async fn connect(self, url: &str, store: impl Store) -> Result<CachedPool, Error> {
+        let options: PgConnectOptions = url.parse()?;
+        self.connect_with(options, store).await
+    }
+
+    /// Connects, installs or verifies the schema, and starts the relay.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] when the database cannot be reached; [`Error::NotInstalled`],
+    /// [`Error::FingerprintMismatch`] or [`Error::SchemaVersionMismatch`] when the installed triggers do not
+    /// match this build (saying what to run); the errors of [`Schema::install`] when installing.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the pool; a schema install in progress rolls back.
+    pub async fn connect_with(
+        self,
+        options: PgConnectOptions,
+        store: impl Store,
+    ) -> Result<CachedPool, Error> {
+        let registry = self.registry.unwrap_or_else(|| registry().clone());
+        let options = options.options([(WRAPPED_SETTING, "on")]);
+        let pool = self.pool_options.connect_with(options).await?;
+        {
+            let mut conn = pool.acquire().await?;
+            let schema = Schema::new(&registry).trigger_mode(self.trigger_mode);
+            if self.install {
+                schema.install(&mut conn).await?;
+            }
+            schema.verify(&mut conn).await?;
+        }
+        Ok(CachedPool::from_parts(
+            pool,
+            Arc::new(store),
+            registry,
+            self.relay.then_some(self.relay_config),
+            self.detection,
+        ))
+    }
+}
+
+/// A PostgreSQL pool whose committed writes invalidate the cache.
+///
+/// `&CachedPool` is a [`sqlx::Executor`]: `query`, `query_as`, `query_scalar` and the `query!` macros work
+/// unchanged. See the [module docs](crate::pool) for what is delivered when.
+///
+/// Cloning is cheap and shares the pool, the store and the background tasks, which stop when the last clone
+/// is dropped.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn f(pool: cache_runtime::CachedPool) -> Result<(), sqlx::Error> {
+/// // Autocommit: returns after the keys of row 123 were invalidated.
+/// sqlx::query("UPDATE products SET price_cents = $1 WHERE id = $2")
+///     .bind(8000_i64)
+///     .bind(123_i64)
+///     .execute(&pool)
+///     .await?;
+///
+/// // Transaction: invalidates after COMMIT.
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("DELETE FROM products WHERE id = $1").bind(7_i64).execute(&mut tx).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct CachedPool {
+    core: Arc<Core>,
+}
+
+/// State shared by the pool's clones and its tasks.
+struct Core {
+    pool: PgPool,
+    store: Arc<dyn Store>,
+    registry: Registry,
+    detection: WriteDetection,
+    relay_config: RelayConfig,
+    delivered: mpsc::UnboundedSender<Vec<i64>>,
+    relay: Option<JoinHandle<()>>,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        if let Some(relay) = &self.relay {
+            relay.abort();
+        }
+    }
+}
+
+impl fmt::Debug for CachedPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedPool")
+            .field("pool", &self.core.pool)
+            .field("store", &self.core.store)
+            .field("detection", &self.core.detection)
+            .field("relay", &self.core.relay.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CachedPool {
+    /// Connects with the default [options](CachedPoolOptions): the program's registry, the schema verified
+    /// (not installed), the relay running.
+    ///
+    /// # Errors
+    ///
+    /// See [`CachedPoolOptions::connect_with`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the pool; nothing else happens.
+    pub async fn connect(url: &str, store: impl Store) -> Result<Self, Error> {
+        CachedPoolOptions::new().connect(url, store).await
+    }
+
+    /// A builder of options.
+    pub fn options() -> CachedPoolOptions {
+        CachedPoolOptions::new()
+    }
+
+    fn from_parts(
+        pool: PgPool,
+        store: Arc<dyn Store>,
+        registry: Registry,
+        relay_config: Option<RelayConfig>,
+        detection: WriteDetection,
+    ) -> Self {
+        let (delivered, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(delete_delivered(pool.clone(), receiver));
+        let relay = relay_config
+            .map(|config| tokio::spawn(relay::run(pool.clone(), Arc::clone(&store), config)));
+        Self {
+            core: Arc::new(Core {
+                pool,
+                store,
+                registry,
+                detection,
+                relay_config: relay_config.unwrap_or_default(),
+                delivered,
+                relay,
+            }),
+        }
+    }
+
+    /// Begins a transaction; its writes are invalidated when the outermost [`CachedTransaction::commit`]
+    /// returns.
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of acquiring a connection or of `BEGIN`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future returns the connection to the pool (rolling back a started transaction).
+    pub async fn begin(&self) -> Result<CachedTransaction<'static>, sqlx::Error> {
+        let tx = self.core.pool.begin().await?;
+        Ok(CachedTransaction {
+            tx,
+            core: Arc::clone(&self.core),
+            outermost: true,
+        })
+    }
+
+    /// The bare pool. Its connections are marked as wrapped, but writes through it are **not** delivered
+    /// before the call returns: the relay delivers them after the grace period. Use it for things the
+    /// wrapper does not offer (listeners, `acquire` for session-level work), not for writes.
+    pub fn pg_pool(&self) -> &PgPool {
+        &self.core.pool
+    }
+
+    /// The store invalidated after writes.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.core.store
+    }
+
+    /// The registry the pool was verified against.
+    pub fn registry(&self) -> &Registry {
+        &self.core.registry
+    }
+
+    /// Installs (or updates) the triggers of this pool's registry (see [`Schema::install`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Schema::install`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Schema::install`]: all or nothing.
+    pub async fn install_schema(&self) -> Result<(), Error> {
+        let mut conn = self.core.pool.acquire().await?;
+        Schema::new(&self.core.registry).install(&mut conn).await
+    }
+
+    /// Delivers every outbox row the relay would deliver now, once; returns the number of rows delivered.
+    /// The background relay does this on its own; this serves tools and tests.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] or [`Error::Store`]; undelivered rows stay in the outbox.
+    ///
+    /// # Cancel safety
+    ///
+    /// Each batch is one transaction: dropping the future leaves undelivered rows in the outbox (a batch
+    /// whose keys were already invalidated may be delivered again, which is harmless).
+    pub async fn sweep_outbox(&self) -> Result<usize, Error> {
+        relay::sweep(
+            &self.core.pool,
+            self.core.store.as_ref(),
+            &self.core.relay_config,
+        )
+        .await
+    }
+
+    /// Closes the pool: stops the relay and waits for the connections to close.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the pool closed (as [`sqlx::Pool::close`]).
+    pub async fn close(&self) {
+        if let Some(relay) = &self.core.relay {
+            relay.abort();
+        }
+        self.core.pool.close().await;
+    }
+}
+
+impl Core {
+    /// Invalidates the keys of outbox rows and queues the rows for deletion; logs a store failure (the
+    /// relay delivers the rows later).
+    async fn deliver(&self, rows: Vec<(i64, Vec<String>)>) {
+        if rows.is_empty() {
+            return;
+        }
+        let (ids, keys) = relay::split(rows);
+        match self.store.invalidate(&keys).await {
+            Ok(()) => {
+                // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
+                let _ = self.delivered.send(ids);
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                keys = keys.len(),
+                "cache invalidation failed after COMMIT; the outbox keeps the keys and the relay will retry"
+            ),
+        }
+    }
+}
+
+/// Deletes delivered outbox rows in batches, off the callers' path.
+async fn delete_delivered(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<Vec<i64>>) {
+    const BATCH: usize = 10_000;
+    while let Some(mut ids) = receiver.recv().await {
+        while ids.len() < BATCH {
+            match receiver.try_recv() {
+                Ok(more) => ids.extend(more),
+                Err(_) => break,
+            }
+        }
+        let result = sqlx::query("SELECT cache_invalidation.delivered($1)")
+            .bind(&ids)
+            .execute(&pool)
+            .await;
+        if let Err(error) = result {
+            tracing::debug!(%error, rows = ids.len(), "could not delete delivered outbox rows; the relay will deliver them again");
+        }
+    }
+}
+
+/// A transaction (or savepoint) of a [`CachedPool`].
+///
+/// `&mut CachedTransaction` is a [`sqlx::Executor`], and `&mut *tx` is the transaction's `PgConnection`:
+/// both work with every sqlx query function. Dropping it without `commit` rolls back and publishes nothing.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn f(pool: cache_runtime::CachedPool) -> Result<(), sqlx::Error> {
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("UPDATE products SET category_id = 2 WHERE id = 1").execute(&mut tx).await?;
+/// {
+///     let mut savepoint = tx.begin().await?;
+///     sqlx::query("DELETE FROM products WHERE id = 2").execute(&mut *savepoint).await?;
+///     savepoint.rollback().await?; // product:2 is not invalidated
+/// }
+/// tx.commit().await?; // invalidates product:1, category:<old>:products, category:2:products
+/// # Ok(()) }
+/// ```
+pub struct CachedTransaction<'c> {
+    tx: sqlx::Transaction<'c, Postgres>,
+    core: Arc<Core>,
+    outermost: bool,
+}
+
+impl fmt::Debug for CachedTransaction<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedTransaction")
+            .field("outermost", &self.outermost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CachedTransaction<'_> {
+    /// Begins a nested transaction (a `SAVEPOINT`). Its commit only releases the savepoint; its writes are
+    /// published by the outermost commit, and vanish if it rolls back.
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of `SAVEPOINT`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the savepoint created; it is rolled back with the next use of the
+    /// outer transaction, as for a dropped nested transaction.
+    pub async fn begin(&mut self) -> Result<CachedTransaction<'_>, sqlx::Error> {
+        let tx = sqlx::Acquire::begin(&mut self.tx).await?;
+        Ok(CachedTransaction {
+            tx,
+            core: Arc::clone(&self.core),
+            outermost: false,
+        })
+    }
+
+    /// Commits. For the outermost transaction: reads the transaction's keys, sends `COMMIT`, invalidates the
+    /// keys in the store (one round trip), and returns. For a savepoint: `RELEASE SAVEPOINT` only.
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of reading the keys or of `COMMIT`: then nothing was published (and, when the
+    /// `COMMIT` itself failed, the transaction is rolled back or its outcome unknown, as with sqlx). Never an
+    /// error once `COMMIT` succeeded: a store failure is logged and the relay delivers the keys.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before `COMMIT` was sent: the transaction rolls back, nothing is published. Dropped after
+    /// `COMMIT` was sent: the transaction may be committed; the invalidation runs in a task of its own
+    /// (spawned right after `COMMIT`), which completes even when this future is dropped; if the future is
+    /// dropped between the `COMMIT` and that spawn, the keys stay in the outbox and the relay delivers them
+    /// within the grace period.
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        if !self.outermost {
+            return self.tx.commit().await;
+        }
+        let rows: Vec<(i64, Vec<String>)> =
+            sqlx::query_as("SELECT id, keys FROM cache_invalidation.transaction_keys()")
+                .fetch_all(&mut *self.tx)
+                .await?;
+        self.tx.commit().await?;
+        if !rows.is_empty() {
+            let core = Arc::clone(&self.core);
+            // A task of its own, so that dropping this future cannot interrupt the invalidation.
+            let _ = tokio::spawn(async move { core.deliver(rows).await }).await;
+        }
+        Ok(())
+    }
+
+    /// Rolls back the transaction or savepoint; nothing is published.
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of `ROLLBACK`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future still rolls back (with the next use of the connection).
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl Deref for CachedTransaction<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for CachedTransaction<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+}
+
+/// Implements [`Executor`] for a wrapper type by delegating every method to the `PgConnection` returned by
+/// `$conn` (the style of sqlx-otel).
+macro_rules! delegate_executor {
+    (impl<$($lt:lifetime),*> for $ty:ty, |$this:ident| $conn:expr) => {
+        impl<'c, $($lt),*> Executor<'c> for &'c mut $ty {
+            type Database = Postgres;
+
+            fn execute<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<PgQueryResult, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, Postgres>,
+            {
+                let $this = self;
+                $conn.execute(query)
+            }
+
+            fn execute_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<PgQueryResult, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, Postgres>,
+            {
+                let $this = self;
+                $conn.execute_many(query)
+            }
+
+            fn fetch<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<PgRow, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, Postgres>,
+            {
+                let $this = self;
+                $conn.fetch(query)
+            }
+
+            fn fetch_many<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, Postgres>,
+            {
+                let $this = self;
+                $conn.fetch_many(query)
+            }
+
+            fn fetch_all<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Vec<PgRow>, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, Postgres>,
+            {
+                let $this = self;
+                $conn.fetch_all(query)
+            }
+
+            fn fetch_one<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<PgRow, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, Postgres>,
+            {
+                let $this = self;
+                $conn.fetch_one(query)
+            }
+
+            fn fetch_optional<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, Postgres>,
+            {
+                let $this = self;
+                $conn.fetch_optional(query)
+            }
+
+            fn prepare_with<'e>(
+                self,
+                sql: SqlStr,
+                parameters: &'e [PgTypeInfo],
+            ) -> BoxFuture<'e, Result<PgStatement, sqlx::Error>>
+            where
+                'c: 'e,
+            {
+                let $this = self;
+                $conn.prepare_with(sql, parameters)
+            }
+
+            fn describe<'e>(
+                self,
+                sql: SqlStr,
+            ) -> BoxFuture<'e, Result<sqlx_core::describe::Describe<Postgres>, sqlx::Error>>
+            where
+                'c: 'e,
+            {
+                let $this = self;
+                $conn.describe(sql)
+            }
+        }
+    };
+}
+
+delegate_executor!(impl<'t> for CachedTransaction<'t>, |tx| &mut *tx.tx);
+
+/// An [`Execute`] that records whether its SQL may write when the connection reads it.
+struct Classified<E> {
+    inner: E,
+    detection: WriteDetection,
+    wrote: Arc<AtomicBool>,
+}
+
+impl<'q, E: Execute<'q, Postgres>> Execute<'q, Postgres> for Classified<E> {
+    fn sql(self) -> SqlStr {
+        let sql = self.inner.sql();
+        let writes = match self.detection {
+            WriteDetection::Always => true,
+            WriteDetection::Keywords => may_write(sql.as_str()),
+        };
+        self.wrote.store(writes, Ordering::Release);
+        sql
+    }
+
+    fn statement(&self) -> Option<&PgStatement> {
+        self.inner.statement()
+    }
+
+    fn take_arguments(
+        &mut self,
+    ) -> Result<Option<sqlx::postgres::PgArguments>, sqlx::error::BoxDynError> {
+        self.inner.take_arguments()
+    }
+
+    fn persistent(&self) -> bool {
+        self.inner.persistent()
+    }
+}
+
+/// One autocommit statement on a pool connection: after it (or when dropped), delivers this backend's new
+/// outbox rows if the statement may have written.
+struct Autocommit {
+    core: Arc<Core>,
+    conn: Option<PoolConnection<Postgres>>,
+    wrote: Arc<AtomicBool>,
+}
+
+impl Autocommit {
+    async fn start<'q, E: Execute<'q, Postgres>>(
+        core: Arc<Core>,
+        query: E,
+    ) -> Result<(Self, Classified<E>), sqlx::Error> {
+        let conn = core.pool.acquire().await?;
+        let wrote = Arc::new(AtomicBool::new(false));
+        let query = Classified {
+            inner: query,
+            detection: core.detection,
+            wrote: Arc::clone(&wrote),
+        };
+        Ok((
+            Self {
+                core,
+                conn: Some(conn),
+                wrote,
+            },
+            query,
+        ))
+    }
+
+    fn conn(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        self.conn.as_deref_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+
+    /// Delivers the statement's keys (when it may have written) and returns the connection to the pool.
+    async fn finish(mut self) {
+        if let Some(task) = self.spawn_delivery() {
+            let _ = task.await;
+        }
+    }
+
+    /// Spawns the delivery, so that it completes even if the caller's future is dropped.
+    fn spawn_delivery(&mut self) -> Option<JoinHandle<()>> {
+        if !self.wrote.load(Ordering::Acquire) {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        let core = Arc::clone(&self.core);
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        Some(handle.spawn(deliver_session(core, conn)))
+    }
+}
+
+impl Drop for Autocommit {
+    fn drop(&mut self) {
+        // Dropped before `finish` (the caller dropped the future or the stream): deliver anyway.
+        let _ = self.spawn_delivery();
+    }
+}
+
+/// Reads this backend's undelivered outbox rows, releases the connection, and delivers them.
+async fn deliver_session(core: Arc<Core>, mut conn: PoolConnection<Postgres>) {
+    let rows: Result<Vec<(i64, Vec<String>)>, sqlx::Error> =
+        sqlx::query_as("SELECT id, keys FROM cache_invalidation.session_keys()")
+            .fetch_all(&mut *conn)
+            .await;
+    drop(conn);
+    match rows {
+        Ok(rows) => core.deliver(rows).await,
+        Err(error) => tracing::warn!(
+            %error,
+            "could not read the outbox after a write; the relay will deliver its keys"
+        ),
+    }
+}
+
+impl<'c> Executor<'c> for &'c CachedPool {
+    type Database = Postgres;
+
+    fn execute<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<PgQueryResult, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        let core = Arc::clone(&self.core);
+        Box::pin(async move {
+            let (mut statement, query) = Autocommit::start(core, query).await?;
+            let result = statement.conn()?.execute(query).await;
+            statement.finish().await;
+            result
+        })
+    }
+
+    fn fetch_many<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        let core = Arc::clone(&self.core);
+        TryAsyncStream::new(move |yielder| async move {
+            let (mut statement, query) = Autocommit::start(core, query).await?;
+            let result = async {
+                let mut stream = statement.conn()?.fetch_many(query);
+                while let Some(item) = stream.try_next().await? {
+                    yielder.r#yield(item).await;
+                }
+                Ok(())
+            }
+            .await;
+            statement.finish().await;
+            result
+        })
+        .boxed()
+    }
+
+    fn fetch_all<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Vec<PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        let core = Arc::clone(&self.core);
+        Box::pin(async move {
+            let (mut statement, query) = Autocommit::start(core, query).await?;
+            let result = statement.conn()?.fetch_all(query).await;
+            statement.finish().await;
+            result
+        })
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        let core = Arc::clone(&self.core);
+        Box::pin(async move {
+            let (mut statement, query) = Autocommit::start(core, query).await?;
+            let result = statement.conn()?.fetch_optional(query).await;
+            statement.finish().await;
+            result
+        })
+    }
+
+    fn prepare_with<'e>(
+        self,
+        sql: SqlStr,
+        parameters: &'e [PgTypeInfo],
+    ) -> BoxFuture<'e, Result<PgStatement, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        self.core.pool.prepare_with(sql, parameters)
+    }
+
+    fn describe<'e>(
+        self,
+        sql: SqlStr,
+    ) -> BoxFuture<'e, Result<sqlx_core::describe::Describe<Postgres>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        self.core.pool.describe(sql)
+    }
+}

@@ -1,0 +1,724 @@
+//! The database side of capture: the outbox, the SQL key rendering and the triggers, generated from a
+//! [`Registry`].
+//!
+//! # What gets installed
+//!
+//! Everything lives in the schema [`SCHEMA`] (`cache_invalidation`):
+//!
+//! - `outbox (id, txid, pid, wrapped, keys text[], created_at)`: one row per writing *statement* (statement
+//!   triggers) holding the distinct keys it invalidates, tagged with the writing transaction
+//!   (`pg_current_xact_id()`), the backend and whether the session went through [`CachedPool`](crate::CachedPool)
+//!   (the session setting `cache_invalidation.wrapped = on`). The rows are written in the writing transaction,
+//!   so they commit or roll back (savepoints included) with the data.
+//! - `installed`: the [`Registry::fingerprint`] and [`SCHEMA_VERSION`] the triggers were generated from.
+//! - the rendering functions `escape_text(text)`, `render_text(text)`, `render_int(bigint)`,
+//!   `render_bool(boolean)`, equal byte for byte to the Rust rendering (see [`crate::KeyWriter`]).
+//! - per registered table, one `SECURITY DEFINER` capture function (with `search_path` pinned to
+//!   `pg_catalog, pg_temp`, so a role with only DML rights on its tables writes normally and cannot redirect
+//!   the function) and the triggers `cache_invalidation_insert` / `_update` / `_delete` (statement-level with
+//!   transition tables by default, see [`TriggerMode`]) and `cache_invalidation_truncate`, which writes the
+//!   *shapes* of the entity's templates (`product:<>`): the store invalidates the whole namespace.
+//! - functions the runtime calls (all `SECURITY DEFINER`): `transaction_keys()`, `session_keys()`,
+//!   `claim(int, interval)`, `delivered(bigint[])`.
+//!
+//! Sessions that are not wrapped (psql, another service, a plain `PgPool`) also `pg_notify` the channel
+//! [`NOTIFY_CHANNEL`], on which the relay listens.
+//!
+//! # Installing
+//!
+//! [`Schema::install`] runs [`Schema::sql`] in one transaction under an advisory lock; it is idempotent and
+//! replaces the triggers of a previous install (triggers of tables no longer registered are dropped). The same
+//! SQL can be applied by a migration tool (`sqlx migrate`): write [`Schema::sql`] into a migration file, and
+//! generate a new one whenever the fingerprint changes.
+
+use std::fmt::Write as _;
+
+use sqlx::PgConnection;
+
+use crate::entity::EntityMeta;
+use crate::error::{ColumnProblem, Error, Problem};
+use crate::key::{NULL_RENDERING, PartKind, Segment, Template};
+use crate::registry::{Registry, fnv1a64};
+
+/// The PostgreSQL schema holding the outbox and the functions.
+pub const SCHEMA: &str = "cache_invalidation";
+
+/// The `LISTEN`/`NOTIFY` channel written by sessions that do not go through [`CachedPool`](crate::CachedPool).
+pub const NOTIFY_CHANNEL: &str = "cache_invalidation";
+
+/// The session setting that marks a connection of [`CachedPool`](crate::CachedPool).
+pub const WRAPPED_SETTING: &str = "cache_invalidation.wrapped";
+
+/// The version of the generated SQL; an installed schema of another version must be re-installed.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Advisory lock key taken by the install (`hashtext`-free constant: "cacheinv" in ASCII).
+const INSTALL_LOCK: i64 = 0x6361_6368_6569_6e76;
+
+/// The regular expression of text that renders as itself (ASCII only, evaluated with the `C` collation).
+const UNRESERVED_RE: &str = "^[A-Za-z0-9_.-]*$";
+
+/// How the capture triggers fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TriggerMode {
+    /// One trigger call per statement, reading the transition tables (`old_rows`, `new_rows`): one
+    /// `INSERT … SELECT` per statement, however many rows it touched. The default: measured faster (see the
+    /// `trigger_bench` example).
+    #[default]
+    Statement,
+    /// One trigger call per row, reading `OLD` / `NEW`; one outbox row per changed row.
+    Row,
+}
+
+impl TriggerMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Statement => "statement",
+            Self::Row => "row",
+        }
+    }
+}
+
+/// The SQL generated from a [`Registry`]: install it, check it, or export it.
+///
+/// # Examples
+///
+/// ```
+/// use cache_runtime::{CachedEntity, Registry, Schema};
+///
+/// #[derive(CachedEntity)]
+/// #[cached_entity(table = "products", key = "product:<id>", depends = ["category:<category_id>:products"])]
+/// struct Product {
+///     id: i64,
+///     category_id: i64,
+/// }
+///
+/// let registry = Registry::new([Product::META]);
+/// let sql = Schema::new(&registry).sql();
+/// assert!(sql.contains("CREATE TABLE IF NOT EXISTS cache_invalidation.outbox"));
+/// assert!(sql.contains("REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Schema<'r> {
+    registry: &'r Registry,
+    mode: TriggerMode,
+}
+
+impl<'r> Schema<'r> {
+    /// The schema of `registry`, with statement-level triggers.
+    pub fn new(registry: &'r Registry) -> Self {
+        Self {
+            registry,
+            mode: TriggerMode::default(),
+        }
+    }
+
+    /// Chooses statement- or row-level triggers (they capture the same keys; statement is faster).
+    pub fn trigger_mode(mut self, mode: TriggerMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The registry this schema is generated from.
+    pub fn registry(&self) -> &'r Registry {
+        self.registry
+    }
+
+    /// The complete install script: idempotent, to run in one transaction (as [`Schema::install`] does, and
+    /// as `sqlx migrate` runs a migration). It checks the placeholder columns first and fails with a message
+    /// naming table, column and entity.
+    pub fn sql(&self) -> String {
+        let mut sql = String::with_capacity(16 * 1024);
+        let _ = writeln!(
+            sql,
+            "-- Generated by cache-runtime from the registry with fingerprint {} (schema version {SCHEMA_VERSION}).\n\
+             -- Regenerate (cache_runtime::Schema::sql) whenever an entity's table, templates or columns change.\n\
+             SELECT pg_advisory_xact_lock({INSTALL_LOCK});",
+            self.registry.fingerprint()
+        );
+        sql.push_str(&self.guard_sql());
+        sql.push_str(&base_sql());
+        sql.push_str(DROP_CAPTURE_SQL);
+        for entity in self.tables() {
+            sql.push_str(&self.table_sql(entity));
+        }
+        let _ = writeln!(
+            sql,
+            "INSERT INTO cache_invalidation.installed (singleton, fingerprint, schema_version, trigger_mode, installed_at)\n\
+             VALUES (true, {}, {SCHEMA_VERSION}, {}, now())\n\
+             ON CONFLICT (singleton) DO UPDATE SET fingerprint = EXCLUDED.fingerprint,\n\
+             schema_version = EXCLUDED.schema_version, trigger_mode = EXCLUDED.trigger_mode,\n\
+             installed_at = EXCLUDED.installed_at;",
+            literal(&self.registry.fingerprint()),
+            literal(self.mode.as_str()),
+        );
+        sql
+    }
+
+    /// Installs (or re-installs) the schema in one transaction, under an advisory lock.
+    ///
+    /// The connection's role must be allowed to create the schema and triggers on the registered tables
+    /// (typically the owner of the tables, as for migrations).
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Registry`] when entities contradict each other;
+    /// - [`Error::Columns`] when a table or placeholder column is missing or has a type that cannot render as
+    ///   its Rust kind (naming table, column and entity);
+    /// - [`Error::Database`] for any other database error; nothing is changed then.
+    ///
+    /// # Cancel safety
+    ///
+    /// Runs in one transaction: if the future is dropped before the `COMMIT` completed, the transaction is
+    /// rolled back and nothing is installed; dropping it afterwards has no effect.
+    pub async fn install(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        use sqlx::Connection as _;
+        self.registry.validate()?;
+        let mut tx = conn.begin().await?;
+        let result = async {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_advisory_xact_lock({INSTALL_LOCK})"
+            )))
+            .execute(&mut *tx)
+            .await?;
+            self.check_columns(&mut tx).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(self.sql()))
+                .execute(&mut *tx)
+                .await?;
+            Ok::<(), Error>(())
+        }
+        .await;
+        if let Err(error) = result {
+            // Roll back now: a dropped transaction would keep the install lock until the connection's next use.
+            let _ = tx.rollback().await;
+            return Err(error);
+        }
+        tx.commit().await?;
+        tracing::info!(
+            fingerprint = %self.registry.fingerprint(),
+            mode = self.mode.as_str(),
+            "installed the cache invalidation triggers"
+        );
+        Ok(())
+    }
+
+    /// Checks that the installed schema was generated from this registry (same fingerprint and schema
+    /// version).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotInstalled`], [`Error::FingerprintMismatch`] or [`Error::SchemaVersionMismatch`], each
+    /// saying what to run; [`Error::Database`] when the query fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Read-only; dropping the future has no effect.
+    pub async fn verify(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('cache_invalidation.installed') IS NOT NULL")
+                .fetch_one(&mut *conn)
+                .await?;
+        let row: Option<(String, i32)> = if exists {
+            sqlx::query_as("SELECT fingerprint, schema_version FROM cache_invalidation.installed")
+                .fetch_optional(&mut *conn)
+                .await?
+        } else {
+            None
+        };
+        let expected = self.registry.fingerprint();
+        match row {
+            None => Err(Error::NotInstalled { expected }),
+            Some((_, version)) if version != SCHEMA_VERSION => Err(Error::SchemaVersionMismatch {
+                installed: version,
+                expected: SCHEMA_VERSION,
+            }),
+            Some((installed, _)) if installed != expected => Err(Error::FingerprintMismatch {
+                installed,
+                expected,
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Every table or placeholder column that is missing or has an incompatible type.
+    async fn check_columns(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        let Some(query) = self.problems_query() else {
+            return Ok(());
+        };
+        let rows: Vec<(String, String, Option<String>, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(query))
+                .fetch_all(&mut *conn)
+                .await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let problems = rows
+            .into_iter()
+            .map(|(entity, table, column, found)| {
+                let problem = match found.as_str() {
+                    "no table" => Problem::MissingTable,
+                    "no column" => Problem::MissingColumn,
+                    _ => Problem::IncompatibleType {
+                        found,
+                        expected: self.kind_of(&entity, column.as_deref()),
+                    },
+                };
+                ColumnProblem {
+                    entity,
+                    table,
+                    column,
+                    problem,
+                }
+            })
+            .collect();
+        Err(Error::Columns(problems))
+    }
+
+    fn kind_of(&self, entity: &str, column: Option<&str>) -> &'static str {
+        self.registry
+            .entities()
+            .iter()
+            .filter(|e| e.type_name == entity)
+            .flat_map(|e| e.columns.iter())
+            .find(|c| Some(c.column) == column)
+            .map_or("?", |c| kind_types(c.kind))
+    }
+
+    /// One entity per table (the registry guarantees entities of one table capture the same keys).
+    fn tables(&self) -> Vec<&'static EntityMeta> {
+        let mut out: Vec<&'static EntityMeta> = Vec::new();
+        for entity in self.registry.entities() {
+            if !out.iter().any(|e| e.table == entity.table) {
+                out.push(entity);
+            }
+        }
+        out
+    }
+
+    /// A query returning `(entity, table, column, found)` for each problem, or `None` without entities.
+    fn problems_query(&self) -> Option<String> {
+        let mut values = Vec::new();
+        for entity in self.registry.entities() {
+            let table = qualified(entity.table);
+            values.push(format!(
+                "({}, {}, {}, NULL::text, NULL::text)",
+                literal(entity.type_name),
+                literal(entity.table),
+                literal(&table)
+            ));
+            for column in entity.columns {
+                values.push(format!(
+                    "({}, {}, {}, {}, {})",
+                    literal(entity.type_name),
+                    literal(entity.table),
+                    literal(&table),
+                    literal(column.column),
+                    literal(kind_name(column.kind)),
+                ));
+            }
+        }
+        if values.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "SELECT c.entity, c.tbl, c.col,
+                    CASE WHEN to_regclass(c.tbl_q) IS NULL THEN 'no table'
+                         WHEN a.attname IS NULL THEN 'no column'
+                         ELSE format_type(a.atttypid, a.atttypmod) END AS found
+             FROM (VALUES {}) AS c(entity, tbl, tbl_q, col, kind)
+             LEFT JOIN pg_catalog.pg_attribute a
+               ON a.attrelid = to_regclass(c.tbl_q) AND a.attname = c.col AND a.attnum > 0 AND NOT a.attisdropped
+             LEFT JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+             LEFT JOIN pg_catalog.pg_type bt
+               ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+             WHERE (to_regclass(c.tbl_q) IS NULL AND c.col IS NULL)
+                OR (to_regclass(c.tbl_q) IS NOT NULL AND c.col IS NOT NULL AND (a.attname IS NULL OR NOT (
+                      (c.kind = 'int' AND bt.typname IN ('int2', 'int4', 'int8'))
+                   OR (c.kind = 'bool' AND bt.typname = 'bool')
+                   OR (c.kind = 'text' AND bt.typname IN ('text', 'varchar', 'uuid', 'name', 'citext')))))
+             ORDER BY c.tbl, c.col NULLS FIRST, c.entity",
+            values.join(",\n")
+        ))
+    }
+
+    /// A `DO` block failing the script with a clear message when a column is missing (for exported SQL; the
+    /// typed check of [`Schema::install`] runs first).
+    fn guard_sql(&self) -> String {
+        let Some(query) = self.problems_query() else {
+            return String::new();
+        };
+        format!(
+            "DO $guard$
+DECLARE p record;
+BEGIN
+  FOR p IN {query} LOOP
+    IF p.found = 'no table' THEN
+      RAISE EXCEPTION 'cache invalidation: table % (entity %) does not exist; create it before installing the triggers, or fix `table = ...` of the entity', p.tbl, p.entity;
+    ELSIF p.found = 'no column' THEN
+      RAISE EXCEPTION 'cache invalidation: table % has no column % used by a key template of entity %; add the column or fix the placeholder / #[sqlx(rename)]', p.tbl, p.col, p.entity;
+    ELSE
+      RAISE EXCEPTION 'cache invalidation: column %.% (entity %) has type %, which cannot render like its Rust field; use an integer, boolean, text or uuid column', p.tbl, p.col, p.entity, p.found;
+    END IF;
+  END LOOP;
+END
+$guard$;
+"
+        )
+    }
+
+    fn table_sql(&self, entity: &'static EntityMeta) -> String {
+        let table = qualified(entity.table);
+        let capture = function_name("capture", entity.table);
+        let truncate = function_name("truncate", entity.table);
+        let templates: Vec<&'static Template> = entity.templates().collect();
+        let mut sql = String::new();
+        let _ = writeln!(
+            sql,
+            "\n-- table {}, entity {}",
+            entity.table, entity.type_name
+        );
+
+        match self.mode {
+            TriggerMode::Statement => {
+                let columns = used_columns(entity);
+                let project = if columns.is_empty() {
+                    "1 AS one".to_owned()
+                } else {
+                    columns.join(", ")
+                };
+                let values = templates
+                    .iter()
+                    .map(|t| format!("({})", template_expr(entity, t, "r.")))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let select = |source: &str| {
+                    format!(
+                        "SELECT array_agg(DISTINCT k) INTO keys FROM ({source}) AS r \
+                         CROSS JOIN LATERAL (VALUES {values}) AS t(k);"
+                    )
+                };
+                let _ = write!(
+                    sql,
+                    "CREATE OR REPLACE FUNCTION {capture}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  keys text[];
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    {ins}
+  ELSIF TG_OP = 'UPDATE' THEN
+    {upd}
+  ELSE
+    {del}
+  END IF;
+  {emit}
+  RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER cache_invalidation_insert AFTER INSERT ON {table}
+  REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
+CREATE TRIGGER cache_invalidation_update AFTER UPDATE ON {table}
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
+CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON {table}
+  REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
+",
+                    ins = select(&format!("SELECT {project} FROM new_rows")),
+                    upd = select(&format!(
+                        "SELECT {project} FROM old_rows UNION ALL SELECT {project} FROM new_rows"
+                    )),
+                    del = select(&format!("SELECT {project} FROM old_rows")),
+                    emit = EMIT_SQL,
+                );
+            }
+            TriggerMode::Row => {
+                let array = |rows: &[&str]| {
+                    let exprs: Vec<String> = rows
+                        .iter()
+                        .flat_map(|r| templates.iter().map(move |t| template_expr(entity, t, r)))
+                        .collect();
+                    format!("keys := ARRAY[{}];", exprs.join(", "))
+                };
+                let _ = write!(
+                    sql,
+                    "CREATE OR REPLACE FUNCTION {capture}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  keys text[];
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    {ins}
+  ELSIF TG_OP = 'UPDATE' THEN
+    {upd}
+  ELSE
+    {del}
+  END IF;
+  {emit}
+  RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER cache_invalidation_row AFTER INSERT OR UPDATE OR DELETE ON {table}
+  FOR EACH ROW EXECUTE FUNCTION {capture}();
+",
+                    ins = array(&["NEW."]),
+                    upd = array(&["OLD.", "NEW."]),
+                    del = array(&["OLD."]),
+                    emit = EMIT_SQL,
+                );
+            }
+        }
+
+        let shapes = templates
+            .iter()
+            .map(|t| literal(t.shape()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = write!(
+            sql,
+            "CREATE OR REPLACE FUNCTION {truncate}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  keys text[] := ARRAY[{shapes}];
+BEGIN
+  {emit}
+  RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON {table}
+  FOR EACH STATEMENT EXECUTE FUNCTION {truncate}();
+",
+            emit = EMIT_SQL,
+        );
+        sql
+    }
+}
+
+/// Writes `keys` (when not empty) to the outbox; notifies the relay for sessions that are not wrapped.
+const EMIT_SQL: &str = "IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
+    INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
+    VALUES (pg_current_xact_id(), pg_backend_pid(),
+            coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+      PERFORM pg_notify('cache_invalidation', '');
+    END IF;
+  END IF;";
+
+/// Drops every trigger calling a function of the schema, then the capture functions: the install recreates
+/// the ones of the current registry.
+const DROP_CAPTURE_SQL: &str = "
+DO $drop$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT t.tgname, t.tgrelid::regclass::text AS rel
+           FROM pg_catalog.pg_trigger t
+           JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+           JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+           WHERE n.nspname = 'cache_invalidation' AND NOT t.tgisinternal LOOP
+    EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
+  END LOOP;
+  FOR r IN SELECT p.oid::regprocedure::text AS f
+           FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+           WHERE n.nspname = 'cache_invalidation' AND (p.proname LIKE 'capture\\_%' OR p.proname LIKE 'truncate\\_%') LOOP
+    EXECUTE format('DROP FUNCTION %s', r.f);
+  END LOOP;
+END
+$drop$;
+";
+
+/// The schema, the tables and the functions that do not depend on the registry.
+fn base_sql() -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS cache_invalidation;
+GRANT USAGE ON SCHEMA cache_invalidation TO PUBLIC;
+CREATE TABLE IF NOT EXISTS cache_invalidation.outbox (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  txid xid8 NOT NULL,
+  pid integer NOT NULL,
+  wrapped boolean NOT NULL,
+  keys text[] NOT NULL,
+  created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS outbox_txid ON cache_invalidation.outbox (txid);
+CREATE INDEX IF NOT EXISTS outbox_pid ON cache_invalidation.outbox (pid, id);
+REVOKE ALL ON cache_invalidation.outbox FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS cache_invalidation.installed (
+  singleton boolean PRIMARY KEY CHECK (singleton),
+  fingerprint text NOT NULL,
+  schema_version integer NOT NULL,
+  trigger_mode text NOT NULL,
+  installed_at timestamptz NOT NULL
+);
+GRANT SELECT ON cache_invalidation.installed TO PUBLIC;
+
+CREATE OR REPLACE FUNCTION cache_invalidation.escape_text(v text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT coalesce(string_agg(
+           CASE WHEN (b BETWEEN 48 AND 57) OR (b BETWEEN 65 AND 90) OR (b BETWEEN 97 AND 122) OR b IN (45, 46, 95)
+                THEN chr(b)
+                ELSE '%' || upper(lpad(to_hex(b), 2, '0')) END,
+           '' ORDER BY i), '')
+  FROM (SELECT i, get_byte(bytes, i) AS b
+        FROM (SELECT convert_to(v, 'UTF8') AS bytes) AS s,
+             generate_series(0, octet_length(s.bytes) - 1) AS i) AS g
+$fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.render_text(v text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT {text} $fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.render_int(v bigint) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT {int} $fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.render_bool(v boolean) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT {bool} $fn$;
+
+CREATE OR REPLACE FUNCTION cache_invalidation.transaction_keys() RETURNS TABLE (id bigint, keys text[])
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT o.id, o.keys FROM cache_invalidation.outbox o
+  WHERE o.txid = pg_current_xact_id_if_assigned() ORDER BY o.id
+$fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.session_keys() RETURNS TABLE (id bigint, keys text[])
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  seen bigint := coalesce(nullif(current_setting('cache_invalidation.seen', true), ''), '0')::bigint;
+  ids bigint[];
+  keyss text[];
+BEGIN
+  SELECT array_agg(o.id ORDER BY o.id) INTO ids FROM cache_invalidation.outbox o
+  WHERE o.pid = pg_backend_pid() AND o.id > seen;
+  IF ids IS NULL THEN
+    RETURN;
+  END IF;
+  PERFORM set_config('cache_invalidation.seen', ids[cardinality(ids)]::text, false);
+  RETURN QUERY SELECT o.id, o.keys FROM cache_invalidation.outbox o WHERE o.id = ANY (ids) ORDER BY o.id;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.claim(max_rows integer, wrapped_grace interval)
+RETURNS TABLE (id bigint, keys text[])
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT o.id, o.keys FROM cache_invalidation.outbox o
+  WHERE NOT o.wrapped OR o.created_at < clock_timestamp() - wrapped_grace
+  ORDER BY o.id LIMIT max_rows
+  FOR UPDATE SKIP LOCKED
+$fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.delivered(ids bigint[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+  -- Losing this delete in a crash only means a second (harmless) delivery: do not wait for the WAL flush.
+  PERFORM set_config('synchronous_commit', 'off', true);
+  DELETE FROM cache_invalidation.outbox WHERE id = ANY (ids);
+END
+$fn$;
+",
+        text = render_expr(PartKind::Text, "v"),
+        int = render_expr(PartKind::Int, "v"),
+        bool = render_expr(PartKind::Bool, "v"),
+    )
+}
+
+/// The SQL expression rendering `value` (an expression of the column's type) as a key part.
+///
+/// The same expression is inlined into the triggers and wrapped in the `render_*` functions the property
+/// test compares with the Rust rendering.
+fn render_expr(kind: PartKind, value: &str) -> String {
+    let null = literal(NULL_RENDERING);
+    match kind {
+        PartKind::Int => format!("coalesce(({value})::text, {null})"),
+        PartKind::Bool => {
+            format!(
+                "CASE WHEN ({value}) THEN 'true' WHEN NOT ({value}) THEN 'false' ELSE {null} END"
+            )
+        }
+        PartKind::Text => format!(
+            "CASE WHEN ({value}) IS NULL THEN {null} \
+             WHEN ({value})::text COLLATE \"C\" ~ '{UNRESERVED_RE}' THEN ({value})::text \
+             ELSE cache_invalidation.escape_text(({value})::text) END"
+        ),
+    }
+}
+
+/// The SQL expression rendering `template` from the row `row` (`r.`, `OLD.`, `NEW.`).
+fn template_expr(entity: &EntityMeta, template: &Template, row: &str) -> String {
+    let parts: Vec<String> = template
+        .segments()
+        .iter()
+        .map(|segment| match segment {
+            Segment::Lit(text) => literal(text),
+            Segment::Placeholder(field) => match entity.column(field) {
+                Some(column) => render_expr(column.kind, &format!("{row}{}", ident(column.column))),
+                // The derive guarantees every placeholder names a field; render NULL if it ever did not.
+                None => literal(NULL_RENDERING),
+            },
+        })
+        .collect();
+    if parts.is_empty() {
+        literal("")
+    } else {
+        parts.join(" || ")
+    }
+}
+
+/// The quoted columns the templates of `entity` read.
+fn used_columns(entity: &EntityMeta) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for template in entity.templates() {
+        for field in template.placeholders() {
+            if let Some(column) = entity.column(field) {
+                let quoted = ident(column.column);
+                if !out.contains(&quoted) {
+                    out.push(quoted);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn kind_name(kind: PartKind) -> &'static str {
+    match kind {
+        PartKind::Int => "int",
+        PartKind::Bool => "bool",
+        PartKind::Text => "text",
+    }
+}
+
+fn kind_types(kind: PartKind) -> &'static str {
+    match kind {
+        PartKind::Int => "smallint, integer or bigint",
+        PartKind::Bool => "boolean",
+        PartKind::Text => "text, varchar, uuid, name or citext",
+    }
+}
+
+/// `cache_invalidation.<prefix>_<hash of the table>`: stable, short, collision-free in practice.
+fn function_name(prefix: &str, table: &str) -> String {
+    format!(
+        "cache_invalidation.{prefix}_{:016x}",
+        fnv1a64(table.as_bytes())
+    )
+}
+
+/// A table name as written in the entity (`products` or `shop.products`), quoted.
+fn qualified(table: &str) -> String {
+    match table.split_once('.') {
+        Some((schema, name)) => format!("{}.{}", ident(schema), ident(name)),
+        None => ident(table),
+    }
+}
+
+/// A quoted SQL identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A quoted SQL string literal (standard conforming strings).
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(qualified("shop.products"), "\"shop\".\"products\"");
+    }
+}

@@ -1,0 +1,1015 @@
+//! Capture of writes: generated triggers + outbox, `CachedPool` / `CachedTransaction`, the relay.
+//!
+//! Every test runs against the real PostgreSQL (a database of its own) and the real Redis (a key prefix of
+//! its own), seeds a known set of cache keys, writes, and asserts the exact set of keys that is gone and
+//! that every other key survived.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cache_runtime::{
+    BoxFuture, CachedEntity, CachedPool, ColumnProblem, Error, Problem, RedisStore, Registry,
+    Schema, Store, StoreError, TriggerMode,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor as _, PgPool, Row as _};
+use tests::model::{Category, Product};
+use tests::{TestDb, TestPrefix, redis_url};
+
+/// A review of a product (child of `products`, `ON DELETE CASCADE`).
+#[derive(Debug, CachedEntity)]
+#[cached_entity(table = "reviews", key = "review:<id>", depends = ["product:<product_id>:reviews"])]
+struct Review {
+    id: i64,
+    product_id: i64,
+}
+
+/// The store of the tests: the real Redis store, recording every `invalidate` call for assertions.
+#[derive(Debug, Clone)]
+struct Recording {
+    inner: RedisStore,
+    calls: Arc<Mutex<Vec<Vec<String>>>>,
+}
+
+impl Store for Recording {
+    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.calls.lock().unwrap().push(keys.to_vec());
+        self.inner.invalidate(keys)
+    }
+}
+
+impl Recording {
+    async fn new(prefix: &TestPrefix) -> Self {
+        Self {
+            inner: RedisStore::connect(&redis_url(), prefix.prefix.clone())
+                .await
+                .unwrap(),
+            calls: Arc::default(),
+        }
+    }
+
+    fn calls(&self) -> Vec<Vec<String>> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// Every key passed to `invalidate`, deduplicated.
+    fn invalidated(&self) -> BTreeSet<String> {
+        self.calls().into_iter().flatten().collect()
+    }
+}
+
+fn shop() -> Registry {
+    Registry::new([Category::META, Product::META, Review::META])
+}
+
+const TABLES: &str = "
+CREATE TABLE categories (id bigint PRIMARY KEY, name text NOT NULL);
+CREATE TABLE products (
+  id bigint PRIMARY KEY,
+  category_id bigint NOT NULL REFERENCES categories (id) ON DELETE CASCADE,
+  name text NOT NULL,
+  price_cents bigint NOT NULL
+);
+CREATE TABLE reviews (
+  id bigint PRIMARY KEY,
+  product_id bigint NOT NULL REFERENCES products (id) ON DELETE CASCADE,
+  body text NOT NULL DEFAULT ''
+);
+CREATE TABLE unrelated (id bigint PRIMARY KEY, v text);
+INSERT INTO categories VALUES (1, 'lamps'), (2, 'chairs'), (3, 'tables');
+INSERT INTO products VALUES (1, 1, 'a', 100), (2, 1, 'b', 200), (3, 1, 'c', 300), (4, 2, 'd', 400), (5, 2, 'e', 500);
+INSERT INTO reviews (id, product_id) VALUES (1, 1), (2, 1), (3, 2);
+INSERT INTO unrelated VALUES (1, 'x');
+";
+
+/// Every key the seeded data can have, plus keys no write may touch.
+fn universe() -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for c in 1..=3 {
+        keys.insert(format!("category:{c}"));
+        keys.insert(format!("category:{c}:products"));
+    }
+    for p in 1..=5 {
+        keys.insert(format!("product:{p}"));
+        keys.insert(format!("product:{p}:reviews"));
+    }
+    for r in 1..=3 {
+        keys.insert(format!("review:{r}"));
+    }
+    keys.insert("unrelated:1".to_owned());
+    keys.insert("product:10".to_owned());
+    keys
+}
+
+struct Env {
+    pool: CachedPool,
+    store: Recording,
+    admin: PgPool,
+    prefix: TestPrefix,
+    db: TestDb,
+}
+
+impl Env {
+    async fn new(hint: &str) -> Self {
+        Self::with(hint, |o| o).await
+    }
+
+    async fn with(
+        hint: &str,
+        options: impl FnOnce(cache_runtime::CachedPoolOptions) -> cache_runtime::CachedPoolOptions,
+    ) -> Self {
+        let db = TestDb::create(hint).await;
+        let admin = db.pool().await;
+        sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
+        let prefix = TestPrefix::create(hint).await;
+        let store = Recording::new(&prefix).await;
+        let pool = options(
+            CachedPool::options()
+                .registry(shop())
+                .install_schema(true)
+                .pool_options(PgPoolOptions::new().max_connections(4)),
+        )
+        .connect(&db.url, store.clone())
+        .await
+        .unwrap();
+        let env = Self {
+            pool,
+            store,
+            admin,
+            prefix,
+            db,
+        };
+        env.seed().await;
+        env
+    }
+
+    async fn seed(&self) {
+        for key in universe() {
+            self.prefix.set(&key, "cached").await;
+        }
+    }
+
+    /// Asserts that exactly `gone` (a subset of the universe) was removed from Redis.
+    async fn assert_gone(&self, gone: &[&str]) {
+        let expected: BTreeSet<String> = universe()
+            .into_iter()
+            .filter(|k| !gone.contains(&k.as_str()))
+            .collect();
+        let present: BTreeSet<String> = self.prefix.keys().await.into_iter().collect();
+        assert_eq!(present, expected, "keys left in Redis");
+    }
+
+    /// Waits (bounded) until `key` is gone from Redis; returns how long it took.
+    async fn wait_gone(&self, key: &str, within: Duration) -> Duration {
+        let start = Instant::now();
+        while self.prefix.exists(key).await {
+            assert!(
+                start.elapsed() < within,
+                "`{key}` still cached after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        start.elapsed()
+    }
+
+    async fn outbox_rows(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM cache_invalidation.outbox")
+            .fetch_one(&self.admin)
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn insert() {
+    let env = Env::new("insert").await;
+    let result = sqlx::query("INSERT INTO products VALUES (10, 3, 'new', 1)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(result.rows_affected(), 1);
+    env.assert_gone(&["product:10", "category:3:products"])
+        .await;
+    assert_eq!(
+        env.store.calls(),
+        [vec![
+            "category:3:products".to_owned(),
+            "product:10".to_owned()
+        ]]
+    );
+}
+
+#[tokio::test]
+async fn update() {
+    let env = Env::new("update").await;
+    sqlx::query("UPDATE products SET price_cents = $1 WHERE id = $2")
+        .bind(8000_i64)
+        .bind(2_i64)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.assert_gone(&["product:2", "category:1:products"]).await;
+    // A plain read afterwards sends nothing to the store.
+    let name: String = sqlx::query_scalar("SELECT name FROM products WHERE id = 2")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(name, "b");
+    assert_eq!(env.store.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn update_moving_a_row_between_parents() {
+    let env = Env::new("move").await;
+    sqlx::query("UPDATE products SET category_id = 2 WHERE id = 1")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.assert_gone(&["product:1", "category:1:products", "category:2:products"])
+        .await;
+}
+
+#[tokio::test]
+async fn delete() {
+    let env = Env::new("delete").await;
+    sqlx::query("DELETE FROM products WHERE id = 5")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.assert_gone(&["product:5", "category:2:products"]).await;
+}
+
+#[tokio::test]
+async fn upsert_on_conflict() {
+    let env = Env::new("upsert").await;
+    // One row inserted (10), one updated (3): both statement triggers fire.
+    let rows = sqlx::query(
+        "INSERT INTO products VALUES (10, 3, 'new', 1), (3, 2, 'moved', 1)
+         ON CONFLICT (id) DO UPDATE SET category_id = EXCLUDED.category_id RETURNING id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2);
+    env.assert_gone(&[
+        "product:10",
+        "category:3:products",
+        "product:3",
+        "category:1:products",
+        "category:2:products",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn update_from() {
+    let env = Env::new("update_from").await;
+    sqlx::query(
+        "UPDATE products p SET name = c.name FROM categories c WHERE c.id = p.category_id AND c.id = 2",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    env.assert_gone(&["product:4", "product:5", "category:2:products"])
+        .await;
+}
+
+#[tokio::test]
+async fn delete_using() {
+    let env = Env::new("delete_using").await;
+    sqlx::query(
+        "DELETE FROM reviews r USING products p WHERE p.id = r.product_id AND p.price_cents = 200",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    env.assert_gone(&["review:3", "product:2:reviews"]).await;
+}
+
+#[tokio::test]
+async fn data_modifying_cte_through_fetch_one() {
+    let env = Env::new("cte").await;
+    let row = sqlx::query(
+        "WITH moved AS (UPDATE products SET price_cents = price_cents + 1 WHERE id = 4 RETURNING id, price_cents)
+         SELECT id, price_cents FROM moved",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<i64, _>("price_cents"), 401);
+    env.assert_gone(&["product:4", "category:2:products"]).await;
+}
+
+#[tokio::test]
+async fn merge() {
+    let env = Env::new("merge").await;
+    sqlx::query(
+        "MERGE INTO products p
+         USING (VALUES (1::bigint, 999::bigint), (11::bigint, 5::bigint)) AS s(id, price) ON p.id = s.id
+         WHEN MATCHED THEN UPDATE SET price_cents = s.price
+         WHEN NOT MATCHED THEN INSERT VALUES (s.id, 3, 'merged', s.price)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    // product:11 is not in the universe; it must have been invalidated all the same.
+    env.assert_gone(&["product:1", "category:1:products", "category:3:products"])
+        .await;
+    assert!(env.store.invalidated().contains("product:11"));
+}
+
+#[tokio::test]
+async fn on_delete_cascade_into_a_registered_child() {
+    let env = Env::new("cascade").await;
+    sqlx::query("DELETE FROM categories WHERE id = 1")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.assert_gone(&[
+        "category:1",
+        "category:1:products",
+        "product:1",
+        "product:2",
+        "product:3",
+        "review:1",
+        "review:2",
+        "review:3",
+        "product:1:reviews",
+        "product:2:reviews",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn truncate_invalidates_the_namespaces() {
+    let env = Env::new("truncate").await;
+    sqlx::query("TRUNCATE reviews")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        env.store.calls(),
+        [vec![
+            "product:<>:reviews".to_owned(),
+            "review:<>".to_owned()
+        ]]
+    );
+    // TRUNCATE … CASCADE reaches every registered child.
+    sqlx::query("TRUNCATE categories CASCADE")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let last = env.store.calls().pop().unwrap();
+    assert_eq!(
+        last.into_iter().collect::<BTreeSet<_>>(),
+        [
+            "category:<>",
+            "category:<>:products",
+            "product:<>",
+            "product:<>:reviews",
+            "review:<>"
+        ]
+        .map(str::to_owned)
+        .into_iter()
+        .collect()
+    );
+}
+
+#[tokio::test]
+async fn function_that_writes_called_with_select() {
+    let env = Env::with("function", |o| {
+        o.wrapped_grace(Duration::from_millis(100))
+            .sweep_interval(Duration::from_millis(50))
+    })
+    .await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION reprice(p bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+         BEGIN UPDATE products SET price_cents = 1 WHERE id = p; RETURN p; END $$",
+    )
+    .execute(&env.admin)
+    .await
+    .unwrap();
+    // Inside a transaction: synchronous, whatever the statement.
+    let mut tx = env.pool.begin().await.unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT reprice(3)")
+        .fetch_one(&mut tx)
+        .await
+        .unwrap();
+    assert_eq!(id, 3);
+    tx.commit().await.unwrap();
+    env.assert_gone(&["product:3", "category:1:products"]).await;
+
+    // Autocommit: not classified as a write, so the relay delivers it (bounded by grace + sweep interval).
+    let id: i64 = sqlx::query_scalar("SELECT reprice(4)")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(id, 4);
+    env.wait_gone("product:4", Duration::from_secs(5)).await;
+    env.wait_gone("category:2:products", Duration::from_secs(5))
+        .await;
+    env.assert_gone(&[
+        "product:3",
+        "category:1:products",
+        "product:4",
+        "category:2:products",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn bulk_update_of_10k_rows() {
+    let env = Env::new("bulk").await;
+    sqlx::query(
+        "INSERT INTO products SELECT i, 1 + i % 3, 'bulk', i FROM generate_series(100, 10099) AS i",
+    )
+    .execute(&env.admin)
+    .await
+    .unwrap();
+    // Let the relay deliver the admin pool's insert, then seed every product key.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.outbox_rows().await > 0 {
+        assert!(Instant::now() < deadline, "relay did not drain the outbox");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.seed().await;
+    let mut conn = env.prefix.conn.clone();
+    let mut pipe = redis::pipe();
+    for id in 100..10100 {
+        pipe.set(format!("{}product:{id}", env.prefix.prefix), "cached")
+            .ignore();
+    }
+    pipe.query_async::<()>(&mut conn).await.unwrap();
+
+    let start = Instant::now();
+    let result =
+        sqlx::query("UPDATE products SET price_cents = price_cents + 1 WHERE name = 'bulk'")
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    eprintln!("10k-row UPDATE through CachedPool: {:?}", start.elapsed());
+    assert_eq!(result.rows_affected(), 10_000);
+    // Every bulk product key is gone, as are the three category lists; the rest of the universe survives.
+    env.assert_gone(&[
+        "category:1:products",
+        "category:2:products",
+        "category:3:products",
+    ])
+    .await;
+    let last = env.store.calls().pop().unwrap();
+    assert_eq!(last.len(), 10_003);
+}
+
+#[tokio::test]
+async fn nested_transactions_with_a_rolled_back_savepoint() {
+    let env = Env::new("nested").await;
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE products SET price_cents = 1 WHERE id = 1")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    {
+        let mut kept = tx.begin().await.unwrap();
+        sqlx::query("UPDATE products SET price_cents = 1 WHERE id = 4")
+            .execute(&mut *kept)
+            .await
+            .unwrap();
+        kept.commit().await.unwrap();
+    }
+    {
+        let mut dropped = tx.begin().await.unwrap();
+        sqlx::query("DELETE FROM reviews WHERE id = 3")
+            .execute(&mut dropped)
+            .await
+            .unwrap();
+        dropped.rollback().await.unwrap();
+    }
+    // Nothing is published before the outermost commit.
+    assert!(env.store.calls().is_empty());
+    env.assert_gone(&[]).await;
+    tx.commit().await.unwrap();
+    env.assert_gone(&[
+        "product:1",
+        "category:1:products",
+        "product:4",
+        "category:2:products",
+    ])
+    .await;
+    assert_eq!(env.store.calls().len(), 1);
+    // The rolled-back review still exists.
+    let reviews: i64 = sqlx::query_scalar("SELECT count(*) FROM reviews")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(reviews, 3);
+}
+
+#[tokio::test]
+async fn rollback_and_drop_publish_nothing() {
+    let env = Env::new("rollback").await;
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("DELETE FROM products WHERE id = 1")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    {
+        let mut tx = env.pool.begin().await.unwrap();
+        sqlx::query("UPDATE products SET name = 'x' WHERE id = 2")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    // Give a (wrong) relay every chance to deliver something.
+    env.pool.sweep_outbox().await.unwrap();
+    assert!(env.store.calls().is_empty());
+    env.assert_gone(&[]).await;
+    assert_eq!(env.outbox_rows().await, 0);
+}
+
+#[tokio::test]
+async fn write_through_a_plain_pg_pool_is_relayed() {
+    let env = Env::new("plain_pool").await;
+    let mut latencies = Vec::new();
+    for (id, cat) in [(1, 1), (4, 2)] {
+        sqlx::query("UPDATE products SET price_cents = 7 WHERE id = $1")
+            .bind(id)
+            .execute(&env.admin)
+            .await
+            .unwrap();
+        latencies.push(
+            env.wait_gone(&format!("product:{id}"), Duration::from_secs(5))
+                .await,
+        );
+        env.wait_gone(&format!("category:{cat}:products"), Duration::from_secs(5))
+            .await;
+    }
+    eprintln!("relay latency (plain PgPool): {latencies:?}");
+    env.assert_gone(&[
+        "product:1",
+        "category:1:products",
+        "product:4",
+        "category:2:products",
+    ])
+    .await;
+    // Delivered rows are deleted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.outbox_rows().await > 0 {
+        assert!(Instant::now() < deadline, "delivered rows were not deleted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn write_through_psql_is_relayed() {
+    let env = Env::new("psql").await;
+    let db_url = env.db.url.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("psql")
+            .arg(&db_url)
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+            .arg("DELETE FROM reviews WHERE id = 1")
+            .status()
+    })
+    .await
+    .unwrap()
+    .expect("psql must be installed (Debian: apt-get install postgresql-client)");
+    assert!(status.success());
+    let took = env.wait_gone("review:1", Duration::from_secs(5)).await;
+    env.wait_gone("product:1:reviews", Duration::from_secs(5))
+        .await;
+    eprintln!("relay latency (psql): {took:?}");
+    env.assert_gone(&["review:1", "product:1:reviews"]).await;
+}
+
+#[tokio::test]
+async fn two_concurrent_transactions_writing_the_same_row() {
+    let env = Env::new("concurrent").await;
+    let mut first = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE products SET price_cents = 1 WHERE id = 2")
+        .execute(&mut first)
+        .await
+        .unwrap();
+    let pool = env.pool.clone();
+    let second = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        // Blocks on the row lock until `first` commits.
+        sqlx::query("UPDATE products SET price_cents = price_cents + 1 WHERE id = 2")
+            .execute(&mut tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!second.is_finished());
+    first.commit().await.unwrap();
+    // A reader refills the key between the two commits; the second commit must invalidate it again.
+    second.await.unwrap();
+    let calls = env.store.calls();
+    assert_eq!(calls.len(), 2);
+    for call in calls {
+        assert_eq!(call, ["category:1:products", "product:2"]);
+    }
+    env.assert_gone(&["product:2", "category:1:products"]).await;
+    let price: i64 = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = 2")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(price, 2);
+}
+
+#[tokio::test]
+async fn every_executor_method_works_on_pool_and_transaction() {
+    use futures_util::TryStreamExt as _;
+    let env = Env::new("methods").await;
+    let p = &env.pool;
+    let update = |id: i64| {
+        sqlx::query("UPDATE products SET price_cents = price_cents + 1 WHERE id = $1 RETURNING id")
+            .bind(id)
+    };
+    // execute, fetch_one, fetch_optional, fetch_all, fetch, fetch_many on &pool: each write is delivered
+    // before the call returns.
+    update(1).execute(p).await.unwrap();
+    assert!(!env.prefix.exists("product:1").await);
+    let _ = update(2).fetch_one(p).await.unwrap();
+    assert!(!env.prefix.exists("product:2").await);
+    assert!(update(3).fetch_optional(p).await.unwrap().is_some());
+    assert!(!env.prefix.exists("product:3").await);
+    assert_eq!(update(4).fetch_all(p).await.unwrap().len(), 1);
+    assert!(!env.prefix.exists("product:4").await);
+    let rows: Vec<_> = update(5).fetch(p).try_collect().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(!env.prefix.exists("product:5").await);
+    let items: Vec<_> = p
+        .fetch_many(sqlx::query("DELETE FROM reviews WHERE id = 1"))
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 1);
+    assert!(!env.prefix.exists("review:1").await);
+    // query_as and query_scalar reads.
+    let (name,): (String,) = sqlx::query_as("SELECT name FROM categories WHERE id = 1")
+        .fetch_one(p)
+        .await
+        .unwrap();
+    assert_eq!(name, "lamps");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+        .fetch_one(p)
+        .await
+        .unwrap();
+    assert_eq!(n, 5);
+    env.assert_gone(&[
+        "product:1",
+        "product:2",
+        "product:3",
+        "product:4",
+        "product:5",
+        "category:1:products",
+        "category:2:products",
+        "review:1",
+        "product:1:reviews",
+    ])
+    .await;
+
+    // The same methods in a transaction, through `&mut tx` and `&mut *tx`.
+    env.seed().await;
+    let mut tx = env.pool.begin().await.unwrap();
+    update(1).execute(&mut tx).await.unwrap();
+    let _ = update(2).fetch_one(&mut *tx).await.unwrap();
+    assert!(update(3).fetch_optional(&mut tx).await.unwrap().is_some());
+    assert_eq!(update(4).fetch_all(&mut *tx).await.unwrap().len(), 1);
+    let rows: Vec<_> = update(5).fetch(&mut tx).try_collect().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    let items: Vec<_> = (&mut tx)
+        .fetch_many(sqlx::query("DELETE FROM reviews WHERE id = 2"))
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 1);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM reviews")
+        .fetch_one(&mut tx)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    env.assert_gone(&[]).await;
+    tx.commit().await.unwrap();
+    env.assert_gone(&[
+        "product:1",
+        "product:2",
+        "product:3",
+        "product:4",
+        "product:5",
+        "category:1:products",
+        "category:2:products",
+        "review:2",
+        "product:1:reviews",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn install_is_idempotent_and_replaces_old_triggers() {
+    let db = TestDb::create("idempotent").await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
+    let registry = shop();
+    let schema = Schema::new(&registry);
+    let mut conn = admin.acquire().await.unwrap();
+    schema.install(&mut conn).await.unwrap();
+    schema.install(&mut conn).await.unwrap();
+    drop(conn);
+    // Concurrent installs serialize on the advisory lock.
+    let (a, b) = tokio::join!(
+        async {
+            let mut c = admin.acquire().await.unwrap();
+            Schema::new(&registry).install(&mut c).await
+        },
+        async {
+            let mut c = admin.acquire().await.unwrap();
+            Schema::new(&registry).install(&mut c).await
+        }
+    );
+    a.unwrap();
+    b.unwrap();
+    let triggers = |table: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let names: Vec<String> = sqlx::query_scalar(
+                "SELECT tgname::text FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal ORDER BY 1",
+            )
+            .bind(table)
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+            names
+        }
+    };
+    assert_eq!(
+        triggers("products").await,
+        [
+            "cache_invalidation_delete",
+            "cache_invalidation_insert",
+            "cache_invalidation_truncate",
+            "cache_invalidation_update"
+        ]
+    );
+    // One write, one outbox row (no duplicate triggers).
+    sqlx::query("UPDATE products SET name = 'z' WHERE id = 1")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let keys: Vec<Vec<String>> = sqlx::query_scalar("SELECT keys FROM cache_invalidation.outbox")
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+    assert_eq!(keys, [vec!["category:1:products", "product:1"]]);
+
+    // Re-installing with fewer entities removes the triggers of tables no longer registered, and can
+    // switch to row triggers.
+    let products_only = Registry::new([Product::META]);
+    let mut conn = admin.acquire().await.unwrap();
+    Schema::new(&products_only)
+        .trigger_mode(TriggerMode::Row)
+        .install(&mut conn)
+        .await
+        .unwrap();
+    assert!(triggers("categories").await.is_empty());
+    assert!(triggers("reviews").await.is_empty());
+    assert_eq!(
+        triggers("products").await,
+        ["cache_invalidation_row", "cache_invalidation_truncate"]
+    );
+    Schema::new(&products_only).verify(&mut conn).await.unwrap();
+    assert!(matches!(
+        Schema::new(&registry).verify(&mut conn).await,
+        Err(Error::FingerprintMismatch { .. })
+    ));
+
+    // The exported SQL is the same script, and applies on its own (as a migration would).
+    let sql = Schema::new(&registry).sql();
+    let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    Schema::new(&registry).verify(&mut conn).await.unwrap();
+    assert_eq!(triggers("reviews").await.len(), 4);
+}
+
+#[tokio::test]
+async fn connecting_to_a_database_without_or_with_other_triggers_fails() {
+    let db = TestDb::create("fingerprint").await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
+    let prefix = TestPrefix::create("fingerprint").await;
+
+    let err = CachedPool::options()
+        .registry(shop())
+        .relay(false)
+        .connect(&db.url, Recording::new(&prefix).await)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotInstalled { .. }), "{err}");
+    assert!(err.to_string().contains("install"), "{err}");
+
+    let mut conn = admin.acquire().await.unwrap();
+    Schema::new(&Registry::new([Product::META]))
+        .install(&mut conn)
+        .await
+        .unwrap();
+    let err = CachedPool::options()
+        .registry(shop())
+        .relay(false)
+        .connect(&db.url, Recording::new(&prefix).await)
+        .await
+        .unwrap_err();
+    match &err {
+        Error::FingerprintMismatch {
+            installed,
+            expected,
+        } => {
+            assert_eq!(installed, &Registry::new([Product::META]).fingerprint());
+            assert_eq!(expected, &shop().fingerprint());
+        }
+        other => panic!("expected a fingerprint mismatch, got {other}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("Schema::new(registry()).install") && message.contains(".sql()"),
+        "{message}"
+    );
+}
+
+/// An entity whose table lacks a placeholder column.
+#[derive(Debug, CachedEntity)]
+#[cached_entity(table = "gadgets", key = "gadget:<id>:<owner>", depends = ["maker:<maker_id>"])]
+struct Gadget {
+    id: i64,
+    owner: String,
+    maker_id: i64,
+}
+
+/// An entity whose table does not exist.
+#[derive(Debug, CachedEntity)]
+#[cached_entity(table = "nowhere", key = "nowhere:<id>")]
+struct Nowhere {
+    id: i64,
+}
+
+#[tokio::test]
+async fn missing_or_mistyped_columns_are_install_errors() {
+    let db = TestDb::create("columns").await;
+    let admin = db.pool().await;
+    sqlx::raw_sql("CREATE TABLE gadgets (id bigint PRIMARY KEY, maker_id text)")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let registry = Registry::new([Gadget::META, Nowhere::META]);
+    let mut conn = admin.acquire().await.unwrap();
+    let err = Schema::new(&registry).install(&mut conn).await.unwrap_err();
+    let Error::Columns(problems) = &err else {
+        panic!("expected column problems, got {err}");
+    };
+    assert_eq!(
+        problems,
+        &[
+            ColumnProblem {
+                entity: "Gadget".into(),
+                table: "gadgets".into(),
+                column: Some("maker_id".into()),
+                problem: Problem::IncompatibleType {
+                    found: "text".into(),
+                    expected: "smallint, integer or bigint"
+                },
+            },
+            ColumnProblem {
+                entity: "Gadget".into(),
+                table: "gadgets".into(),
+                column: Some("owner".into()),
+                problem: Problem::MissingColumn,
+            },
+            ColumnProblem {
+                entity: "Nowhere".into(),
+                table: "nowhere".into(),
+                column: None,
+                problem: Problem::MissingTable,
+            },
+        ]
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(
+            "table `gadgets` has no column `owner`, used by a key template of entity `Gadget`"
+        ),
+        "{message}"
+    );
+    // Nothing was installed.
+    let schema: Option<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname = 'cache_invalidation'",
+    )
+    .fetch_optional(&admin)
+    .await
+    .unwrap();
+    assert_eq!(schema, None);
+    // The exported SQL fails the same way when applied by a migration tool.
+    let err = sqlx::raw_sql(sqlx::AssertSqlSafe(
+        Schema::new(&Registry::new([Gadget::META])).sql(),
+    ))
+    .execute(&admin)
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("column"), "{err}");
+}
+
+/// A login role of the test's own, dropped (with its privileges) on drop.
+struct TestRole {
+    name: String,
+    db_url: String,
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let (url, name) = (self.db_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                use sqlx::Connection as _;
+                let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP OWNED BY \"{name}\"; DROP ROLE \"{name}\""
+                )))
+                .execute(&mut conn)
+                .await
+                .ok()
+            })
+        })
+        .join();
+    }
+}
+
+#[tokio::test]
+async fn a_role_with_only_dml_rights_writes_normally() {
+    let env = Env::new("role").await;
+    let role = TestRole {
+        name: format!("dml_{}", env.db.name).chars().take(63).collect(),
+        db_url: env.db.url.clone(),
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE \"{0}\" LOGIN;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON categories, products, reviews TO \"{0}\";",
+        role.name
+    )))
+    .execute(&env.admin)
+    .await
+    .unwrap();
+    let options: PgConnectOptions = env.db.url.parse().unwrap();
+    let pool = CachedPool::options()
+        .registry(shop())
+        .connect_with(options.username(&role.name), env.store.clone())
+        .await
+        .unwrap();
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(user, role.name);
+    // Autocommit and transaction writes are captured and delivered.
+    sqlx::query("UPDATE products SET price_cents = 1 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("DELETE FROM reviews WHERE id = 3")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    env.assert_gone(&[
+        "product:1",
+        "category:1:products",
+        "review:3",
+        "product:2:reviews",
+    ])
+    .await;
+    // The outbox itself stays out of reach.
+    let err = sqlx::query("SELECT * FROM cache_invalidation.outbox")
+        .fetch_all(&pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    // The relay runs as this role too: a write of another client is delivered.
+    sqlx::query("UPDATE categories SET name = 'x' WHERE id = 3")
+        .execute(&env.admin)
+        .await
+        .unwrap();
+    env.wait_gone("category:3", Duration::from_secs(5)).await;
+    pool.close().await;
+    drop(role);
+}
