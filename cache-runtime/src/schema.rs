@@ -551,14 +551,12 @@ GRANT SELECT ON cache_invalidation.installed TO PUBLIC;
 
 CREATE OR REPLACE FUNCTION cache_invalidation.escape_text(v text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+  -- Runs of unreserved characters stay; every other run becomes the %XX of its UTF-8 bytes.
   SELECT coalesce(string_agg(
-           CASE WHEN (b BETWEEN 48 AND 57) OR (b BETWEEN 65 AND 90) OR (b BETWEEN 97 AND 122) OR b IN (45, 46, 95)
-                THEN chr(b)
-                ELSE '%' || upper(lpad(to_hex(b), 2, '0')) END,
-           '' ORDER BY i), '')
-  FROM (SELECT i, get_byte(bytes, i) AS b
-        FROM (SELECT convert_to(v, 'UTF8') AS bytes) AS s,
-             generate_series(0, octet_length(s.bytes) - 1) AS i) AS g
+           CASE WHEN m.r[1] COLLATE \"C\" ~ '^[A-Za-z0-9_.-]' THEN m.r[1]
+                ELSE upper(regexp_replace(encode(convert_to(m.r[1], 'UTF8'), 'hex'), '(..)', '%\\1', 'g')) END,
+           '' ORDER BY m.i), '')
+  FROM regexp_matches(v COLLATE \"C\", '[A-Za-z0-9_.-]+|[^A-Za-z0-9_.-]+', 'g') WITH ORDINALITY AS m(r, i)
 $fn$;
 CREATE OR REPLACE FUNCTION cache_invalidation.render_text(v text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT {text} $fn$;
