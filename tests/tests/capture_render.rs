@@ -124,8 +124,8 @@ fn sql_and_rust_render_identical_keys() {
         .unwrap();
 
     // The standalone rendering functions agree too, including on NULL.
+    let mut conns = conns.into_inner();
     rt.block_on(async {
-        let mut conns = conns.borrow_mut();
         let conn = &mut conns[0];
         let row: (String, String, String, String, String) = sqlx::query_as(
             "SELECT cache_invalidation.render_text($1), cache_invalidation.render_text(NULL),
