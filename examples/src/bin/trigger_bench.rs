@@ -114,14 +114,11 @@ async fn run(url: &str) -> Result<Vec<Measure>, BoxError> {
         ("statement", Some(TriggerMode::Statement)),
         ("row", Some(TriggerMode::Row)),
     ] {
-        match mode {
-            Some(mode) => {
-                Schema::new(&registry)
-                    .trigger_mode(mode)
-                    .install(&mut conn)
-                    .await?
-            }
-            None => {}
+        if let Some(mode) = mode {
+            Schema::new(&registry)
+                .trigger_mode(mode)
+                .install(&mut conn)
+                .await?;
         }
         let mut bulk = Vec::new();
         let mut outbox_rows = 0;
