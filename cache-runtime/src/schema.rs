@@ -393,8 +393,8 @@ $guard$;
                     .join(", ");
                 let select = |source: &str| {
                     format!(
-                        "SELECT array_agg(DISTINCT k) INTO keys FROM ({source}) AS r \
-                         CROSS JOIN LATERAL (VALUES {values}) AS t(k);"
+                        "SELECT array_agg(d.k) INTO keys FROM (SELECT DISTINCT t.k COLLATE \"C\" AS k \
+                         FROM ({source}) AS r CROSS JOIN LATERAL (VALUES {values}) AS t(k)) AS d;"
                     )
                 };
                 let _ = write!(
@@ -574,16 +574,20 @@ CREATE OR REPLACE FUNCTION cache_invalidation.session_keys() RETURNS TABLE (id b
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   seen bigint := coalesce(nullif(current_setting('cache_invalidation.seen', true), ''), '0')::bigint;
-  ids bigint[];
-  keyss text[];
+  r record;
+  last bigint;
 BEGIN
-  SELECT array_agg(o.id ORDER BY o.id) INTO ids FROM cache_invalidation.outbox o
-  WHERE o.pid = pg_backend_pid() AND o.id > seen;
-  IF ids IS NULL THEN
-    RETURN;
+  -- This backend's rows not returned before (rows of earlier statements may not be deleted yet).
+  FOR r IN SELECT o.id, o.keys FROM cache_invalidation.outbox o
+           WHERE o.pid = pg_backend_pid() AND o.id > seen ORDER BY o.id LOOP
+    id := r.id;
+    keys := r.keys;
+    last := r.id;
+    RETURN NEXT;
+  END LOOP;
+  IF last IS NOT NULL THEN
+    PERFORM set_config('cache_invalidation.seen', last::text, false);
   END IF;
-  PERFORM set_config('cache_invalidation.seen', ids[cardinality(ids)]::text, false);
-  RETURN QUERY SELECT o.id, o.keys FROM cache_invalidation.outbox o WHERE o.id = ANY (ids) ORDER BY o.id;
 END
 $fn$;
 CREATE OR REPLACE FUNCTION cache_invalidation.claim(max_rows integer, wrapped_grace interval)

@@ -761,10 +761,12 @@ async fn install_is_idempotent_and_replaces_old_triggers() {
         .execute(&admin)
         .await
         .unwrap();
-    let keys: Vec<Vec<String>> = sqlx::query_scalar("SELECT keys FROM cache_invalidation.outbox")
-        .fetch_all(&admin)
-        .await
-        .unwrap();
+    let mut keys: Vec<Vec<String>> =
+        sqlx::query_scalar("SELECT keys FROM cache_invalidation.outbox")
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+    keys.iter_mut().for_each(|k| k.sort());
     assert_eq!(keys, [vec!["category:1:products", "product:1"]]);
 
     // Re-installing with fewer entities removes the triggers of tables no longer registered, and can
