@@ -20,6 +20,13 @@ pub enum Error {
     #[error("cache store error: {0}")]
     Store(#[from] StoreError),
 
+    /// The cache store did not answer in time.
+    #[error(
+        "the cache store did not answer within {0:?}; the keys stay in the outbox and are delivered again at \
+         the next sweep. Check the store's health, or raise `CachedPoolOptions::store_timeout`"
+    )]
+    StoreTimeout(std::time::Duration),
+
     /// Entities contradict each other.
     #[error(transparent)]
     Registry(#[from] RegistryError),

@@ -171,6 +171,13 @@ impl CachedPoolOptions {
         self
     }
 
+    /// The longest a write waits for the store after `COMMIT` (default 500 ms). When the store is slower or
+    /// down, the call returns `Ok` anyway, the keys stay in the outbox and the relay delivers them later.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.relay_config.store_timeout = timeout;
+        self
+    }
+
     /// How autocommit writes are detected.
     pub fn write_detection(mut self, detection: WriteDetection) -> Self {
         self.detection = detection;
@@ -423,15 +430,25 @@ impl Core {
             return;
         }
         let (ids, keys) = relay::split(rows);
-        match self.store.invalidate(&keys).await {
-            Ok(()) => {
+        match tokio::time::timeout(
+            self.relay_config.store_timeout,
+            self.store.invalidate(&keys),
+        )
+        .await
+        {
+            Ok(Ok(())) => {
                 // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
                 let _ = self.delivered.send(ids);
             }
-            Err(error) => tracing::warn!(
+            Ok(Err(error)) => tracing::warn!(
                 %error,
                 keys = keys.len(),
                 "cache invalidation failed after COMMIT; the outbox keeps the keys and the relay will retry"
+            ),
+            Err(_) => tracing::warn!(
+                timeout = ?self.relay_config.store_timeout,
+                keys = keys.len(),
+                "cache invalidation timed out after COMMIT; the outbox keeps the keys and the relay will retry"
             ),
         }
     }

@@ -31,6 +31,8 @@ pub(crate) struct RelayConfig {
     pub(crate) sweep_interval: Duration,
     /// Outbox rows per sweep transaction.
     pub(crate) batch: i32,
+    /// The longest a delivery waits for the store.
+    pub(crate) store_timeout: Duration,
 }
 
 impl Default for RelayConfig {
@@ -39,6 +41,7 @@ impl Default for RelayConfig {
             wrapped_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_millis(500),
             batch: 500,
+            store_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -114,7 +117,10 @@ pub(crate) async fn sweep(
         }
         let (ids, keys) = split(rows);
         // On a store error the transaction rolls back on drop: the rows stay for the next sweep.
-        store.invalidate(&keys).await?;
+        match tokio::time::timeout(config.store_timeout, store.invalidate(&keys)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(Error::StoreTimeout(config.store_timeout)),
+        }
         sqlx::query("SELECT cache_invalidation.delivered($1)")
             .bind(&ids)
             .execute(&mut *tx)

@@ -1015,3 +1015,111 @@ async fn a_role_with_only_dml_rights_writes_normally() {
     pool.close().await;
     drop(role);
 }
+
+#[tokio::test]
+async fn a_dropped_fetch_stream_still_delivers_its_keys() {
+    use futures_util::StreamExt as _;
+    let env = Env::new("dropped_stream").await;
+    {
+        let mut rows = env.pool.fetch(sqlx::query(
+            "UPDATE products SET price_cents = 0 WHERE category_id = 1 RETURNING id",
+        ));
+        assert!(rows.next().await.is_some());
+        // Dropped after the first of three rows.
+    }
+    // Well before the relay's grace period (2 s): delivered by the dropped statement's guard.
+    for key in ["product:1", "product:2", "product:3", "category:1:products"] {
+        env.wait_gone(key, Duration::from_millis(1500)).await;
+    }
+    env.assert_gone(&["product:1", "product:2", "product:3", "category:1:products"])
+        .await;
+}
+
+#[tokio::test]
+async fn a_store_outage_after_commit_is_not_an_error_and_the_relay_catches_up() {
+    let mut server = tests::RedisServer::start();
+    let db = TestDb::create("outage").await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
+    let store = RedisStore::connect(&server.url(), "outage:").await.unwrap();
+    let pool = CachedPool::options()
+        .registry(shop())
+        .install_schema(true)
+        .wrapped_grace(Duration::from_millis(200))
+        .sweep_interval(Duration::from_millis(100))
+        .store_timeout(Duration::from_millis(200))
+        .connect(&db.url, store)
+        .await
+        .unwrap();
+    let outbox = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM cache_invalidation.outbox")
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+
+    server.kill();
+    let start = Instant::now();
+    // Both writes commit and return Ok although the store is down.
+    sqlx::query("UPDATE products SET price_cents = 1 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("DELETE FROM reviews WHERE id = 3")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let took = start.elapsed();
+    eprintln!("two writes during the outage took {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let price: i64 = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = 1")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(price, 1);
+    // The keys wait in the outbox.
+    assert!(outbox().await >= 2);
+
+    // Redis is back (empty); values are cached again before the relay catches up.
+    server.restart();
+    let client = redis::Client::open(server.url().as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for key in [
+        "product:1",
+        "category:1:products",
+        "review:3",
+        "product:2:reviews",
+        "product:2",
+    ] {
+        redis::cmd("SET")
+            .arg(format!("outage:{key}"))
+            .arg("stale")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    let restarted = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg("outage:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if left == ["outage:product:2"] && outbox().await == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay did not deliver after the outage: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "relay caught up {:?} after the restart",
+        restarted.elapsed()
+    );
+    pool.close().await;
+}

@@ -1,0 +1,30 @@
+//! Prints the install SQL of this program's entities, for a migration tool (`sqlx migrate`, …).
+//!
+//! Run: `cargo run -p examples --bin export_schema > migrations/0002_cache_invalidation.sql`.
+//! Regenerate it whenever an entity's table, templates or placeholder columns change: connecting with a
+//! build whose fingerprint differs from the installed one is an error.
+
+use cache_runtime::{CachedEntity, Schema, registry};
+
+/// A category row.
+#[derive(CachedEntity)]
+#[cached_entity(table = "categories", key = "category:<id>", depends = ["category:<id>:products"])]
+struct Category {
+    id: i64,
+}
+
+/// A product row.
+#[derive(CachedEntity)]
+#[cached_entity(table = "products", key = "product:<id>", depends = ["category:<category_id>:products"])]
+struct Product {
+    id: i64,
+    category_id: i64,
+}
+
+fn main() {
+    if let Err(e) = registry().validate() {
+        eprintln!("{e}");
+        std::process::exit(1);
+    }
+    print!("{}", Schema::new(registry()).sql());
+}
