@@ -152,7 +152,8 @@ impl CachedPoolOptions {
     }
 
     /// Runs the relay as a background task of the pool (default `true`). Without it, writes by other
-    /// clients and left-behind rows wait for a relay running elsewhere.
+    /// clients and left-behind rows wait for a relay running elsewhere. The relay's `LISTEN` connection is
+    /// one connection outside the pool; its sweeps use the pool.
     pub fn relay(mut self, enabled: bool) -> Self {
         self.relay = enabled;
         self
@@ -216,6 +217,9 @@ impl CachedPoolOptions {
     ) -> Result<CachedPool, Error> {
         let registry = self.registry.unwrap_or_else(|| registry().clone());
         let options = options.options([(WRAPPED_SETTING, "on")]);
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options.clone());
         let pool = self.pool_options.connect_with(options).await?;
         {
             let mut conn = pool.acquire().await?;
@@ -227,6 +231,7 @@ impl CachedPoolOptions {
         }
         Ok(CachedPool::from_parts(
             pool,
+            listen_pool,
             Arc::new(store),
             registry,
             self.relay.then_some(self.relay_config),
@@ -242,6 +247,15 @@ impl CachedPoolOptions {
 ///
 /// Cloning is cheap and shares the pool, the store and the background tasks, which stop when the last clone
 /// is dropped.
+///
+/// # Cancel safety
+///
+/// For the `Executor` methods on `&CachedPool` (autocommit statements): dropping the future or stream
+/// before the statement was sent runs nothing. Dropping it later (the statement may have committed) still
+/// delivers the statement's keys: the delivery is spawned as a task of its own when the statement completes
+/// or when the future/stream is dropped, whichever comes first, and it is not interrupted by the caller.
+/// A call that returns has awaited that delivery (bounded by
+/// [`store_timeout`](CachedPoolOptions::store_timeout)).
 ///
 /// # Examples
 ///
@@ -317,6 +331,7 @@ impl CachedPool {
 
     fn from_parts(
         pool: PgPool,
+        listen_pool: PgPool,
         store: Arc<dyn Store>,
         registry: Registry,
         relay_config: Option<RelayConfig>,
@@ -324,8 +339,14 @@ impl CachedPool {
     ) -> Self {
         let (delivered, receiver) = mpsc::unbounded_channel();
         tokio::spawn(delete_delivered(pool.clone(), receiver));
-        let relay = relay_config
-            .map(|config| tokio::spawn(relay::run(pool.clone(), Arc::clone(&store), config)));
+        let relay = relay_config.map(|config| {
+            tokio::spawn(relay::run(
+                pool.clone(),
+                listen_pool,
+                Arc::clone(&store),
+                config,
+            ))
+        });
         Self {
             core: Arc::new(Core {
                 pool,

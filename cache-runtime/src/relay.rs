@@ -47,13 +47,21 @@ impl Default for RelayConfig {
 }
 
 /// Runs the relay until the task is aborted.
-pub(crate) async fn run(pool: PgPool, store: Arc<dyn Store>, config: RelayConfig) {
+///
+/// `listen_pool` is a pool of its own (one connection) for the `LISTEN` connection, which a `PgListener`
+/// holds for as long as it lives: it must not take a connection of the application's pool.
+pub(crate) async fn run(
+    pool: PgPool,
+    listen_pool: PgPool,
+    store: Arc<dyn Store>,
+    config: RelayConfig,
+) {
     let mut listener = None;
     let mut tick = tokio::time::interval(config.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if listener.is_none() {
-            listener = listen(&pool).await;
+            listener = listen(&listen_pool).await;
         }
         if let Err(error) = sweep(&pool, store.as_ref(), &config).await {
             tracing::warn!(%error, "cache invalidation relay: sweep failed; retrying at the next tick");

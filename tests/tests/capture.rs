@@ -594,6 +594,7 @@ async fn two_concurrent_transactions_writing_the_same_row() {
         .await
         .unwrap();
     let pool = env.pool.clone();
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
     let second = tokio::spawn(async move {
         let mut tx = pool.begin().await.unwrap();
         // Blocks on the row lock until `first` commits.
@@ -601,12 +602,16 @@ async fn two_concurrent_transactions_writing_the_same_row() {
             .execute(&mut tx)
             .await
             .unwrap();
+        wait.await.unwrap();
         tx.commit().await.unwrap();
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!second.is_finished());
+    assert!(env.store.calls().is_empty());
     first.commit().await.unwrap();
-    // A reader refills the key between the two commits; the second commit must invalidate it again.
+    env.assert_gone(&["product:2", "category:1:products"]).await;
+    // A reader refills the keys between the two commits; the second commit invalidates them again.
+    env.seed().await;
+    go.send(()).unwrap();
     second.await.unwrap();
     let calls = env.store.calls();
     assert_eq!(calls.len(), 2);
