@@ -566,9 +566,24 @@ CREATE OR REPLACE FUNCTION cache_invalidation.render_bool(v boolean) RETURNS tex
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT {bool} $fn$;
 
 CREATE OR REPLACE FUNCTION cache_invalidation.transaction_keys() RETURNS TABLE (id bigint, keys text[])
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  SELECT o.id, o.keys FROM cache_invalidation.outbox o
-  WHERE o.txid = pg_current_xact_id_if_assigned() ORDER BY o.id
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  r record;
+  last bigint;
+BEGIN
+  FOR r IN SELECT o.id, o.keys FROM cache_invalidation.outbox o
+           WHERE o.txid = pg_current_xact_id_if_assigned() ORDER BY o.id LOOP
+    id := r.id;
+    keys := r.keys;
+    last := r.id;
+    RETURN NEXT;
+  END LOOP;
+  -- These rows are delivered by the commit: later autocommit statements of the session skip them
+  -- (the setting rolls back with the transaction).
+  IF last IS NOT NULL THEN
+    PERFORM set_config('cache_invalidation.seen', last::text, false);
+  END IF;
+END
 $fn$;
 CREATE OR REPLACE FUNCTION cache_invalidation.session_keys() RETURNS TABLE (id bigint, keys text[])
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$

@@ -1128,3 +1128,43 @@ async fn a_store_outage_after_commit_is_not_an_error_and_the_relay_catches_up() 
     );
     pool.close().await;
 }
+
+#[tokio::test]
+async fn each_write_is_delivered_once_on_a_shared_connection() {
+    // One connection: the transaction and the autocommit statements run on the same backend.
+    let env = Env::with("once", |o| {
+        o.pool_options(PgPoolOptions::new().max_connections(1))
+    })
+    .await;
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE products SET price_cents = 1 WHERE id = 1")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE products SET price_cents = 1 WHERE id = 4")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM reviews WHERE id = 3")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        env.store.calls(),
+        [
+            vec!["category:1:products", "product:1"],
+            vec!["category:2:products", "product:4"],
+            vec!["product:2:reviews", "review:3"],
+        ]
+    );
+    env.assert_gone(&[
+        "product:1",
+        "category:1:products",
+        "product:4",
+        "category:2:products",
+        "review:3",
+        "product:2:reviews",
+    ])
+    .await;
+}
