@@ -1168,3 +1168,25 @@ async fn each_write_is_delivered_once_on_a_shared_connection() {
     ])
     .await;
 }
+
+#[tokio::test]
+async fn write_detection_always_makes_writing_functions_synchronous() {
+    let env = Env::with("always", |o| {
+        o.write_detection(cache_runtime::WriteDetection::Always)
+    })
+    .await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION reprice(p bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+         BEGIN UPDATE products SET price_cents = 1 WHERE id = p; RETURN p; END $$",
+    )
+    .execute(&env.admin)
+    .await
+    .unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT reprice(5)")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(id, 5);
+    // Delivered before the call returned (the relay's grace period is 2 s).
+    env.assert_gone(&["product:5", "category:2:products"]).await;
+}
