@@ -30,6 +30,11 @@
 //! replaces the triggers of a previous install (triggers of tables no longer registered are dropped). The same
 //! SQL can be applied by a migration tool (`sqlx migrate`): write [`Schema::sql`] into a migration file, and
 //! generate a new one whenever the fingerprint changes.
+//!
+//! Requires PostgreSQL 13 or later (`xid8`, `pg_current_xact_id`); `MERGE` needs 15.
+//!
+//! Renaming or dropping a placeholder column after the install makes writes to the table fail (the capture
+//! function no longer compiles against it) until the triggers are re-installed: loud, never silently stale.
 
 use std::fmt::Write as _;
 
