@@ -203,7 +203,8 @@ impl CachedPoolOptions {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] when the database cannot be reached; [`Error::NotInstalled`],
+    /// [`Error::Registry`] when entities contradict each other; [`Error::Database`] when the database cannot
+    /// be reached; [`Error::NotInstalled`],
     /// [`Error::FingerprintMismatch`] or [`Error::SchemaVersionMismatch`] when the installed triggers do not
     /// match this build (saying what to run); the errors of [`Schema::install`] when installing.
     ///
@@ -216,6 +217,7 @@ impl CachedPoolOptions {
         store: impl Store,
     ) -> Result<CachedPool, Error> {
         let registry = self.registry.unwrap_or_else(|| registry().clone());
+        registry.validate()?;
         let options = options.options([(WRAPPED_SETTING, "on")]);
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
