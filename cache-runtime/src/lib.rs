@@ -1,19 +1,23 @@
 #![doc = include_str!("../../README.md")]
 
+mod cache;
+pub mod codec;
 mod entity;
+mod flight;
 mod key;
 mod registry;
-mod store;
+pub mod store;
 
+pub use cache::{Cache, CacheBuilder, LoadOptions, Stats};
 pub use cache_derive::{CachedEntity, key};
+pub use codec::CodecError;
 pub use entity::{CachedEntity, Column, EntityMeta};
 pub use key::{
     Key, KeyError, KeyPart, KeyValue, KeyWriter, NULL_RENDERING, PartKind, Segment, Template,
     is_value_char,
 };
 pub use registry::{Registry, RegistryError, registry};
-pub use store::redis::RedisStore;
-pub use store::{BoxFuture, Store, StoreError};
+pub use store::{BoxFuture, MemoryStore, RedisStore, Store, StoreError};
 
 /// Support for generated code; not a public API.
 #[doc(hidden)]
