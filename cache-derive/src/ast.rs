@@ -9,6 +9,8 @@ pub(crate) struct Container<'a> {
     pub(crate) ident: &'a Ident,
     pub(crate) fields: Vec<Field<'a>>,
     pub(crate) attrs: Attrs,
+    /// `false` when the input is not a struct with named fields: placeholders are then not checked.
+    pub(crate) has_fields: bool,
 }
 
 pub(crate) struct Field<'a> {
@@ -49,14 +51,14 @@ impl<'a> Container<'a> {
             },
             Data::Enum(data) => {
                 cx.error_spanned_by(
-                    &data.enum_token,
+                    data.enum_token,
                     "#[derive(CachedEntity)] is for structs that map a table row; an enum is not a row type",
                 );
                 Vec::new()
             }
             Data::Union(data) => {
                 cx.error_spanned_by(
-                    &data.union_token,
+                    data.union_token,
                     "#[derive(CachedEntity)] is for structs that map a table row; a union is not a row type",
                 );
                 Vec::new()
@@ -69,10 +71,13 @@ impl<'a> Container<'a> {
                  one set of templates; derive it on a concrete struct",
             );
         }
+        let has_fields =
+            matches!(&input.data, Data::Struct(d) if matches!(d.fields, Fields::Named(_)));
         Self {
             ident: &input.ident,
             fields,
             attrs,
+            has_fields,
         }
     }
 

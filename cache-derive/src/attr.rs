@@ -1,7 +1,5 @@
 //! Parses `#[cached_entity(...)]` and the `#[sqlx(rename = "…")]` of fields.
 
-use proc_macro2::Span;
-use syn::spanned::Spanned as _;
 use syn::{Attribute, LitStr, Token, punctuated::Punctuated};
 
 use crate::ctxt::Ctxt;
@@ -15,7 +13,7 @@ pub(crate) struct Attrs {
     pub(crate) depends: Vec<LitStr>,
     pub(crate) ttl: Option<LitStr>,
     /// Where to point when something is missing: the first `#[cached_entity]`, if any.
-    pub(crate) span: Option<Span>,
+    pub(crate) first: Option<Attribute>,
 }
 
 impl Attrs {
@@ -26,7 +24,7 @@ impl Attrs {
             .iter()
             .filter(|a| a.path().is_ident(symbol::CACHED_ENTITY))
         {
-            out.span.get_or_insert(attr.span());
+            out.first.get_or_insert_with(|| attr.clone());
             let result = attr.parse_nested_meta(|meta| {
                 let name = meta.path.get_ident().map(ToString::to_string).unwrap_or_default();
                 if !symbol::ALL.contains(&name.as_str()) {

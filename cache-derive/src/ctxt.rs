@@ -3,7 +3,7 @@
 
 use std::fmt::Display;
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::TokenStream;
 use quote::ToTokens;
 
 #[derive(Default)]
@@ -14,10 +14,6 @@ pub(crate) struct Ctxt {
 impl Ctxt {
     pub(crate) fn error_spanned_by<T: ToTokens, M: Display>(&mut self, tokens: T, message: M) {
         self.errors.push(syn::Error::new_spanned(tokens, message));
-    }
-
-    pub(crate) fn error_at<M: Display>(&mut self, span: Span, message: M) {
-        self.errors.push(syn::Error::new(span, message));
     }
 
     pub(crate) fn syn_error(&mut self, error: syn::Error) {

@@ -16,7 +16,7 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     match valid::check(&mut cx, &cont) {
         Some(checked) if !cx.has_errors() => expand(&cont, &checked),
         _ => {
-            let stub = fallback::stub(&input.ident);
+            let stub = fallback::stub(&input.ident, &input.generics);
             let errors = cx.into_compile_errors();
             quote!(#errors #stub)
         }
@@ -41,16 +41,20 @@ pub(crate) fn render_tokens(
     value: impl Fn(&str) -> TokenStream,
 ) -> TokenStream {
     let steps = t.segments.iter().map(|s| match s {
-        Segment::Lit(text) => quote!(__builder.lit(#text);),
+        Segment::Lit(text) => quote!(.lit(#text)),
         Segment::Placeholder(name) => {
             let v = value(name);
-            quote!(__builder.part(#v);)
+            let span = v
+                .clone()
+                .into_iter()
+                .next()
+                .map_or_else(proc_macro2::Span::call_site, |t| t.span());
+            quote_spanned!(span=> .part(#v))
         }
     });
+    // A method chain, no `let`: no local name can clash with the user's items.
     quote!({
-        let mut __builder = ::cache_runtime::__private::KeyBuilder::new(#template);
-        #(#steps)*
-        __builder.finish()
+        ::cache_runtime::__private::KeyBuilder::new(#template) #(#steps)* .finish()
     })
 }
 
@@ -83,9 +87,13 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
         quote!(::cache_runtime::Column { field: #field, column: #column, kind: #kind })
     });
 
-    let self_value = |name: &str| {
-        let field = cont.field(name).map(|f| f.ident);
-        quote!(&self.#field)
+    // Spanned on the field's type, so a type without a key rendering is reported once, there.
+    let self_value = |name: &str| match cont.field(name) {
+        Some(f) => {
+            let id = f.ident;
+            quote_spanned!(f.ty.span()=> &self.#id)
+        }
+        None => quote!(),
     };
     let render_key = render_tokens(&checked.key, &quote!(&__KEY), self_value);
     let render_deps = checked

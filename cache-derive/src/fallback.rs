@@ -4,12 +4,13 @@
 use proc_macro2::TokenStream;
 use quote::quote;
 
-pub(crate) fn stub(ident: &syn::Ident) -> TokenStream {
+pub(crate) fn stub(ident: &syn::Ident, generics: &syn::Generics) -> TokenStream {
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     quote! {
         #[allow(unreachable_code, clippy::all)]
         const _: () = {
             #[automatically_derived]
-            impl ::cache_runtime::CachedEntity for #ident {
+            impl #impl_generics ::cache_runtime::CachedEntity for #ident #ty_generics #where_clause {
                 const META: &'static ::cache_runtime::EntityMeta = ::cache_runtime::__private::FALLBACK_META;
                 fn cache_key(&self) -> ::cache_runtime::Key {
                     ::core::unreachable!()

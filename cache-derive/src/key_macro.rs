@@ -3,16 +3,20 @@
 
 use proc_macro2::{Literal, TokenStream};
 use quote::{quote, quote_spanned};
+use syn::ext::IdentExt as _;
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, Ident, LitStr, Token};
 
+use crate::ast::unraw;
 use crate::attr::closest;
 use crate::ctxt::Ctxt;
 use crate::expand::{render_tokens, template_tokens};
 use crate::{template, valid};
 
 struct Input {
+    /// `Entity =>`: which entity's declaration to check, when several declare the identical template.
+    entity: Option<syn::Path>,
     template: LitStr,
     args: Vec<Arg>,
 }
@@ -25,6 +29,13 @@ struct Arg {
 
 impl Parse for Input {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let entity = if input.peek(LitStr) {
+            None
+        } else {
+            let path = input.parse()?;
+            input.parse::<Token![=>]>()?;
+            Some(path)
+        };
         let template: LitStr = input.parse()?;
         let mut args = Vec::new();
         if input.parse::<Option<Token![,]>>()?.is_some() {
@@ -32,13 +43,17 @@ impl Parse for Input {
                 args.push(arg);
             }
         }
-        Ok(Self { template, args })
+        Ok(Self {
+            entity,
+            template,
+            args,
+        })
     }
 }
 
 impl Parse for Arg {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
-        let name: Ident = input.parse()?;
+        let name = Ident::parse_any(input)?;
         let value = if input.parse::<Option<Token![=]>>()?.is_some() {
             input.parse()?
         } else {
@@ -52,7 +67,9 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
     let input: Input = match syn::parse2(input) {
         Ok(input) => input,
         Err(e) => {
-            let message = format!("{e}; expected key!(\"prefix:<field>\", field = value, ...)");
+            let message = format!(
+                "{e}; expected key!(\"prefix:<field>\", field = value, ...) or key!(Entity => \"prefix:<field>\", ...)"
+            );
             return syn::Error::new(e.span(), message).to_compile_error();
         }
     };
@@ -66,7 +83,7 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
     };
     let placeholders: Vec<&str> = parsed.placeholders().collect();
     for (i, arg) in input.args.iter().enumerate() {
-        let name = arg.name.to_string();
+        let name = unraw(&arg.name);
         if input.args[..i].iter().any(|a| a.name == arg.name) {
             cx.error_spanned_by(
                 &arg.name,
@@ -86,7 +103,7 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
         }
     }
     for name in &placeholders {
-        if !input.args.iter().any(|a| a.name == name) {
+        if !input.args.iter().any(|a| unraw(&a.name) == *name) {
             cx.error_spanned_by(
                 &input.template,
                 format!(
@@ -97,33 +114,36 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
         }
     }
     if cx.has_errors() {
-        return cx.into_compile_errors();
+        return errors_as_expr(cx);
     }
 
     let id = Literal::u64_suffixed(parsed.id());
     let span = input.template.span();
+    let entity = input
+        .entity
+        .as_ref()
+        .map_or_else(|| quote!(_), |path| quote!(#path));
     let check = quote_spanned! {span=>
-        const _: () = ::cache_runtime::__private::declared::<::cache_runtime::__private::TemplateId<#id>, _>();
+        const _: () = ::cache_runtime::__private::declared::<::cache_runtime::__private::TemplateId<#id>, #entity>();
     };
     let template = template_tokens(&parsed);
-    let bindings = input.args.iter().enumerate().map(|(i, a)| {
-        let var = quote::format_ident!("__v{}", i);
-        let value = &a.value;
-        quote!(let #var = #value;)
-    });
     let render = render_tokens(&parsed, &quote!(&__TEMPLATE), |name| {
-        let i = input
+        let value = input
             .args
             .iter()
-            .position(|a| a.name == name)
-            .unwrap_or_default();
-        let var = quote::format_ident!("__v{}", i);
-        quote!(&#var)
+            .find(|a| unraw(&a.name) == name)
+            .map(|a| &a.value);
+        quote!(&(#value))
     });
     quote! {{
         #check
         static __TEMPLATE: ::cache_runtime::Template = #template;
-        #(#bindings)*
         #render
     }}
+}
+
+/// The errors, as an expression of type `Key`, so that the call site type-checks and no error cascades.
+fn errors_as_expr(cx: Ctxt) -> TokenStream {
+    let errors = cx.into_compile_errors();
+    quote!({ #errors ::cache_runtime::__private::fallback_key() })
 }

@@ -55,14 +55,14 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
             parsed
         }
         None => {
-            let span = attrs.span.unwrap_or_else(|| cont.ident.span());
-            cx.error_at(
-                span,
-                format!(
-                    "missing `key`: add #[cached_entity(key = \"{}:<id>\")] naming the fields that identify a row",
-                    table.trim_end_matches('s')
-                ),
+            let message = format!(
+                "missing `key`: add #[cached_entity(key = \"{}:<id>\")] naming the fields that identify a row",
+                table.trim_end_matches('s')
             );
+            match &attrs.first {
+                Some(attr) => cx.error_spanned_by(attr, message),
+                None => cx.error_spanned_by(cont.ident, message),
+            }
             None
         }
     };
@@ -132,7 +132,7 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
 fn parse_template(cx: &mut Ctxt, cont: &Container<'_>, lit: &LitStr) -> Option<Template> {
     let parsed = report(cx, lit, template::parse(&lit.value()))?;
     let mut ok = true;
-    for name in parsed.placeholders() {
+    for name in parsed.placeholders().filter(|_| cont.has_fields) {
         if cont.field(name).is_none() {
             ok = false;
             let fields: Vec<String> = cont.fields.iter().map(|f| unraw(f.ident)).collect();

@@ -1,32 +1,11 @@
 //! Cache keys: templates, placeholder values and the one canonical rendering.
 //!
-//! # The rendering rule
-//!
-//! A template is literal text with `<field>` placeholders, for example `category:<category_id>:products`.
-//! A key is the template with every placeholder replaced by the rendering of its value:
-//!
-//! | value | rendering |
-//! |---|---|
-//! | integer (`i8`…`i64`, `u8`…`u64`) | decimal, `-` for negatives: `42`, `-7` |
-//! | `bool` | `true` / `false` |
-//! | text (`String`, `&str`, UUID) | every UTF-8 byte outside `A-Z a-z 0-9 _ . -` becomes `%XX` (upper-case hex) |
-//! | `None` / SQL `NULL` | `~` |
-//!
-//! UUIDs render as their lower-case hyphenated text (`67e55044-10b1-426f-9247-bb680e5fe0c8`), which the text
-//! rule leaves unchanged.
-//!
-//! A rendered value therefore only ever contains `A-Z a-z 0-9 _ . - % ~`, and the derive requires every
-//! placeholder to be followed by the end of the template or by a literal character outside that set (a
-//! *separator*, such as `:`). So no value can reach into the literal text of its template: a key parses back to
-//! exactly one tuple of values ([`Template::parse`]), and distinct values render distinct keys. A value such as
-//! `"admin:secret"` renders as `admin%3Asecret` and cannot impersonate another key.
-//!
-//! The database triggers render keys with the same rule in SQL, byte for byte.
+//! The rendering rule is documented on [`Key`].
 
 use std::borrow::Cow;
 use std::fmt;
 
-/// The kind of a placeholder value, which decides how it renders (see the [module docs](self)).
+/// The kind of a placeholder value, which decides how it renders (see [`Key`] for the rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PartKind {
     /// Integers: decimal.
@@ -138,18 +117,17 @@ impl Template {
                 found: values.len(),
             });
         }
-        let mut builder = KeyBuilder::new(self);
         let mut values = values.iter();
-        for segment in self.segments {
-            match segment {
-                Segment::Lit(text) => builder.lit(text),
-                Segment::Placeholder(_) => {
-                    if let Some(value) = values.next() {
-                        builder.part(value);
-                    }
-                }
-            }
-        }
+        let builder =
+            self.segments
+                .iter()
+                .fold(KeyBuilder::new(self), |b, segment| match segment {
+                    Segment::Lit(text) => b.lit(text),
+                    Segment::Placeholder(_) => match values.next() {
+                        Some(value) => b.part(value),
+                        None => b,
+                    },
+                });
         Ok(builder.finish())
     }
 
@@ -236,6 +214,29 @@ pub const NULL_RENDERING: &str = "~";
 
 /// A rendered cache key, together with the template it was rendered from.
 ///
+/// # Rendering
+///
+/// A template is literal text with `<field>` placeholders, for example `category:<category_id>:products`.
+/// A key is the template with every placeholder replaced by the rendering of its value:
+///
+/// | value | rendering |
+/// |---|---|
+/// | integer (`i8`…`i64`, `u8`…`u64`) | decimal, `-` for negatives: `42`, `-7` |
+/// | `bool` | `true` / `false` |
+/// | text (`String`, `&str`, UUID) | every UTF-8 byte outside `A-Z a-z 0-9 _ . -` becomes `%XX` (upper-case hex) |
+/// | `None` / SQL `NULL` | `~` |
+///
+/// UUIDs render as their lower-case hyphenated text (`67e55044-10b1-426f-9247-bb680e5fe0c8`), which the text
+/// rule leaves unchanged.
+///
+/// A rendered value therefore only ever contains `A-Z a-z 0-9 _ . - % ~`, and the derive requires every
+/// placeholder to be followed by the end of the template or by a literal character outside that set (a
+/// *separator*, such as `:`). So no value can reach into the literal text of its template: a key parses back to
+/// exactly one tuple of values ([`Template::parse`]), and distinct values render distinct keys. A value such as
+/// `"admin:secret"` renders as `admin%3Asecret` and cannot impersonate another key.
+///
+/// The database triggers render keys with the same rule in SQL, byte for byte.
+///
 /// Build one with the `key!` macro (checked at compile time against the declared templates), with
 /// [`CachedEntity::cache_key`](crate::CachedEntity::cache_key), or with [`Template::render`].
 ///
@@ -308,15 +309,19 @@ impl KeyBuilder {
     }
 
     #[doc(hidden)]
-    pub fn lit(&mut self, text: &str) {
+    #[must_use]
+    pub fn lit(mut self, text: &str) -> Self {
         self.text.push_str(text);
+        self
     }
 
     #[doc(hidden)]
-    pub fn part<P: KeyPart + ?Sized>(&mut self, value: &P) {
+    #[must_use]
+    pub fn part<P: KeyPart + ?Sized>(mut self, value: &P) -> Self {
         value.write_key_part(KeyWriter {
             out: &mut self.text,
         });
+        self
     }
 
     #[doc(hidden)]

@@ -8,8 +8,81 @@ mod key;
 mod registry;
 pub mod store;
 
+/// Derives [`CachedEntity`](trait@CachedEntity) for a struct that maps a table row.
+///
+/// ```text
+/// #[cached_entity(
+///     table = "products",                            // optional: snake_case struct name + "s"
+///     key = "product:<id>",                          // required: the row's own key
+///     depends = ["category:<category_id>:products"], // optional: keys derived from the row
+///     ttl = "10m",                                   // optional (default 1h): ms, s, m, h, d, e.g. "1h30m"
+/// )]
+/// ```
+///
+/// Placeholders name fields of the struct; their column is the field name or its `#[sqlx(rename = "…")]`.
+/// A placeholder's type must implement [`KeyPart`]. Every mistake is a compile error with a span and a
+/// message that says what to do, all of them at once.
+///
+/// Generated: `impl CachedEntity` (static [`EntityMeta`], `cache_key`, `cache_keys`), an inherent
+/// `cache_key_for(&field, …) -> Key` taking the key's placeholder values in order, the declarations `key!`
+/// checks, and the registration in [`registry()`].
+///
+/// # Examples
+///
+/// ```
+/// use cache_runtime::CachedEntity;
+///
+/// #[derive(CachedEntity)]
+/// #[cached_entity(key = "order:<id>", depends = ["customer:<customer_id>:orders"], ttl = "5m")]
+/// struct Order {
+///     id: i64,
+///     customer_id: i64,
+///     total_cents: i64,
+/// }
+///
+/// assert_eq!(Order::META.table, "orders");
+/// assert_eq!(Order::cache_key_for(&9).as_str(), "order:9");
+/// ```
+pub use cache_derive::CachedEntity;
+
 pub use cache::{Cache, CacheBuilder, LoadOptions, Stats};
-pub use cache_derive::{CachedEntity, key};
+/// Renders a [`Key`] from a template that some `#[derive(CachedEntity)]` declares.
+///
+/// `key!("template", name = value, …)`: every placeholder gets exactly one value (`name` alone means
+/// `name = name`); values are evaluated once, in template order, and rendered with [`KeyPart`]. It is a
+/// compile error when a value is missing, unknown or repeated, when the template is malformed, and when no
+/// entity in the build (this crate or any dependency) declares the template as its `key` or in `depends`:
+/// a key nobody declares is a key no write would ever invalidate.
+///
+/// When two entities declare the identical template text, name the one to check:
+/// `key!(Product => "template", …)` (without it, the compiler reports "type annotations needed").
+///
+/// # Examples
+///
+/// ```
+/// use cache_runtime::{CachedEntity, key};
+///
+/// #[derive(CachedEntity)]
+/// #[cached_entity(key = "product:<id>", depends = ["category:<category_id>:products"])]
+/// struct Product {
+///     id: i64,
+///     category_id: i64,
+/// }
+///
+/// let category_id = 5;
+/// assert_eq!(key!("category:<category_id>:products", category_id).as_str(), "category:5:products");
+/// assert_eq!(key!(Product => "product:<id>", id = 7).as_str(), "product:7");
+/// ```
+///
+/// ```compile_fail
+/// # use cache_runtime::{CachedEntity, key};
+/// # #[derive(CachedEntity)]
+/// # #[cached_entity(key = "product:<id>")]
+/// # struct Product { id: i64 }
+/// // Declared nowhere: "products" vs "product".
+/// let k = key!("products:<id>", id = 7);
+/// ```
+pub use cache_derive::key;
 pub use codec::CodecError;
 pub use entity::{CachedEntity, Column, EntityMeta};
 pub use key::{
@@ -52,6 +125,10 @@ pub mod __private {
         ttl: core::time::Duration::from_secs(1),
         columns: &[],
     };
+    /// The value of a `key!` that failed to compile; never reached at run time.
+    pub fn fallback_key() -> crate::Key {
+        KeyBuilder::new(&FALLBACK_TEMPLATE).finish()
+    }
     static FALLBACK_TEMPLATE: crate::Template = crate::Template::__new("", "", &[]);
 
     /// The kind of a placeholder's type, at compile time (used by the derive).

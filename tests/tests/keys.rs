@@ -1,0 +1,146 @@
+//! The derive and `key!` across crates: the entities live in the `tests` library crate, the reads here.
+
+use cache_runtime::{CachedEntity, KeyValue, PartKind, Segment, key, registry};
+use tests::model::{Category, Product, User};
+
+#[test]
+fn read_side_keys_match_what_writes_invalidate() {
+    let p = Product {
+        id: 7,
+        category_id: 3,
+        name: "lamp".into(),
+        price_cents: 100,
+    };
+    let written: Vec<String> = p
+        .cache_keys()
+        .into_iter()
+        .map(|k| k.into_string())
+        .collect();
+    assert_eq!(written, ["product:7", "category:3:products"]);
+
+    // Read sites in another crate render the same keys, from templates checked at compile time.
+    assert_eq!(key!("product:<id>", id = 7).as_str(), written[0]);
+    let category_id = 3;
+    assert_eq!(
+        key!("category:<category_id>:products", category_id).as_str(),
+        written[1]
+    );
+    // Category declares the same shape with another placeholder name: same key.
+    assert_eq!(
+        key!("category:<id>:products", id = 3_i64).as_str(),
+        written[1]
+    );
+    assert_eq!(Product::cache_key_for(&7), p.cache_key());
+}
+
+#[test]
+fn text_bool_and_null_placeholders_render_canonically() {
+    let u = User {
+        tenant: "acme corp".into(),
+        handle: "a:b/ü".into(),
+        team_id: None,
+        is_admin: true,
+    };
+    let keys: Vec<String> = u
+        .cache_keys()
+        .into_iter()
+        .map(|k| k.into_string())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "tenant:acme%20corp:user:a%3Ab%2F%C3%BC",
+            "team:~:members",
+            "admins:true"
+        ]
+    );
+    let k = key!(
+        "tenant:<tenant>:user:<handle>",
+        tenant = "acme corp",
+        handle = "a:b/ü"
+    );
+    assert_eq!(k.as_str(), keys[0]);
+    assert_eq!(
+        k.template().parse(k.as_str()),
+        Some(vec![Some("acme corp".into()), Some("a:b/ü".into())])
+    );
+    assert_eq!(
+        key!("team:<team_id>:members", team_id = Some(4)).as_str(),
+        "team:4:members"
+    );
+    // A value that tries to impersonate another user's key stays inside its placeholder.
+    let sneaky = key!(
+        "tenant:<tenant>:user:<handle>",
+        tenant = "x:user:admin",
+        handle = "y"
+    );
+    assert_eq!(sneaky.as_str(), "tenant:x%3Auser%3Aadmin:user:y");
+}
+
+#[test]
+fn metadata_is_static_and_complete() {
+    let meta = User::META;
+    assert_eq!(meta.type_name, "User");
+    assert_eq!(meta.table, "app_users");
+    assert_eq!(meta.ttl.as_secs(), 5400);
+    assert_eq!(
+        meta.key.segments(),
+        &[
+            Segment::Lit("tenant:"),
+            Segment::Placeholder("tenant"),
+            Segment::Lit(":user:"),
+            Segment::Placeholder("handle"),
+        ]
+    );
+    let columns: Vec<_> = meta
+        .columns
+        .iter()
+        .map(|c| (c.field, c.column, c.kind))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("tenant", "tenant", PartKind::Text),
+            ("handle", "handle", PartKind::Text),
+            ("team_id", "team", PartKind::Int),
+            ("is_admin", "is_admin", PartKind::Bool),
+        ]
+    );
+    assert_eq!(
+        Product::META.table,
+        "products",
+        "default table: snake_case + s"
+    );
+    assert_eq!(
+        Category::META.depends[0].shape(),
+        Product::META.depends[0].shape()
+    );
+}
+
+#[test]
+fn the_registry_lists_every_entity_and_validates() {
+    let tables: Vec<_> = registry().entities().iter().map(|e| e.table).collect();
+    assert_eq!(tables, ["app_users", "categories", "products"]);
+    registry()
+        .validate()
+        .expect("the shared model is consistent");
+    assert_eq!(registry().fingerprint(), registry().fingerprint());
+    assert_eq!(registry().fingerprint().len(), 16);
+}
+
+#[test]
+fn dynamic_rendering_matches_generated_code() {
+    let key = Product::META
+        .key
+        .render(&[KeyValue::Int(-12)])
+        .expect("one placeholder");
+    assert_eq!(key, Product::cache_key_for(&-12));
+}
+
+#[test]
+fn uuids_render_as_lowercase_hyphenated_text() {
+    let id = uuid::Uuid::from_u128(0x67E5_5044_10B1_426F_9247_BB68_0E5F_E0C8);
+    let k = key!("product:<id>", id = id);
+    assert_eq!(k.as_str(), "product:67e55044-10b1-426f-9247-bb680e5fe0c8");
+    assert_eq!(<uuid::Uuid as cache_runtime::KeyPart>::KIND, PartKind::Text);
+}

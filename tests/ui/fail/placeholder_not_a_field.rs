@@ -1,0 +1,10 @@
+use cache_runtime::CachedEntity;
+
+#[derive(CachedEntity)]
+#[cached_entity(key = "product:<id>", depends = ["category:<catgory_id>:products"])]
+struct Product {
+    id: i64,
+    category_id: i64,
+}
+
+fn main() {}

@@ -1,0 +1,7 @@
+use cache_runtime::CachedEntity;
+
+#[derive(CachedEntity)]
+#[cached_entity(key = "id:<id>")]
+struct Id(i64);
+
+fn main() {}
