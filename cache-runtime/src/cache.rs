@@ -399,7 +399,7 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
-        self.get_or_load_with(key, &LoadOptions::default(), loader)
+        self.get_or_load_with(key, LoadOptions::default(), loader)
             .await
     }
 
@@ -415,7 +415,7 @@ impl Cache {
     pub async fn get_or_load_with<V, E, F, Fut>(
         &self,
         key: Key,
-        options: &LoadOptions,
+        options: LoadOptions,
         loader: F,
     ) -> Result<V, Arc<E>>
     where
@@ -424,7 +424,7 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
-        self.read(key, options, || async move {
+        self.read(key, &options, || async move {
             loader().await.map(|v| (v, Vec::new()))
         })
         .await
@@ -460,7 +460,7 @@ impl Cache {
     /// # async fn main() -> Result<(), std::sync::Arc<std::io::Error>> {
     /// let cache = Cache::new(MemoryStore::default());
     /// let page: String = cache
-    ///     .get_or_load_tagged(key!("article:<id>:page", id = 5), &LoadOptions::new(), || async {
+    ///     .get_or_load_tagged(key!("article:<id>:page", id = 5), LoadOptions::new(), || async {
     ///         let author_id = 3; // found by the query
     ///         Ok::<_, std::io::Error>(("by Ada".to_owned(), vec![key!("user:<id>", id = author_id)]))
     ///     })
@@ -470,7 +470,7 @@ impl Cache {
     pub async fn get_or_load_tagged<V, E, F, Fut>(
         &self,
         key: Key,
-        options: &LoadOptions,
+        options: LoadOptions,
         loader: F,
     ) -> Result<V, Arc<E>>
     where
@@ -479,7 +479,7 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(V, Vec<Key>), E>>,
     {
-        self.read(key, options, loader).await
+        self.read(key, &options, loader).await
     }
 
     /// Reads the entity `T` stored under its own key, loading it with `loader` on a miss; the entry lives
@@ -525,7 +525,7 @@ impl Cache {
             );
         }
         let options = LoadOptions::new().ttl(T::META.ttl);
-        self.get_or_load_with(key, &options, loader).await
+        self.get_or_load_with(key, options, loader).await
     }
 
     /// The TTL of entries under `key` when the call does not set one.
@@ -580,7 +580,16 @@ impl Cache {
             }
         };
         if let Some(previous) = after {
-            flight::wait(previous).await;
+            // A load that failed while this reader waited fails it too (errors carry no staleness; values
+            // do, so a value is never taken from a flight joined too late).
+            if let Some(Outcome::Error(error)) = flight::wait(previous).await
+                && let Some(e) = error.downcast_ref::<Arc<E>>()
+            {
+                let e = Arc::clone(e);
+                leader.complete(Outcome::Error(error));
+                bump(&self.inner.stats.coalesced);
+                return Err(e);
+            }
         }
         leader.pass();
         let (result, outcome) = self.lead(&key, options, loader).await;
