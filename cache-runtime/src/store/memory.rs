@@ -132,11 +132,16 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
+        // Through the per-key lock (not `Cache::invalidate`, which does not serialize with
+        // `and_compute_with`), so that a fill's compare-and-set and an invalidation are ordered.
+        let remove = |slot: String| {
+            self.slots.entry(slot).and_compute_with(|_| Op::Remove);
+        };
         for key in keys {
             if !is_shape(key) {
-                self.slots.invalidate(key.as_str());
+                remove(key.clone());
             }
-            self.slots.invalidate(&tag_slot(key));
+            remove(tag_slot(key));
         }
         Box::pin(std::future::ready(Ok(())))
     }
