@@ -637,6 +637,35 @@ impl Cache {
         let token = nonce();
         let deadline = Instant::now() + config.lease_wait;
         let mut replace: Option<Vec<u8>> = None;
+        // The hit path: a read-only round trip.
+        match store.peek(key.as_str(), &pre).await {
+            Ok(peek) => {
+                if let Some(bytes) = peek.value {
+                    let current: Vec<Option<&str>> = peek
+                        .tags
+                        .iter()
+                        .map(|t| t.as_ref().map(|t| t.id.as_str()))
+                        .collect();
+                    match self.check::<V>(&bytes, &pre, &current).await {
+                        Hit::Valid(value, payload) => {
+                            bump(&stats.hits);
+                            return (Ok(value), Outcome::Value(payload));
+                        }
+                        Hit::Stale => bump(&stats.stale),
+                        Hit::Undecodable => {
+                            bump(&stats.undecodable);
+                            tracing::warn!(key = %key, "undecodable cache entry; replacing it");
+                        }
+                        Hit::StoreFailed => return self.load_unstored(loader).await,
+                    }
+                    replace = Some(bytes);
+                }
+            }
+            Err(e) => {
+                self.store_failed("peek", &e);
+                return self.load_unstored(loader).await;
+            }
+        }
         let mut backoff = Duration::from_millis(1);
         let mut waited = false;
         let (started, pre_tokens) = loop {
@@ -655,7 +684,9 @@ impl Cache {
             match lookup.slot {
                 Slot::Acquired { started } => break (started, lookup.tags),
                 Slot::Value(bytes) => {
-                    match self.check::<V>(&bytes, &pre, &lookup.tags).await {
+                    let current: Vec<Option<&str>> =
+                        lookup.tags.iter().map(|t| Some(t.id.as_str())).collect();
+                    match self.check::<V>(&bytes, &pre, &current).await {
                         Hit::Valid(value, payload) => {
                             bump(&stats.hits);
                             return (Ok(value), Outcome::Value(payload));
@@ -802,7 +833,7 @@ impl Cache {
         &self,
         bytes: &[u8],
         pre: &[String],
-        pre_tokens: &[TagToken],
+        pre_tokens: &[Option<&str>],
     ) -> Hit<V> {
         let Some(envelope) = codec::open(bytes) else {
             return Hit::Undecodable;
@@ -819,7 +850,7 @@ impl Cache {
         for (name, recorded) in &envelope.tags {
             match pre.iter().position(|p| p == name) {
                 Some(i) => {
-                    if pre_tokens.get(i).map(|t| t.id.as_str()) != Some(*recorded) {
+                    if pre_tokens.get(i).copied().flatten() != Some(*recorded) {
                         return Hit::Stale;
                     }
                 }

@@ -66,6 +66,18 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError`] when the backend cannot be reached; nothing is known to be invalidated then.
     fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Reads the value slot of `key` (an entry; `None` when empty or leased) and the current tag tokens of
+    /// `tags` (`None` when missing), in one round trip, changing nothing: the hit path.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend cannot be reached or answers unexpectedly.
+    fn peek<'a>(
+        &'a self,
+        key: &'a str,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Peek, StoreError>>;
+
     /// Reads the value slot of `key`; when it is empty (or holds exactly `lease.replace`), takes the lease
     /// for the caller, atomically. In the same round trip, returns the tag tokens of `tags`, creating the
     /// missing ones (with time to live at least `tag_ttl`).
@@ -127,6 +139,15 @@ pub struct LeaseRequest<'a> {
     /// Treat the slot as empty when it holds exactly these bytes (an entry the caller found undecodable or
     /// invalid), so that the lease replaces it atomically.
     pub replace: Option<&'a [u8]>,
+}
+
+/// What [`Store::peek`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peek {
+    /// The bytes in the value slot, unless it is empty or holds a lease.
+    pub value: Option<Vec<u8>>,
+    /// The tag tokens asked for, in order; `None` where a token does not exist.
+    pub tags: Vec<Option<TagToken>>,
 }
 
 /// What [`Store::lookup`] found.

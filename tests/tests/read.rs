@@ -475,7 +475,7 @@ async fn stampede_across_four_handles_loads_once(env: &Env) {
     let loads = calls.load(Ordering::SeqCst);
     let waits: u64 = caches.iter().map(|c| c.stats().lease_waits).sum();
     eprintln!(
-        "stampede ({}): 1000 concurrent cold reads over 4 handles (separate connections) -> \
+        "stampede ({}): 1000 concurrent cold reads over 4 handles (Redis: separate connections) -> \
          {loads} loader call(s), {waits} lease wait(s)",
         kind(env)
     );

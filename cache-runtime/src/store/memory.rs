@@ -14,7 +14,7 @@ use moka::ops::compute::Op;
 use moka::sync::Cache as Moka;
 
 use super::{
-    BoxFuture, LeaseRequest, Lookup, Slot, Store, StoreError, TagToken, is_shape, tag_slot,
+    BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, tag_slot,
 };
 
 #[derive(Debug, Clone)]
@@ -144,6 +144,19 @@ impl Store for MemoryStore {
             remove(tag_slot(key));
         }
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn peek<'a>(
+        &'a self,
+        key: &'a str,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Peek, StoreError>> {
+        let value = match self.slots.get(key).map(|e| e.held) {
+            Some(Held::Value(v)) => Some(v.to_vec()),
+            _ => None,
+        };
+        let tags = tags.iter().map(|t| self.tag(t, None)).collect();
+        Box::pin(std::future::ready(Ok(Peek { value, tags })))
     }
 
     fn lookup<'a>(

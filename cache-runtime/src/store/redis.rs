@@ -12,7 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Pipeline, Script, ServerErrorKind, Value};
 
 use super::{
-    BoxFuture, LeaseRequest, Lookup, Slot, Store, StoreError, TagToken, is_shape, tag_slot,
+    BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, tag_slot,
 };
 
 /// The marker that starts a lease in a value slot. Entries start with a different byte.
@@ -288,6 +288,32 @@ impl Store for RedisStore {
             let mut conn = self.conn.clone();
             pipe.query_async::<()>(&mut conn).await?;
             Ok(())
+        })
+    }
+
+    fn peek<'a>(
+        &'a self,
+        key: &'a str,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Peek, StoreError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.get(self.redis_key(key));
+            for tag in tags {
+                pipe.get(self.redis_key(&tag_slot(tag)));
+            }
+            let values = self.query(&pipe).await?;
+            let (first, rest) = values
+                .split_first()
+                .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))?;
+            let value = match first {
+                Value::Nil => None,
+                v => bytes(v)
+                    .filter(|b| !b.starts_with(LEASE_MARK))
+                    .map(<[u8]>::to_vec),
+            };
+            let tags = rest.iter().map(parse_token).collect::<Result<_, _>>()?;
+            Ok(Peek { value, tags })
         })
     }
 

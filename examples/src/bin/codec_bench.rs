@@ -46,6 +46,60 @@ fn product(i: i64) -> Product {
     }
 }
 
+/// A row with a JSONB column: needs `deserialize_any`, which only self-describing formats offer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct WithJsonb {
+    id: i64,
+    attributes: serde_json::Value,
+}
+
+/// Whether each codec round-trips a row with a JSONB column.
+fn jsonb_support() -> Vec<(&'static str, bool)> {
+    let row = WithJsonb {
+        id: 1,
+        attributes: serde_json::json!({"color": "white", "watts": 9, "dimmable": true}),
+    };
+    let ok = |r: Option<WithJsonb>| r.as_ref() == Some(&row);
+    vec![
+        (
+            "serde_json",
+            ok(serde_json::to_vec(&row)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())),
+        ),
+        (
+            "bincode2",
+            ok(
+                bincode::serde::encode_to_vec(&row, bincode::config::standard())
+                    .ok()
+                    .and_then(|b| {
+                        bincode::serde::decode_from_slice(&b, bincode::config::standard())
+                            .ok()
+                            .map(|(r, _)| r)
+                    }),
+            ),
+        ),
+        (
+            "postcard",
+            ok(postcard::to_allocvec(&row)
+                .ok()
+                .and_then(|b| postcard::from_bytes(&b).ok())),
+        ),
+        (
+            "rmp-serde",
+            ok(rmp_serde::to_vec(&row)
+                .ok()
+                .and_then(|b| rmp_serde::from_slice(&b).ok())),
+        ),
+        (
+            "rmp-serde(named)",
+            ok(rmp_serde::to_vec_named(&row)
+                .ok()
+                .and_then(|b| rmp_serde::from_slice(&b).ok())),
+        ),
+    ]
+}
+
 type Enc = fn(&Product) -> Vec<u8>;
 type Dec = fn(&[u8]) -> Product;
 
@@ -116,18 +170,25 @@ fn main() {
             dec_t[i].push(start.elapsed() / PER_ROUND as u32);
         }
     }
+    let jsonb = jsonb_support();
     println!(
-        "{:<18} {:>8} {:>12} {:>12} {:>12}",
-        "codec", "bytes", "encode ns", "decode ns", "total ns"
+        "{:<18} {:>8} {:>12} {:>12} {:>12} {:>7}",
+        "codec", "bytes", "encode ns", "decode ns", "total ns", "JSONB"
     );
     let mut rows = Vec::new();
     for (i, (name, enc, _)) in codecs.iter().enumerate() {
         let size = enc(&sample).len();
         let e = median(enc_t[i].clone()).as_nanos();
         let d = median(dec_t[i].clone()).as_nanos();
-        println!("{name:<18} {size:>8} {e:>12} {d:>12} {:>12}", e + d);
+        let json_ok = jsonb.iter().any(|(n, ok)| n == name && *ok);
+        println!(
+            "{name:<18} {size:>8} {e:>12} {d:>12} {:>12} {:>7}",
+            e + d,
+            if json_ok { "yes" } else { "no" }
+        );
         rows.push(serde_json::json!({
             "codec": name, "bytes": size, "encode_ns": e, "decode_ns": d, "total_ns": e + d,
+            "jsonb_round_trip": json_ok,
         }));
     }
     let out = serde_json::json!({ "entity": "Product (12 fields)", "rounds": ROUNDS, "per_round": PER_ROUND, "results": rows });
