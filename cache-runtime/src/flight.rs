@@ -9,6 +9,9 @@
 //! leader passes the point; a reader that finds the newest flight past its point starts the next flight,
 //! which waits for the previous one to end (its value is then in the store) before it reads. A burst of
 //! concurrent misses thus costs one load and at most two store round trips.
+//!
+//! Errors carry no staleness: a flight that starts after a failed one, having waited for it, ends with the
+//! same error instead of loading again, so every reader that waited on a failing load gets its error.
 
 use std::any::Any;
 use std::collections::HashMap;
