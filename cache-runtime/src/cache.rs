@@ -297,6 +297,11 @@ impl Cache {
         Self::builder(store).build()
     }
 
+    /// A cache on a shared store, with default settings (see [`CacheBuilder`]).
+    pub fn shared(store: Arc<dyn Store>) -> Self {
+        Self::builder_shared(store).build()
+    }
+
     /// A builder for a cache on `store`.
     pub fn builder(store: impl Store) -> CacheBuilder {
         Self::builder_shared(Arc::new(store))

@@ -139,6 +139,8 @@ on_both_stores!(
     stampede_across_four_handles_loads_once,
     stale_set_race_cannot_leave_a_stale_value,
     tag_invalidated_during_the_load_cannot_leave_a_stale_value,
+    a_lease_whose_holder_vanished_delays_readers_only_boundedly,
+    get_entity_reads_an_entity_by_its_key,
 );
 
 /// A loader that counts its calls and returns `value`.
@@ -482,6 +484,73 @@ async fn stampede_across_four_handles_loads_once(env: &Env) {
     assert_eq!(loads, 1);
 }
 
+/// A lease taken by a reader that then vanished (crashed process): readers wait at most `lease_wait`, load
+/// without storing, and once the lease expires the key is cached again.
+async fn a_lease_whose_holder_vanished_delays_readers_only_boundedly(env: &Env) {
+    let lease = LeaseRequest {
+        token: "crashed",
+        ttl: Duration::from_millis(600),
+        replace: None,
+    };
+    let got = env
+        .store
+        .lookup("item:12", lease, &[], Duration::from_secs(60))
+        .await
+        .expect("lookup");
+    assert!(matches!(got.slot, Slot::Acquired { .. }));
+    let cache = Cache::builder_shared(Arc::clone(&env.store))
+        .lease_wait(Duration::from_millis(200))
+        .build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    let got = cache
+        .get_or_load(item_key(12), counted(&calls, 1_i64))
+        .await
+        .expect("load");
+    let waited = started.elapsed();
+    assert_eq!(got, 1);
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_millis(550),
+        "waited {waited:?}"
+    );
+    let stats = cache.stats();
+    assert_eq!((stats.lease_timeouts, stats.fills), (1, 0), "{stats:?}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    cache
+        .get_or_load(item_key(12), counted(&calls, 1_i64))
+        .await
+        .expect("load");
+    cache
+        .get_or_load(item_key(12), counted(&calls, 1_i64))
+        .await
+        .expect("load");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "cached again after the lease expired"
+    );
+}
+
+async fn get_entity_reads_an_entity_by_its_key(env: &Env) {
+    let cache = env.cache();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let author = Author {
+        id: 9,
+        name: "Ada".into(),
+    };
+    for _ in 0..2 {
+        let got = cache
+            .get_entity(
+                Author::cache_key_for(&9),
+                counted(&calls, Some(author.clone())),
+            )
+            .await
+            .expect("load");
+        assert_eq!(got.as_ref(), Some(&author));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 // --- the stale-set race, with real Postgres ---------------------------------------------------------
 
 async fn items_db() -> (TestDb, PgPool) {
@@ -713,6 +782,57 @@ async fn naive_cache_aside_leaves_stale_values_in_the_same_races() {
         Some("Leases by old"),
         "naive cache-aside cached the old page"
     );
+}
+
+/// Entries live for their entity's TTL (`item` declares 1m) minus at most 10% jitter, or the per-call TTL;
+/// tag tokens outlive the entries that record them.
+#[tokio::test]
+async fn entries_carry_the_entity_ttl_with_jitter() {
+    let env = Env::redis("ttl").await;
+    let prefix = env.prefix.as_ref().expect("redis");
+    let cache = env.cache();
+    let conn = prefix.conn.clone();
+    let pttl = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .expect("PTTL")
+        }
+    };
+    let mut seen = Vec::new();
+    for id in 0..20 {
+        cache
+            .get_or_load(item_key(100 + id), || async { Ok::<_, std::io::Error>(id) })
+            .await
+            .expect("load");
+        seen.push(pttl(format!("{}item:{}", prefix.prefix, 100 + id)).await);
+    }
+    assert!(
+        seen.iter().all(|&ms| (53_000..=60_000).contains(&ms)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().min() != seen.iter().max(),
+        "jitter spreads expiries: {seen:?}"
+    );
+    let namespace = pttl(format!("{}<tag>item:<>", prefix.prefix)).await;
+    assert!(
+        namespace > 60_000,
+        "the namespace token outlives entries: {namespace}"
+    );
+    cache
+        .get_or_load_with(
+            item_key(200),
+            LoadOptions::new().ttl(Duration::from_secs(5)),
+            || async { Ok::<_, std::io::Error>(0) },
+        )
+        .await
+        .expect("load");
+    let ms = pttl(format!("{}item:200", prefix.prefix)).await;
+    assert!((4_400..=5_000).contains(&ms), "{ms}");
 }
 
 /// Raw garbage SET under the key with a plain Redis client.
