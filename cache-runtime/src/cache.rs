@@ -2,8 +2,10 @@
 //!
 //! # The read protocol
 //!
-//! [`Cache::get_or_load`] reads the key's value slot and, if it is empty, takes a **lease** in the same
-//! atomic step ([`Store::lookup`]). The lease holder runs the loader and stores the result with a
+//! [`Cache::get_or_load`] first reads the key's value slot and the tokens of its tags in one read-only round
+//! trip ([`Store::peek`]); a valid entry is a hit. Otherwise it reads the slot again and, if it is empty (or
+//! still holds the invalid entry), takes a **lease** in the same atomic step ([`Store::lookup`]). The lease
+//! holder runs the loader and stores the result with a
 //! compare-and-set on its lease ([`Store::fill`]). Invalidation deletes the value slot, lease included, so a
 //! fill whose load raced with a write fails: a value loaded before a commit can never be stored after that
 //! commit's invalidation (the stale-set race). Readers that find another reader's lease wait for its value

@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_runtime::{Cache, CachedEntity, MemoryStore, RedisStore, key};
+use cache_runtime::{Cache, CachedEntity, LoadOptions, MemoryStore, RedisStore, key};
 use sqlx::PgPool;
 use tests::checker::{self, Config, Read, Report, Write};
 use tests::{TestDb, TestPrefix};
 
 /// The checker's row.
 #[derive(Debug, Clone, CachedEntity, serde::Serialize, serde::Deserialize)]
-#[cached_entity(table = "items", key = "item:<id>", ttl = "1m")]
+#[cached_entity(table = "items", key = "item:<id>", depends = ["item:<id>:page"], ttl = "1m")]
 struct Item {
     id: i64,
     version: i64,
@@ -36,6 +36,32 @@ fn cached_read(caches: Vec<Cache>, pool: PgPool) -> Read {
                     checker::jitter().await;
                     Ok::<_, sqlx::Error>(version)
                 })
+                .await
+                .map(|version| vec![(id, version)])
+                .unwrap_or_else(|e| panic!("read: {e}"))
+        })
+    })
+}
+
+/// Readers of a page joined from rows `id` and `id + 1` (wrapping), cached with the rows' keys as tags found
+/// by the loader: only the rows' keys are ever invalidated.
+fn page_read(caches: Vec<Cache>, pool: PgPool, rows: i64) -> Read {
+    Arc::new(move |id| {
+        let cache = caches[fastrand::usize(..caches.len())].clone();
+        let pool = pool.clone();
+        Box::pin(async move {
+            let ids = [id, id % rows + 1];
+            cache
+                .get_or_load_tagged(
+                    key!("item:<id>:page", id = id),
+                    LoadOptions::new(),
+                    || async {
+                        let versions = checker::select_versions(&pool, &ids).await?;
+                        checker::jitter().await;
+                        let tags = ids.iter().map(|&id| key!("item:<id>", id = id)).collect();
+                        Ok::<_, sqlx::Error>((versions, tags))
+                    },
+                )
                 .await
                 .unwrap_or_else(|e| panic!("read: {e}"))
         })
@@ -113,6 +139,36 @@ async fn get_or_load_in_process_never_reads_stale() {
     assert_eq!(report.violations, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_joined_values_never_read_stale() {
+    let (_db, pool) = database().await;
+    let prefix = TestPrefix::create("checker_tags").await;
+    let store = RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
+        .await
+        .expect("connect");
+    let redis = Cache::new(store);
+    let memory = Cache::new(MemoryStore::default());
+    for (what, cache) in [("Redis", redis), ("in-process store", memory)] {
+        let caches = vec![cache.clone()];
+        let report = checker::run(
+            Config {
+                duration: Duration::from_millis(1500),
+                ..Config::default()
+            },
+            page_read(caches.clone(), pool.clone(), Config::default().rows),
+            invalidating_write(cache, pool.clone()),
+        )
+        .await;
+        print(
+            &format!("get_or_load_tagged, pages joined from 2 rows, {what}"),
+            report,
+            &caches,
+        );
+        assert!(report.reads > 300 && report.writes > 50, "{report:?}");
+        assert_eq!(report.violations, 0);
+    }
+}
+
 /// Hand-written cache-aside: GET; on a miss SELECT then SET; writers UPDATE then DEL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_naive_cache_aside() {
@@ -130,7 +186,7 @@ async fn the_checker_catches_naive_cache_aside() {
                     .await
                     .expect("GET");
                 if let Some(version) = cached {
-                    return version;
+                    return vec![(id, version)];
                 }
                 let version = checker::select_version(&pool, id).await.expect("SELECT");
                 checker::jitter().await;
@@ -142,7 +198,7 @@ async fn the_checker_catches_naive_cache_aside() {
                     .query_async::<()>(&mut conn)
                     .await
                     .expect("SET");
-                version
+                vec![(id, version)]
             })
         })
     };
