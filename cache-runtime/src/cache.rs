@@ -24,7 +24,8 @@
 //! created before the lease was taken (tokens carry their creation time on the store's clock); otherwise the
 //! tag may have been invalidated during the load and the value is returned but not stored. The first load
 //! that uses a new tag therefore stores nothing; the next one does. Tags given up front do not have this
-//! cost.
+//! cost. On Redis the clock is the server's (`TIME`, one server in standalone mode): this check assumes it
+//! does not step backwards during a load.
 //!
 //! # Single-flight
 //!

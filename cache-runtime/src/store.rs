@@ -53,6 +53,12 @@ pub(crate) fn is_shape(key: &str) -> bool {
 ///
 /// Implementations make each method atomic on the one key it names (value slot or tag token); methods
 /// that take several keys may run them in one round trip but need not be atomic across keys.
+///
+/// # Cancel safety
+///
+/// Dropping a returned future may or may not have applied its operation. Every operation is safe either
+/// way: invalidation is idempotent, a lease that was taken but not reported expires after its TTL, and a
+/// fill or release that did not happen leaves the lease to expire.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Invalidates `keys` (rendered keys, or namespace shapes containing `<>`), in one round trip where the
     /// backend allows it.

@@ -129,6 +129,10 @@ impl RedisStore {
     /// # Errors
     ///
     /// [`StoreError::Redis`] when the URL is invalid or the server cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the connection being set up; nothing is written.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
@@ -143,6 +147,10 @@ impl RedisStore {
     /// # Errors
     ///
     /// [`StoreError::Redis`] when the scripts cannot be loaded.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the scripts loaded or not; they are loaded again on first use.
     pub async fn with_connection(
         conn: ConnectionManager,
         prefix: impl Into<String>,
