@@ -877,6 +877,23 @@ async fn reads_fall_through_to_the_loader_when_redis_is_down() {
         .expect("the read still succeeds");
     assert_eq!(got, 2);
     assert!(cache.stats().store_errors >= 1);
+
+    // Back up, empty and without the scripts: the store reconnects, reloads its scripts, caches again.
+    server.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cache.stats().fills < 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", cache.stats());
+        cache
+            .get_or_load(item_key(30), counted(&calls, 3_i64))
+            .await
+            .expect("the read succeeds");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = cache
+        .get_or_load(item_key(30), counted(&calls, 4_i64))
+        .await
+        .expect("read");
+    assert_eq!(got, 3, "cached again after the restart");
 }
 
 /// A reader whose future is dropped mid-load releases its lease: the next reader does not wait for it.
