@@ -717,70 +717,124 @@ async fn tag_invalidated_during_the_load_cannot_leave_a_stale_value(env: &Env) {
 
 // --- Redis only ------------------------------------------------------------------------------------------
 
-/// Hand-written cache-aside (GET, SELECT, SET) under the same interleavings leaves stale values.
-#[tokio::test]
+/// Hand-written cache-aside: GET; on a miss run the loader, then SET. (Writers UPDATE, then DEL.)
+#[derive(Clone)]
+struct Naive {
+    conn: redis::aio::MultiplexedConnection,
+    prefix: String,
+}
+
+impl Naive {
+    async fn get_or_load<V, F, Fut>(&self, key: &str, loader: F) -> V
+    where
+        V: Serialize + serde::de::DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<V, sqlx::Error>>,
+    {
+        let mut conn = self.conn.clone();
+        let key = format!("{}{key}", self.prefix);
+        let cached: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        if let Some(json) = cached {
+            return serde_json::from_str(&json).expect("decode");
+        }
+        let value = loader().await.expect("load");
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(serde_json::to_string(&value).expect("encode"))
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("SET");
+        value
+    }
+
+    async fn invalidate(&self, key: &str) {
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(format!("{}{key}", self.prefix))
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("DEL");
+    }
+}
+
+/// The same interleavings as `stale_set_race_cannot_leave_a_stale_value` and
+/// `tag_invalidated_during_the_load_cannot_leave_a_stale_value`, on hand-written cache-aside: both leave a
+/// stale value cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn naive_cache_aside_leaves_stale_values_in_the_same_races() {
     let (_db, pool) = items_db().await;
     let prefix = TestPrefix::create("naive_race").await;
-    let mut conn = prefix.conn.clone();
-    let naive_key = format!("{}item:1", prefix.prefix);
+    let naive = Naive {
+        conn: prefix.conn.clone(),
+        prefix: prefix.prefix.clone(),
+    };
 
-    // The stale-set race on one row.
-    let cached: Option<i64> = redis::cmd("GET")
-        .arg(&naive_key)
-        .query_async(&mut conn)
-        .await
-        .expect("get");
-    assert_eq!(cached, None);
-    let loaded = select_version(&pool).await.expect("select");
-    // The writer commits and deletes the key while the reader holds the old row.
+    // A reader loads the old row; the writer commits and deletes the key; then the reader's SET arrives.
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let reader = {
+        let (naive, pool) = (naive.clone(), pool.clone());
+        tokio::spawn(async move {
+            naive
+                .get_or_load("item:1", || async move {
+                    let v = select_version(&pool).await?;
+                    let _ = loaded_tx.send(v);
+                    let _ = go_rx.await;
+                    Ok(v)
+                })
+                .await
+        })
+    };
+    assert_eq!(loaded_rx.await.expect("loaded"), 1);
     sqlx::query("UPDATE items SET version = version + 1 WHERE id = 1")
         .execute(&pool)
         .await
         .expect("update");
-    redis::cmd("DEL")
-        .arg(&naive_key)
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("del");
-    redis::cmd("SET")
-        .arg(&naive_key)
-        .arg(loaded)
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("set");
-    let cached: Option<i64> = redis::cmd("GET")
-        .arg(&naive_key)
-        .query_async(&mut conn)
-        .await
-        .expect("get");
+    naive.invalidate("item:1").await;
+    go_tx.send(()).expect("go");
+    assert_eq!(reader.await.expect("task"), 1_i64);
+    let got: i64 = naive.get_or_load("item:1", || select_version(&pool)).await;
     assert_eq!(select_version(&pool).await.expect("select"), 2);
-    assert_eq!(cached, Some(1), "naive cache-aside cached the old version");
-
-    // The join: the page is stored after the author's key was deleted.
-    let page_key = format!("{}article:1:page", prefix.prefix);
-    let (page, _) = select_page(&pool).await.expect("select");
-    rename_author(&pool, "new").await;
-    redis::cmd("DEL")
-        .arg(format!("{}author:1", prefix.prefix))
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("del");
-    redis::cmd("SET")
-        .arg(&page_key)
-        .arg(&page)
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("set");
-    let cached: Option<String> = redis::cmd("GET")
-        .arg(&page_key)
-        .query_async(&mut conn)
-        .await
-        .expect("get");
     assert_eq!(
-        cached.as_deref(),
-        Some("Leases by old"),
-        "naive cache-aside cached the old page"
+        got, 1,
+        "naive cache-aside serves the old version after the write returned"
+    );
+
+    // A page joined with its author; the author is renamed (and its key deleted) during the load.
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let reader = {
+        let (naive, pool) = (naive.clone(), pool.clone());
+        tokio::spawn(async move {
+            naive
+                .get_or_load("article:1:page", || async move {
+                    let (page, _author) = select_page(&pool).await?;
+                    let _ = loaded_tx.send(());
+                    let _ = go_rx.await;
+                    Ok(page)
+                })
+                .await
+        })
+    };
+    loaded_rx.await.expect("loaded");
+    rename_author(&pool, "new").await;
+    // Even a writer that knows the page depends on the author, and deletes it too, loses the race.
+    naive.invalidate("author:1").await;
+    naive.invalidate("article:1:page").await;
+    go_tx.send(()).expect("go");
+    let _: String = reader.await.expect("task");
+    let got: String = naive
+        .get_or_load("article:1:page", || async {
+            Ok(select_page(&pool).await?.0)
+        })
+        .await;
+    assert_eq!(
+        got, "Leases by old",
+        "naive cache-aside serves the old page after the rename returned"
     );
 }
 
