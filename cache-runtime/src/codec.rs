@@ -36,7 +36,7 @@ const MAGIC: [u8; 2] = [0xCA, 0x01];
 
 /// A value could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
-pub enum CodecError {
+pub(crate) enum CodecError {
     /// Serialization failed (a type the codec cannot represent, such as a map with non-string keys in a
     /// format that needs them).
     #[error("cannot encode the value: {0}")]

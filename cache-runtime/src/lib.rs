@@ -83,7 +83,6 @@ pub use cache::{Cache, CacheBuilder, LoadOptions, Stats};
 /// let k = key!("products:<id>", id = 7);
 /// ```
 pub use cache_derive::key;
-pub use codec::CodecError;
 pub use entity::{CachedEntity, Column, EntityMeta};
 pub use key::{
     Key, KeyError, KeyPart, KeyValue, KeyWriter, NULL_RENDERING, PartKind, Segment, Template,
