@@ -4,6 +4,7 @@ use syn::{Data, DeriveInput, Fields, Ident, Type};
 
 use crate::attr::{self, Attrs};
 use crate::ctxt::Ctxt;
+use crate::symbol;
 
 pub(crate) struct Container<'a> {
     pub(crate) ident: &'a Ident,
@@ -24,6 +25,7 @@ impl<'a> Container<'a> {
     /// Reads the input; shape errors (not a struct with named fields, generics) go to `cx`.
     pub(crate) fn from_ast(cx: &mut Ctxt, input: &'a DeriveInput) -> Self {
         let attrs = Attrs::parse(cx, &input.attrs);
+        let rename_rule = attr::sqlx_value(&input.attrs, symbol::RENAME_ALL).map(|lit| lit.value());
         let fields = match &input.data {
             Data::Struct(data) => match &data.fields {
                 Fields::Named(named) => named
@@ -31,8 +33,13 @@ impl<'a> Container<'a> {
                     .iter()
                     .filter_map(|f| {
                         let ident = f.ident.as_ref()?;
-                        let column = attr::sqlx_rename(&f.attrs)
-                            .map_or_else(|| unraw(ident), |lit| lit.value());
+                        let column = match attr::sqlx_value(&f.attrs, symbol::RENAME) {
+                            Some(lit) => lit.value(),
+                            None => match &rename_rule {
+                                Some(rule) => attr::rename_all(rule, &unraw(ident)),
+                                None => unraw(ident),
+                            },
+                        };
                         Some(Field {
                             ident,
                             ty: &f.ty,

@@ -92,21 +92,45 @@ fn skip_value(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
     Ok(())
 }
 
-/// The column of a field: its `#[sqlx(rename = "…")]`, or `None` for the field name. Other `sqlx` keys are
-/// sqlx's to check and are ignored here.
-pub(crate) fn sqlx_rename(attrs: &[Attribute]) -> Option<LitStr> {
-    let mut rename = None;
+/// The string value of `#[sqlx(name = "…")]` (`rename` on fields, `rename_all` on the struct), if any.
+/// Other `sqlx` keys are sqlx's to check and are ignored here.
+pub(crate) fn sqlx_value(attrs: &[Attribute], name: &str) -> Option<LitStr> {
+    let mut value = None;
     for attr in attrs.iter().filter(|a| a.path().is_ident(symbol::SQLX)) {
         let _ = attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident(symbol::RENAME) {
-                rename = Some(meta.value()?.parse::<LitStr>()?);
+            if meta.path.is_ident(name) {
+                value = Some(meta.value()?.parse::<LitStr>()?);
                 Ok(())
             } else {
                 skip_value(&meta)
             }
         });
     }
-    rename
+    value
+}
+
+/// Applies sqlx's `rename_all` rule to a snake_case field name (sqlx reports unknown rules itself).
+pub(crate) fn rename_all(rule: &str, field: &str) -> String {
+    let words = field.split('_').filter(|w| !w.is_empty());
+    let capitalized = |w: &str| {
+        let mut c = w.chars();
+        c.next()
+            .map_or_else(String::new, |f| f.to_uppercase().chain(c).collect())
+    };
+    match rule {
+        "lowercase" => field.to_lowercase(),
+        "UPPERCASE" => field.to_uppercase(),
+        "SCREAMING_SNAKE_CASE" => field.to_uppercase(),
+        "kebab-case" => field.replace('_', "-"),
+        "PascalCase" => words.map(capitalized).collect(),
+        "camelCase" => {
+            let pascal: String = words.map(capitalized).collect();
+            let mut c = pascal.chars();
+            c.next()
+                .map_or_else(String::new, |f| f.to_lowercase().chain(c).collect())
+        }
+        _ => field.to_owned(),
+    }
 }
 
 /// The candidate closest to `name` by edit distance, if it is close enough to be a likely typo.
@@ -211,5 +235,17 @@ mod tests {
             Some("depends")
         );
         assert_eq!(closest("zzz", ["id", "name"].into_iter()), None);
+    }
+
+    #[test]
+    fn rename_all_rules() {
+        assert_eq!(rename_all("camelCase", "category_id"), "categoryId");
+        assert_eq!(rename_all("PascalCase", "category_id"), "CategoryId");
+        assert_eq!(
+            rename_all("SCREAMING_SNAKE_CASE", "category_id"),
+            "CATEGORY_ID"
+        );
+        assert_eq!(rename_all("kebab-case", "category_id"), "category-id");
+        assert_eq!(rename_all("snake_case", "category_id"), "category_id");
     }
 }

@@ -15,6 +15,8 @@ use crate::expand::{render_tokens, template_tokens};
 use crate::{template, valid};
 
 struct Input {
+    /// `Entity =>`: which entity's declaration to check, when several declare the identical template.
+    entity: Option<syn::Path>,
     template: LitStr,
     args: Vec<Arg>,
 }
@@ -27,6 +29,13 @@ struct Arg {
 
 impl Parse for Input {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let entity = if input.peek(LitStr) {
+            None
+        } else {
+            let path = input.parse()?;
+            input.parse::<Token![=>]>()?;
+            Some(path)
+        };
         let template: LitStr = input.parse()?;
         let mut args = Vec::new();
         if input.parse::<Option<Token![,]>>()?.is_some() {
@@ -34,7 +43,11 @@ impl Parse for Input {
                 args.push(arg);
             }
         }
-        Ok(Self { template, args })
+        Ok(Self {
+            entity,
+            template,
+            args,
+        })
     }
 }
 
@@ -54,7 +67,9 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
     let input: Input = match syn::parse2(input) {
         Ok(input) => input,
         Err(e) => {
-            let message = format!("{e}; expected key!(\"prefix:<field>\", field = value, ...)");
+            let message = format!(
+                "{e}; expected key!(\"prefix:<field>\", field = value, ...) or key!(Entity => \"prefix:<field>\", ...)"
+            );
             return syn::Error::new(e.span(), message).to_compile_error();
         }
     };
@@ -104,8 +119,12 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
 
     let id = Literal::u64_suffixed(parsed.id());
     let span = input.template.span();
+    let entity = input
+        .entity
+        .as_ref()
+        .map_or_else(|| quote!(_), |path| quote!(#path));
     let check = quote_spanned! {span=>
-        const _: () = ::cache_runtime::__private::declared::<::cache_runtime::__private::TemplateId<#id>, _>();
+        const _: () = ::cache_runtime::__private::declared::<::cache_runtime::__private::TemplateId<#id>, #entity>();
     };
     let template = template_tokens(&parsed);
     let render = render_tokens(&parsed, &quote!(&__TEMPLATE), |name| {

@@ -8,3 +8,4 @@ pub(crate) const TTL: &str = "ttl";
 pub(crate) const ALL: &[&str] = &[TABLE, KEY, DEPENDS, TTL];
 pub(crate) const SQLX: &str = "sqlx";
 pub(crate) const RENAME: &str = "rename";
+pub(crate) const RENAME_ALL: &str = "rename_all";

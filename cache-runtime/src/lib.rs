@@ -1,16 +1,93 @@
 #![doc = include_str!("../../README.md")]
 
+mod cache;
 mod classify;
+pub mod codec;
 mod entity;
 mod error;
+mod flight;
 mod key;
 pub mod pool;
 mod registry;
 mod relay;
 pub mod schema;
-mod store;
+pub mod store;
 
-pub use cache_derive::{CachedEntity, key};
+/// Derives [`CachedEntity`](trait@CachedEntity) for a struct that maps a table row.
+///
+/// ```text
+/// #[cached_entity(
+///     table = "products",                            // optional: snake_case struct name + "s"
+///     key = "product:<id>",                          // required: the row's own key
+///     depends = ["category:<category_id>:products"], // optional: keys derived from the row
+///     ttl = "10m",                                   // optional (default 1h): ms, s, m, h, d, e.g. "1h30m"
+/// )]
+/// ```
+///
+/// Placeholders name fields of the struct; their column is the field name or its `#[sqlx(rename = "…")]`.
+/// A placeholder's type must implement [`KeyPart`]. Every mistake is a compile error with a span and a
+/// message that says what to do, all of them at once.
+///
+/// Generated: `impl CachedEntity` (static [`EntityMeta`], `cache_key`, `cache_keys`), an inherent
+/// `cache_key_for(&field, …) -> Key` taking the key's placeholder values in order, the declarations `key!`
+/// checks, and the registration in [`registry()`].
+///
+/// # Examples
+///
+/// ```
+/// use cache_runtime::CachedEntity;
+///
+/// #[derive(CachedEntity)]
+/// #[cached_entity(key = "order:<id>", depends = ["customer:<customer_id>:orders"], ttl = "5m")]
+/// struct Order {
+///     id: i64,
+///     customer_id: i64,
+///     total_cents: i64,
+/// }
+///
+/// assert_eq!(Order::META.table, "orders");
+/// assert_eq!(Order::cache_key_for(&9).as_str(), "order:9");
+/// ```
+pub use cache_derive::CachedEntity;
+
+pub use cache::{Cache, CacheBuilder, LoadOptions, Stats};
+/// Renders a [`Key`] from a template that some `#[derive(CachedEntity)]` declares.
+///
+/// `key!("template", name = value, …)`: every placeholder gets exactly one value (`name` alone means
+/// `name = name`); values are evaluated once, in template order, and rendered with [`KeyPart`]. It is a
+/// compile error when a value is missing, unknown or repeated, when the template is malformed, and when no
+/// entity in the build (this crate or any dependency) declares the template as its `key` or in `depends`:
+/// a key nobody declares is a key no write would ever invalidate.
+///
+/// When two entities declare the identical template text, name the one to check:
+/// `key!(Product => "template", …)` (without it, the compiler reports "type annotations needed").
+///
+/// # Examples
+///
+/// ```
+/// use cache_runtime::{CachedEntity, key};
+///
+/// #[derive(CachedEntity)]
+/// #[cached_entity(key = "product:<id>", depends = ["category:<category_id>:products"])]
+/// struct Product {
+///     id: i64,
+///     category_id: i64,
+/// }
+///
+/// let category_id = 5;
+/// assert_eq!(key!("category:<category_id>:products", category_id).as_str(), "category:5:products");
+/// assert_eq!(key!(Product => "product:<id>", id = 7).as_str(), "product:7");
+/// ```
+///
+/// ```compile_fail
+/// # use cache_runtime::{CachedEntity, key};
+/// # #[derive(CachedEntity)]
+/// # #[cached_entity(key = "product:<id>")]
+/// # struct Product { id: i64 }
+/// // Declared nowhere: "products" vs "product".
+/// let k = key!("products:<id>", id = 7);
+/// ```
+pub use cache_derive::key;
 pub use classify::WRITE_WORDS;
 pub use entity::{CachedEntity, Column, EntityMeta};
 pub use error::{ColumnProblem, Error, Problem};
@@ -21,8 +98,7 @@ pub use key::{
 pub use pool::{CachedPool, CachedPoolOptions, CachedTransaction, WriteDetection};
 pub use registry::{Registry, RegistryError, registry};
 pub use schema::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, Schema, TriggerMode};
-pub use store::redis::RedisStore;
-pub use store::{BoxFuture, Store, StoreError};
+pub use store::{BoxFuture, MemoryStore, RedisStore, Store, StoreError};
 
 /// Support for generated code; not a public API.
 #[doc(hidden)]

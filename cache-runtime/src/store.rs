@@ -1,27 +1,193 @@
 //! Where cached values live: the [`Store`] trait, with Redis and in-process implementations.
 //!
-//! A store holds entries under `prefix + key`. Invalidation takes rendered keys (see [`crate::Key`]) and
-//! namespace shapes (strings containing `<>`, such as `product:<>`, which no rendered key can contain):
-//! a shape invalidates every key of that shape at once.
+//! A store is a map of byte strings with four kinds of slots, all addressed by rendered keys (see
+//! [`crate::Key`]):
+//!
+//! - the **value slot** of a key holds either an encoded entry or a **lease** (a random token that says
+//!   "a reader is loading this key"); both live under the key itself, so every atomic operation on a
+//!   value touches exactly one key (one Redis Cluster slot);
+//! - the **tag token** of a key (or of a namespace shape) is a random token, created on first use, that
+//!   entries built from that key record; invalidating the key deletes the token, so entries that recorded
+//!   it never validate again, whatever the store later loses or evicts.
+//!
+//! Invalidation takes rendered keys and namespace shapes (strings containing `<>`, such as `product:<>`,
+//! which no rendered key can contain). A rendered key loses its value slot (entry or lease) and its tag
+//! token; a shape loses its tag token, which every entry of that shape records, so a whole namespace is
+//! invalidated in O(1).
+//!
+//! [`Cache`](crate::Cache) builds every guarantee on these primitives; a store only has to make each
+//! primitive atomic on its key. [`RedisStore`] and [`MemoryStore`] are the two implementations, with the same
+//! semantics.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
+pub(crate) mod memory;
 pub(crate) mod redis;
+
+pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 /// A boxed, sendable future: what [`Store`] methods return, so that stores can be used as `dyn Store`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The prefix of tag-token slots: `<tag>` followed by the key or shape. No rendered key contains `<`.
+pub(crate) const TAG_PREFIX: &str = "<tag>";
+
+/// The slot name of the tag token of `key_or_shape`.
+pub(crate) fn tag_slot(key_or_shape: &str) -> String {
+    let mut s = String::with_capacity(TAG_PREFIX.len() + key_or_shape.len());
+    s.push_str(TAG_PREFIX);
+    s.push_str(key_or_shape);
+    s
+}
+
+/// Whether `key` is a namespace shape (`product:<>`) rather than a rendered key.
+pub(crate) fn is_shape(key: &str) -> bool {
+    key.contains("<>")
+}
+
 /// A cache backend.
+///
+/// Implementations make each method atomic on the one key it names (value slot or tag token); methods
+/// that take several keys may run them in one round trip but need not be atomic across keys.
+///
+/// # Cancel safety
+///
+/// Dropping a returned future may or may not have applied its operation. Every operation is safe either
+/// way: invalidation is idempotent, a lease that was taken but not reported expires after its TTL, and a
+/// fill or release that did not happen leaves the lease to expire.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Invalidates `keys` (rendered keys, or namespace shapes containing `<>`), in one round trip where the
     /// backend allows it.
+    ///
+    /// A rendered key loses its value slot (entry or lease: a fill in progress then fails) and its tag
+    /// token (entries built from it stop validating). A shape loses its namespace tag token (every entry of
+    /// that shape stops validating).
     ///
     /// # Errors
     ///
     /// [`StoreError`] when the backend cannot be reached; nothing is known to be invalidated then.
     fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Reads the value slot of `key` (an entry; `None` when empty or leased) and the current tag tokens of
+    /// `tags` (`None` when missing), in one round trip, changing nothing: the hit path.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend cannot be reached or answers unexpectedly.
+    fn peek<'a>(
+        &'a self,
+        key: &'a str,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Peek, StoreError>>;
+
+    /// Reads the value slot of `key`; when it is empty (or holds exactly `lease.replace`), takes the lease
+    /// for the caller, atomically. In the same round trip, returns the tag tokens of `tags`, creating the
+    /// missing ones (with time to live at least `tag_ttl`).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend cannot be reached or answers unexpectedly.
+    fn lookup<'a>(
+        &'a self,
+        key: &'a str,
+        lease: LeaseRequest<'a>,
+        tags: &'a [String],
+        tag_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Lookup, StoreError>>;
+
+    /// The current tag tokens of `tags`, in order. With `create = Some(ttl)` missing tokens are created
+    /// (and every token lives at least `ttl`); with `None` a missing token is `None`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend cannot be reached or answers unexpectedly.
+    fn tags<'a>(
+        &'a self,
+        tags: &'a [String],
+        create: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Vec<Option<TagToken>>, StoreError>>;
+
+    /// Stores `value` under `key` for `ttl` if, and only if, the value slot still holds the lease `lease`
+    /// (no invalidation and no other writer touched the key since the lease was taken). Returns whether it
+    /// stored.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend cannot be reached; the value is not known to be stored then.
+    fn fill<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Empties the value slot of `key` if it still holds the lease `lease` (a load failed or was abandoned).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend cannot be reached; the lease then expires on its own.
+    fn release<'a>(&'a self, key: &'a str, lease: &'a str)
+    -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+/// The lease a [`Store::lookup`] takes when the value slot is empty.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseRequest<'a> {
+    /// The caller's random lease token.
+    pub token: &'a str,
+    /// How long the lease lasts if its holder never fills nor releases it (a crashed or cancelled reader).
+    pub ttl: Duration,
+    /// Treat the slot as empty when it holds exactly these bytes (an entry the caller found undecodable or
+    /// invalid), so that the lease replaces it atomically.
+    pub replace: Option<&'a [u8]>,
+}
+
+/// What [`Store::peek`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peek {
+    /// The bytes in the value slot, unless it is empty or holds a lease.
+    pub value: Option<Vec<u8>>,
+    /// The tag tokens asked for, in order; `None` where a token does not exist.
+    pub tags: Vec<Option<TagToken>>,
+}
+
+/// What [`Store::lookup`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// The value slot.
+    pub slot: Slot,
+    /// The tag tokens asked for, in order.
+    pub tags: Vec<TagToken>,
+}
+
+/// The state of a value slot, as [`Store::lookup`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot {
+    /// The slot holds these bytes (an entry, or something undecodable).
+    Value(Vec<u8>),
+    /// Another reader holds the lease: it is loading the value.
+    Leased,
+    /// The slot was empty and the caller now holds the lease, taken at `started` on the store's clock.
+    Acquired {
+        /// The store's clock when the lease was taken (microseconds; compared with
+        /// [`TagToken::created`]).
+        started: u64,
+    },
+}
+
+/// The current token of a tag: entries record it, and validate only while it is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TagToken {
+    /// The token (random, unique for the life of the store).
+    pub id: String,
+    /// The store's clock when the token was created (microseconds): a token created after a lease was
+    /// taken means the tag may have been invalidated during that load.
+    pub created: u64,
 }
 
 /// A store operation failed.
@@ -30,4 +196,8 @@ pub enum StoreError {
     /// Redis answered with an error or could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// The backend answered something this version does not understand (a different script, a changed
+    /// server); check that every process runs the same version of this crate.
+    #[error("unexpected answer from the store: {0}")]
+    Protocol(String),
 }

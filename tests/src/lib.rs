@@ -7,6 +7,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`) and `REDIS_URL` (default `redis://127.0.0.1:6379`). When a
 //! server is not reachable the test fails with a message that says how to provide it.
 
+pub mod checker;
 pub mod model;
 
 use std::sync::atomic::{AtomicU32, Ordering};

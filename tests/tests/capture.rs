@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cache_runtime::{
     BoxFuture, CachedEntity, CachedPool, ColumnProblem, Error, Problem, RedisStore, Registry,
-    Schema, Store, StoreError, TriggerMode,
+    Schema, Store, StoreError, TriggerMode, store,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor as _, PgPool, Row as _};
@@ -38,6 +38,50 @@ impl Store for Recording {
     fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
         self.calls.lock().unwrap().push(keys.to_vec());
         self.inner.invalidate(keys)
+    }
+
+    fn peek<'a>(
+        &'a self,
+        key: &'a str,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<store::Peek, StoreError>> {
+        self.inner.peek(key, tags)
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        key: &'a str,
+        lease: store::LeaseRequest<'a>,
+        tags: &'a [String],
+        tag_ttl: Duration,
+    ) -> BoxFuture<'a, Result<store::Lookup, StoreError>> {
+        self.inner.lookup(key, lease, tags, tag_ttl)
+    }
+
+    fn tags<'a>(
+        &'a self,
+        tags: &'a [String],
+        create: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Vec<Option<store::TagToken>>, StoreError>> {
+        self.inner.tags(tags, create)
+    }
+
+    fn fill<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.fill(key, lease, value, ttl)
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.release(key, lease)
     }
 }
 

@@ -136,3 +136,11 @@ fn dynamic_rendering_matches_generated_code() {
         .expect("one placeholder");
     assert_eq!(key, Product::cache_key_for(&-12));
 }
+
+#[test]
+fn uuids_render_as_lowercase_hyphenated_text() {
+    let id = uuid::Uuid::from_u128(0x67E5_5044_10B1_426F_9247_BB68_0E5F_E0C8);
+    let k = key!("product:<id>", id = id);
+    assert_eq!(k.as_str(), "product:67e55044-10b1-426f-9247-bb680e5fe0c8");
+    assert_eq!(<uuid::Uuid as cache_runtime::KeyPart>::KIND, PartKind::Text);
+}

@@ -1,22 +1,115 @@
 //! The Redis store.
+//!
+//! Layout, under the store's prefix: the value slot of key `K` is `prefix + K` (an entry, or a lease
+//! `"\0L" + token`); the tag token of `K` is `prefix + "<tag>" + K`, and that of a shape `S` is
+//! `prefix + "<tag>" + S`. Every script touches exactly one key, so the store stays compatible with Redis
+//! Cluster; a lookup pipelines one script per key (one round trip on a standalone server).
 
-use redis::aio::ConnectionManager;
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::{BoxFuture, Store, StoreError};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, Pipeline, Script, ServerErrorKind, Value};
+
+use super::{
+    BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, tag_slot,
+};
+
+/// The marker that starts a lease in a value slot. Entries start with a different byte.
+pub(crate) const LEASE_MARK: &[u8] = b"\0L";
+
+/// Reads the value slot; takes the lease when it is empty (or holds exactly ARGV[3] when ARGV[4] = '1').
+/// Returns {1, value} | {2} (leased by another) | {3, seconds, microseconds} (lease taken).
+const LOOKUP: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and ARGV[4] == '1' and v == ARGV[3] then v = false end
+if v then
+  if string.sub(v, 1, 2) == '\0L' then return {2} end
+  return {1, v}
+end
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {3, t[1], t[2]}
+";
+
+/// Returns the tag token, creating it (nonce ARGV[1] + '.' + server time in microseconds) when missing and
+/// ARGV[2] > 0; makes it live at least ARGV[2] ms.
+const TAG: &str = r"
+local v = redis.call('GET', KEYS[1])
+local ttl = tonumber(ARGV[2])
+if not v then
+  if ttl <= 0 then return false end
+  local t = redis.call('TIME')
+  v = ARGV[1] .. '.' .. t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', KEYS[1], v, 'PX', ttl)
+  return v
+end
+if ttl > 0 then
+  local left = redis.call('PTTL', KEYS[1])
+  if left >= 0 and left < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+return v
+";
+
+/// Stores ARGV[2] for ARGV[3] ms if the slot still holds the lease ARGV[1].
+const FILL: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Deletes the slot if it still holds the lease ARGV[1].
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+";
+
+#[derive(Debug)]
+struct Scripts {
+    lookup: Script,
+    tag: Script,
+    fill: Script,
+    release: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            lookup: Script::new(LOOKUP),
+            tag: Script::new(TAG),
+            fill: Script::new(FILL),
+            release: Script::new(RELEASE),
+        }
+    }
+
+    fn all(&self) -> [&Script; 4] {
+        [&self.lookup, &self.tag, &self.fill, &self.release]
+    }
+}
 
 /// A [`Store`] on Redis, through redis-rs' reconnecting [`ConnectionManager`].
+///
+/// Standalone servers; every atomic operation touches a single key, so a Cluster implementation can share
+/// the scripts.
 ///
 /// # Examples
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), cache_runtime::StoreError> {
 /// let store = cache_runtime::RedisStore::connect("redis://127.0.0.1:6379", "myapp:").await?;
+/// let cache = cache_runtime::Cache::new(store);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
+    scripts: Arc<Scripts>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -30,16 +123,45 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// Connects to `url`; every key this store touches starts with `prefix`.
     ///
+    /// The connection reconnects on its own; a command waits at most 1 s for its answer, so that a
+    /// hung server makes reads fall through to the database instead of hanging them.
+    ///
     /// # Errors
     ///
     /// [`StoreError::Redis`] when the URL is invalid or the server cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the connection being set up; nothing is written.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
-        Ok(Self {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Self::with_connection(conn, prefix).await
+    }
+
+    /// A store on an existing connection manager; every key this store touches starts with `prefix`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Redis`] when the scripts cannot be loaded.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the scripts loaded or not; they are loaded again on first use.
+    pub async fn with_connection(
+        conn: ConnectionManager,
+        prefix: impl Into<String>,
+    ) -> Result<Self, StoreError> {
+        let store = Self {
             conn,
             prefix: prefix.into(),
-        })
+            scripts: Arc::new(Scripts::new()),
+        };
+        store.load_scripts().await?;
+        Ok(store)
     }
 
     /// The key prefix.
@@ -51,6 +173,111 @@ impl RedisStore {
     pub fn redis_key(&self, key: &str) -> String {
         format!("{}{}", self.prefix, key)
     }
+
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for script in self.scripts.all() {
+            pipe.load_script(script).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Runs `pipe`; when the server lost the scripts (restart, `SCRIPT FLUSH`), loads them and retries once.
+    async fn query(&self, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
+        let mut conn = self.conn.clone();
+        match pipe.query_async::<Vec<Value>>(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.load_scripts().await?;
+                Ok(pipe.query_async::<Vec<Value>>(&mut conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    fn push_tag(&self, pipe: &mut Pipeline, tag: &str, create: Option<Duration>) {
+        let ttl_ms = create.map_or(0, |d| d.as_millis().max(1));
+        pipe.invoke_script(
+            self.scripts
+                .tag
+                .key(self.redis_key(&tag_slot(tag)))
+                .arg(nonce())
+                .arg(u64::try_from(ttl_ms).unwrap_or(u64::MAX)),
+        );
+    }
+}
+
+/// A random 128-bit nonce, in hex.
+pub(crate) fn nonce() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis().max(1)).unwrap_or(u64::MAX)
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn protocol(what: &str, v: &Value) -> StoreError {
+    StoreError::Protocol(format!("{what}: {v:?}"))
+}
+
+fn parse_slot(v: &Value) -> Result<Slot, StoreError> {
+    let Value::Array(items) = v else {
+        return Err(protocol("lookup", v));
+    };
+    match items.first().and_then(int) {
+        Some(1) => items
+            .get(1)
+            .and_then(bytes)
+            .map(|b| Slot::Value(b.to_vec()))
+            .ok_or_else(|| protocol("lookup", v)),
+        Some(2) => Ok(Slot::Leased),
+        Some(3) => {
+            let secs = items.get(1).and_then(int);
+            let micros = items.get(2).and_then(int);
+            match (secs, micros) {
+                (Some(s), Some(us)) => Ok(Slot::Acquired {
+                    started: u64::try_from(s * 1_000_000 + us).unwrap_or(0),
+                }),
+                _ => Err(protocol("lookup", v)),
+            }
+        }
+        _ => Err(protocol("lookup", v)),
+    }
+}
+
+/// Parses a token `nonce.<microseconds>`.
+pub(crate) fn parse_token(v: &Value) -> Result<Option<TagToken>, StoreError> {
+    if matches!(v, Value::Nil) {
+        return Ok(None);
+    }
+    let text = bytes(v)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or_else(|| protocol("tag token", v))?;
+    let created = text
+        .rsplit_once('.')
+        .and_then(|(_, t)| t.parse::<u64>().ok())
+        .ok_or_else(|| protocol("tag token", v))?;
+    Ok(Some(TagToken {
+        id: text.to_owned(),
+        created,
+    }))
 }
 
 impl Store for RedisStore {
@@ -61,10 +288,142 @@ impl Store for RedisStore {
             }
             let mut pipe = redis::pipe();
             for key in keys {
-                pipe.del(self.redis_key(key)).ignore();
+                if !is_shape(key) {
+                    pipe.del(self.redis_key(key)).ignore();
+                }
+                pipe.del(self.redis_key(&tag_slot(key))).ignore();
             }
             let mut conn = self.conn.clone();
             pipe.query_async::<()>(&mut conn).await?;
+            Ok(())
+        })
+    }
+
+    fn peek<'a>(
+        &'a self,
+        key: &'a str,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Peek, StoreError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.get(self.redis_key(key));
+            for tag in tags {
+                pipe.get(self.redis_key(&tag_slot(tag)));
+            }
+            let values = self.query(&pipe).await?;
+            let (first, rest) = values
+                .split_first()
+                .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))?;
+            let value = match first {
+                Value::Nil => None,
+                v => bytes(v)
+                    .filter(|b| !b.starts_with(LEASE_MARK))
+                    .map(<[u8]>::to_vec),
+            };
+            let tags = rest.iter().map(parse_token).collect::<Result<_, _>>()?;
+            Ok(Peek { value, tags })
+        })
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        key: &'a str,
+        lease: LeaseRequest<'a>,
+        tags: &'a [String],
+        tag_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Lookup, StoreError>> {
+        Box::pin(async move {
+            let mut lease_value = Vec::with_capacity(LEASE_MARK.len() + lease.token.len());
+            lease_value.extend_from_slice(LEASE_MARK);
+            lease_value.extend_from_slice(lease.token.as_bytes());
+            let mut pipe = redis::pipe();
+            pipe.invoke_script(
+                self.scripts
+                    .lookup
+                    .key(self.redis_key(key))
+                    .arg(lease_value)
+                    .arg(millis(lease.ttl))
+                    .arg(lease.replace.unwrap_or_default())
+                    .arg(if lease.replace.is_some() { "1" } else { "0" }),
+            );
+            for tag in tags {
+                self.push_tag(&mut pipe, tag, Some(tag_ttl));
+            }
+            let values = self.query(&pipe).await?;
+            let (first, rest) = values
+                .split_first()
+                .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))?;
+            let slot = parse_slot(first)?;
+            let tags = rest
+                .iter()
+                .map(|v| parse_token(v)?.ok_or_else(|| protocol("created tag token", v)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Lookup { slot, tags })
+        })
+    }
+
+    fn tags<'a>(
+        &'a self,
+        tags: &'a [String],
+        create: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Vec<Option<TagToken>>, StoreError>> {
+        Box::pin(async move {
+            if tags.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut pipe = redis::pipe();
+            for tag in tags {
+                match create {
+                    Some(_) => self.push_tag(&mut pipe, tag, create),
+                    None => {
+                        pipe.get(self.redis_key(&tag_slot(tag)));
+                    }
+                }
+            }
+            self.query(&pipe).await?.iter().map(parse_token).collect()
+        })
+    }
+
+    fn fill<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut lease_value = LEASE_MARK.to_vec();
+            lease_value.extend_from_slice(lease.as_bytes());
+            let mut pipe = redis::pipe();
+            pipe.invoke_script(
+                self.scripts
+                    .fill
+                    .key(self.redis_key(key))
+                    .arg(lease_value)
+                    .arg(value)
+                    .arg(millis(ttl)),
+            );
+            let values = self.query(&pipe).await?;
+            Ok(values.first().and_then(int) == Some(1))
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut lease_value = LEASE_MARK.to_vec();
+            lease_value.extend_from_slice(lease.as_bytes());
+            let mut pipe = redis::pipe();
+            pipe.invoke_script(
+                self.scripts
+                    .release
+                    .key(self.redis_key(key))
+                    .arg(lease_value),
+            );
+            self.query(&pipe).await?;
             Ok(())
         })
     }

@@ -25,7 +25,18 @@ struct Product {
     category_id: i64,
 }
 
+#[derive(CachedEntity, sqlx::FromRow)]
+#[sqlx(rename_all = "camelCase")]
+#[cached_entity(table = "legacy", key = "legacy:<legacy_id>:<owner_name>")]
+struct Legacy {
+    legacy_id: i64,
+    #[sqlx(rename = "OWNER")]
+    owner_name: String,
+}
+
 fn main() {
+    let cols: Vec<_> = Legacy::META.columns.iter().map(|c| c.column).collect();
+    assert_eq!(cols, ["legacyId", "OWNER"]);
     assert_eq!(Thing::META.table, "things");
     assert_eq!(Thing::META.column("name").map(|c| c.column), Some("display_name"));
     assert_eq!(Thing::META.column("type").map(|c| c.column), Some("type"));
@@ -40,3 +51,4 @@ fn main() {
     let keys: Vec<String> = t.cache_keys().into_iter().map(|k| k.into_string()).collect();
     assert_eq!(keys, ["thing:1", "small:-2", "u:3", "flag:false", "name:n", "opt:~", "kind:t"]);
 }
+

@@ -1,0 +1,294 @@
+//! The in-process store, on a bounded [`moka`] cache.
+//!
+//! Same layout and semantics as the Redis store: the value slot of `K` (entry or lease) under `K`, tag
+//! tokens under `<tag>K` and `<tag>S` for shapes. Each primitive runs under moka's per-key lock
+//! (`and_compute_with`), so it is atomic on its key. The store's clock is a process-wide counter: strictly
+//! increasing, so "created after the lease was taken" is exact.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use moka::ops::compute::Op;
+use moka::sync::Cache as Moka;
+
+use super::{
+    BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, tag_slot,
+};
+
+#[derive(Debug, Clone)]
+enum Held {
+    Value(Arc<[u8]>),
+    Lease(Arc<str>),
+    Tag(TagToken),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    held: Held,
+    ttl: Duration,
+}
+
+struct EntryExpiry;
+
+impl Expiry<String, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &String, value: &Entry, _: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        value: &Entry,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// A [`Store`] in this process's memory: the embedded default, with the same guarantees as
+/// [`RedisStore`](crate::RedisStore) for readers and writers of this process.
+///
+/// Bounded: at most `capacity` slots (entries, leases and tag tokens); the least useful are evicted first.
+/// An evicted tag token only turns the entries that recorded it into misses.
+///
+/// # Examples
+///
+/// ```
+/// let cache = cache_runtime::Cache::new(cache_runtime::MemoryStore::new(10_000));
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    slots: Moka<String, Entry>,
+    clock: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("slots", &self.slots.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    /// A store of at most 100,000 slots.
+    fn default() -> Self {
+        Self::new(100_000)
+    }
+}
+
+impl MemoryStore {
+    /// A store of at most `capacity` slots.
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            slots: Moka::builder()
+                .max_capacity(capacity)
+                .expire_after(EntryExpiry)
+                .build(),
+            clock: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn tag(&self, tag: &str, create: Option<Duration>) -> Option<TagToken> {
+        let mut out = None;
+        self.slots
+            .entry(tag_slot(tag))
+            .and_compute_with(|current| match (current, create) {
+                (Some(e), _) if !matches!(e.value().held, Held::Tag(_)) => Op::Nop,
+                (Some(e), create) => {
+                    let entry = e.into_value();
+                    if let Held::Tag(token) = &entry.held {
+                        out = Some(token.clone());
+                    }
+                    match create {
+                        Some(ttl) if ttl > entry.ttl => Op::Put(Entry { ttl, ..entry }),
+                        _ => Op::Nop,
+                    }
+                }
+                (None, Some(ttl)) => {
+                    let now = self.tick();
+                    let token = TagToken {
+                        id: now.to_string(),
+                        created: now,
+                    };
+                    out = Some(token.clone());
+                    Op::Put(Entry {
+                        held: Held::Tag(token),
+                        ttl,
+                    })
+                }
+                (None, None) => Op::Nop,
+            });
+        out
+    }
+}
+
+impl Store for MemoryStore {
+    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
+        // Through the per-key lock (not `Cache::invalidate`, which does not serialize with
+        // `and_compute_with`), so that a fill's compare-and-set and an invalidation are ordered.
+        let remove = |slot: String| {
+            self.slots.entry(slot).and_compute_with(|_| Op::Remove);
+        };
+        for key in keys {
+            if !is_shape(key) {
+                remove(key.clone());
+            }
+            remove(tag_slot(key));
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn peek<'a>(
+        &'a self,
+        key: &'a str,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Peek, StoreError>> {
+        let value = match self.slots.get(key).map(|e| e.held) {
+            Some(Held::Value(v)) => Some(v.to_vec()),
+            _ => None,
+        };
+        let tags = tags.iter().map(|t| self.tag(t, None)).collect();
+        Box::pin(std::future::ready(Ok(Peek { value, tags })))
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        key: &'a str,
+        lease: LeaseRequest<'a>,
+        tags: &'a [String],
+        tag_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Lookup, StoreError>> {
+        let mut slot = Slot::Leased;
+        self.slots
+            .entry(key.to_owned())
+            .and_compute_with(|current| {
+                let current = current.map(|e| e.into_value().held);
+                let replaceable = match (&current, lease.replace) {
+                    (None, _) => true,
+                    (Some(Held::Value(v)), Some(r)) => **v == *r,
+                    _ => false,
+                };
+                if replaceable {
+                    slot = Slot::Acquired {
+                        started: self.tick(),
+                    };
+                    return Op::Put(Entry {
+                        held: Held::Lease(lease.token.into()),
+                        ttl: lease.ttl,
+                    });
+                }
+                slot = match current {
+                    Some(Held::Value(v)) => Slot::Value(v.to_vec()),
+                    _ => Slot::Leased,
+                };
+                Op::Nop
+            });
+        let tags = tags
+            .iter()
+            .map(|t| self.tag(t, Some(tag_ttl)))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| StoreError::Protocol("a tag slot holds a value".into()));
+        Box::pin(std::future::ready(tags.map(|tags| Lookup { slot, tags })))
+    }
+
+    fn tags<'a>(
+        &'a self,
+        tags: &'a [String],
+        create: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Vec<Option<TagToken>>, StoreError>> {
+        let tokens = tags.iter().map(|t| self.tag(t, create)).collect();
+        Box::pin(std::future::ready(Ok(tokens)))
+    }
+
+    fn fill<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let mut stored = false;
+        self.slots
+            .entry(key.to_owned())
+            .and_compute_with(|current| match current.map(|e| e.into_value().held) {
+                Some(Held::Lease(l)) if *l == *lease => {
+                    stored = true;
+                    Op::Put(Entry {
+                        held: Held::Value(value.into()),
+                        ttl,
+                    })
+                }
+                _ => Op::Nop,
+            });
+        Box::pin(std::future::ready(Ok(stored)))
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.slots
+            .entry(key.to_owned())
+            .and_compute_with(|current| match current.map(|e| e.into_value().held) {
+                Some(Held::Lease(l)) if *l == *lease => Op::Remove,
+                _ => Op::Nop,
+            });
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(token: &str) -> LeaseRequest<'_> {
+        LeaseRequest {
+            token,
+            ttl: Duration::from_secs(5),
+            replace: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn lease_fill_and_invalidate() {
+        let s = MemoryStore::new(100);
+        let ttl = Duration::from_secs(5);
+        let got = s.lookup("k", lease("a"), &[], ttl).await.unwrap();
+        assert!(matches!(got.slot, Slot::Acquired { .. }));
+        let got = s.lookup("k", lease("b"), &[], ttl).await.unwrap();
+        assert_eq!(got.slot, Slot::Leased);
+        assert!(!s.fill("k", "b", b"x", ttl).await.unwrap());
+        s.invalidate(&["k".to_owned()]).await.unwrap();
+        assert!(
+            !s.fill("k", "a", b"x", ttl).await.unwrap(),
+            "lease was invalidated"
+        );
+        let got = s.lookup("k", lease("c"), &[], ttl).await.unwrap();
+        assert!(matches!(got.slot, Slot::Acquired { .. }));
+        assert!(s.fill("k", "c", b"x", ttl).await.unwrap());
+        let got = s.lookup("k", lease("d"), &[], ttl).await.unwrap();
+        assert_eq!(got.slot, Slot::Value(b"x".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn tag_tokens_change_on_invalidation() {
+        let s = MemoryStore::new(100);
+        let ttl = Duration::from_secs(5);
+        let tags = ["a:1".to_owned(), "a:<>".to_owned()];
+        let first = s.tags(&tags, Some(ttl)).await.unwrap();
+        assert_eq!(s.tags(&tags, None).await.unwrap(), first);
+        s.invalidate(&["a:<>".to_owned()]).await.unwrap();
+        let after = s.tags(&tags, None).await.unwrap();
+        assert_eq!(after[0], first[0]);
+        assert_eq!(after[1], None);
+    }
+}

@@ -1,0 +1,177 @@
+//! Shared pieces of the example and benchmark programs: timing samples, statistics, and a report printed as
+//! a table and written as JSON.
+
+use std::time::{Duration, Instant};
+
+/// Latency samples of one variant.
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    nanos: Vec<u64>,
+}
+
+impl Samples {
+    /// Records one duration.
+    pub fn push(&mut self, d: Duration) {
+        self.nanos
+            .push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// Times `f` once and records it; returns its output.
+    pub async fn time<T, F: std::future::Future<Output = T>>(&mut self, f: F) -> T {
+        let start = Instant::now();
+        let out = f.await;
+        self.push(start.elapsed());
+        out
+    }
+
+    /// Median, p99 and count, in microseconds.
+    pub fn stats(&self) -> Stats {
+        let mut v = self.nanos.clone();
+        v.sort_unstable();
+        let at = |q: f64| -> f64 {
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            // Nearest rank.
+            let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+            v[rank - 1] as f64 / 1_000.0
+        };
+        Stats {
+            n: v.len(),
+            median_us: at(0.5),
+            p99_us: at(0.99),
+        }
+    }
+}
+
+/// Summary statistics of [`Samples`].
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Stats {
+    /// Number of samples.
+    pub n: usize,
+    /// Median, in microseconds.
+    pub median_us: f64,
+    /// 99th percentile (nearest rank), in microseconds.
+    pub p99_us: f64,
+}
+
+/// One row of a report: a measured variant, with its ratio to the row's baseline where there is one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    /// The group (e.g. `write: single-row UPDATE`).
+    pub group: String,
+    /// The variant (e.g. `CachedPool`).
+    pub variant: String,
+    /// Latency statistics, if this row is a latency.
+    pub stats: Option<Stats>,
+    /// A plain value (a count, a throughput), with its unit.
+    pub value: Option<(f64, String)>,
+    /// Median of this row divided by the baseline's median, if a baseline was given.
+    pub ratio: Option<f64>,
+}
+
+/// A benchmark report: printed as a table, written as JSON.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    /// Free-form facts about the run (machine, sizes).
+    pub context: Vec<(String, String)>,
+    /// The rows, in order.
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// Adds a latency row; `baseline` is the median (µs) that `ratio` divides by.
+    pub fn latency(&mut self, group: &str, variant: &str, stats: Stats, baseline: Option<f64>) {
+        self.rows.push(Row {
+            group: group.to_owned(),
+            variant: variant.to_owned(),
+            stats: Some(stats),
+            value: None,
+            ratio: baseline.map(|b| stats.median_us / b),
+        });
+    }
+
+    /// Adds a plain value row.
+    pub fn value(&mut self, group: &str, variant: &str, value: f64, unit: &str) {
+        self.rows.push(Row {
+            group: group.to_owned(),
+            variant: variant.to_owned(),
+            stats: None,
+            value: Some((value, unit.to_owned())),
+            ratio: None,
+        });
+    }
+
+    /// The report as a Markdown table.
+    pub fn table(&self) -> String {
+        let mut out = String::from(
+            "| group | variant | median µs | p99 µs | n | value | ratio |\n|---|---|---:|---:|---:|---:|---:|\n",
+        );
+        for r in &self.rows {
+            let (median, p99, n) =
+                r.stats
+                    .map_or((String::new(), String::new(), String::new()), |s| {
+                        (
+                            format!("{:.1}", s.median_us),
+                            format!("{:.1}", s.p99_us),
+                            s.n.to_string(),
+                        )
+                    });
+            let value = r
+                .value
+                .as_ref()
+                .map_or(String::new(), |(v, unit)| format!("{v:.1} {unit}"));
+            let ratio = r.ratio.map_or(String::new(), |x| format!("{x:.2}×"));
+            out.push_str(&format!(
+                "| {} | {} | {median} | {p99} | {n} | {value} | {ratio} |\n",
+                r.group, r.variant
+            ));
+        }
+        out
+    }
+
+    /// Prints the table and writes the JSON to `path`.
+    ///
+    /// # Errors
+    ///
+    /// When the JSON cannot be written.
+    pub fn finish(&self, path: &str) -> std::io::Result<()> {
+        println!("{}", self.table());
+        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, json)?;
+        println!("wrote {path}");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut s = Samples::default();
+        for us in 1..=100 {
+            s.push(Duration::from_micros(us));
+        }
+        let st = s.stats();
+        assert_eq!((st.n, st.median_us, st.p99_us), (100, 50.0, 99.0));
+        let mut r = Report::default();
+        r.latency("g", "base", st, None);
+        r.latency(
+            "g",
+            "x",
+            Stats {
+                n: 1,
+                median_us: 75.0,
+                p99_us: 80.0,
+            },
+            Some(st.median_us),
+        );
+        assert!(
+            r.table().contains("| g | x | 75.0 | 80.0 | 1 |  | 1.50× |"),
+            "{}",
+            r.table()
+        );
+    }
+}
