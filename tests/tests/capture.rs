@@ -1234,3 +1234,73 @@ async fn write_detection_always_makes_writing_functions_synchronous() {
     // Delivered before the call returned (the relay's grace period is 2 s).
     env.assert_gone(&["product:5", "category:2:products"]).await;
 }
+
+#[tokio::test]
+async fn cache_reads_see_every_committed_write() {
+    use cache_runtime::Cache;
+    let env = Env::with("read_your_writes", |o| {
+        o.wrapped_grace(Duration::from_millis(200))
+            .sweep_interval(Duration::from_millis(50))
+    })
+    .await;
+    let cache = Cache::shared(Arc::clone(env.pool.store()));
+    let pool = &env.pool;
+    let name = |id: i64| {
+        let cache = &cache;
+        async move {
+            cache
+                .get_or_load(Product::cache_key_for(&id), || async move {
+                    sqlx::query_scalar::<_, String>("SELECT name FROM products WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(pool)
+                        .await
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(name(1).await.as_deref(), Some("a"));
+    assert_eq!(name(2).await.as_deref(), Some("b"));
+
+    // Autocommit write: the next read is fresh.
+    sqlx::query("UPDATE products SET name = 'a2' WHERE id = 1")
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(name(1).await.as_deref(), Some("a2"));
+
+    // Transaction: fresh after commit.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE products SET name = 'a3' WHERE id = 1")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(name(1).await.as_deref(), Some("a3"));
+
+    // A foreign write (plain pool): fresh within the relay's bound.
+    sqlx::query("UPDATE products SET name = 'b2' WHERE id = 2")
+        .execute(&env.admin)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while name(2).await.as_deref() != Some("b2") {
+        assert!(Instant::now() < deadline, "foreign write not invalidated");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // TRUNCATE: the whole namespace goes (tag tokens), including cached misses turned into rows.
+    assert_eq!(name(3).await.as_deref(), Some("c"));
+    sqlx::query("TRUNCATE products CASCADE")
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(name(1).await, None);
+    assert_eq!(name(3).await, None);
+    // A deleted row is cached as a miss; the INSERT that creates it invalidates the miss.
+    sqlx::query("INSERT INTO products VALUES (3, 1, 'c2', 1)")
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(name(3).await.as_deref(), Some("c2"));
+}
