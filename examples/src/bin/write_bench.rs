@@ -8,7 +8,8 @@
 //! - a single-row autocommit `UPDATE`: through `CachedPool`; raw sqlx `UPDATE` + Redis `DEL` of the two keys
 //!   (hand-written invalidation); raw sqlx `UPDATE` alone (no cache);
 //! - a transaction of 5 single-row `UPDATE`s, the same three ways;
-//! - a 10k-row `UPDATE`, the same three ways (the hand-written one deletes 10,001 keys in one pipeline).
+//! - a 10k-row `UPDATE`, the same three ways (the hand-written one deletes 10,100 keys in one pipeline);
+//! - foreign writes (a plain `PgPool` on the registered table): commit to key gone, via the relay, p50/p99.
 //!
 //! Prints medians and writes JSON to the first argument (default `target/write_bench.json`).
 //!
@@ -52,7 +53,7 @@ async fn main() -> Result<(), BoxError> {
     )))
     .execute(&mut admin)
     .await?;
-    let rows = result?;
+    let (rows, foreign) = result?;
 
     println!(
         "{:<28} {:>16} {:>16} {:>16} {:>10} {:>10}",
@@ -70,7 +71,12 @@ async fn main() -> Result<(), BoxError> {
         );
     }
     let json = format!(
-        "{{\n  \"unit\": \"microseconds (median)\",\n  \"results\": [\n{}\n  ]\n}}\n",
+        "{{\n  \"unit\": \"microseconds (median)\",\n  \"foreign_write_to_key_gone\": {{\"writes\": {}, \
+         \"p50\": {:.1}, \"p99\": {:.1}, \"max\": {:.1}}},\n  \"results\": [\n{}\n  ]\n}}\n",
+        foreign.writes,
+        us(foreign.p50),
+        us(foreign.p99),
+        us(foreign.max),
         rows.iter()
             .map(|r| format!(
                 "    {{\"operation\": \"{}\", \"iterations\": {}, \"cached_pool\": {:.1}, \"update_plus_del\": {:.1}, \
@@ -100,7 +106,7 @@ struct Row {
     raw: Duration,
 }
 
-async fn run(url: &str, redis_url: &str) -> Result<Vec<Row>, BoxError> {
+async fn run(url: &str, redis_url: &str) -> Result<(Vec<Row>, Foreign), BoxError> {
     let raw = PgPoolOptions::new().max_connections(2).connect(url).await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, price_cents bigint NOT NULL);
@@ -235,8 +241,61 @@ async fn run(url: &str, redis_url: &str) -> Result<Vec<Row>, BoxError> {
             .await?;
     }
     rows.push(row("10k-row autocommit UPDATE", n, times));
+
+    // Foreign writes (a plain pool on the registered table): commit -> key gone, through the relay.
+    let n = 200;
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = 1 + (i as i64 * 13) % ROWS;
+        let key = format!("{prefix}product:{id}");
+        redis::cmd("SET")
+            .arg(&key)
+            .arg("cached")
+            .query_async::<()>(&mut redis)
+            .await?;
+        sqlx::query("UPDATE products SET price_cents = price_cents + 1 WHERE id = $1")
+            .bind(id)
+            .execute(&raw)
+            .await?;
+        let committed = Instant::now();
+        loop {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await?;
+            if !exists {
+                break;
+            }
+            if committed.elapsed() > Duration::from_secs(5) {
+                return Err(format!("foreign write to {key} not invalidated within 5 s").into());
+            }
+        }
+        latencies.push(committed.elapsed());
+    }
+    latencies.sort();
+    let pct = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
+    println!(
+        "foreign write (plain PgPool) -> key gone, {n} writes: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        pct(50).as_secs_f64() * 1e3,
+        pct(99).as_secs_f64() * 1e3,
+        latencies[latencies.len() - 1].as_secs_f64() * 1e3
+    );
+    let foreign = Foreign {
+        writes: n,
+        p50: pct(50),
+        p99: pct(99),
+        max: latencies[latencies.len() - 1],
+    };
     pool.close().await;
-    Ok(rows)
+    Ok((rows, foreign))
+}
+
+/// Latency of foreign writes, commit to key gone.
+struct Foreign {
+    writes: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
 }
 
 async fn plain_tx(raw: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
