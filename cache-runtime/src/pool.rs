@@ -58,6 +58,7 @@ use sqlx_core::sql_str::SqlStr;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::cache::Cache;
 use crate::classify::may_write;
 use crate::error::Error;
 use crate::registry::{Registry, registry};
@@ -285,6 +286,7 @@ pub struct CachedPool {
 struct Core {
     pool: PgPool,
     store: Arc<dyn Store>,
+    cache: Cache,
     registry: Registry,
     detection: WriteDetection,
     relay_config: RelayConfig,
@@ -352,6 +354,7 @@ impl CachedPool {
         Self {
             core: Arc::new(Core {
                 pool,
+                cache: Cache::shared(Arc::clone(&store)),
                 store,
                 registry,
                 detection,
@@ -391,6 +394,31 @@ impl CachedPool {
     /// The store invalidated after writes.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.core.store
+    }
+
+    /// The read side on the same store: [`Cache::get_or_load`] and friends, with default settings (for
+    /// others, build one with [`Cache::builder_shared`] on [`store`](Self::store)).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use cache_runtime::{CachedEntity, CachedPool, MemoryStore, key};
+    /// # #[derive(CachedEntity, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
+    /// # #[cached_entity(key = "product:<id>")]
+    /// # struct Product { id: i64, name: String }
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = CachedPool::connect("postgres://localhost/shop", MemoryStore::new(10_000)).await?;
+    /// let id = 123_i64;
+    /// let product: Option<Product> = pool
+    ///     .cache()
+    ///     .get_or_load(key!("product:<id>", id), || async {
+    ///         sqlx::query_as("SELECT id, name FROM products WHERE id = $1").bind(id).fetch_optional(&pool).await
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn cache(&self) -> &Cache {
+        &self.core.cache
     }
 
     /// The registry the pool was verified against.
