@@ -41,11 +41,14 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
+use crate::breaker::{BreakerConfig, BreakerState, Health, Permit};
 use crate::codec;
 use crate::entity::CachedEntity;
 use crate::flight::{self, Flights, Join, Outcome};
 use crate::key::Key;
+use crate::observe;
 use crate::store::redis::nonce;
 use crate::store::{LeaseRequest, Slot, Store, StoreError, TagToken};
 
@@ -80,6 +83,7 @@ pub struct Cache {
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn Store>,
+    health: Arc<Health>,
     flights: Flights,
     config: Config,
     stats: Counters,
@@ -109,6 +113,7 @@ struct Config {
 pub struct CacheBuilder {
     store: Arc<dyn Store>,
     config: Config,
+    breaker: BreakerConfig,
 }
 
 impl CacheBuilder {
@@ -139,11 +144,24 @@ impl CacheBuilder {
         self
     }
 
+    /// The circuit breaker in front of the store (see [`BreakerConfig`]).
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
     /// The cache.
     pub fn build(self) -> Cache {
+        let health = Arc::new(Health::new(self.breaker, false));
+        self.build_with(health)
+    }
+
+    /// The cache, with the health (breaker and gate) shared with a pool's commit path and relay.
+    pub(crate) fn build_with(self, health: Arc<Health>) -> Cache {
         Cache {
             inner: Arc::new(Inner {
                 store: self.store,
+                health,
                 flights: Flights::default(),
                 config: self.config,
                 stats: Counters::default(),
@@ -228,6 +246,9 @@ pub struct Stats {
     pub lease_timeouts: u64,
     /// Store operations that failed; the read fell through to the loader.
     pub store_errors: u64,
+    /// Reads that skipped the store (circuit breaker open, or the post-outage gate closed) and loaded
+    /// without storing.
+    pub bypassed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -244,6 +265,7 @@ struct Counters {
     lease_waits: AtomicU64,
     lease_timeouts: AtomicU64,
     store_errors: AtomicU64,
+    bypassed: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -320,12 +342,25 @@ impl Cache {
                 lease_ttl: Duration::from_secs(5),
                 lease_wait: Duration::from_secs(1),
             },
+            breaker: BreakerConfig::default(),
         }
     }
 
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// The state of the circuit breaker in front of the store.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.health.state()
+    }
+
+    /// Whether reads currently bypass the store because of a store failure whose outbox rows are not yet
+    /// delivered (see the [`breaker`](crate::breaker) module). Always `false` for a cache not built by a
+    /// [`CachedPool`](crate::CachedPool).
+    pub fn gate_closed(&self) -> bool {
+        self.inner.health.gated()
     }
 
     /// The counters so far.
@@ -345,6 +380,7 @@ impl Cache {
             lease_waits: get(&c.lease_waits),
             lease_timeouts: get(&c.lease_timeouts),
             store_errors: get(&c.store_errors),
+            bypassed: get(&c.bypassed),
         }
     }
 
@@ -360,7 +396,16 @@ impl Cache {
     /// Dropping the future may leave any subset of `keys` invalidated; invalidation is idempotent, so
     /// calling again is always safe.
     pub async fn invalidate(&self, keys: &[String]) -> Result<(), StoreError> {
-        self.inner.store.invalidate(keys).await
+        match self.inner.store.invalidate(keys).await {
+            Ok(()) => {
+                self.inner.health.success();
+                Ok(())
+            }
+            Err(e) => {
+                self.store_failed("invalidate", &e);
+                Err(e)
+            }
+        }
     }
 
     /// Reads `key`; on a miss runs `loader` and caches its result (unless the key was invalidated during the
@@ -558,10 +603,11 @@ impl Cache {
         ttl.mul_f64(1.0 - cut).max(Duration::from_millis(1))
     }
 
-    /// The seam for store health: every failed store operation goes through here. (A circuit breaker that
-    /// skips the store while it is unhealthy belongs here.)
+    /// Every failed store operation goes through here: it counts towards the breaker and closes the gate.
     fn store_failed(&self, op: &'static str, error: &StoreError) {
         bump(&self.inner.stats.store_errors);
+        observe::store_error(op);
+        self.inner.health.failure();
         tracing::warn!(op, %error, "cache store failed; reading from the loader");
     }
 
@@ -600,7 +646,8 @@ impl Cache {
             }
         }
         leader.pass();
-        let (result, outcome) = self.lead(&key, options, loader).await;
+        let span = tracing::debug_span!("cache.load", key = %key);
+        let (result, outcome) = self.lead(&key, options, loader).instrument(span).await;
         leader.complete(outcome);
         result
     }
@@ -639,6 +686,18 @@ impl Cache {
         let config = &self.inner.config;
         let stats = &self.inner.stats;
         let store = &self.inner.store;
+        let health = &self.inner.health;
+        if health.gated() {
+            bump(&stats.bypassed);
+            observe::bypassed("gate");
+            return self.load_unstored(loader).await;
+        }
+        if health.permit() == Permit::Skip {
+            bump(&stats.bypassed);
+            observe::bypassed("breaker");
+            return self.load_unstored(loader).await;
+        }
+        let epoch = health.epoch();
         let ttl = options.ttl.unwrap_or_else(|| self.ttl_for(key));
         let tag_ttl = ttl.saturating_add(Duration::from_secs(60));
         let pre = tag_names(key, &options.tags);
@@ -648,6 +707,7 @@ impl Cache {
         // The hit path: a read-only round trip.
         match store.peek(key.as_str(), &pre).await {
             Ok(peek) => {
+                health.success();
                 if let Some(bytes) = peek.value {
                     let current: Vec<Option<&str>> = peek
                         .tags
@@ -657,6 +717,7 @@ impl Cache {
                     match self.check::<V>(&bytes, &pre, &current).await {
                         Hit::Valid(value, payload) => {
                             bump(&stats.hits);
+                            observe::hit();
                             return (Ok(value), Outcome::Value(payload));
                         }
                         Hit::Stale => bump(&stats.stale),
@@ -674,6 +735,7 @@ impl Cache {
                 return self.load_unstored(loader).await;
             }
         }
+        observe::miss();
         let mut backoff = Duration::from_millis(1);
         let mut waited = false;
         let (started, pre_tokens) = loop {
@@ -683,7 +745,10 @@ impl Cache {
                 replace: replace.as_deref(),
             };
             let lookup = match store.lookup(key.as_str(), lease, &pre, tag_ttl).await {
-                Ok(lookup) => lookup,
+                Ok(lookup) => {
+                    health.success();
+                    lookup
+                }
                 Err(e) => {
                     self.store_failed("lookup", &e);
                     return self.load_unstored(loader).await;
@@ -697,6 +762,7 @@ impl Cache {
                     match self.check::<V>(&bytes, &pre, &current).await {
                         Hit::Valid(value, payload) => {
                             bump(&stats.hits);
+                            observe::hit();
                             return (Ok(value), Outcome::Value(payload));
                         }
                         Hit::Stale => bump(&stats.stale),
@@ -717,6 +783,7 @@ impl Cache {
                     if !waited {
                         waited = true;
                         bump(&stats.lease_waits);
+                        observe::lease_wait();
                     }
                     let now = Instant::now();
                     if now >= deadline {
@@ -736,6 +803,7 @@ impl Cache {
             armed: true,
         };
         bump(&stats.loads);
+        observe::load();
         let (value, found_tags) = match loader().await {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -784,6 +852,11 @@ impl Cache {
                 }
             }
         }
+        if storable && health.epoch() != epoch {
+            // A store failure since the lease was taken: an invalidation may have been lost meanwhile, and
+            // the lease would not show it. Do not store.
+            storable = false;
+        }
         if storable {
             let entry = codec::seal(
                 recorded.iter().map(|(n, t)| (n.as_str(), t.as_str())),
@@ -795,12 +868,14 @@ impl Cache {
                 .await
             {
                 Ok(true) => {
+                    health.success();
                     guard.armed = false;
                     bump(&stats.fills);
                 }
                 Ok(false) => {
                     guard.armed = false;
                     bump(&stats.fills_rejected);
+                    observe::fill_rejected();
                     tracing::debug!(key = %key, "invalidated during the load; not stored");
                 }
                 Err(e) => self.store_failed("fill", &e),
@@ -821,6 +896,7 @@ impl Cache {
         Fut: Future<Output = Result<(V, Vec<Key>), E>>,
     {
         bump(&self.inner.stats.loads);
+        observe::load();
         match loader().await {
             Ok((value, _)) => {
                 let outcome =

@@ -1,5 +1,6 @@
 #![doc = include_str!("../../README.md")]
 
+pub mod breaker;
 mod cache;
 mod classify;
 pub mod codec;
@@ -7,9 +8,10 @@ mod entity;
 mod error;
 mod flight;
 mod key;
+pub mod observe;
 pub mod pool;
 mod registry;
-mod relay;
+pub mod relay;
 pub mod schema;
 pub mod store;
 
@@ -50,6 +52,7 @@ pub mod store;
 /// ```
 pub use cache_derive::CachedEntity;
 
+pub use breaker::{BreakerConfig, BreakerState};
 pub use cache::{Cache, CacheBuilder, LoadOptions, Stats};
 /// Renders a [`Key`] from a template that some `#[derive(CachedEntity)]` declares.
 ///
@@ -97,6 +100,7 @@ pub use key::{
 };
 pub use pool::{CachedPool, CachedPoolOptions, CachedTransaction, WriteDetection};
 pub use registry::{Registry, RegistryError, registry};
+pub use relay::{Backlog, Drained, LISTEN_APPLICATION_NAME, Relay, RelayBuilder};
 pub use schema::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, Schema, TriggerMode};
 pub use store::{BoxFuture, MemoryStore, RedisStore, Store, StoreError};
 

@@ -57,12 +57,14 @@ use sqlx_core::ext::async_stream::TryAsyncStream;
 use sqlx_core::sql_str::SqlStr;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
+use crate::breaker::{BreakerConfig, Health};
 use crate::cache::Cache;
 use crate::classify::may_write;
 use crate::error::Error;
 use crate::registry::{Registry, registry};
-use crate::relay::{self, RelayConfig};
+use crate::relay::{self, Relay, RelayConfig};
 use crate::schema::{Schema, TriggerMode, WRAPPED_SETTING};
 use crate::store::Store;
 
@@ -103,7 +105,10 @@ pub struct CachedPoolOptions {
     trigger_mode: TriggerMode,
     relay: bool,
     relay_config: RelayConfig,
+    breaker: BreakerConfig,
     detection: WriteDetection,
+    #[cfg(feature = "fault-injection")]
+    crash_after_commit: bool,
 }
 
 impl Default for CachedPoolOptions {
@@ -123,7 +128,10 @@ impl CachedPoolOptions {
             trigger_mode: TriggerMode::default(),
             relay: true,
             relay_config: RelayConfig::default(),
+            breaker: BreakerConfig::default(),
             detection: WriteDetection::default(),
+            #[cfg(feature = "fault-injection")]
+            crash_after_commit: false,
         }
     }
 
@@ -180,6 +188,27 @@ impl CachedPoolOptions {
         self
     }
 
+    /// Outbox rows per relay batch (default 5,000; see [`RelayBuilder::batch_rows`](crate::RelayBuilder::batch_rows)).
+    pub fn batch_rows(mut self, rows: u32) -> Self {
+        self.relay_config.batch = i32::try_from(rows.max(1)).unwrap_or(i32::MAX);
+        self
+    }
+
+    /// The circuit breaker in front of the store, shared by the pool's reads, commits and relay.
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// Fault injection for tests: writes commit but their keys are never sent to the store by the writing
+    /// call, as if the process died between `COMMIT` and the store call. The relay delivers them after
+    /// the grace period. Only with the `fault-injection` feature; never use it in production.
+    #[cfg(feature = "fault-injection")]
+    pub fn crash_after_commit(mut self, crash: bool) -> Self {
+        self.crash_after_commit = crash;
+        self
+    }
+
     /// How autocommit writes are detected.
     pub fn write_detection(mut self, detection: WriteDetection) -> Self {
         self.detection = detection;
@@ -220,9 +249,6 @@ impl CachedPoolOptions {
         let registry = self.registry.unwrap_or_else(|| registry().clone());
         registry.validate()?;
         let options = options.options([(WRAPPED_SETTING, "on")]);
-        let listen_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy_with(options.clone());
         let pool = self.pool_options.connect_with(options).await?;
         {
             let mut conn = pool.acquire().await?;
@@ -232,14 +258,22 @@ impl CachedPoolOptions {
             }
             schema.verify(&mut conn).await?;
         }
-        Ok(CachedPool::from_parts(
+        let mut pool = CachedPool::from_parts(
             pool,
-            listen_pool,
             Arc::new(store),
             registry,
-            self.relay.then_some(self.relay_config),
+            self.relay_config,
+            self.relay,
+            self.breaker,
             self.detection,
-        ))
+        );
+        #[cfg(feature = "fault-injection")]
+        if let Some(core) = Arc::get_mut(&mut pool.core) {
+            core.crash_after_commit = self.crash_after_commit;
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = &mut pool;
+        Ok(pool)
     }
 }
 
@@ -290,15 +324,21 @@ struct Core {
     registry: Registry,
     detection: WriteDetection,
     relay_config: RelayConfig,
+    health: Arc<Health>,
     delivered: mpsc::UnboundedSender<Vec<i64>>,
-    relay: Option<JoinHandle<()>>,
+    relay: Relay,
+    relay_task: Option<JoinHandle<()>>,
+    recovery_task: JoinHandle<()>,
+    #[cfg(feature = "fault-injection")]
+    crash_after_commit: bool,
 }
 
 impl Drop for Core {
     fn drop(&mut self) {
-        if let Some(relay) = &self.relay {
+        if let Some(relay) = &self.relay_task {
             relay.abort();
         }
+        self.recovery_task.abort();
     }
 }
 
@@ -308,7 +348,7 @@ impl fmt::Debug for CachedPool {
             .field("pool", &self.core.pool)
             .field("store", &self.core.store)
             .field("detection", &self.core.detection)
-            .field("relay", &self.core.relay.is_some())
+            .field("relay", &self.core.relay_task.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -333,34 +373,50 @@ impl CachedPool {
         CachedPoolOptions::new()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn from_parts(
         pool: PgPool,
-        listen_pool: PgPool,
         store: Arc<dyn Store>,
         registry: Registry,
-        relay_config: Option<RelayConfig>,
+        relay_config: RelayConfig,
+        run_relay: bool,
+        breaker: BreakerConfig,
         detection: WriteDetection,
     ) -> Self {
         let (delivered, receiver) = mpsc::unbounded_channel();
         tokio::spawn(delete_delivered(pool.clone(), receiver));
-        let relay = relay_config.map(|config| {
-            tokio::spawn(relay::run(
-                pool.clone(),
-                listen_pool,
-                Arc::clone(&store),
-                config,
-            ))
+        let health = Arc::new(Health::new(breaker, true));
+        let relay = Relay::from_parts(
+            pool.clone(),
+            Arc::clone(&store),
+            relay_config,
+            Arc::clone(&health),
+        );
+        let relay_task = run_relay.then(|| {
+            let relay = relay.clone();
+            tokio::spawn(async move { relay.run().await })
         });
+        let recovery_task = {
+            let (relay, health) = (relay.clone(), Arc::clone(&health));
+            tokio::spawn(async move { relay.recover(health).await })
+        };
         Self {
             core: Arc::new(Core {
                 pool,
-                cache: Cache::shared(Arc::clone(&store)),
+                cache: Cache::builder_shared(Arc::clone(&store))
+                    .breaker(breaker)
+                    .build_with(Arc::clone(&health)),
                 store,
                 registry,
                 detection,
-                relay_config: relay_config.unwrap_or_default(),
+                relay_config,
+                health,
                 delivered,
                 relay,
+                relay_task,
+                recovery_task,
+                #[cfg(feature = "fault-injection")]
+                crash_after_commit: false,
             }),
         }
     }
@@ -452,12 +508,14 @@ impl CachedPool {
     /// Each batch is one transaction: dropping the future leaves undelivered rows in the outbox (a batch
     /// whose keys were already invalidated may be delivered again, which is harmless).
     pub async fn sweep_outbox(&self) -> Result<usize, Error> {
-        relay::sweep(
-            &self.core.pool,
-            self.core.store.as_ref(),
-            &self.core.relay_config,
-        )
-        .await
+        let drained = self.core.relay.drain_once().await?;
+        Ok(usize::try_from(drained.rows).unwrap_or(usize::MAX))
+    }
+
+    /// The pool's relay (whether or not its background task runs): [`Relay::drain_once`],
+    /// [`Relay::backlog`].
+    pub fn relay(&self) -> &Relay {
+        &self.core.relay
     }
 
     /// Closes the pool: stops the relay and waits for the connections to close.
@@ -466,9 +524,10 @@ impl CachedPool {
     ///
     /// Dropping the future leaves the pool closed (as [`sqlx::Pool::close`]).
     pub async fn close(&self) {
-        if let Some(relay) = &self.core.relay {
+        if let Some(relay) = &self.core.relay_task {
             relay.abort();
         }
+        self.core.recovery_task.abort();
         self.core.pool.close().await;
     }
 }
@@ -480,26 +539,29 @@ impl Core {
         if rows.is_empty() {
             return;
         }
+        #[cfg(feature = "fault-injection")]
+        if self.crash_after_commit {
+            return;
+        }
         let (ids, keys) = relay::split(rows);
-        match tokio::time::timeout(
+        let result = relay::invalidate(
+            self.store.as_ref(),
+            &self.health,
+            &keys,
             self.relay_config.store_timeout,
-            self.store.invalidate(&keys),
+            "commit",
         )
-        .await
-        {
-            Ok(Ok(())) => {
+        .await;
+        match result {
+            Ok(()) => {
                 // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
                 let _ = self.delivered.send(ids);
             }
-            Ok(Err(error)) => tracing::warn!(
+            Err(error) => tracing::warn!(
                 %error,
                 keys = keys.len(),
-                "cache invalidation failed after COMMIT; the outbox keeps the keys and the relay will retry"
-            ),
-            Err(_) => tracing::warn!(
-                timeout = ?self.relay_config.store_timeout,
-                keys = keys.len(),
-                "cache invalidation timed out after COMMIT; the outbox keeps the keys and the relay will retry"
+                "cache invalidation failed after COMMIT; the outbox keeps the keys, the relay retries, and \
+                 reads bypass the cache until they are delivered"
             ),
         }
     }
@@ -598,10 +660,15 @@ impl CachedTransaction<'_> {
     /// (spawned right after `COMMIT`), which completes even when this future is dropped; if the future is
     /// dropped between the `COMMIT` and that spawn, the keys stay in the outbox and the relay delivers them
     /// within the grace period.
-    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
         if !self.outermost {
             return self.tx.commit().await;
         }
+        let span = tracing::debug_span!("cache.commit");
+        self.commit_outermost().instrument(span).await
+    }
+
+    async fn commit_outermost(mut self) -> Result<(), sqlx::Error> {
         let rows: Vec<(i64, Vec<String>)> =
             sqlx::query_as("SELECT id, keys FROM cache_invalidation.transaction_keys()")
                 .fetch_all(&mut *self.tx)

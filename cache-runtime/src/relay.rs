@@ -1,26 +1,72 @@
-//! Delivery of outbox rows the writing session did not deliver itself.
+//! The relay: delivers outbox rows the writing session did not deliver itself.
 //!
-//! A background task of [`CachedPool`](crate::CachedPool) `LISTEN`s on [`NOTIFY_CHANNEL`] (written at commit by
-//! sessions that do not go through the wrapper: `psql`, a plain `PgPool`, another service) and sweeps the
-//! outbox periodically. A sweep claims rows with `FOR UPDATE SKIP LOCKED` (several relays can run at once),
-//! invalidates their keys in the store, deletes them and commits; when the store fails, the transaction rolls
-//! back and the rows stay for the next sweep (at-least-once delivery).
+//! A [`Relay`] runs inside every application (a background task of [`CachedPool`](crate::CachedPool),
+//! unless turned off with [`CachedPoolOptions::relay`](crate::CachedPoolOptions::relay)) and can run on its
+//! own ([`Relay::run`], the `cache_relay` binary of the `examples` package). Any number of relays may serve
+//! one database at once.
 //!
-//! It delivers the rows of unwrapped sessions at once, and rows of wrapped sessions once they are older than
-//! the grace period ([`CachedPoolOptions::wrapped_grace`](crate::CachedPoolOptions::wrapped_grace)): those
-//! are normally delivered by the writing call itself; rows still there later were left behind (the store call
-//! failed, the process crashed after `COMMIT`, or the statement was not classified as a write).
+//! # What it delivers, and when
+//!
+//! - Rows of sessions that do not go through the wrapper (`psql`, a plain `PgPool`, another service): at
+//!   once. Their commit sends a `NOTIFY` on [`NOTIFY_CHANNEL`]; the relay `LISTEN`s on a connection of its
+//!   own (application name `cache_invalidation_relay`) and sweeps when notified.
+//! - Rows of wrapped sessions once they are older than the grace period
+//!   ([`RelayBuilder::wrapped_grace`], default 2 s). The writing call delivers them itself, right after
+//!   `COMMIT`, and queues them for deletion; rows still there after the grace period were left behind (the
+//!   store call failed, the process crashed between `COMMIT` and the delete, or the statement was not
+//!   classified as a write). So a wrapped row is delivered once in the normal case, and at least once always.
+//! - A periodic sweep ([`RelayBuilder::sweep_interval`], default 500 ms) catches notifications that were lost
+//!   (the `LISTEN` connection dropped: it reconnects, then sweeps at once) and rows whose grace period ended.
+//!
+//! # One batch
+//!
+//! A batch is one transaction: claim up to [`RelayBuilder::batch_rows`] rows with `FOR UPDATE SKIP LOCKED`
+//! (several relays share the work, each row is held by one of them), invalidate their distinct keys in one
+//! store pipeline (bounded by [`RelayBuilder::store_timeout`]), delete the rows and commit with
+//! `synchronous_commit = off` (no WAL flush: losing the delete in a database crash only means a second,
+//! harmless delivery). When the store fails, the transaction rolls back and the rows stay for the next sweep:
+//! delivery is at least once. A backlog drains batch after batch ([`Relay::drain_once`]).
+//!
+//! # Store outages and the read gate
+//!
+//! Store calls go through the circuit breaker (see the [`breaker`](crate::breaker) module). In a
+//! [`CachedPool`](crate::CachedPool), a store failure also closes the read gate of the pool's
+//! [`Cache`](crate::Cache); the pool's recovery task then drains the outbox up to its highest id `W` read
+//! after the store answers again (every row up to `W`, whatever its age) and waits until no row up to `W`
+//! remains before reads use the cache again.
+//!
+//! **Guarantee.** In a process whose cache saw a store failure (a read, a commit's invalidation or a relay
+//! batch failed or was skipped by the breaker), no read returns a cached value from the first failure
+//! until every outbox row committed before the store answered again has been delivered: such reads go to
+//! the loader and store nothing. Fills whose lease was taken before a failure are not stored either. So a
+//! value cached before the outage, or filled during it from a load that raced with a lost invalidation, is
+//! never served by that process, even when the server kept its data.
+//!
+//! **Limits.** The gate is per process. A process that performs no store call while the server is
+//! unreachable (its reads happen only before and after) sees no failure; it may serve an entry that a
+//! write of the outage window invalidated until a relay delivers that write, which every relay does on its
+//! first sweep after the store is back (within [`RelayBuilder::sweep_interval`], or the grace period for
+//! wrapped rows younger than it). A process whose store connection works while another's does not (a
+//! partition between one application and Redis) likewise relies on the relays: the failed process's
+//! committed keys reach the store within the grace period. Rows of transactions still open when `W` is read
+//! are not waited for: their writers deliver them after their own `COMMIT`, as usual.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tracing::Instrument as _;
 
+use crate::breaker::{BreakerConfig, Health, Permit};
 use crate::error::Error;
+use crate::observe;
 use crate::schema::NOTIFY_CHANNEL;
 use crate::store::Store;
+
+/// The application name of the relay's `LISTEN` connection (visible in `pg_stat_activity`).
+pub const LISTEN_APPLICATION_NAME: &str = "cache_invalidation_relay";
 
 /// How the relay runs.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +75,7 @@ pub(crate) struct RelayConfig {
     pub(crate) wrapped_grace: Duration,
     /// Time between two sweeps when no notification arrives.
     pub(crate) sweep_interval: Duration,
-    /// Outbox rows per sweep transaction.
+    /// Outbox rows per batch.
     pub(crate) batch: i32,
     /// The longest a delivery waits for the store.
     pub(crate) store_timeout: Duration,
@@ -40,115 +86,474 @@ impl Default for RelayConfig {
         Self {
             wrapped_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_millis(500),
-            batch: 500,
+            batch: 5_000,
             store_timeout: Duration::from_millis(500),
         }
     }
 }
 
-/// Runs the relay until the task is aborted.
+/// What a drain delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Drained {
+    /// Outbox rows delivered and deleted.
+    pub rows: u64,
+    /// Keys invalidated (distinct per batch).
+    pub keys: u64,
+    /// Batches (transactions).
+    pub batches: u64,
+}
+
+/// The outbox's size, as [`Relay::backlog`] measures it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Rows in the outbox (delivered or not yet deleted).
+    pub depth: u64,
+    /// The highest row id (0 when empty).
+    pub max_id: i64,
+    /// Age of the oldest row.
+    pub oldest_age: Duration,
+}
+
+/// Builder of a [`Relay`].
 ///
-/// `listen_pool` is a pool of its own (one connection) for the `LISTEN` connection, which a `PgListener`
-/// holds for as long as it lives: it must not take a connection of the application's pool.
-pub(crate) async fn run(
+/// # Examples
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use cache_runtime::{RedisStore, Relay};
+///
+/// let pool = sqlx::PgPool::connect("postgres://relay@localhost/shop").await?;
+/// let store = RedisStore::connect("redis://127.0.0.1:6379", "shop:").await?;
+/// let relay = Relay::builder(pool, store).sweep_interval(Duration::from_millis(250)).build();
+/// relay.run().await; // runs until the future is dropped
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct RelayBuilder {
     pool: PgPool,
-    listen_pool: PgPool,
     store: Arc<dyn Store>,
     config: RelayConfig,
-) {
-    let mut listener = None;
-    let mut tick = tokio::time::interval(config.sweep_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        if listener.is_none() {
-            listener = listen(&listen_pool).await;
+    breaker: BreakerConfig,
+}
+
+impl RelayBuilder {
+    /// Age after which the relay delivers rows written through a [`CachedPool`](crate::CachedPool)
+    /// (default 2 s): the bound on delivery after a crash between `COMMIT` and the store call.
+    pub fn wrapped_grace(mut self, grace: Duration) -> Self {
+        self.config.wrapped_grace = grace;
+        self
+    }
+
+    /// Time between two sweeps without notification (default 500 ms).
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.config.sweep_interval = interval;
+        self
+    }
+
+    /// Outbox rows per batch: one claim, one store pipeline, one delete (default 5,000).
+    pub fn batch_rows(mut self, rows: u32) -> Self {
+        self.config.batch = i32::try_from(rows.max(1)).unwrap_or(i32::MAX);
+        self
+    }
+
+    /// The longest a batch waits for the store (default 500 ms); the batch is retried at the next sweep.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config.store_timeout = timeout;
+        self
+    }
+
+    /// The circuit breaker in front of the store.
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// The relay (nothing runs until [`Relay::run`] or a drain is called).
+    pub fn build(self) -> Relay {
+        let health = Arc::new(Health::new(self.breaker, false));
+        Relay::from_parts(self.pool, self.store, self.config, health)
+    }
+}
+
+/// A relay of one database's outbox to one store. Cheap to clone.
+///
+/// See the [module docs](crate::relay) for what it delivers and when.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    inner: Arc<RelayInner>,
+}
+
+#[derive(Debug)]
+struct RelayInner {
+    pool: PgPool,
+    /// A pool of one connection for the `LISTEN`, which a `PgListener` holds for as long as it lives.
+    listen: PgPool,
+    store: Arc<dyn Store>,
+    config: RelayConfig,
+    health: Arc<Health>,
+}
+
+impl Relay {
+    /// A builder for a relay reading the outbox through `pool` and invalidating in `store`.
+    ///
+    /// The relay's batches use `pool`; its `LISTEN` connection is one more connection to the same
+    /// database, outside `pool`.
+    pub fn builder(pool: PgPool, store: impl Store) -> RelayBuilder {
+        Self::builder_shared(pool, Arc::new(store))
+    }
+
+    /// [`builder`](Self::builder) on a shared store.
+    pub fn builder_shared(pool: PgPool, store: Arc<dyn Store>) -> RelayBuilder {
+        RelayBuilder {
+            pool,
+            store,
+            config: RelayConfig::default(),
+            breaker: BreakerConfig::default(),
         }
-        if let Err(error) = sweep(&pool, store.as_ref(), &config).await {
-            tracing::warn!(%error, "cache invalidation relay: sweep failed; retrying at the next tick");
+    }
+
+    pub(crate) fn from_parts(
+        pool: PgPool,
+        store: Arc<dyn Store>,
+        config: RelayConfig,
+        health: Arc<Health>,
+    ) -> Self {
+        let options = (*pool.connect_options())
+            .clone()
+            .application_name(LISTEN_APPLICATION_NAME);
+        let listen = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options);
+        Self {
+            inner: Arc::new(RelayInner {
+                pool,
+                listen,
+                store,
+                config,
+                health,
+            }),
         }
-        match listener.as_mut() {
-            Some(l) => {
-                tokio::select! {
-                    received = l.recv() => match received {
-                        // Coalesce a burst of notifications into one sweep.
-                        Ok(_) => while l.next_buffered().is_some() {},
-                        Err(error) => {
-                            tracing::warn!(%error, "cache invalidation relay: LISTEN connection lost; reconnecting");
-                            listener = None;
-                            tick.tick().await;
-                        }
-                    },
-                    _ = tick.tick() => {}
+    }
+
+    /// Runs the relay: `LISTEN`, sweep when notified and every sweep interval, reconnect when the `LISTEN`
+    /// connection is lost. Never returns; errors are logged and retried.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops the relay. A batch in flight rolls back (its rows stay in the outbox) or
+    /// has committed; either way nothing is lost, at worst a batch is delivered again.
+    pub async fn run(&self) {
+        let mut listener: Option<PgListener> = None;
+        let mut tick = tokio::time::interval(self.inner.config.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if listener.is_none() {
+                listener = self.listen().await;
+            }
+            match self.drain_once().await {
+                Ok(drained) if drained.rows == 0 => {
+                    if let Ok(backlog) = self.backlog().await {
+                        observe::backlog(
+                            i64::try_from(backlog.depth).unwrap_or(i64::MAX),
+                            backlog.oldest_age.as_secs_f64(),
+                        );
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cache invalidation relay: sweep failed; retrying at the next tick");
                 }
             }
-            None => {
-                tick.tick().await;
+            match listener.as_mut() {
+                Some(l) => {
+                    tokio::select! {
+                        received = l.try_recv() => match received {
+                            // Coalesce a burst of notifications into one sweep.
+                            Ok(Some(_)) => while l.next_buffered().is_some() {},
+                            Ok(None) => tracing::warn!(
+                                "cache invalidation relay: LISTEN connection lost and re-established; sweeping"
+                            ),
+                            Err(error) => {
+                                tracing::warn!(%error, "cache invalidation relay: LISTEN connection lost; reconnecting");
+                                listener = None;
+                            }
+                        },
+                        _ = tick.tick() => {}
+                    }
+                }
+                None => {
+                    tick.tick().await;
+                }
             }
         }
     }
-}
 
-async fn listen(pool: &PgPool) -> Option<PgListener> {
-    let result = async {
-        let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen(NOTIFY_CHANNEL).await?;
-        Ok::<_, sqlx::Error>(listener)
-    }
-    .await;
-    match result {
-        Ok(listener) => Some(listener),
-        Err(error) => {
-            tracing::warn!(%error, "cache invalidation relay: cannot LISTEN; sweeping periodically only");
-            None
+    async fn listen(&self) -> Option<PgListener> {
+        let result = async {
+            let mut listener = PgListener::connect_with(&self.inner.listen).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        match result {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::warn!(%error, "cache invalidation relay: cannot LISTEN; sweeping periodically only");
+                None
+            }
         }
     }
-}
 
-/// Delivers every deliverable outbox row, batch by batch; returns the number of rows delivered.
-pub(crate) async fn sweep(
-    pool: &PgPool,
-    store: &dyn Store,
-    config: &RelayConfig,
-) -> Result<usize, Error> {
-    let mut delivered = 0;
-    loop {
-        let mut tx = pool.begin().await?;
-        let rows: Vec<(i64, Vec<String>)> =
-            sqlx::query_as("SELECT id, keys FROM cache_invalidation.claim($1, $2)")
-                .bind(config.batch)
-                .bind(config.wrapped_grace)
-                .fetch_all(&mut *tx)
-                .await?;
-        if rows.is_empty() {
-            tx.commit().await?;
-            return Ok(delivered);
+    /// Delivers every row a sweep would deliver now (rows of unwrapped sessions, and rows of wrapped
+    /// sessions older than the grace period), batch after batch until none is left; returns what it
+    /// delivered. This is what [`run`](Self::run) does at each wake-up, and what a benchmark can time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], [`Error::Store`] or [`Error::StoreTimeout`] (also when the circuit breaker is
+    /// open): undelivered rows stay in the outbox; the batches delivered before the error are not reported.
+    ///
+    /// # Cancel safety
+    ///
+    /// Each batch is one transaction: dropping the future leaves undelivered rows in the outbox (a batch
+    /// whose keys were already invalidated may be delivered again, which is harmless).
+    pub async fn drain_once(&self) -> Result<Drained, Error> {
+        self.drain(None).await
+    }
+
+    /// Delivers every row in the outbox up to its current highest id, whatever its age or writer: what
+    /// the recovery after a store outage runs. Rows of wrapped sessions younger than the grace period may
+    /// then be delivered twice (harmless).
+    ///
+    /// # Errors
+    ///
+    /// As [`drain_once`](Self::drain_once).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`drain_once`](Self::drain_once).
+    pub async fn drain_all(&self) -> Result<Drained, Error> {
+        let upto = self.backlog().await?.max_id;
+        self.drain(Some(upto)).await
+    }
+
+    /// The outbox's depth, highest id and oldest row's age.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Read only: dropping the future has no effect.
+    pub async fn backlog(&self) -> Result<Backlog, Error> {
+        let (depth, max_id, age): (i64, i64, f64) = sqlx::query_as(
+            "SELECT depth, max_id, oldest_age_seconds FROM cache_invalidation.backlog()",
+        )
+        .fetch_one(&self.inner.pool)
+        .await?;
+        Ok(Backlog {
+            depth: u64::try_from(depth).unwrap_or(0),
+            max_id,
+            oldest_age: Duration::try_from_secs_f64(age).unwrap_or_default(),
+        })
+    }
+
+    /// Batch after batch; `upto` drains every row up to that id, whatever its age.
+    async fn drain(&self, upto: Option<i64>) -> Result<Drained, Error> {
+        let mut drained = Drained::default();
+        loop {
+            let (rows, keys) = self.batch(upto).await?;
+            if rows == 0 {
+                return Ok(drained);
+            }
+            drained.rows += rows as u64;
+            drained.keys += keys as u64;
+            drained.batches += 1;
+            if rows < usize::try_from(self.inner.config.batch).unwrap_or(usize::MAX) {
+                return Ok(drained);
+            }
         }
-        let (ids, keys) = split(rows);
-        // On a store error the transaction rolls back on drop: the rows stay for the next sweep.
-        match tokio::time::timeout(config.store_timeout, store.invalidate(&keys)).await {
-            Ok(result) => result?,
-            Err(_) => return Err(Error::StoreTimeout(config.store_timeout)),
-        }
-        sqlx::query("SELECT cache_invalidation.delivered($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        tracing::debug!(
-            rows = ids.len(),
-            keys = keys.len(),
-            "relay delivered outbox rows"
+    }
+
+    /// One batch: claim, invalidate, delete, commit. Returns the rows and keys delivered.
+    async fn batch(&self, upto: Option<i64>) -> Result<(usize, usize), Error> {
+        let inner = &self.inner;
+        let span = tracing::debug_span!(
+            "cache.relay_batch",
+            rows = tracing::field::Empty,
+            keys = tracing::field::Empty
         );
-        delivered += ids.len();
-        if ids.len() < usize::try_from(config.batch).unwrap_or(usize::MAX) {
-            return Ok(delivered);
+        async {
+            let mut tx = inner.pool.begin().await?;
+            let rows: Vec<(i64, Vec<String>, f64)> = sqlx::query_as(
+                "SELECT id, keys, age_seconds FROM cache_invalidation.claim_rows($1, $2, $3)",
+            )
+            .bind(inner.config.batch)
+            .bind(inner.config.wrapped_grace)
+            .bind(upto)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                tx.commit().await?;
+                return Ok((0, 0));
+            }
+            let oldest = rows.iter().map(|r| r.2).fold(0.0_f64, f64::max);
+            let (ids, keys) = split(rows.into_iter().map(|(id, keys, _)| (id, keys)));
+            tracing::Span::current().record("rows", ids.len());
+            tracing::Span::current().record("keys", keys.len());
+            // On a store error the transaction rolls back on drop: the rows stay for the next sweep.
+            invalidate(
+                inner.store.as_ref(),
+                &inner.health,
+                &keys,
+                inner.config.store_timeout,
+                "relay",
+            )
+            .await?;
+            sqlx::query("SELECT cache_invalidation.delivered($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            observe::relay_batch(ids.len(), oldest);
+            Ok((ids.len(), keys.len()))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Opens the read gate of `health` after a store failure: waits until the store answers, drains the
+    /// outbox up to its highest id, waits until no row up to that id remains, and opens the gate unless
+    /// another failure happened meanwhile. Runs until dropped.
+    pub(crate) async fn recover(&self, health: Arc<Health>) {
+        loop {
+            if !health.gated() {
+                health.tripped.notified().await;
+                continue;
+            }
+            let epoch = health.epoch();
+            match self.recover_once(&health).await {
+                Ok(()) => {
+                    if !health.open_gate(epoch) {
+                        continue;
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cache recovery: store or database not ready; retrying");
+                    let wait = health
+                        .until_probe()
+                        .max(Duration::from_millis(20))
+                        .min(Duration::from_secs(1));
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn recover_once(&self, health: &Health) -> Result<(), Error> {
+        // A probe through the breaker: a real round trip, changing nothing.
+        invalidate_probe(
+            self.inner.store.as_ref(),
+            health,
+            self.inner.config.store_timeout,
+        )
+        .await?;
+        let upto = self.backlog().await?.max_id;
+        self.drain(Some(upto)).await?;
+        // Rows up to `upto` claimed by other relays: wait until they are delivered too.
+        let mut wait = Duration::from_millis(5);
+        loop {
+            let pending: i64 = sqlx::query_scalar("SELECT cache_invalidation.pending_upto($1)")
+                .bind(upto)
+                .fetch_one(&self.inner.pool)
+                .await?;
+            if pending == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(200));
+            // Rows released by a relay that failed: deliver them ourselves.
+            self.drain(Some(upto)).await?;
+        }
+    }
+}
+
+/// Invalidates `keys` through the breaker, bounded by `timeout`; reports the outcome to `health`.
+pub(crate) async fn invalidate(
+    store: &dyn Store,
+    health: &Health,
+    keys: &[String],
+    timeout: Duration,
+    path: &'static str,
+) -> Result<(), Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    if health.permit() == Permit::Skip {
+        observe::invalidation_failed(path);
+        health.skipped();
+        return Err(Error::StoreTimeout(timeout));
+    }
+    let span = tracing::debug_span!("cache.invalidate", path, keys = keys.len());
+    let result = tokio::time::timeout(timeout, store.invalidate(keys))
+        .instrument(span)
+        .await;
+    match result {
+        Ok(Ok(())) => {
+            health.success();
+            observe::invalidations_sent(path, keys.len());
+            Ok(())
+        }
+        Ok(Err(error)) => {
+            health.failure();
+            observe::store_error("invalidate");
+            observe::invalidation_failed(path);
+            Err(error.into())
+        }
+        Err(_) => {
+            health.failure();
+            observe::store_error("invalidate");
+            observe::invalidation_failed(path);
+            Err(Error::StoreTimeout(timeout))
+        }
+    }
+}
+
+/// A read of a slot no key uses, through the breaker: does the store answer?
+async fn invalidate_probe(
+    store: &dyn Store,
+    health: &Health,
+    timeout: Duration,
+) -> Result<(), Error> {
+    if health.permit() == Permit::Skip {
+        return Err(Error::StoreTimeout(timeout));
+    }
+    let probe = ["<health>".to_owned()];
+    match tokio::time::timeout(timeout, store.tags(&probe, None)).await {
+        Ok(Ok(_)) => {
+            health.success();
+            Ok(())
+        }
+        Ok(Err(error)) => {
+            health.failure();
+            observe::store_error("probe");
+            Err(error.into())
+        }
+        Err(_) => {
+            health.failure();
+            observe::store_error("probe");
+            Err(Error::StoreTimeout(timeout))
         }
     }
 }
 
 /// The row ids and the distinct keys of outbox rows.
-pub(crate) fn split(rows: Vec<(i64, Vec<String>)>) -> (Vec<i64>, Vec<String>) {
-    let mut ids = Vec::with_capacity(rows.len());
+pub(crate) fn split(rows: impl IntoIterator<Item = (i64, Vec<String>)>) -> (Vec<i64>, Vec<String>) {
+    let mut ids = Vec::new();
     let mut keys = BTreeSet::new();
     for (id, row_keys) in rows {
         ids.push(id);

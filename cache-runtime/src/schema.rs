@@ -19,7 +19,9 @@
 //!   transition tables by default, see [`TriggerMode`]) and `cache_invalidation_truncate`, which writes the
 //!   *shapes* of the entity's templates (`product:<>`): the store invalidates the whole namespace.
 //! - functions the runtime calls (all `SECURITY DEFINER`): `transaction_keys()`, `session_keys()`,
-//!   `claim(int, interval)`, `delivered(bigint[])`.
+//!   `claim(int, interval)`, `claim_rows(int, interval, bigint)` (the same with row ages, or every row up to an id
+//!   whatever its age: the drain after a store outage), `delivered(bigint[])`, `backlog()` (depth, highest id, oldest row's age: the
+//!   relay's gauges and the post-outage watermark) and `pending_upto(bigint)` (rows up to an id still there).
 //!
 //! Sessions that are not wrapped (psql, another service, a plain `PgPool`) also `pg_notify` the channel
 //! [`NOTIFY_CHANNEL`], on which the relay listens.
@@ -55,7 +57,7 @@ pub const NOTIFY_CHANNEL: &str = "cache_invalidation";
 pub const WRAPPED_SETTING: &str = "cache_invalidation.wrapped";
 
 /// The version of the generated SQL; an installed schema of another version must be re-installed.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Advisory lock key taken by the install (`hashtext`-free constant: "cacheinv" in ASCII).
 const INSTALL_LOCK: i64 = 0x6361_6368_6569_6e76;
@@ -617,6 +619,30 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
   WHERE NOT o.wrapped OR o.created_at < clock_timestamp() - wrapped_grace
   ORDER BY o.id LIMIT max_rows
   FOR UPDATE SKIP LOCKED
+$fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.claim_rows(max_rows integer, wrapped_grace interval, upto bigint)
+RETURNS TABLE (id bigint, keys text[], age_seconds double precision)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  -- With `upto`: every row up to that id, whatever its age (the drain after a store outage). Without:
+  -- rows of unwrapped sessions, and rows of wrapped sessions older than the grace period.
+  SELECT o.id, o.keys, extract(epoch FROM clock_timestamp() - o.created_at)::double precision
+  FROM cache_invalidation.outbox o
+  WHERE CASE WHEN upto IS NULL
+             THEN NOT o.wrapped OR o.created_at < clock_timestamp() - wrapped_grace
+             ELSE o.id <= upto END
+  ORDER BY o.id LIMIT max_rows
+  FOR UPDATE SKIP LOCKED
+$fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.backlog()
+RETURNS TABLE (depth bigint, max_id bigint, oldest_age_seconds double precision)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT count(*), coalesce(max(o.id), 0),
+         coalesce(extract(epoch FROM clock_timestamp() - min(o.created_at))::double precision, 0)
+  FROM cache_invalidation.outbox o
+$fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.pending_upto(upto bigint) RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT count(*) FROM cache_invalidation.outbox o WHERE o.id <= upto
 $fn$;
 CREATE OR REPLACE FUNCTION cache_invalidation.delivered(ids bigint[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$

@@ -292,6 +292,29 @@ impl RedisServer {
         }
     }
 
+    /// Stops the process (SIGSTOP): it keeps its data and its connections, but answers nothing, and new
+    /// connections hang, until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a [paused](Self::pause) server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+            assert!(
+                matches!(status, Ok(s) if s.success()),
+                "kill {signal} failed: {status:?}"
+            );
+        }
+    }
+
     /// Starts the server again on the same port (empty), and waits until it answers.
     ///
     /// # Panics
