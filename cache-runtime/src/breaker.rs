@@ -141,6 +141,10 @@ pub(crate) struct Health {
 
 impl Health {
     pub(crate) fn new(config: BreakerConfig, gate_enabled: bool) -> Self {
+        observe::breaker_state(0);
+        if gate_enabled {
+            observe::gate_closed(false);
+        }
         Self {
             state: Mutex::new(State {
                 failures: 0,

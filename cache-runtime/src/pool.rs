@@ -557,12 +557,23 @@ impl Core {
                 // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
                 let _ = self.delivered.send(ids);
             }
-            Err(error) => tracing::warn!(
-                %error,
-                keys = keys.len(),
-                "cache invalidation failed after COMMIT; the outbox keeps the keys, the relay retries, and \
-                 reads bypass the cache until they are delivered"
-            ),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    keys = keys.len(),
+                    "cache invalidation failed after COMMIT; the outbox keeps the keys, the relay retries, and \
+                     reads bypass the cache until they are delivered"
+                );
+                // Relays of processes that can reach the store: deliver now, not after the grace period.
+                let notified = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(crate::schema::NOTIFY_CHANNEL)
+                    .bind(relay::DRAIN_PAYLOAD)
+                    .execute(&self.pool)
+                    .await;
+                if let Err(error) = notified {
+                    tracing::debug!(%error, "could not ask the relays to drain; they deliver after the grace period");
+                }
+            }
         }
     }
 }

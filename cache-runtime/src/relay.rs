@@ -15,6 +15,10 @@
 //!   `COMMIT`, and queues them for deletion; rows still there after the grace period were left behind (the
 //!   store call failed, the process crashed between `COMMIT` and the delete, or the statement was not
 //!   classified as a write). So a wrapped row is delivered once in the normal case, and at least once always.
+//! - Rows a wrapped writer could not deliver (its store call failed or its breaker is open): at once. The
+//!   writer then sends `NOTIFY` with the payload `drain`, and every relay delivers every row up to the
+//!   outbox's highest id, whatever its age, so that processes whose store connection works invalidate the
+//!   keys without waiting for the grace period.
 //! - A periodic sweep ([`RelayBuilder::sweep_interval`], default 500 ms) catches notifications that were lost
 //!   (the `LISTEN` connection dropped: it reconnects, then sweeps at once) and rows whose grace period ended.
 //!
@@ -47,8 +51,9 @@
 //! write of the outage window invalidated until a relay delivers that write, which every relay does on its
 //! first sweep after the store is back (within [`RelayBuilder::sweep_interval`], or the grace period for
 //! wrapped rows younger than it). A process whose store connection works while another's does not (a
-//! partition between one application and Redis) likewise relies on the relays: the failed process's
-//! committed keys reach the store within the grace period. Rows of transactions still open when `W` is read
+//! partition between one application and Redis) likewise relies on the relays: the failed writer asks
+//! every relay to deliver at once (`NOTIFY` with payload `drain`), so its committed keys reach the store
+//! within a relay round trip, or within the grace period if that notification is lost too. Rows of transactions still open when `W` is read
 //! are not waited for: their writers deliver them after their own `COMMIT`, as usual.
 
 use std::collections::BTreeSet;
@@ -67,6 +72,11 @@ use crate::store::Store;
 
 /// The application name of the relay's `LISTEN` connection (visible in `pg_stat_activity`).
 pub const LISTEN_APPLICATION_NAME: &str = "cache_invalidation_relay";
+
+/// The notification payload that asks every relay to deliver every row now, whatever its age: sent by a
+/// writer whose own delivery failed after `COMMIT`, so that relays of processes that can reach the store do
+/// not wait for the grace period.
+pub(crate) const DRAIN_PAYLOAD: &str = "drain";
 
 /// How the relay runs.
 #[derive(Debug, Clone, Copy)]
@@ -249,17 +259,28 @@ impl Relay {
         let mut listener: Option<PgListener> = None;
         let mut tick = tokio::time::interval(self.inner.config.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges_at: Option<tokio::time::Instant> = None;
+        let mut urgent = false;
         loop {
             if listener.is_none() {
                 listener = self.listen().await;
             }
-            match self.drain_once().await {
+            let result = if std::mem::take(&mut urgent) {
+                self.drain_all().await
+            } else {
+                self.drain_once().await
+            };
+            match result {
                 Ok(drained) if drained.rows == 0 => {
-                    if let Ok(backlog) = self.backlog().await {
-                        observe::backlog(
-                            i64::try_from(backlog.depth).unwrap_or(i64::MAX),
-                            backlog.oldest_age.as_secs_f64(),
-                        );
+                    // The gauges, at most once a second (a count over the outbox).
+                    if gauges_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        gauges_at = Some(tokio::time::Instant::now());
+                        if let Ok(backlog) = self.backlog().await {
+                            observe::backlog(
+                                i64::try_from(backlog.depth).unwrap_or(i64::MAX),
+                                backlog.oldest_age.as_secs_f64(),
+                            );
+                        }
                     }
                 }
                 Ok(_) => {}
@@ -272,7 +293,12 @@ impl Relay {
                     tokio::select! {
                         received = l.try_recv() => match received {
                             // Coalesce a burst of notifications into one sweep.
-                            Ok(Some(_)) => while l.next_buffered().is_some() {},
+                            Ok(Some(n)) => {
+                                urgent |= n.payload() == DRAIN_PAYLOAD;
+                                while let Some(n) = l.next_buffered() {
+                                    urgent |= n.payload() == DRAIN_PAYLOAD;
+                                }
+                            }
                             Ok(None) => tracing::warn!(
                                 "cache invalidation relay: LISTEN connection lost and re-established; sweeping"
                             ),

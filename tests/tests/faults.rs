@@ -815,3 +815,165 @@ async fn the_listen_connection_reconnects_after_pg_terminate_backend() {
     );
     pool.close().await;
 }
+
+/// The real Redis store, whose invalidations fail while `fail` is set: one process cut off from Redis
+/// while the others reach it.
+#[derive(Debug, Clone)]
+struct Partitioned {
+    inner: RedisStore,
+    fail: Arc<AtomicBool>,
+}
+
+impl Partitioned {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            Err(StoreError::Protocol("partitioned (test)".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for Partitioned {
+    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.invalidate(keys).await
+        })
+    }
+
+    fn peek<'a>(
+        &'a self,
+        key: &'a str,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<store::Peek, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.peek(key, tags).await
+        })
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        key: &'a str,
+        lease: store::LeaseRequest<'a>,
+        tags: &'a [String],
+        tag_ttl: Duration,
+    ) -> BoxFuture<'a, Result<store::Lookup, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.lookup(key, lease, tags, tag_ttl).await
+        })
+    }
+
+    fn tags<'a>(
+        &'a self,
+        tags: &'a [String],
+        create: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Vec<Option<store::TagToken>>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.tags(tags, create).await
+        })
+    }
+
+    fn fill<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.fill(key, lease, value, ttl).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.release(key, lease).await
+        })
+    }
+}
+
+/// One process loses Redis while another keeps it: the cut-off writer's commits succeed, its reads bypass
+/// the cache, and the other process's relay delivers its keys at once (not after the grace period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_cut_off_from_redis_has_its_keys_delivered_by_another_process_at_once() {
+    let server = RedisServer::start();
+    let (db, admin) = database("faults_partition", 4).await;
+    let prefix = "part:";
+    let fail = Arc::new(AtomicBool::new(false));
+    let cut = options()
+        .relay(false)
+        .connect(
+            &db.url,
+            Partitioned {
+                inner: RedisStore::connect(&server.url(), prefix).await.unwrap(),
+                fail: Arc::clone(&fail),
+            },
+        )
+        .await
+        .unwrap();
+    // The other process: a long grace period and rare sweeps, so only the drain request delivers quickly.
+    let other = options()
+        .wrapped_grace(Duration::from_secs(30))
+        .sweep_interval(Duration::from_secs(30))
+        .connect(
+            &db.url,
+            RedisStore::connect(&server.url(), prefix).await.unwrap(),
+        )
+        .await
+        .unwrap();
+    wait_until("relay listening", Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+        )
+        .bind(cache_runtime::LISTEN_APPLICATION_NAME)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+            > 0
+    })
+    .await;
+    for id in 1..=4 {
+        assert_eq!(read(other.cache(), other.pg_pool(), id).await, 0);
+    }
+    fail.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    assert_eq!(write(&cut, 1).await, 1);
+    assert_eq!(write(&cut, 2).await, 1);
+    assert!(cut.cache().gate_closed());
+    // Reads of the cut-off process bypass the cache and see the writes.
+    assert_eq!(read(cut.cache(), cut.pg_pool(), 1).await, 1);
+    // The other process serves the new values well before its 30 s grace period.
+    let took = wait_until(
+        "delivered by the other process",
+        Duration::from_secs(3),
+        || async {
+            read(other.cache(), other.pg_pool(), 1).await == 1
+                && read(other.cache(), other.pg_pool(), 2).await == 1
+        },
+    )
+    .await;
+    let took = took.max(started.elapsed());
+    // Reconnected: the cut-off process's gate opens again.
+    fail.store(false, Ordering::SeqCst);
+    let reopened = wait_until("gate open", Duration::from_secs(10), || async {
+        !cut.cache().gate_closed()
+    })
+    .await;
+    eprintln!(
+        "partition: keys of the cut-off writer delivered by the other process {took:?} after the writes; \
+         gate of the cut-off process open {reopened:?} after it reconnected"
+    );
+    assert_eq!(read(cut.cache(), cut.pg_pool(), 2).await, 1);
+    cut.close().await;
+    other.close().await;
+}

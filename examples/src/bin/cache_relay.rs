@@ -1,0 +1,90 @@
+//! The standalone relay: delivers a database's outbox to a Redis store, for deployments that want one relay
+//! per database in addition to (or instead of) the relays inside the applications.
+//!
+//! Configuration (environment):
+//!
+//! - `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`): the database whose
+//!   `cache_invalidation` schema is installed;
+//! - `REDIS_URL` (default `redis://127.0.0.1:6379`) and `CACHE_PREFIX` (default empty): the store, with
+//!   the same prefix as the applications' `RedisStore`;
+//! - `RELAY_SWEEP_MS` (default 500), `RELAY_GRACE_MS` (default 2000), `RELAY_BATCH_ROWS` (default 5000).
+//!
+//! `cache_relay` runs until killed (killing it loses nothing: a batch in flight rolls back or has
+//! committed). `cache_relay --drain` delivers every row deliverable now, prints what it delivered and the
+//! rate, and exits; `cache_relay --backlog` prints the outbox's depth and oldest age.
+//!
+//! Run: `cargo run --release -p examples --bin cache_relay`.
+
+use std::time::{Duration, Instant};
+
+use cache_runtime::{RedisStore, Relay};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn env_u64(name: &str, default: u64) -> Result<u64, BoxError> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .map_err(|e| format!("{name}={v:?} is not a number ({e}); set a whole number").into()),
+        Err(_) => Ok(default),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let database_url = env(
+        "DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
+    let redis_url = env("REDIS_URL", "redis://127.0.0.1:6379");
+    let prefix = env("CACHE_PREFIX", "");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&database_url)
+        .await?;
+    let store = RedisStore::connect(&redis_url, prefix).await?;
+    let relay = Relay::builder(pool, store)
+        .sweep_interval(Duration::from_millis(env_u64("RELAY_SWEEP_MS", 500)?))
+        .wrapped_grace(Duration::from_millis(env_u64("RELAY_GRACE_MS", 2000)?))
+        .batch_rows(u32::try_from(env_u64("RELAY_BATCH_ROWS", 5000)?).unwrap_or(u32::MAX))
+        .build();
+    match std::env::args().nth(1).as_deref() {
+        Some("--drain") => {
+            let start = Instant::now();
+            let drained = relay.drain_once().await?;
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "delivered {} rows, {} keys in {} batches, {:.3} s ({:.0} keys/s)",
+                drained.rows,
+                drained.keys,
+                drained.batches,
+                secs,
+                drained.keys as f64 / secs.max(1e-9)
+            );
+        }
+        Some("--backlog") => {
+            let backlog = relay.backlog().await?;
+            println!(
+                "outbox: {} rows, highest id {}, oldest {:.3} s",
+                backlog.depth,
+                backlog.max_id,
+                backlog.oldest_age.as_secs_f64()
+            );
+        }
+        Some(other) => {
+            return Err(format!(
+                "unknown argument {other:?}; use no argument, --drain or --backlog"
+            )
+            .into());
+        }
+        None => {
+            eprintln!("cache_relay: relaying {database_url} to {redis_url}");
+            relay.run().await;
+        }
+    }
+    Ok(())
+}
