@@ -114,6 +114,7 @@ pub struct CacheBuilder {
     store: Arc<dyn Store>,
     config: Config,
     breaker: BreakerConfig,
+    health: Option<Arc<Health>>,
 }
 
 impl CacheBuilder {
@@ -150,9 +151,18 @@ impl CacheBuilder {
         self
     }
 
+    /// Shares `health` (a pool's breaker and gate) instead of a breaker of its own.
+    pub(crate) fn health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
     /// The cache.
-    pub fn build(self) -> Cache {
-        let health = Arc::new(Health::new(self.breaker, false));
+    pub fn build(mut self) -> Cache {
+        let health = self
+            .health
+            .take()
+            .unwrap_or_else(|| Arc::new(Health::new(self.breaker, false)));
         self.build_with(health)
     }
 
@@ -343,6 +353,7 @@ impl Cache {
                 lease_wait: Duration::from_secs(1),
             },
             breaker: BreakerConfig::default(),
+            health: None,
         }
     }
 

@@ -453,7 +453,8 @@ impl CachedPool {
     }
 
     /// The read side on the same store: [`Cache::get_or_load`] and friends, with default settings (for
-    /// others, build one with [`Cache::builder_shared`] on [`store`](Self::store)).
+    /// others, use [`cache_builder`](Self::cache_builder)). It shares the pool's circuit breaker and
+    /// post-outage gate (see the [`breaker`](crate::breaker) module).
     ///
     /// # Examples
     ///
@@ -475,6 +476,23 @@ impl CachedPool {
     /// ```
     pub fn cache(&self) -> &Cache {
         &self.core.cache
+    }
+
+    /// A builder of another read side on the pool's store (other TTLs, lease settings), sharing the pool's
+    /// circuit breaker and post-outage gate; its own [`CacheBuilder::breaker`](crate::CacheBuilder::breaker)
+    /// setting is ignored. A cache built with [`Cache::builder_shared`] instead has a breaker of its own
+    /// and no gate: after a store outage it could serve entries the outage's writes invalidated until the
+    /// relay delivered them.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn f(pool: cache_runtime::CachedPool) {
+    /// let cache = pool.cache_builder().lease_wait(std::time::Duration::from_millis(200)).build();
+    /// # }
+    /// ```
+    pub fn cache_builder(&self) -> crate::CacheBuilder {
+        Cache::builder_shared(Arc::clone(&self.core.store)).health(Arc::clone(&self.core.health))
     }
 
     /// The registry the pool was verified against.

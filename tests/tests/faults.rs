@@ -347,6 +347,20 @@ async fn a_frozen_redis_keeps_stale_entries_that_the_gate_never_serves() {
             pool.cache().gate_closed(),
             "held row {held} keeps the gate closed"
         );
+        // Another read side of the same pool shares the gate.
+        let sibling = pool.cache_builder().build();
+        assert!(sibling.gate_closed());
+        assert_eq!(
+            read(&sibling, pool.pg_pool(), ROWS).await,
+            version(&admin, ROWS).await
+        );
+        // Control: a cache without the gate (a process that saw no failure) is served the stale entry.
+        let ungated = Cache::new(RedisStore::connect(&server.url(), prefix).await.unwrap());
+        let served = read(&ungated, pool.pg_pool(), ROWS).await;
+        assert!(
+            served < version(&admin, ROWS).await,
+            "the surviving entry is stale: only the gate keeps it from being served"
+        );
         holder.rollback().await.unwrap();
         let reopened = wait_until("gate open", Duration::from_secs(10), || async {
             !pool.cache().gate_closed()
