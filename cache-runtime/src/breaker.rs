@@ -262,6 +262,14 @@ impl Health {
         self.tripped.notify_one();
     }
 
+    /// Whether the breaker is open and its backoff has not passed (a call now would be skipped).
+    pub(crate) fn is_open(&self) -> bool {
+        if !self.dirty.load(Ordering::Acquire) {
+            return false;
+        }
+        matches!(self.lock().mode, Mode::Open { until } if Instant::now() < until)
+    }
+
     /// How long until the breaker lets a probe through (zero when it would now).
     pub(crate) fn until_probe(&self) -> Duration {
         match self.lock().mode {

@@ -27,6 +27,13 @@ pub enum Error {
     )]
     StoreTimeout(std::time::Duration),
 
+    /// The circuit breaker in front of the store is open after repeated failures: the store was not called.
+    #[error(
+        "the cache store's circuit breaker is open after repeated failures; the keys stay in the outbox and \
+         are delivered once the store answers again. Check the store's health"
+    )]
+    CircuitOpen,
+
     /// Entities contradict each other.
     #[error(transparent)]
     Registry(#[from] RegistryError),

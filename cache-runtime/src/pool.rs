@@ -16,8 +16,12 @@
 //!   the call returns. Statements that cannot write cost nothing extra.
 //!
 //! After a successful `COMMIT`, a store failure is logged (`tracing`, target `cache_runtime`) and never
-//! returned: the rows stay in the outbox and the relay delivers them. Delivered rows are deleted by a
-//! background task in batches, with `synchronous_commit = off`: the caller's path has no extra WAL flush.
+//! returned: the rows stay in the outbox and the relay delivers them. Before the call returns, the pool's
+//! read gate is closed (reads of [`CachedPool::cache`] go to the loader until those rows are delivered)
+//! and every relay is asked to deliver at once (see the [`breaker`](crate::breaker) and
+//! [`relay`](crate::relay) modules). While the circuit breaker is open, commits do not call the store at
+//! all. Delivered rows are deleted by a background task in batches, with `synchronous_commit = off`: the
+//! caller's path has no extra WAL flush.
 //!
 //! # Which autocommit statements get read-your-writes synchronously
 //!
@@ -583,6 +587,8 @@ impl Core {
                      reads bypass the cache until they are delivered"
                 );
                 // Relays of processes that can reach the store: deliver now, not after the grace period.
+                // (Also while the breaker is open: these rows committed after earlier requests. Relays
+                // coalesce the notifications, and those whose own breaker is open skip the drain.)
                 let notified = sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(crate::schema::NOTIFY_CHANNEL)
                     .bind(relay::DRAIN_PAYLOAD)

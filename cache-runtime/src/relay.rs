@@ -47,14 +47,17 @@
 //! never served by that process, even when the server kept its data.
 //!
 //! **Limits.** The gate is per process. A process that performs no store call while the server is
-//! unreachable (its reads happen only before and after) sees no failure; it may serve an entry that a
-//! write of the outage window invalidated until a relay delivers that write, which every relay does on its
-//! first sweep after the store is back (within [`RelayBuilder::sweep_interval`], or the grace period for
-//! wrapped rows younger than it). A process whose store connection works while another's does not (a
-//! partition between one application and Redis) likewise relies on the relays: the failed writer asks
-//! every relay to deliver at once (`NOTIFY` with payload `drain`), so its committed keys reach the store
-//! within a relay round trip, or within the grace period if that notification is lost too. Rows of transactions still open when `W` is read
-//! are not waited for: their writers deliver them after their own `COMMIT`, as usual.
+//! unreachable (its reads happen only before and after) sees no failure; it may serve an entry that a write
+//! of the outage window invalidated until a relay delivers that write. Every relay that failed a batch
+//! during the outage delivers every row up to the highest id, whatever its age, at its first wake-up after
+//! the store is back (within [`RelayBuilder::sweep_interval`] plus the breaker's backoff), and the
+//! recovering processes drain at once, so that window is short but not zero. A process that must never serve
+//! such an entry needs a store call that fails during the outage (any read does). A process whose store
+//! connection works while another's does not (a partition between one application and Redis) likewise relies
+//! on the relays: the failed writer asks every relay to deliver at once (`NOTIFY` with payload `drain`), so
+//! its committed keys reach the store within a relay round trip, or within the grace period if that
+//! notification is lost too. Rows of transactions still open when `W` is read are not waited for: their
+//! writers deliver them after their own `COMMIT`, as usual.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -285,6 +288,9 @@ impl Relay {
                 }
                 Ok(_) => {}
                 Err(error) => {
+                    // After a failure (store outage), deliver everything up to the highest id at the next
+                    // wake-up, without waiting for the grace period of rows written during the outage.
+                    urgent = true;
                     tracing::warn!(%error, "cache invalidation relay: sweep failed; retrying at the next tick");
                 }
             }
@@ -339,8 +345,9 @@ impl Relay {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`], [`Error::Store`] or [`Error::StoreTimeout`] (also when the circuit breaker is
-    /// open): undelivered rows stay in the outbox; the batches delivered before the error are not reported.
+    /// [`Error::Database`], [`Error::Store`], [`Error::StoreTimeout`], or [`Error::CircuitOpen`] when the
+    /// circuit breaker is open: undelivered rows stay in the outbox; the batches delivered before the error
+    /// are not reported.
     ///
     /// # Cancel safety
     ///
@@ -362,8 +369,18 @@ impl Relay {
     ///
     /// As [`drain_once`](Self::drain_once).
     pub async fn drain_all(&self) -> Result<Drained, Error> {
-        let upto = self.backlog().await?.max_id;
+        if self.inner.health.is_open() {
+            return Err(Error::CircuitOpen);
+        }
+        let upto = self.max_id().await?;
         self.drain(Some(upto)).await
+    }
+
+    /// The outbox's highest row id (0 when empty): one index lookup.
+    async fn max_id(&self) -> Result<i64, Error> {
+        Ok(sqlx::query_scalar("SELECT cache_invalidation.max_id()")
+            .fetch_one(&self.inner.pool)
+            .await?)
     }
 
     /// The outbox's depth, highest id and oldest row's age.
@@ -392,6 +409,10 @@ impl Relay {
     async fn drain(&self, upto: Option<i64>) -> Result<Drained, Error> {
         let mut drained = Drained::default();
         loop {
+            if self.inner.health.is_open() {
+                // Do not claim rows (nor touch the database) while the store is known to be down.
+                return Err(Error::CircuitOpen);
+            }
             let (rows, keys) = self.batch(upto).await?;
             if rows == 0 {
                 return Ok(drained);
@@ -488,7 +509,7 @@ impl Relay {
             self.inner.config.store_timeout,
         )
         .await?;
-        let upto = self.backlog().await?.max_id;
+        let upto = self.max_id().await?;
         self.drain(Some(upto)).await?;
         // Rows up to `upto` claimed by other relays: wait until they are delivered too.
         let mut wait = Duration::from_millis(5);
@@ -522,7 +543,7 @@ pub(crate) async fn invalidate(
     if health.permit() == Permit::Skip {
         observe::invalidation_failed(path);
         health.skipped();
-        return Err(Error::StoreTimeout(timeout));
+        return Err(Error::CircuitOpen);
     }
     let span = tracing::debug_span!("cache.invalidate", path, keys = keys.len());
     let result = tokio::time::timeout(timeout, store.invalidate(keys))
@@ -556,7 +577,7 @@ async fn invalidate_probe(
     timeout: Duration,
 ) -> Result<(), Error> {
     if health.permit() == Permit::Skip {
-        return Err(Error::StoreTimeout(timeout));
+        return Err(Error::CircuitOpen);
     }
     let probe = ["<health>".to_owned()];
     match tokio::time::timeout(timeout, store.tags(&probe, None)).await {

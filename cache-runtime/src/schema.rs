@@ -21,7 +21,7 @@
 //! - functions the runtime calls (all `SECURITY DEFINER`): `transaction_keys()`, `session_keys()`,
 //!   `claim(int, interval)`, `claim_rows(int, interval, bigint)` (the same with row ages, or every row up to an id
 //!   whatever its age: the drain after a store outage), `delivered(bigint[])`, `backlog()` (depth, highest id, oldest row's age: the
-//!   relay's gauges and the post-outage watermark) and `pending_upto(bigint)` (rows up to an id still there).
+//!   relay's gauges), `max_id()` (the post-outage watermark, an index lookup) and `pending_upto(bigint)` (rows up to an id still there).
 //!
 //! Sessions that are not wrapped (psql, another service, a plain `PgPool`) also `pg_notify` the channel
 //! [`NOTIFY_CHANNEL`], on which the relay listens.
@@ -639,6 +639,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
   SELECT count(*), coalesce(max(o.id), 0),
          coalesce(extract(epoch FROM clock_timestamp() - min(o.created_at))::double precision, 0)
   FROM cache_invalidation.outbox o
+$fn$;
+CREATE OR REPLACE FUNCTION cache_invalidation.max_id() RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT coalesce(max(o.id), 0) FROM cache_invalidation.outbox o
 $fn$;
 CREATE OR REPLACE FUNCTION cache_invalidation.pending_upto(upto bigint) RETURNS bigint
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
