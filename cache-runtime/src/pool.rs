@@ -19,7 +19,7 @@
 //! returned: the rows stay in the outbox and the relay delivers them. Before the call returns, the pool's
 //! read gate is closed (reads of [`CachedPool::cache`] go to the loader until those rows are delivered)
 //! and every relay is asked to deliver at once (see the [`breaker`](crate::breaker) and
-//! [`relay`](crate::relay) modules). While the circuit breaker is open, commits do not call the store at
+//! [`relay`] modules). While the circuit breaker is open, commits do not call the store at
 //! all. Delivered rows are deleted by a background task in batches, with `synchronous_commit = off`: the
 //! caller's path has no extra WAL flush.
 //!
