@@ -123,8 +123,9 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// Connects to `url`; every key this store touches starts with `prefix`.
     ///
-    /// The connection reconnects on its own; a command waits at most 1 s for its answer, so that a
-    /// hung server makes reads fall through to the database instead of hanging them.
+    /// The connection reconnects on its own (failing fast: one retry after 10 ms; the circuit breaker of
+    /// the [`Cache`](crate::Cache) or pool paces further attempts); a command waits at most 1 s for its
+    /// answer, so that a hung server makes reads fall through to the database instead of hanging them.
     ///
     /// # Errors
     ///
@@ -135,9 +136,14 @@ impl RedisStore {
     /// Dropping the future drops the connection being set up; nothing is written.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
+        // Reconnect attempts fail fast (one retry after 10 ms): the circuit breaker in front of the store
+        // paces the attempts of a process, not the connection manager.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(1)));
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100));
         let conn = ConnectionManager::new_with_config(client, config).await?;
         Self::with_connection(conn, prefix).await
     }
