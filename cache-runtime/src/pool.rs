@@ -165,8 +165,9 @@ impl CachedPoolOptions {
     }
 
     /// Runs the relay as a background task of the pool (default `true`). Without it, writes by other
-    /// clients and left-behind rows wait for a relay running elsewhere. The relay's `LISTEN` connection is
-    /// one connection outside the pool; its sweeps use the pool.
+    /// clients and left-behind rows wait for a relay running elsewhere (the pool still drains the outbox
+    /// itself to reopen its read gate after a store outage). The relay's `LISTEN` connection is one
+    /// connection outside the pool; its sweeps use the pool.
     pub fn relay(mut self, enabled: bool) -> Self {
         self.relay = enabled;
         self

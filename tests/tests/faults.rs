@@ -1057,3 +1057,30 @@ async fn the_breaker_skips_a_dead_store_and_probes_it_with_backoff() {
     value(2).await;
     assert_eq!(cache.stats().fills, fills + 1, "the store caches again");
 }
+
+/// `Relay::drain_once` (what a benchmark times) reports rows, distinct keys and batches.
+#[tokio::test]
+async fn drain_once_reports_rows_keys_and_batches() {
+    let server = RedisServer::start();
+    let (db, admin) = database("faults_drain_once", 12).await;
+    for id in 1..=12_i64 {
+        sqlx::query("UPDATE items SET version = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    let relay = Relay::builder(
+        db.pool().await,
+        RedisStore::connect(&server.url(), "drain:").await.unwrap(),
+    )
+    .batch_rows(5)
+    .build();
+    let backlog = relay.backlog().await.unwrap();
+    assert_eq!(backlog.depth, 12);
+    let drained = relay.drain_once().await.unwrap();
+    eprintln!("drain_once: {drained:?}");
+    assert_eq!((drained.rows, drained.keys, drained.batches), (12, 12, 3));
+    assert_eq!(relay.backlog().await.unwrap().depth, 0);
+    assert_eq!(relay.drain_once().await.unwrap().rows, 0);
+}
