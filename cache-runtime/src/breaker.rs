@@ -11,6 +11,14 @@
 //! its success closes the breaker, its failure opens it again for a longer backoff. A dead server therefore
 //! sees at most one request per backoff period from each process.
 //!
+//! Until the breaker opens, a store call waits at most for the store's own timeout ([`RedisStore`]: 1 s per
+//! command, reconnects failing fast), and the commit path and the relay bound theirs by
+//! [`CachedPoolOptions::store_timeout`] (default 500 ms). Reads never return a store error: they fall
+//! through to the loader.
+//!
+//! [`RedisStore`]: crate::RedisStore
+//! [`CachedPoolOptions::store_timeout`]: crate::CachedPoolOptions::store_timeout
+//!
 //! # Gate
 //!
 //! A store failure may mean an invalidation was lost (a commit whose delete did not reach the store, in this
