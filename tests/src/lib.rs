@@ -9,6 +9,9 @@
 
 pub mod checker;
 pub mod model;
+mod recording;
+
+pub use recording::RecordingStore;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

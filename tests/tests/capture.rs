@@ -7,17 +7,17 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_runtime::{
-    BoxFuture, CachedEntity, CachedPool, ColumnProblem, Error, Problem, RedisStore, Registry,
-    Schema, Store, StoreError, TriggerMode, store,
+    CachedEntity, CachedPool, ColumnProblem, Error, Problem, RedisStore, Registry, Schema,
+    TriggerMode,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor as _, PgPool, Row as _};
 use tests::model::{Category, Product};
-use tests::{TestDb, TestPrefix, redis_url};
+use tests::{RecordingStore, TestDb, TestPrefix, redis_url};
 
 /// A review of a product (child of `products`, `ON DELETE CASCADE`).
 #[derive(Debug, CachedEntity)]
@@ -27,82 +27,18 @@ struct Review {
     product_id: i64,
 }
 
-/// The store of the tests: the real Redis store, recording every `invalidate` call for assertions.
-#[derive(Debug, Clone)]
-struct Recording {
-    inner: RedisStore,
-    calls: Arc<Mutex<Vec<Vec<String>>>>,
+/// The store of the tests: the real Redis store on the test's prefix, recording every `invalidate` call.
+async fn recording(prefix: &TestPrefix) -> RecordingStore {
+    RecordingStore::new(
+        RedisStore::connect(&redis_url(), prefix.prefix.clone())
+            .await
+            .unwrap(),
+    )
 }
 
-impl Store for Recording {
-    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.calls.lock().unwrap().push(keys.to_vec());
-        self.inner.invalidate(keys)
-    }
-
-    fn peek<'a>(
-        &'a self,
-        key: &'a str,
-        tags: &'a [String],
-    ) -> BoxFuture<'a, Result<store::Peek, StoreError>> {
-        self.inner.peek(key, tags)
-    }
-
-    fn lookup<'a>(
-        &'a self,
-        key: &'a str,
-        lease: store::LeaseRequest<'a>,
-        tags: &'a [String],
-        tag_ttl: Duration,
-    ) -> BoxFuture<'a, Result<store::Lookup, StoreError>> {
-        self.inner.lookup(key, lease, tags, tag_ttl)
-    }
-
-    fn tags<'a>(
-        &'a self,
-        tags: &'a [String],
-        create: Option<Duration>,
-    ) -> BoxFuture<'a, Result<Vec<Option<store::TagToken>>, StoreError>> {
-        self.inner.tags(tags, create)
-    }
-
-    fn fill<'a>(
-        &'a self,
-        key: &'a str,
-        lease: &'a str,
-        value: &'a [u8],
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.fill(key, lease, value, ttl)
-    }
-
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        lease: &'a str,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.release(key, lease)
-    }
-}
-
-impl Recording {
-    async fn new(prefix: &TestPrefix) -> Self {
-        Self {
-            inner: RedisStore::connect(&redis_url(), prefix.prefix.clone())
-                .await
-                .unwrap(),
-            calls: Arc::default(),
-        }
-    }
-
-    fn calls(&self) -> Vec<Vec<String>> {
-        self.calls.lock().unwrap().clone()
-    }
-
-    /// Every key passed to `invalidate`, deduplicated.
-    fn invalidated(&self) -> BTreeSet<String> {
-        self.calls().into_iter().flatten().collect()
-    }
+/// Every key passed to `invalidate`, deduplicated.
+fn invalidated(store: &RecordingStore) -> BTreeSet<String> {
+    store.calls().into_iter().flatten().collect()
 }
 
 fn shop() -> Registry {
@@ -150,7 +86,7 @@ fn universe() -> BTreeSet<String> {
 
 struct Env {
     pool: CachedPool,
-    store: Recording,
+    store: RecordingStore,
     admin: PgPool,
     prefix: TestPrefix,
     db: TestDb,
@@ -169,7 +105,7 @@ impl Env {
         let admin = db.pool().await;
         sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
         let prefix = TestPrefix::create(hint).await;
-        let store = Recording::new(&prefix).await;
+        let store = recording(&prefix).await;
         let pool = options(
             CachedPool::options()
                 .registry(shop())
@@ -362,7 +298,7 @@ async fn merge() {
     // product:11 is not in the universe; it must have been invalidated all the same.
     env.assert_gone(&["product:1", "category:1:products", "category:3:products"])
         .await;
-    assert!(env.store.invalidated().contains("product:11"));
+    assert!(invalidated(&env.store).contains("product:11"));
 }
 
 #[tokio::test]
@@ -861,7 +797,7 @@ async fn connecting_to_a_database_without_or_with_other_triggers_fails() {
     let err = CachedPool::options()
         .registry(shop())
         .relay(false)
-        .connect(&db.url, Recording::new(&prefix).await)
+        .connect(&db.url, recording(&prefix).await)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::NotInstalled { .. }), "{err}");
@@ -875,7 +811,7 @@ async fn connecting_to_a_database_without_or_with_other_triggers_fails() {
     let err = CachedPool::options()
         .registry(shop())
         .relay(false)
-        .connect(&db.url, Recording::new(&prefix).await)
+        .connect(&db.url, recording(&prefix).await)
         .await
         .unwrap_err();
     match &err {

@@ -7,19 +7,18 @@
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cache_runtime::{
-    BoxFuture, BreakerConfig, Cache, CachedEntity, CachedPool, CachedPoolOptions, RedisStore,
-    Registry, Relay, Store, StoreError, key, store,
+    BreakerConfig, Cache, CachedEntity, CachedPool, CachedPoolOptions, RedisStore, Registry, Relay,
+    key,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use tests::{RedisServer, TestDb};
+use tests::{RecordingStore, RedisServer, TestDb};
 
 /// A versioned row.
 #[derive(Debug, Clone, PartialEq, CachedEntity, Serialize, Deserialize, sqlx::FromRow)]
@@ -559,70 +558,6 @@ async fn a_backend_terminated_mid_transaction_publishes_nothing_and_loses_nothin
     pool.close().await;
 }
 
-/// The real Redis store, counting how often each key is invalidated.
-#[derive(Debug, Clone)]
-struct Counting {
-    inner: RedisStore,
-    counts: Arc<Mutex<BTreeMap<String, u32>>>,
-}
-
-impl Store for Counting {
-    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.inner.invalidate(keys).await?;
-            let mut counts = self.counts.lock().unwrap();
-            for key in keys {
-                *counts.entry(key.clone()).or_default() += 1;
-            }
-            Ok(())
-        })
-    }
-
-    fn peek<'a>(
-        &'a self,
-        key: &'a str,
-        tags: &'a [String],
-    ) -> BoxFuture<'a, Result<store::Peek, StoreError>> {
-        self.inner.peek(key, tags)
-    }
-
-    fn lookup<'a>(
-        &'a self,
-        key: &'a str,
-        lease: store::LeaseRequest<'a>,
-        tags: &'a [String],
-        tag_ttl: Duration,
-    ) -> BoxFuture<'a, Result<store::Lookup, StoreError>> {
-        self.inner.lookup(key, lease, tags, tag_ttl)
-    }
-
-    fn tags<'a>(
-        &'a self,
-        tags: &'a [String],
-        create: Option<Duration>,
-    ) -> BoxFuture<'a, Result<Vec<Option<store::TagToken>>, StoreError>> {
-        self.inner.tags(tags, create)
-    }
-
-    fn fill<'a>(
-        &'a self,
-        key: &'a str,
-        lease: &'a str,
-        value: &'a [u8],
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.fill(key, lease, value, ttl)
-    }
-
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        lease: &'a str,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.release(key, lease)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_pools_and_two_relays_share_the_work_and_deliver_each_row_once() {
     const FOREIGN: i64 = 300;
@@ -630,12 +565,12 @@ async fn two_pools_and_two_relays_share_the_work_and_deliver_each_row_once() {
     let server = RedisServer::start();
     let (db, admin) = database("faults_shared", FOREIGN + WRAPPED).await;
     let prefix = "shared:";
-    let counts: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
+    let record = RecordingStore::new(RedisStore::connect(&server.url(), prefix).await.unwrap());
     let counting = || async {
-        Counting {
-            inner: RedisStore::connect(&server.url(), prefix).await.unwrap(),
-            counts: Arc::clone(&counts),
-        }
+        RecordingStore::sharing(
+            RedisStore::connect(&server.url(), prefix).await.unwrap(),
+            &record,
+        )
     };
     let grace = Duration::from_millis(400);
     let pool_options = || {
@@ -688,7 +623,7 @@ async fn two_pools_and_two_relays_share_the_work_and_deliver_each_row_once() {
     .await;
     // Past the grace period: a wrapped row delivered by its writer must not come back through a relay.
     tokio::time::sleep(grace + Duration::from_millis(200)).await;
-    let counts = counts.lock().unwrap().clone();
+    let counts = record.delivered();
     let missing: Vec<i64> = (1..=FOREIGN + WRAPPED)
         .filter(|id| !counts.contains_key(&format!("item:{id}")))
         .collect();
@@ -832,92 +767,6 @@ async fn the_listen_connection_reconnects_after_pg_terminate_backend() {
     pool.close().await;
 }
 
-/// The real Redis store, whose invalidations fail while `fail` is set: one process cut off from Redis
-/// while the others reach it.
-#[derive(Debug, Clone)]
-struct Partitioned {
-    inner: RedisStore,
-    fail: Arc<AtomicBool>,
-}
-
-impl Partitioned {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.fail.load(Ordering::SeqCst) {
-            Err(StoreError::Protocol("partitioned (test)".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl Store for Partitioned {
-    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.invalidate(keys).await
-        })
-    }
-
-    fn peek<'a>(
-        &'a self,
-        key: &'a str,
-        tags: &'a [String],
-    ) -> BoxFuture<'a, Result<store::Peek, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.peek(key, tags).await
-        })
-    }
-
-    fn lookup<'a>(
-        &'a self,
-        key: &'a str,
-        lease: store::LeaseRequest<'a>,
-        tags: &'a [String],
-        tag_ttl: Duration,
-    ) -> BoxFuture<'a, Result<store::Lookup, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.lookup(key, lease, tags, tag_ttl).await
-        })
-    }
-
-    fn tags<'a>(
-        &'a self,
-        tags: &'a [String],
-        create: Option<Duration>,
-    ) -> BoxFuture<'a, Result<Vec<Option<store::TagToken>>, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.tags(tags, create).await
-        })
-    }
-
-    fn fill<'a>(
-        &'a self,
-        key: &'a str,
-        lease: &'a str,
-        value: &'a [u8],
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.fill(key, lease, value, ttl).await
-        })
-    }
-
-    fn release<'a>(
-        &'a self,
-        key: &'a str,
-        lease: &'a str,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.check()?;
-            self.inner.release(key, lease).await
-        })
-    }
-}
-
 /// One process loses Redis while another keeps it: the cut-off writer's commits succeed, its reads bypass
 /// the cache, and the other process's relay delivers its keys at once (not after the grace period).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -925,16 +774,11 @@ async fn a_writer_cut_off_from_redis_has_its_keys_delivered_by_another_process_a
     let server = RedisServer::start();
     let (db, admin) = database("faults_partition", 4).await;
     let prefix = "part:";
-    let fail = Arc::new(AtomicBool::new(false));
+    let partitioned =
+        RecordingStore::new(RedisStore::connect(&server.url(), prefix).await.unwrap());
     let cut = options()
         .relay(false)
-        .connect(
-            &db.url,
-            Partitioned {
-                inner: RedisStore::connect(&server.url(), prefix).await.unwrap(),
-                fail: Arc::clone(&fail),
-            },
-        )
+        .connect(&db.url, partitioned.clone())
         .await
         .unwrap();
     // The other process: a long grace period and rare sweeps, so only the drain request delivers quickly.
@@ -961,7 +805,7 @@ async fn a_writer_cut_off_from_redis_has_its_keys_delivered_by_another_process_a
     for id in 1..=4 {
         assert_eq!(read(other.cache(), other.pg_pool(), id).await, 0);
     }
-    fail.store(true, Ordering::SeqCst);
+    partitioned.cut_off(true);
     let started = Instant::now();
     assert_eq!(write(&cut, 1).await, 1);
     assert_eq!(write(&cut, 2).await, 1);
@@ -980,7 +824,7 @@ async fn a_writer_cut_off_from_redis_has_its_keys_delivered_by_another_process_a
     .await;
     let took = took.max(started.elapsed());
     // Reconnected: the cut-off process's gate opens again.
-    fail.store(false, Ordering::SeqCst);
+    partitioned.cut_off(false);
     let reopened = wait_until("gate open", Duration::from_secs(10), || async {
         !cut.cache().gate_closed()
     })
