@@ -43,6 +43,15 @@ struct Product {
     version: i64,
 }
 
+/// The same rows in a table of their own, cached by a `CachedPool` on an in-process store (the mixed
+/// workload's L1 variant; its own table, so that writes delivered to Redis never have to reach it).
+#[derive(CachedEntity)]
+#[cached_entity(table = "l1_products", key = "l1:product:<id>", depends = ["l1:category:<category_id>:products"])]
+struct L1Product {
+    id: i64,
+    category_id: i64,
+}
+
 const ROWS: i64 = 10_000;
 const CATEGORIES: i64 = 100;
 const CLIENTS: usize = 16;
@@ -174,6 +183,7 @@ async fn cleanup_prefix(redis_url: &str, prefix: &str) -> Result<(), BoxError> {
 struct Env {
     pool: CachedPool,
     raw: PgPool,
+    url: String,
     redis: redis::aio::MultiplexedConnection,
     prefix: String,
     sizes: Sizes,
@@ -190,11 +200,13 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
          INSERT INTO products SELECT i, i % {CATEGORIES}, 'Product number ' || i, i, 0
            FROM generate_series(1, {ROWS}) AS i;
          CREATE TABLE plain_products (LIKE products INCLUDING ALL);
-         INSERT INTO plain_products SELECT * FROM products;"
+         INSERT INTO plain_products SELECT * FROM products;
+         CREATE TABLE l1_products (LIKE products INCLUDING ALL);
+         INSERT INTO l1_products SELECT * FROM products;"
     )))
     .execute(&raw)
     .await?;
-    sqlx::raw_sql("VACUUM ANALYZE products, plain_products")
+    sqlx::raw_sql("VACUUM ANALYZE products, plain_products, l1_products")
         .execute(&raw)
         .await?;
     let store = RedisStore::connect(redis_url, prefix.to_owned())
@@ -203,7 +215,7 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
             format!("Redis is not reachable at {redis_url} ({e}); start it or set REDIS_URL")
         })?;
     let pool = CachedPool::options()
-        .registry(Registry::new([Product::META]))
+        .registry(Registry::new([Product::META, L1Product::META]))
         .install_schema(true)
         .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
         .connect(url, store)
@@ -214,6 +226,7 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
     let mut env = Env {
         pool,
         raw,
+        url: url.to_owned(),
         redis,
         prefix: prefix.to_owned(),
         sizes,
@@ -228,6 +241,7 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
 
     eprintln!("write path…");
     write_single(&mut env, &mut report).await?;
+    write_breakdown(&mut env, &mut report).await?;
     write_tx(&mut env, &mut report).await?;
     write_bulk(&mut env, &mut report).await?;
     eprintln!("read path…");
@@ -252,6 +266,8 @@ const UPDATE_PLAIN: &str =
 
 const UPDATE_RETURNING: &str = "UPDATE products SET price_cents = price_cents + 1, version = version + 1 \
      WHERE id = $1 RETURNING version";
+const UPDATE_L1_RETURNING: &str = "UPDATE l1_products SET price_cents = price_cents + 1, \
+     version = version + 1 WHERE id = $1 RETURNING version";
 const UPDATE_PLAIN_RETURNING: &str = "UPDATE plain_products SET price_cents = price_cents + 1, \
      version = version + 1 WHERE id = $1 RETURNING version";
 
@@ -309,6 +325,61 @@ async fn write_single(env: &mut Env, report: &mut Report) -> Result<(), BoxError
         }
     }
     write_rows(report, "write: 1-row autocommit UPDATE", &s);
+    Ok(())
+}
+
+/// Where the single-row overhead goes: the pieces of a `CachedPool` autocommit write, timed alone.
+async fn write_breakdown(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    const PARTS: [&str; 6] = [
+        "SELECT 1 (one PostgreSQL round trip)",
+        "session_keys() on an empty outbox (the extra round trip after a write)",
+        "UPDATE on the table with the capture trigger (plain pool)",
+        "UPDATE on the table without trigger (plain pool)",
+        "RedisStore::invalidate of the 2 keys (value + tag slots)",
+        "hand-written DEL of the 2 keys",
+    ];
+    let mut s: [Samples; 6] = Default::default();
+    let store = Arc::clone(env.pool.store());
+    for i in 0..env.sizes.single / 2 {
+        let id = 1 + (i as i64 * 41) % ROWS;
+        for v in 0..PARTS.len() {
+            let part = (i + v) % PARTS.len();
+            let start = Instant::now();
+            match part {
+                0 => {
+                    sqlx::query("SELECT 1").execute(&env.raw).await?;
+                }
+                1 => {
+                    sqlx::query("SELECT id, keys FROM cache_invalidation.session_keys()")
+                        .execute(&env.raw)
+                        .await?;
+                }
+                2 => {
+                    sqlx::query(UPDATE).bind(id).execute(&env.raw).await?;
+                }
+                3 => {
+                    sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw).await?;
+                }
+                4 => {
+                    store
+                        .invalidate(&[
+                            format!("product:{id}"),
+                            format!("category:{}:products", id % CATEGORIES),
+                        ])
+                        .await?;
+                }
+                _ => {
+                    let mut pipe = redis::pipe();
+                    del_keys(&mut pipe, &env.prefix, id);
+                    pipe.query_async::<()>(&mut env.redis).await?;
+                }
+            }
+            s[part].push(start.elapsed());
+        }
+    }
+    for (name, samples) in PARTS.iter().zip(&s) {
+        report.latency("write: 1-row breakdown", name, samples.stats(), None);
+    }
     Ok(())
 }
 
@@ -624,6 +695,7 @@ enum Mode {
     NoCache,
     Naive,
     Ours,
+    OursL1,
 }
 
 impl Mode {
@@ -631,7 +703,8 @@ impl Mode {
         match self {
             Mode::NoCache => "no cache (SELECT / UPDATE)",
             Mode::Naive => "naive cache-aside (GET, SELECT+SET EX / UPDATE+DEL)",
-            Mode::Ours => "this library (get_or_load / CachedPool UPDATE)",
+            Mode::Ours => "this library, Redis (get_or_load / CachedPool UPDATE)",
+            Mode::OursL1 => "this library, in-process store (one process)",
         }
     }
 }
@@ -663,17 +736,24 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
     let zipf = Arc::new(Zipf::new(usize::try_from(ROWS)?, 0.99));
     let plain_floor = Arc::new(Floors::new());
     let ours_floor = Arc::new(Floors::new());
-    let modes = [Mode::NoCache, Mode::Naive, Mode::Ours];
-    let mut results: [Mixed; 3] = Default::default();
-    let slice = env.sizes.mixed / (ROUNDS * 3);
+    let l1_floor = Arc::new(Floors::new());
+    let l1 = CachedPool::options()
+        .registry(Registry::new([Product::META, L1Product::META]))
+        .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
+        .connect(&env.url, MemoryStore::default())
+        .await?;
+    let modes = [Mode::NoCache, Mode::Naive, Mode::Ours, Mode::OursL1];
+    let mut results: [Mixed; 4] = Default::default();
+    let slice = env.sizes.mixed / (ROUNDS * 4);
+    let redis_stats = env.pool.cache().stats();
     for round in 0..ROUNDS as usize {
-        for k in 0..3 {
-            let m = (round + k) % 3;
+        for k in 0..modes.len() {
+            let m = (round + k) % modes.len();
             let mode = modes[m];
-            let floors = if mode == Mode::Ours {
-                &ours_floor
-            } else {
-                &plain_floor
+            let floors = match mode {
+                Mode::Ours => &ours_floor,
+                Mode::OursL1 => &l1_floor,
+                _ => &plain_floor,
             };
             let start = Instant::now();
             let deadline = start + slice;
@@ -681,6 +761,7 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
             for client in 0..CLIENTS {
                 let (zipf, floors) = (Arc::clone(&zipf), Arc::clone(floors));
                 let (pool, raw, mut redis) = (env.pool.clone(), env.raw.clone(), env.redis.clone());
+                let l1 = l1.clone();
                 let prefix = env.prefix.clone();
                 tasks.spawn(async move {
                     let mut rng = fastrand::Rng::with_seed((round * 100 + client) as u64);
@@ -700,6 +781,9 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
                                 }
                                 Mode::Ours => {
                                     sqlx::query_scalar(UPDATE_RETURNING).bind(id).fetch_one(&pool).await?
+                                }
+                                Mode::OursL1 => {
+                                    sqlx::query_scalar(UPDATE_L1_RETURNING).bind(id).fetch_one(&l1).await?
                                 }
                             };
                             writes.push(begin.elapsed());
@@ -724,6 +808,11 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
                                     }
                                 }
                                 Mode::Ours => pool.cache().get_or_load(Product::cache_key_for(&id), || select_product(&pool, id))
+                                    .await.map_err(|e| e.to_string())?,
+                                Mode::OursL1 => l1.cache().get_or_load(L1Product::cache_key_for(&id), || async {
+                                        sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM l1_products WHERE id = $1")
+                                            .bind(id).fetch_optional(&l1).await
+                                    })
                                     .await.map_err(|e| e.to_string())?,
                             };
                             reads.push(begin.elapsed());
@@ -774,9 +863,35 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
         "mixed workload",
         format!(
             "{:?} per variant, in {ROUNDS} alternating slices",
-            env.sizes.mixed / 3
+            env.sizes.mixed / 4
         ),
     );
+    let after = env.pool.cache().stats();
+    report.fact(
+        "mixed workload, this library on Redis",
+        format!(
+            "hits {}, coalesced {}, loads {}, fills {}, fills rejected {}, lease waits {}",
+            after.hits - redis_stats.hits,
+            after.coalesced - redis_stats.coalesced,
+            after.loads - redis_stats.loads,
+            after.fills - redis_stats.fills,
+            after.fills_rejected - redis_stats.fills_rejected,
+            after.lease_waits - redis_stats.lease_waits
+        ),
+    );
+    let l1_stats = l1.cache().stats();
+    report.fact(
+        "mixed workload, this library in-process",
+        format!(
+            "hits {}, coalesced {}, loads {}, fills {}, fills rejected {}",
+            l1_stats.hits,
+            l1_stats.coalesced,
+            l1_stats.loads,
+            l1_stats.fills,
+            l1_stats.fills_rejected
+        ),
+    );
+    l1.close().await;
     Ok(())
 }
 
@@ -836,7 +951,7 @@ async fn backlog(
 ) -> Result<(), BoxError> {
     let store = RedisStore::connect(redis_url, env.prefix.clone()).await?;
     let drainer = CachedPool::options()
-        .registry(Registry::new([Product::META]))
+        .registry(Registry::new([Product::META, L1Product::META]))
         .relay(false)
         .pool_options(PgPoolOptions::new().max_connections(2))
         .connect(url, store)
