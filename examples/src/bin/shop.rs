@@ -95,7 +95,7 @@ async fn run() -> Result<usize, BoxError> {
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let mut admin = PgConnection::connect(&admin_url).await.map_err(|e| {
         format!(
-            "PostgreSQL is not reachable at {admin_url} ({e}).\n  Start a local server (e.g. `pg_ctlcluster 16 main \
+            "PostgreSQL is not reachable at {admin_url} ({e}).\n  Start a local server (e.g. `pg_ctlcluster <version> main \
              start`, or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`)\n  or set \
              DATABASE_URL to a server where the user may CREATE DATABASE."
         )
