@@ -24,6 +24,21 @@ impl Samples {
         out
     }
 
+    /// Adds every sample of `other`.
+    pub fn merge(&mut self, other: &Samples) {
+        self.nanos.extend_from_slice(&other.nanos);
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.nanos.len()
+    }
+
+    /// Whether there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.nanos.is_empty()
+    }
+
     /// Median, p99 and count, in microseconds.
     pub fn stats(&self) -> Stats {
         let mut v = self.nanos.clone();
@@ -102,10 +117,23 @@ impl Report {
         });
     }
 
+    /// Adds a plain value row with its ratio to `baseline` (a value in the same unit).
+    pub fn value_vs(&mut self, group: &str, variant: &str, value: f64, unit: &str, baseline: f64) {
+        self.value(group, variant, value, unit);
+        if let Some(row) = self.rows.last_mut() {
+            row.ratio = Some(value / baseline);
+        }
+    }
+
+    /// Adds a fact about the run.
+    pub fn fact(&mut self, name: &str, value: impl std::fmt::Display) {
+        self.context.push((name.to_owned(), value.to_string()));
+    }
+
     /// The report as a Markdown table.
     pub fn table(&self) -> String {
         let mut out = String::from(
-            "| group | variant | median µs | p99 µs | n | value | ratio |\n|---|---|---:|---:|---:|---:|---:|\n",
+            "| group | variant | median µs | p99 µs | n | value | ratio to baseline |\n|---|---|---:|---:|---:|---:|---:|\n",
         );
         for r in &self.rows {
             let (median, p99, n) =
@@ -136,11 +164,62 @@ impl Report {
     ///
     /// When the JSON cannot be written.
     pub fn finish(&self, path: &str) -> std::io::Result<()> {
+        for (k, v) in &self.context {
+            println!("- {k}: {v}");
+        }
+        println!();
         println!("{}", self.table());
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(path, json)?;
         println!("wrote {path}");
         Ok(())
+    }
+}
+
+/// `url` with its database replaced by `database` (query parameters kept).
+pub fn database_url(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// A Zipf distribution over `1..=n` (rank `k` has weight `1 / k^s`), sampled by inverse CDF.
+#[derive(Debug, Clone)]
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    /// The distribution over `1..=n` with exponent `s`.
+    pub fn new(n: usize, s: f64) -> Self {
+        let mut cdf = Vec::with_capacity(n);
+        let mut sum = 0.0;
+        for k in 1..=n {
+            sum += 1.0 / (k as f64).powf(s);
+            cdf.push(sum);
+        }
+        for c in &mut cdf {
+            *c /= sum;
+        }
+        Self { cdf }
+    }
+
+    /// Maps a uniform `u` in `[0, 1)` to a rank in `1..=n`.
+    pub fn sample(&self, u: f64) -> i64 {
+        let i = self.cdf.partition_point(|&c| c < u);
+        i64::try_from(i.min(self.cdf.len().saturating_sub(1)) + 1).unwrap_or(i64::MAX)
     }
 }
 
@@ -167,6 +246,12 @@ mod tests {
                 p99_us: 80.0,
             },
             Some(st.median_us),
+        );
+        let z = Zipf::new(100, 1.0);
+        assert_eq!((z.sample(0.0), z.sample(0.999_999)), (1, 100));
+        assert_eq!(
+            database_url("postgres://u@h:1/db?x=1", "o"),
+            "postgres://u@h:1/o?x=1"
         );
         assert!(
             r.table().contains("| g | x | 75.0 | 80.0 | 1 |  | 1.50× |"),

@@ -1,10 +1,16 @@
 //! The randomized freshness checker (see `tests::checker`) against `Cache::get_or_load` on Redis and on the
 //! in-process store, and against hand-written cache-aside, which it must catch.
+//!
+//! Writers come in two kinds: real capture (plain sqlx statements through `CachedPool`, autocommit and in a
+//! transaction: the triggers find the keys, the pool invalidates after `COMMIT`) and hand invalidation
+//! (`UPDATE` then `Cache::invalidate`, which isolates the read side).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_runtime::{Cache, CachedEntity, LoadOptions, MemoryStore, RedisStore, key};
+use cache_runtime::{
+    Cache, CachedEntity, CachedPool, LoadOptions, MemoryStore, RedisStore, Registry, key,
+};
 use sqlx::PgPool;
 use tests::checker::{self, Config, Read, Report, Write};
 use tests::{TestDb, TestPrefix};
@@ -81,6 +87,113 @@ fn invalidating_write(cache: Cache, pool: PgPool) -> Write {
             version
         })
     })
+}
+
+/// The same write through `CachedPool` with autocommit: the capture triggers write `item:<id>` and
+/// `item:<id>:page` to the outbox, the pool invalidates them after the commit. No hand-written invalidation.
+fn captured_write(pool: CachedPool) -> Write {
+    Arc::new(move |id| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query_scalar(
+                "UPDATE items SET version = version + 1 WHERE id = $1 RETURNING version",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("UPDATE through CachedPool: {e}"))
+        })
+    })
+}
+
+/// The same write in a `CachedTransaction` (a read, the update, a second statement), published at commit.
+fn captured_tx_write(pool: CachedPool) -> Write {
+    Arc::new(move |id| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let mut tx = pool.begin().await.expect("begin");
+            sqlx::query("SELECT version FROM items WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .execute(&mut tx)
+                .await
+                .expect("SELECT");
+            let version: i64 = sqlx::query_scalar(
+                "UPDATE items SET version = version + 1 WHERE id = $1 RETURNING version",
+            )
+            .bind(id)
+            .fetch_one(&mut tx)
+            .await
+            .expect("UPDATE");
+            checker::jitter().await;
+            tx.commit().await.expect("commit");
+            version
+        })
+    })
+}
+
+/// A `CachedPool` on the checker's database whose store shares `prefix`, with the schema installed.
+async fn cached_pool(url: &str, prefix: &str) -> CachedPool {
+    let store = RedisStore::connect(&tests::redis_url(), prefix.to_owned())
+        .await
+        .expect("connect Redis");
+    CachedPool::options()
+        .registry(Registry::new([Item::META]))
+        .install_schema(true)
+        .connect(url, store)
+        .await
+        .expect("connect CachedPool")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_pool_writers_never_read_stale() {
+    let (db, pool) = database().await;
+    let prefix = TestPrefix::create("checker_capture").await;
+    let cached = cached_pool(&db.url, &prefix.prefix).await;
+    // Readers on the pool's cache and on a second handle (standing for another process).
+    let other = Cache::new(
+        RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
+            .await
+            .expect("connect"),
+    );
+    let caches = vec![cached.cache().clone(), other];
+    let config = Config {
+        duration: Duration::from_millis(1500),
+        ..Config::default()
+    };
+    for (what, write) in [
+        (
+            "CachedPool autocommit writers",
+            captured_write(cached.clone()),
+        ),
+        (
+            "CachedPool transaction writers",
+            captured_tx_write(cached.clone()),
+        ),
+    ] {
+        let report = checker::run(
+            config,
+            cached_read(caches.clone(), pool.clone()),
+            Arc::clone(&write),
+        )
+        .await;
+        print(&format!("get_or_load, Redis, {what}"), report, &caches);
+        assert!(report.reads > 100 && report.writes > 20, "{report:?}");
+        assert_eq!(report.violations, 0, "{what}");
+        let report = checker::run(
+            config,
+            page_read(caches.clone(), pool.clone(), config.rows),
+            write,
+        )
+        .await;
+        print(
+            &format!("get_or_load_tagged pages, Redis, {what}"),
+            report,
+            &caches,
+        );
+        assert!(report.reads > 100 && report.writes > 20, "{report:?}");
+        assert_eq!(report.violations, 0, "{what}, pages");
+    }
+    cached.close().await;
 }
 
 fn print(what: &str, report: Report, caches: &[Cache]) {

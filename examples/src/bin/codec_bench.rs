@@ -3,6 +3,7 @@
 //! Run with `cargo run --release -p examples --bin codec_bench`; prints a table and writes
 //! `target/codec_bench.json`. The cache uses the codec this measurement chose (see `cache_runtime::codec`).
 
+use examples::Report;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -171,33 +172,47 @@ fn main() {
         }
     }
     let jsonb = jsonb_support();
-    println!(
-        "{:<18} {:>8} {:>12} {:>12} {:>12} {:>7}",
-        "codec", "bytes", "encode ns", "decode ns", "total ns", "JSONB"
-    );
-    let mut rows = Vec::new();
+    let mut report = Report::default();
+    report.fact("entity", "Product (12 fields)");
+    report.fact("rounds", ROUNDS);
+    report.fact("per round", PER_ROUND);
+    let total = |i: usize| (median(enc_t[i].clone()) + median(dec_t[i].clone())).as_nanos() as f64;
+    let base = codecs
+        .iter()
+        .position(|(name, _, _)| *name == "rmp-serde")
+        .map_or(f64::NAN, total);
     for (i, (name, enc, _)) in codecs.iter().enumerate() {
-        let size = enc(&sample).len();
-        let e = median(enc_t[i].clone()).as_nanos();
-        let d = median(dec_t[i].clone()).as_nanos();
+        let group = format!("codec: {name}");
         let json_ok = jsonb.iter().any(|(n, ok)| n == name && *ok);
-        println!(
-            "{name:<18} {size:>8} {e:>12} {d:>12} {:>12} {:>7}",
-            e + d,
-            if json_ok { "yes" } else { "no" }
+        report.value(&group, "encoded size", enc(&sample).len() as f64, "bytes");
+        report.value(
+            &group,
+            "encode, median",
+            median(enc_t[i].clone()).as_nanos() as f64,
+            "ns",
         );
-        rows.push(serde_json::json!({
-            "codec": name, "bytes": size, "encode_ns": e, "decode_ns": d, "total_ns": e + d,
-            "jsonb_round_trip": json_ok,
-        }));
+        report.value(
+            &group,
+            "decode, median",
+            median(dec_t[i].clone()).as_nanos() as f64,
+            "ns",
+        );
+        report.value_vs(
+            &group,
+            "encode + decode (ratio to rmp-serde)",
+            total(i),
+            "ns",
+            base,
+        );
+        report.value(
+            &group,
+            "round-trips a JSONB column (1 = yes)",
+            f64::from(u8::from(json_ok)),
+            "",
+        );
     }
-    let out = serde_json::json!({ "entity": "Product (12 fields)", "rounds": ROUNDS, "per_round": PER_ROUND, "results": rows });
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/codec_bench.json");
-    match std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&out).unwrap_or_default(),
-    ) {
-        Ok(()) => println!("wrote {}", path.display()),
-        Err(e) => eprintln!("could not write {}: {e}", path.display()),
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/codec_bench.json");
+    if let Err(e) = report.finish(path) {
+        eprintln!("could not write {path}: {e}");
     }
 }

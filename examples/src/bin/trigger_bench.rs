@@ -3,13 +3,15 @@
 //! Creates a database of its own on `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
 //! loads 10,000 products, and times the same `UPDATE` of every row without triggers, with statement triggers
 //! and with row triggers (median of several runs, each in its own transaction, outbox emptied in between).
-//! Prints a table and writes JSON to the path given as first argument (default `target/trigger_bench.json`).
+//! Prints a table and writes JSON (the shared `examples::Report`) to the path given as first argument (default
+//! `target/trigger_bench.json`).
 //!
 //! Run: `cargo run --release -p examples --bin trigger_bench`.
 
 use std::time::{Duration, Instant};
 
 use cache_runtime::{CachedEntity, Registry, Schema, TriggerMode};
+use examples::Report;
 use sqlx::{Connection as _, PgConnection};
 
 /// The benchmarked entity.
@@ -54,45 +56,45 @@ async fn main() -> Result<(), BoxError> {
     .await?;
     let measures = result?;
 
-    println!(
-        "10k-row UPDATE of every row ({ROWS} rows, median of {RUNS} runs; single-row UPDATE median of {SINGLE_RUNS})"
-    );
-    println!(
-        "{:<12} {:>14} {:>14} {:>18} {:>12}",
-        "triggers", "bulk median", "bulk min", "1-row median", "outbox rows"
-    );
+    let mut report = Report::default();
+    report.fact("rows", ROWS);
+    report.fact("bulk runs", RUNS);
+    report.fact("single-row runs", SINGLE_RUNS);
+    let none = measures
+        .iter()
+        .find(|m| m.variant == "none")
+        .ok_or("no baseline measure")?;
+    let (bulk_base, single_base) = (ms(none.bulk_median), us(none.single_median));
     for m in &measures {
-        println!(
-            "{:<12} {:>11.2} ms {:>11.2} ms {:>15.1} µs {:>12}",
-            m.variant,
+        let group = format!("triggers: {}", m.variant);
+        report.value_vs(
+            &group,
+            "10k-row UPDATE, median",
             ms(m.bulk_median),
-            ms(m.bulk_min),
-            m.single_median.as_secs_f64() * 1e6,
-            m.outbox_rows
+            "ms",
+            bulk_base,
+        );
+        report.value(&group, "10k-row UPDATE, min", ms(m.bulk_min), "ms");
+        report.value_vs(
+            &group,
+            "1-row UPDATE, median",
+            us(m.single_median),
+            "µs",
+            single_base,
+        );
+        report.value(
+            &group,
+            "outbox rows per 10k-row UPDATE",
+            m.outbox_rows as f64,
+            "rows",
         );
     }
-    let json = format!(
-        "{{\n  \"rows\": {ROWS},\n  \"runs\": {RUNS},\n  \"results\": [\n{}\n  ]\n}}\n",
-        measures
-            .iter()
-            .map(|m| format!(
-                "    {{\"triggers\": \"{}\", \"bulk_update_median_ms\": {:.3}, \"bulk_update_min_ms\": {:.3}, \
-                 \"single_row_update_median_us\": {:.1}, \"outbox_rows_per_bulk_update\": {}}}",
-                m.variant,
-                ms(m.bulk_median),
-                ms(m.bulk_min),
-                m.single_median.as_secs_f64() * 1e6,
-                m.outbox_rows
-            ))
-            .collect::<Vec<_>>()
-            .join(",\n")
-    );
-    if let Some(dir) = std::path::Path::new(&out).parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, json)?;
-    println!("wrote {out}");
+    report.finish(&out)?;
     Ok(())
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 async fn run(url: &str) -> Result<Vec<Measure>, BoxError> {

@@ -1,0 +1,1015 @@
+//! The benchmark: this library against hand-written cache-aside, raw sqlx and TTL-free naive caching, side by
+//! side in one run, against real PostgreSQL and Redis.
+//!
+//! Creates a database of its own on `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
+//! with two identical tables of 10,000 products: `products` (registered, with the capture triggers) and
+//! `plain_products` (no triggers), and uses the Redis at `REDIS_URL` (default `redis://127.0.0.1:6379`) under
+//! a key prefix of its own. Variants alternate within each iteration (the order rotates), so drift on the
+//! machine hits all alike. Sections (see `BENCHMARKS.md` for what each row means):
+//!
+//! - write path: single-row autocommit `UPDATE`, a 5-statement transaction and a 10k-row `UPDATE`, each
+//!   through `CachedPool`, as hand-written `UPDATE` + `DEL`, and as raw sqlx with no cache;
+//! - read path: `get_or_load` hit on Redis vs raw `GET` + MessagePack decode; in-process store hit; a miss
+//!   (invalidated key, load from PostgreSQL) vs the bare `SELECT`;
+//! - stampede: 1,000 concurrent cold reads of one key, loader calls and p99, vs naive cache-aside;
+//! - mixed 95/5 read/write, zipf keys over 10k rows, 16 clients: no cache, naive cache-aside, this library;
+//!   throughput, p99, stale reads (a read is stale if it returns a version older than one whose write
+//!   returned before the read began);
+//! - foreign writes: commit through a plain `PgPool` → key gone from Redis, through the relay;
+//! - backlog drain: outbox rows written by a plain pool while no relay runs, then drained.
+//!
+//! Prints a Markdown table and writes JSON (default `target/bench.json`).
+//!
+//! Run: `cargo run --release -p examples --bin bench [-- --quick] [-- --out PATH]`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_runtime::{Cache, CachedEntity, CachedPool, MemoryStore, RedisStore, Registry};
+use examples::{Report, Samples, Zipf};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection as _, PgConnection, PgPool};
+
+/// The benchmarked entity and the cached value.
+#[derive(Debug, Clone, PartialEq, CachedEntity, Serialize, Deserialize, sqlx::FromRow)]
+#[cached_entity(table = "products", key = "product:<id>", depends = ["category:<category_id>:products"], ttl = "10m")]
+struct Product {
+    id: i64,
+    category_id: i64,
+    name: String,
+    price_cents: i64,
+    version: i64,
+}
+
+/// The same rows in a table of their own, cached by a `CachedPool` on an in-process store (the mixed
+/// workload's L1 variant; its own table, so that writes delivered to Redis never have to reach it).
+#[derive(CachedEntity)]
+#[cached_entity(table = "l1_products", key = "l1:product:<id>", depends = ["l1:category:<category_id>:products"])]
+struct L1Product {
+    id: i64,
+    category_id: i64,
+}
+
+const ROWS: i64 = 10_000;
+const CATEGORIES: i64 = 100;
+const CLIENTS: usize = 16;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Sizes of a run.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    single: usize,
+    tx: usize,
+    bulk: usize,
+    reads: usize,
+    misses: usize,
+    mixed: Duration,
+    foreign: usize,
+    backlog: usize,
+}
+
+impl Sizes {
+    const DEFAULT: Self = Self {
+        single: 2_000,
+        tx: 500,
+        bulk: 9,
+        reads: 5_000,
+        misses: 1_000,
+        mixed: Duration::from_secs(30),
+        foreign: 1_000,
+        backlog: 5_000,
+    };
+    const QUICK: Self = Self {
+        single: 200,
+        tx: 60,
+        bulk: 3,
+        reads: 500,
+        misses: 100,
+        mixed: Duration::from_secs(6),
+        foreign: 100,
+        backlog: 1_000,
+    };
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let mut sizes = Sizes::DEFAULT;
+    let mut out = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench.json").to_owned();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => sizes = Sizes::QUICK,
+            "--out" => out = args.next().ok_or("--out needs a path")?,
+            other => {
+                return Err(
+                    format!("unknown argument {other:?}; use --quick and/or --out PATH").into(),
+                );
+            }
+        }
+    }
+    let admin_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let redis_url =
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let mut admin = PgConnection::connect(&admin_url).await.map_err(|e| {
+        format!(
+            "PostgreSQL is not reachable at {admin_url} ({e}); start it or set DATABASE_URL to a server where \
+             the user may CREATE DATABASE"
+        )
+    })?;
+    let name = format!("cache_bench_{}", std::process::id());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await?;
+    let prefix = format!("bench_{}:", std::process::id());
+    let result = run(
+        &examples::database_url(&admin_url, &name),
+        &redis_url,
+        &prefix,
+        sizes,
+    )
+    .await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    if let Err(e) = cleanup_prefix(&redis_url, &prefix).await {
+        eprintln!("could not delete the keys under {prefix}: {e}");
+    }
+    let mut report = result?;
+    report.fact("mode", if sizes.quick() { "--quick" } else { "default" });
+    report.finish(&out)?;
+    Ok(())
+}
+
+impl Sizes {
+    fn quick(&self) -> bool {
+        self.single == Self::QUICK.single
+    }
+}
+
+/// Deletes the benchmark's keys (a tool may `SCAN`; the library never does).
+async fn cleanup_prefix(redis_url: &str, prefix: &str) -> Result<(), BoxError> {
+    let client = redis::Client::open(redis_url)?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut con)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// Everything a section needs.
+struct Env {
+    pool: CachedPool,
+    raw: PgPool,
+    url: String,
+    redis: redis::aio::MultiplexedConnection,
+    prefix: String,
+    sizes: Sizes,
+}
+
+async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<Report, BoxError> {
+    let raw = PgPoolOptions::new()
+        .max_connections(CLIENTS as u32)
+        .connect(url)
+        .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+                                price_cents bigint NOT NULL, version bigint NOT NULL DEFAULT 0);
+         INSERT INTO products SELECT i, i % {CATEGORIES}, 'Product number ' || i, i, 0
+           FROM generate_series(1, {ROWS}) AS i;
+         CREATE TABLE plain_products (LIKE products INCLUDING ALL);
+         INSERT INTO plain_products SELECT * FROM products;
+         CREATE TABLE l1_products (LIKE products INCLUDING ALL);
+         INSERT INTO l1_products SELECT * FROM products;"
+    )))
+    .execute(&raw)
+    .await?;
+    sqlx::raw_sql("VACUUM ANALYZE products, plain_products, l1_products")
+        .execute(&raw)
+        .await?;
+    let store = RedisStore::connect(redis_url, prefix.to_owned())
+        .await
+        .map_err(|e| {
+            format!("Redis is not reachable at {redis_url} ({e}); start it or set REDIS_URL")
+        })?;
+    let pool = CachedPool::options()
+        .registry(Registry::new([Product::META, L1Product::META]))
+        .install_schema(true)
+        .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
+        .connect(url, store)
+        .await?;
+    let redis = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut env = Env {
+        pool,
+        raw,
+        url: url.to_owned(),
+        redis,
+        prefix: prefix.to_owned(),
+        sizes,
+    };
+    let mut report = Report::default();
+    report.fact("rows", ROWS);
+    report.fact("codec", "MessagePack (rmp-serde) for every cached variant");
+    report.fact(
+        "pools",
+        format!("{CLIENTS} connections each (CachedPool, plain PgPool)"),
+    );
+
+    eprintln!("write path…");
+    write_single(&mut env, &mut report).await?;
+    write_breakdown(&mut env, &mut report).await?;
+    write_tx(&mut env, &mut report).await?;
+    write_bulk(&mut env, &mut report).await?;
+    eprintln!("read path…");
+    reads(&mut env, &mut report).await?;
+    eprintln!("stampede…");
+    stampede(&mut env, &mut report).await?;
+    eprintln!("mixed workload…");
+    mixed(&mut env, &mut report).await?;
+    eprintln!("foreign writes…");
+    foreign(&mut env, &mut report).await?;
+    env.pool.close().await;
+    eprintln!("backlog drain…");
+    backlog(&env, url, redis_url, &mut report).await?;
+    env.raw.close().await;
+    Ok(report)
+}
+
+const UPDATE: &str =
+    "UPDATE products SET price_cents = price_cents + 1, version = version + 1 WHERE id = $1";
+const UPDATE_PLAIN: &str =
+    "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1 WHERE id = $1";
+
+const UPDATE_RETURNING: &str = "UPDATE products SET price_cents = price_cents + 1, version = version + 1 \
+     WHERE id = $1 RETURNING version";
+const UPDATE_L1_RETURNING: &str = "UPDATE l1_products SET price_cents = price_cents + 1, \
+     version = version + 1 WHERE id = $1 RETURNING version";
+const UPDATE_PLAIN_RETURNING: &str = "UPDATE plain_products SET price_cents = price_cents + 1, \
+     version = version + 1 WHERE id = $1 RETURNING version";
+
+/// Hand-written invalidation of a product: its key and its category's list.
+fn del_keys(pipe: &mut redis::Pipeline, prefix: &str, id: i64) {
+    pipe.del(format!("{prefix}product:{id}")).ignore();
+    pipe.del(format!("{prefix}category:{}:products", id % CATEGORIES))
+        .ignore();
+}
+
+/// Adds the three write variants of a group, ratios against the hand-written one.
+fn write_rows(report: &mut Report, group: &str, s: &[Samples; 3]) {
+    let manual = s[1].stats();
+    let raw = s[2].stats();
+    report.latency(
+        group,
+        "hand-written UPDATE + DEL (baseline)",
+        manual,
+        Some(manual.median_us),
+    );
+    report.latency(group, "CachedPool", s[0].stats(), Some(manual.median_us));
+    report.latency(group, "raw sqlx, no cache", raw, Some(manual.median_us));
+    report.value_vs(
+        group,
+        "CachedPool vs raw sqlx (median ratio)",
+        s[0].stats().median_us,
+        "µs",
+        raw.median_us,
+    );
+}
+
+async fn write_single(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    let mut s: [Samples; 3] = Default::default();
+    for i in 0..env.sizes.single {
+        let id = 1 + (i as i64 * 37) % ROWS;
+        for v in 0..3 {
+            match (i + v) % 3 {
+                0 => {
+                    s[0].time(sqlx::query(UPDATE).bind(id).execute(&env.pool))
+                        .await?;
+                }
+                1 => {
+                    let start = Instant::now();
+                    sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw).await?;
+                    let mut pipe = redis::pipe();
+                    del_keys(&mut pipe, &env.prefix, id);
+                    pipe.query_async::<()>(&mut env.redis).await?;
+                    s[1].push(start.elapsed());
+                }
+                _ => {
+                    s[2].time(sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw))
+                        .await?;
+                }
+            }
+        }
+    }
+    write_rows(report, "write: 1-row autocommit UPDATE", &s);
+    Ok(())
+}
+
+/// Where the single-row overhead goes: the pieces of a `CachedPool` autocommit write, timed alone.
+async fn write_breakdown(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    const PARTS: [&str; 6] = [
+        "SELECT 1 (one PostgreSQL round trip)",
+        "session_keys() on an empty outbox (the extra round trip after a write)",
+        "UPDATE on the table with the capture trigger (plain pool)",
+        "UPDATE on the table without trigger (plain pool)",
+        "RedisStore::invalidate of the 2 keys (value + tag slots)",
+        "hand-written DEL of the 2 keys",
+    ];
+    let mut s: [Samples; 6] = Default::default();
+    let store = Arc::clone(env.pool.store());
+    for i in 0..env.sizes.single / 2 {
+        let id = 1 + (i as i64 * 41) % ROWS;
+        for v in 0..PARTS.len() {
+            let part = (i + v) % PARTS.len();
+            let start = Instant::now();
+            match part {
+                0 => {
+                    sqlx::query("SELECT 1").execute(&env.raw).await?;
+                }
+                1 => {
+                    sqlx::query("SELECT id, keys FROM cache_invalidation.session_keys()")
+                        .execute(&env.raw)
+                        .await?;
+                }
+                2 => {
+                    sqlx::query(UPDATE).bind(id).execute(&env.raw).await?;
+                }
+                3 => {
+                    sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw).await?;
+                }
+                4 => {
+                    store
+                        .invalidate(&[
+                            format!("product:{id}"),
+                            format!("category:{}:products", id % CATEGORIES),
+                        ])
+                        .await?;
+                }
+                _ => {
+                    let mut pipe = redis::pipe();
+                    del_keys(&mut pipe, &env.prefix, id);
+                    pipe.query_async::<()>(&mut env.redis).await?;
+                }
+            }
+            s[part].push(start.elapsed());
+        }
+    }
+    for (name, samples) in PARTS.iter().zip(&s) {
+        report.latency("write: 1-row breakdown", name, samples.stats(), None);
+    }
+    Ok(())
+}
+
+async fn write_tx(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    let mut s: [Samples; 3] = Default::default();
+    for i in 0..env.sizes.tx {
+        let ids: Vec<i64> = (0..5)
+            .map(|k| 1 + (i as i64 * 53 + k * 997) % ROWS)
+            .collect();
+        for v in 0..3 {
+            let start = Instant::now();
+            match (i + v) % 3 {
+                0 => {
+                    let mut tx = env.pool.begin().await?;
+                    for id in &ids {
+                        sqlx::query(UPDATE).bind(id).execute(&mut tx).await?;
+                    }
+                    tx.commit().await?;
+                }
+                1 => {
+                    plain_tx(&env.raw, &ids).await?;
+                    let mut pipe = redis::pipe();
+                    for &id in &ids {
+                        del_keys(&mut pipe, &env.prefix, id);
+                    }
+                    pipe.query_async::<()>(&mut env.redis).await?;
+                }
+                _ => plain_tx(&env.raw, &ids).await?,
+            }
+            s[(i + v) % 3].push(start.elapsed());
+        }
+    }
+    write_rows(report, "write: 5-UPDATE transaction", &s);
+    Ok(())
+}
+
+async fn plain_tx(raw: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
+    let mut tx = raw.begin().await?;
+    for id in ids {
+        sqlx::query(UPDATE_PLAIN).bind(id).execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
+
+async fn write_bulk(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    let mut s: [Samples; 3] = Default::default();
+    for i in 0..env.sizes.bulk {
+        for v in 0..3 {
+            let start = Instant::now();
+            match (i + v) % 3 {
+                0 => {
+                    sqlx::query(
+                        "UPDATE products SET price_cents = price_cents + 1, version = version + 1",
+                    )
+                    .execute(&env.pool)
+                    .await?;
+                }
+                1 => {
+                    let ids: Vec<(i64, i64)> = sqlx::query_as(
+                        "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1 \
+                         RETURNING id, category_id",
+                    )
+                    .fetch_all(&env.raw)
+                    .await?;
+                    let mut pipe = redis::pipe();
+                    for (id, _) in &ids {
+                        pipe.del(format!("{}product:{id}", env.prefix)).ignore();
+                    }
+                    for c in 0..CATEGORIES {
+                        pipe.del(format!("{}category:{c}:products", env.prefix))
+                            .ignore();
+                    }
+                    pipe.query_async::<()>(&mut env.redis).await?;
+                }
+                _ => {
+                    sqlx::query(
+                        "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1",
+                    )
+                    .execute(&env.raw)
+                    .await?;
+                }
+            }
+            s[(i + v) % 3].push(start.elapsed());
+        }
+        // Keep the heaps the same shape for every variant.
+        sqlx::raw_sql("VACUUM products, plain_products")
+            .execute(&env.raw)
+            .await?;
+    }
+    write_rows(report, "write: 10k-row UPDATE", &s);
+    Ok(())
+}
+
+async fn select_product(pool: &CachedPool, id: i64) -> Result<Option<Product>, sqlx::Error> {
+    sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM products WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+async fn reads(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    let cache = env.pool.cache().clone();
+    let memory = Cache::new(MemoryStore::default());
+    let pool = &env.pool;
+    let raw_key = format!("{}raw:product:1", env.prefix);
+    let value = select_product(pool, 1).await?;
+    redis::cmd("SET")
+        .arg(&raw_key)
+        .arg(rmp_serde::to_vec(&value)?)
+        .query_async::<()>(&mut env.redis)
+        .await?;
+    let key = || Product::cache_key_for(&1);
+    let load = || select_product(pool, 1);
+    cache
+        .get_or_load(key(), load)
+        .await
+        .map_err(|e| e.to_string())?;
+    memory
+        .get_or_load(key(), load)
+        .await
+        .map_err(|e| e.to_string())?;
+    let loads_before = cache.stats().loads;
+    let mut s: [Samples; 3] = Default::default();
+    for i in 0..env.sizes.reads {
+        for v in 0..3 {
+            let start = Instant::now();
+            let got: Option<Product> = match (i + v) % 3 {
+                0 => {
+                    let bytes: Vec<u8> = redis::cmd("GET")
+                        .arg(&raw_key)
+                        .query_async(&mut env.redis)
+                        .await?;
+                    rmp_serde::from_slice(&bytes)?
+                }
+                1 => cache
+                    .get_or_load(key(), load)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                _ => memory
+                    .get_or_load(key(), load)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            };
+            s[(i + v) % 3].push(start.elapsed());
+            if got != value {
+                return Err(format!("read returned {got:?}, expected {value:?}").into());
+            }
+        }
+    }
+    let loads = cache.stats().loads - loads_before;
+    if loads != 0 {
+        return Err(format!("{loads} measured hits were loads").into());
+    }
+    let base = s[0].stats();
+    let group = "read: hit";
+    report.latency(
+        group,
+        "raw GET + decode, Redis (baseline)",
+        base,
+        Some(base.median_us),
+    );
+    report.latency(
+        group,
+        "get_or_load, Redis",
+        s[1].stats(),
+        Some(base.median_us),
+    );
+    report.latency(
+        group,
+        "get_or_load, in-process store",
+        s[2].stats(),
+        Some(base.median_us),
+    );
+
+    // A miss: the key was invalidated; get_or_load takes the lease, loads, stores. Against the bare SELECT.
+    let mut s: [Samples; 2] = Default::default();
+    for i in 0..env.sizes.misses {
+        let id = 2 + (i as i64 * 31) % (ROWS - 1);
+        cache
+            .invalidate(&[Product::cache_key_for(&id).into_string()])
+            .await?;
+        for v in 0..2 {
+            let start = Instant::now();
+            match (i + v) % 2 {
+                0 => {
+                    select_product(pool, id).await?;
+                }
+                _ => {
+                    cache
+                        .get_or_load(Product::cache_key_for(&id), || select_product(pool, id))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            s[(i + v) % 2].push(start.elapsed());
+        }
+    }
+    let base = s[0].stats();
+    let group = "read: miss";
+    report.latency(
+        group,
+        "SELECT by primary key (baseline)",
+        base,
+        Some(base.median_us),
+    );
+    report.latency(
+        group,
+        "get_or_load miss, Redis (lease + load + fill)",
+        s[1].stats(),
+        Some(base.median_us),
+    );
+    Ok(())
+}
+
+/// The loader of the stampede: a 20 ms query standing for an expensive page.
+async fn slow_select(pool: &PgPool, id: i64) -> Result<Option<Product>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, category_id, name, price_cents, version FROM products, pg_sleep(0.02) WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+async fn stampede(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    const READERS: usize = 1_000;
+    let group = "stampede: 1,000 concurrent cold reads, 20 ms loader";
+    let id = 3;
+    let key = Product::cache_key_for(&id);
+    let naive_key = format!("{}naive:product:{id}", env.prefix);
+    for variant in [
+        "naive cache-aside (GET, SELECT, SET)",
+        "get_or_load, Redis",
+        "get_or_load, in-process store",
+    ] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let cache = match variant {
+            "get_or_load, Redis" => env.pool.cache().clone(),
+            _ => Cache::new(MemoryStore::default()),
+        };
+        cache.invalidate(&[key.as_str().to_owned()]).await?;
+        redis::cmd("DEL")
+            .arg(&naive_key)
+            .query_async::<()>(&mut env.redis)
+            .await?;
+        let naive = variant.starts_with("naive");
+        let start = Arc::new(tokio::sync::Barrier::new(READERS));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..READERS {
+            let (cache, calls, raw, start) = (
+                cache.clone(),
+                Arc::clone(&calls),
+                env.raw.clone(),
+                Arc::clone(&start),
+            );
+            let (mut redis, naive_key) = (env.redis.clone(), naive_key.clone());
+            tasks.spawn(async move {
+                start.wait().await;
+                let begin = Instant::now();
+                let got = if naive {
+                    let hit: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg(&naive_key)
+                        .query_async(&mut redis)
+                        .await?;
+                    match hit {
+                        Some(bytes) => rmp_serde::from_slice(&bytes)?,
+                        None => {
+                            calls.fetch_add(1, Ordering::Relaxed);
+                            let v = slow_select(&raw, id).await?;
+                            redis::cmd("SET")
+                                .arg(&naive_key)
+                                .arg(rmp_serde::to_vec(&v)?)
+                                .arg("EX")
+                                .arg(600)
+                                .query_async::<()>(&mut redis)
+                                .await?;
+                            v
+                        }
+                    }
+                } else {
+                    cache
+                        .get_or_load(Product::cache_key_for(&id), || async {
+                            calls.fetch_add(1, Ordering::Relaxed);
+                            slow_select(&raw, id).await
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                };
+                if got.is_none() {
+                    return Err::<Duration, BoxError>("product 3 missing".into());
+                }
+                Ok(begin.elapsed())
+            });
+        }
+        let mut s = Samples::default();
+        while let Some(done) = tasks.join_next().await {
+            s.push(done??);
+        }
+        report.latency(group, variant, s.stats(), None);
+        report.value(
+            group,
+            &format!("{variant}: loader calls"),
+            calls.load(Ordering::Relaxed) as f64,
+            "calls",
+        );
+    }
+    Ok(())
+}
+
+/// The three mixed-workload variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    NoCache,
+    Naive,
+    Ours,
+    OursL1,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::NoCache => "no cache (SELECT / UPDATE)",
+            Mode::Naive => "naive cache-aside (GET, SELECT+SET EX / UPDATE+DEL)",
+            Mode::Ours => "this library, Redis (get_or_load / CachedPool UPDATE)",
+            Mode::OursL1 => "this library, in-process store (one process)",
+        }
+    }
+}
+
+/// Accumulated results of one mixed-workload variant.
+#[derive(Default)]
+struct Mixed {
+    ops: u64,
+    elapsed: Duration,
+    reads: Samples,
+    writes: Samples,
+    stale: u64,
+}
+
+/// Per row, the highest version whose write had returned: a read that began later must not see less.
+struct Floors(Vec<AtomicI64>);
+
+impl Floors {
+    fn new() -> Self {
+        Self((0..=ROWS).map(|_| AtomicI64::new(0)).collect())
+    }
+    fn get(&self, id: i64) -> &AtomicI64 {
+        &self.0[usize::try_from(id).unwrap_or(0)]
+    }
+}
+
+async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    const ROUNDS: u32 = 3;
+    let zipf = Arc::new(Zipf::new(usize::try_from(ROWS)?, 0.99));
+    let plain_floor = Arc::new(Floors::new());
+    let ours_floor = Arc::new(Floors::new());
+    let l1_floor = Arc::new(Floors::new());
+    let l1 = CachedPool::options()
+        .registry(Registry::new([Product::META, L1Product::META]))
+        .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
+        .connect(&env.url, MemoryStore::default())
+        .await?;
+    let modes = [Mode::NoCache, Mode::Naive, Mode::Ours, Mode::OursL1];
+    let mut results: [Mixed; 4] = Default::default();
+    let slice = env.sizes.mixed / (ROUNDS * 4);
+    let redis_stats = env.pool.cache().stats();
+    for round in 0..ROUNDS as usize {
+        for k in 0..modes.len() {
+            let m = (round + k) % modes.len();
+            let mode = modes[m];
+            let floors = match mode {
+                Mode::Ours => &ours_floor,
+                Mode::OursL1 => &l1_floor,
+                _ => &plain_floor,
+            };
+            let start = Instant::now();
+            let deadline = start + slice;
+            let mut tasks = tokio::task::JoinSet::new();
+            for client in 0..CLIENTS {
+                let (zipf, floors) = (Arc::clone(&zipf), Arc::clone(floors));
+                let (pool, raw, mut redis) = (env.pool.clone(), env.raw.clone(), env.redis.clone());
+                let l1 = l1.clone();
+                let prefix = env.prefix.clone();
+                tasks.spawn(async move {
+                    let mut rng = fastrand::Rng::with_seed((round * 100 + client) as u64);
+                    let (mut reads, mut writes, mut stale, mut ops) = (Samples::default(), Samples::default(), 0u64, 0u64);
+                    while Instant::now() < deadline {
+                        let id = zipf.sample(rng.f64());
+                        let begin = Instant::now();
+                        if rng.f64() < 0.05 {
+                            let version: i64 = match mode {
+                                Mode::NoCache => {
+                                    sqlx::query_scalar(UPDATE_PLAIN_RETURNING).bind(id).fetch_one(&raw).await?
+                                }
+                                Mode::Naive => {
+                                    let v = sqlx::query_scalar(UPDATE_PLAIN_RETURNING).bind(id).fetch_one(&raw).await?;
+                                    redis::cmd("DEL").arg(format!("{prefix}naive:product:{id}")).query_async::<()>(&mut redis).await?;
+                                    v
+                                }
+                                Mode::Ours => {
+                                    sqlx::query_scalar(UPDATE_RETURNING).bind(id).fetch_one(&pool).await?
+                                }
+                                Mode::OursL1 => {
+                                    sqlx::query_scalar(UPDATE_L1_RETURNING).bind(id).fetch_one(&l1).await?
+                                }
+                            };
+                            writes.push(begin.elapsed());
+                            floors.get(id).fetch_max(version, Ordering::SeqCst);
+                        } else {
+                            let floor = floors.get(id).load(Ordering::SeqCst);
+                            let got: Option<Product> = match mode {
+                                Mode::NoCache => sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM plain_products WHERE id = $1")
+                                    .bind(id).fetch_optional(&raw).await?,
+                                Mode::Naive => {
+                                    let key = format!("{prefix}naive:product:{id}");
+                                    let hit: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut redis).await?;
+                                    match hit {
+                                        Some(bytes) => rmp_serde::from_slice(&bytes)?,
+                                        None => {
+                                            let v: Option<Product> = sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM plain_products WHERE id = $1")
+                                                .bind(id).fetch_optional(&raw).await?;
+                                            redis::cmd("SET").arg(&key).arg(rmp_serde::to_vec(&v)?).arg("EX").arg(600)
+                                                .query_async::<()>(&mut redis).await?;
+                                            v
+                                        }
+                                    }
+                                }
+                                Mode::Ours => pool.cache().get_or_load(Product::cache_key_for(&id), || select_product(&pool, id))
+                                    .await.map_err(|e| e.to_string())?,
+                                Mode::OursL1 => l1.cache().get_or_load(L1Product::cache_key_for(&id), || async {
+                                        sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM l1_products WHERE id = $1")
+                                            .bind(id).fetch_optional(&l1).await
+                                    })
+                                    .await.map_err(|e| e.to_string())?,
+                            };
+                            reads.push(begin.elapsed());
+                            if got.is_some_and(|p| p.version < floor) {
+                                stale += 1;
+                            }
+                        }
+                        ops += 1;
+                    }
+                    Ok::<_, BoxError>((ops, reads, writes, stale))
+                });
+            }
+            let r = &mut results[m];
+            while let Some(done) = tasks.join_next().await {
+                let (ops, reads, writes, stale) = done??;
+                r.ops += ops;
+                r.reads.merge(&reads);
+                r.writes.merge(&writes);
+                r.stale += stale;
+            }
+            r.elapsed += start.elapsed();
+        }
+    }
+    let group = "mixed 95/5, zipf(0.99) over 10k rows, 16 clients";
+    let tput = |r: &Mixed| r.ops as f64 / r.elapsed.as_secs_f64();
+    let base = tput(&results[0]);
+    for (m, r) in results.iter().enumerate() {
+        let name = modes[m].name();
+        report.value_vs(
+            group,
+            &format!("{name}: throughput"),
+            tput(r),
+            "ops/s",
+            base,
+        );
+        report.latency(group, &format!("{name}: reads"), r.reads.stats(), None);
+        report.latency(group, &format!("{name}: writes"), r.writes.stats(), None);
+        if modes[m] != Mode::NoCache {
+            report.value(
+                group,
+                &format!("{name}: stale reads"),
+                r.stale as f64,
+                "reads",
+            );
+        }
+    }
+    report.fact(
+        "mixed workload",
+        format!(
+            "{:?} per variant, in {ROUNDS} alternating slices",
+            env.sizes.mixed / 4
+        ),
+    );
+    let after = env.pool.cache().stats();
+    report.fact(
+        "mixed workload, this library on Redis",
+        format!(
+            "hits {}, coalesced {}, loads {}, fills {}, fills rejected {}, lease waits {}",
+            after.hits - redis_stats.hits,
+            after.coalesced - redis_stats.coalesced,
+            after.loads - redis_stats.loads,
+            after.fills - redis_stats.fills,
+            after.fills_rejected - redis_stats.fills_rejected,
+            after.lease_waits - redis_stats.lease_waits
+        ),
+    );
+    let l1_stats = l1.cache().stats();
+    report.fact(
+        "mixed workload, this library in-process",
+        format!(
+            "hits {}, coalesced {}, loads {}, fills {}, fills rejected {}",
+            l1_stats.hits,
+            l1_stats.coalesced,
+            l1_stats.loads,
+            l1_stats.fills,
+            l1_stats.fills_rejected
+        ),
+    );
+    l1.close().await;
+    Ok(())
+}
+
+async fn foreign(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    let mut s = Samples::default();
+    for i in 0..env.sizes.foreign {
+        let id = 1 + (i as i64 * 13) % ROWS;
+        let key = format!("{}product:{id}", env.prefix);
+        redis::cmd("SET")
+            .arg(&key)
+            .arg("cached")
+            .query_async::<()>(&mut env.redis)
+            .await?;
+        sqlx::query(UPDATE).bind(id).execute(&env.raw).await?;
+        let committed = Instant::now();
+        loop {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async(&mut env.redis)
+                .await?;
+            if !exists {
+                break;
+            }
+            if committed.elapsed() > Duration::from_secs(5) {
+                return Err(format!("foreign write to {key} not invalidated within 5 s").into());
+            }
+        }
+        s.push(committed.elapsed());
+    }
+    report.latency(
+        "foreign write: plain PgPool commit → key gone (relay)",
+        "relay (LISTEN/NOTIFY)",
+        s.stats(),
+        None,
+    );
+    Ok(())
+}
+
+/// How the backlog is drained. The relay has no public drain API on this branch: a `CachedPool` with the
+/// relay off calls `sweep_outbox` until nothing is left (one call delivers what is claimable, in batches).
+async fn drain(pool: &CachedPool) -> Result<usize, BoxError> {
+    let mut total = 0;
+    loop {
+        let n = pool.sweep_outbox().await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n;
+    }
+}
+
+async fn backlog(
+    env: &Env,
+    url: &str,
+    redis_url: &str,
+    report: &mut Report,
+) -> Result<(), BoxError> {
+    let store = RedisStore::connect(redis_url, env.prefix.clone()).await?;
+    let drainer = CachedPool::options()
+        .registry(Registry::new([Product::META, L1Product::META]))
+        .relay(false)
+        .pool_options(PgPoolOptions::new().max_connections(2))
+        .connect(url, store)
+        .await?;
+    drain(&drainer).await?;
+    let n = env.sizes.backlog;
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (raw, next) = (env.raw.clone(), Arc::clone(&next));
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, sqlx::Error>(());
+                }
+                let id = 1 + (i as i64 * 7) % ROWS;
+                sqlx::query(UPDATE).bind(id).execute(&raw).await?;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let (rows, keys): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(cardinality(keys)), 0)::bigint FROM cache_invalidation.outbox",
+    )
+    .fetch_one(&env.raw)
+    .await?;
+    let start = Instant::now();
+    let delivered = drain(&drainer).await?;
+    let elapsed = start.elapsed();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_invalidation.outbox")
+        .fetch_one(&env.raw)
+        .await?;
+    drainer.close().await;
+    if left != 0 {
+        return Err(format!("{left} outbox rows left after the drain").into());
+    }
+    let group = "backlog drain (relay off while a plain pool wrote)";
+    report.value(
+        group,
+        "outbox rows (one per statement)",
+        rows as f64,
+        "rows",
+    );
+    report.value(group, "drain time", elapsed.as_secs_f64() * 1e3, "ms");
+    report.value(
+        group,
+        "rows/s",
+        delivered as f64 / elapsed.as_secs_f64(),
+        "rows/s",
+    );
+    report.value(
+        group,
+        "keys/s",
+        keys as f64 / elapsed.as_secs_f64(),
+        "keys/s",
+    );
+    Ok(())
+}
