@@ -933,14 +933,8 @@ async fn foreign(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
 /// How the backlog is drained. The relay has no public drain API on this branch: a `CachedPool` with the
 /// relay off calls `sweep_outbox` until nothing is left (one call delivers what is claimable, in batches).
 async fn drain(pool: &CachedPool) -> Result<usize, BoxError> {
-    let mut total = 0;
-    loop {
-        let n = pool.sweep_outbox().await?;
-        if n == 0 {
-            return Ok(total);
-        }
-        total += n;
-    }
+    let drained = pool.relay().drain_all().await?;
+    Ok(usize::try_from(drained.rows).unwrap_or(usize::MAX))
 }
 
 async fn backlog(
