@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use cache_runtime::{CachedEntity, Registry, Schema, TriggerMode};
-use examples::Report;
+use examples::{Report, database_url};
 use sqlx::{Connection as _, PgConnection};
 
 /// The benchmarked entity.
@@ -171,20 +171,4 @@ async fn run(url: &str) -> Result<Vec<Measure>, BoxError> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// `url` with its database replaced.
-fn database_url(url: &str, database: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(slash) => &base[..scheme_end + slash],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{database}?{q}"),
-        None => format!("{base}/{database}"),
-    }
 }
