@@ -22,6 +22,8 @@
 //!   `claim(int, interval)`, `claim_rows(int, interval, bigint)` (the same with row ages, or every row up to an id
 //!   whatever its age: the drain after a store outage), `delivered(bigint[])`, `backlog()` (depth, highest id, oldest row's age: the
 //!   relay's gauges), `max_id()` (the post-outage watermark, an index lookup) and `pending_upto(bigint)` (rows up to an id still there).
+//!   They are revoked from `PUBLIC`: only the installing role and roles granted with [`Schema::grant_sql`]
+//!   may call them, so no other role can read or delete undelivered rows.
 //!
 //! Sessions that are not wrapped (psql, another service, a plain `PgPool`) also `pg_notify` the channel
 //! [`NOTIFY_CHANNEL`], on which the relay listens.
@@ -145,6 +147,11 @@ impl<'r> Schema<'r> {
         );
         sql.push_str(&self.guard_sql());
         sql.push_str(&base_sql());
+        let _ = writeln!(
+            sql,
+            "REVOKE ALL ON FUNCTION {} FROM PUBLIC;",
+            CLIENT_FUNCTIONS.join(", ")
+        );
         sql.push_str(DROP_CAPTURE_SQL);
         for entity in self.tables() {
             sql.push_str(&self.table_sql(entity));
@@ -160,6 +167,25 @@ impl<'r> Schema<'r> {
             literal(self.mode.as_str()),
         );
         sql
+    }
+
+    /// The statement that lets `role` use the outbox as a [`CachedPool`](crate::CachedPool) or a
+    /// [`Relay`](crate::relay::Relay) does. The installing role has these rights already; any other role the
+    /// application connects as needs them (run it once, as the installing role, after [`install`](Self::install)).
+    /// Other roles cannot read or delete outbox rows, so they cannot lose an invalidation.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let sql = cache_runtime::Schema::grant_sql("app");
+    /// assert!(sql.starts_with("GRANT USAGE ON SCHEMA cache_invalidation TO \"app\";"));
+    /// ```
+    pub fn grant_sql(role: &str) -> String {
+        format!(
+            "GRANT USAGE ON SCHEMA cache_invalidation TO {role};\nGRANT EXECUTE ON FUNCTION {} TO {role};",
+            CLIENT_FUNCTIONS.join(", "),
+            role = ident(role),
+        )
     }
 
     /// Installs (or re-installs) the schema in one transaction, under an advisory lock.
@@ -530,6 +556,20 @@ BEGIN
 END
 $drop$;
 ";
+
+/// The functions a client of the outbox calls (the commit path, the relay, the recovery after an outage).
+/// They are `SECURITY DEFINER` and can delete outbox rows, so only the installing role and the roles
+/// granted with [`Schema::grant_sql`] may execute them.
+const CLIENT_FUNCTIONS: &[&str] = &[
+    "cache_invalidation.transaction_keys()",
+    "cache_invalidation.session_keys()",
+    "cache_invalidation.claim(integer, interval)",
+    "cache_invalidation.claim_rows(integer, interval, bigint)",
+    "cache_invalidation.backlog()",
+    "cache_invalidation.max_id()",
+    "cache_invalidation.pending_upto(bigint)",
+    "cache_invalidation.delivered(bigint[])",
+];
 
 /// The schema, the tables and the functions that do not depend on the registry.
 fn base_sql() -> String {

@@ -957,6 +957,30 @@ async fn a_role_with_only_dml_rights_writes_normally() {
     .await
     .unwrap();
     let options: PgConnectOptions = env.db.url.parse().unwrap();
+    // Without the grant, the role may write (the triggers capture its writes) but not touch the outbox:
+    // it cannot delete undelivered rows.
+    let plain = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone().username(&role.name))
+        .await
+        .unwrap();
+    let err = sqlx::query("SELECT cache_invalidation.delivered(ARRAY[1::bigint])")
+        .execute(&plain)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    sqlx::query("UPDATE products SET price_cents = 2 WHERE id = 2")
+        .execute(&plain)
+        .await
+        .unwrap();
+    env.wait_gone("product:2", Duration::from_secs(5)).await;
+    plain.close().await;
+    // Cache the keys again for the checks below (the relay has delivered that write).
+    env.seed().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(Schema::grant_sql(&role.name)))
+        .execute(&env.admin)
+        .await
+        .unwrap();
     let pool = CachedPool::options()
         .registry(shop())
         .connect_with(options.username(&role.name), env.store.clone())
