@@ -725,18 +725,10 @@ impl Cache {
                         .iter()
                         .map(|t| t.as_ref().map(|t| t.id.as_str()))
                         .collect();
-                    match self.check::<V>(&bytes, &pre, &current).await {
-                        Hit::Valid(value, payload) => {
-                            bump(&stats.hits);
-                            observe::hit();
-                            return (Ok(value), Outcome::Value(payload));
-                        }
-                        Hit::Stale => bump(&stats.stale),
-                        Hit::Undecodable => {
-                            bump(&stats.undecodable);
-                            tracing::warn!(key = %key, "undecodable cache entry; replacing it");
-                        }
+                    match self.examine::<V>(key, &bytes, &pre, &current).await {
+                        Hit::Valid(value, payload) => return (Ok(value), Outcome::Value(payload)),
                         Hit::StoreFailed => return self.load_unstored(loader).await,
+                        Hit::Stale | Hit::Undecodable => {}
                     }
                     replace = Some(bytes);
                 }
@@ -770,18 +762,10 @@ impl Cache {
                 Slot::Value(bytes) => {
                     let current: Vec<Option<&str>> =
                         lookup.tags.iter().map(|t| Some(t.id.as_str())).collect();
-                    match self.check::<V>(&bytes, &pre, &current).await {
-                        Hit::Valid(value, payload) => {
-                            bump(&stats.hits);
-                            observe::hit();
-                            return (Ok(value), Outcome::Value(payload));
-                        }
-                        Hit::Stale => bump(&stats.stale),
-                        Hit::Undecodable => {
-                            bump(&stats.undecodable);
-                            tracing::warn!(key = %key, "undecodable cache entry; replacing it");
-                        }
+                    match self.examine::<V>(key, &bytes, &pre, &current).await {
+                        Hit::Valid(value, payload) => return (Ok(value), Outcome::Value(payload)),
                         Hit::StoreFailed => return self.load_unstored(loader).await,
+                        Hit::Stale | Hit::Undecodable => {}
                     }
                     if replace.as_deref() == Some(bytes.as_slice()) {
                         // Replacing it did not work twice in a row: do not loop on a store that
@@ -921,6 +905,32 @@ impl Cache {
                 (Err(e), Outcome::Error(shared))
             }
         }
+    }
+
+    /// [`check`](Self::check)s a stored entry and counts the outcome: a valid hit, a stale entry, an
+    /// undecodable one (logged; the caller replaces it).
+    async fn examine<V: DeserializeOwned>(
+        &self,
+        key: &Key,
+        bytes: &[u8],
+        pre: &[String],
+        pre_tokens: &[Option<&str>],
+    ) -> Hit<V> {
+        let stats = &self.inner.stats;
+        let hit = self.check::<V>(bytes, pre, pre_tokens).await;
+        match &hit {
+            Hit::Valid(..) => {
+                bump(&stats.hits);
+                observe::hit();
+            }
+            Hit::Stale => bump(&stats.stale),
+            Hit::Undecodable => {
+                bump(&stats.undecodable);
+                tracing::warn!(key = %key, "undecodable cache entry; replacing it");
+            }
+            Hit::StoreFailed => {}
+        }
+        hit
     }
 
     /// Validates and decodes a stored entry.

@@ -411,7 +411,8 @@ $guard$;
             entity.table, entity.type_name
         );
 
-        match self.mode {
+        // The capture statements for each event, and the triggers that call the function.
+        let (ins, upd, del, triggers) = match self.mode {
             TriggerMode::Statement => {
                 let columns = used_columns(entity);
                 let project = if columns.is_empty() {
@@ -430,38 +431,22 @@ $guard$;
                          FROM ({source}) AS r CROSS JOIN LATERAL (VALUES {values}) AS t(k)) AS d;"
                     )
                 };
-                let _ = write!(
-                    sql,
-                    "CREATE OR REPLACE FUNCTION {capture}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-  keys text[];
-BEGIN
-  IF TG_OP = 'INSERT' THEN
-    {ins}
-  ELSIF TG_OP = 'UPDATE' THEN
-    {upd}
-  ELSE
-    {del}
-  END IF;
-  {emit}
-  RETURN NULL;
-END
-$fn$;
-CREATE TRIGGER cache_invalidation_insert AFTER INSERT ON {table}
+                (
+                    select(&format!("SELECT {project} FROM new_rows")),
+                    select(&format!(
+                        "SELECT {project} FROM old_rows UNION ALL SELECT {project} FROM new_rows"
+                    )),
+                    select(&format!("SELECT {project} FROM old_rows")),
+                    format!(
+                        "CREATE TRIGGER cache_invalidation_insert AFTER INSERT ON {table}
   REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
 CREATE TRIGGER cache_invalidation_update AFTER UPDATE ON {table}
   REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
 CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON {table}
   REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
-",
-                    ins = select(&format!("SELECT {project} FROM new_rows")),
-                    upd = select(&format!(
-                        "SELECT {project} FROM old_rows UNION ALL SELECT {project} FROM new_rows"
-                    )),
-                    del = select(&format!("SELECT {project} FROM old_rows")),
-                    emit = EMIT_SQL,
-                );
+"
+                    ),
+                )
             }
             TriggerMode::Row => {
                 let array = |rows: &[&str]| {
@@ -471,9 +456,21 @@ CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON {table}
                         .collect();
                     format!("keys := ARRAY[{}];", exprs.join(", "))
                 };
-                let _ = write!(
-                    sql,
-                    "CREATE OR REPLACE FUNCTION {capture}() RETURNS trigger
+                (
+                    array(&["NEW."]),
+                    array(&["OLD.", "NEW."]),
+                    array(&["OLD."]),
+                    format!(
+                        "CREATE TRIGGER cache_invalidation_row AFTER INSERT OR UPDATE OR DELETE ON {table}
+  FOR EACH ROW EXECUTE FUNCTION {capture}();
+"
+                    ),
+                )
+            }
+        };
+        let _ = write!(
+            sql,
+            "CREATE OR REPLACE FUNCTION {capture}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   keys text[];
@@ -489,16 +486,9 @@ BEGIN
   RETURN NULL;
 END
 $fn$;
-CREATE TRIGGER cache_invalidation_row AFTER INSERT OR UPDATE OR DELETE ON {table}
-  FOR EACH ROW EXECUTE FUNCTION {capture}();
-",
-                    ins = array(&["NEW."]),
-                    upd = array(&["OLD.", "NEW."]),
-                    del = array(&["OLD."]),
-                    emit = EMIT_SQL,
-                );
-            }
-        }
+{triggers}",
+            emit = EMIT_SQL,
+        );
 
         let shapes = templates
             .iter()
