@@ -1,5 +1,6 @@
 #![doc = include_str!("../../README.md")]
 
+pub mod backend;
 pub mod breaker;
 mod cache;
 mod classify;
@@ -13,6 +14,7 @@ pub mod pool;
 mod registry;
 pub mod relay;
 pub mod schema;
+mod sqlite_schema;
 pub mod store;
 
 /// Derives [`CachedEntity`](trait@CachedEntity) for a struct that maps a table row.
@@ -98,7 +100,10 @@ pub use key::{
     Key, KeyError, KeyPart, KeyValue, KeyWriter, NULL_RENDERING, PartKind, Segment, Template,
     is_value_char,
 };
-pub use pool::{CachedPool, CachedPoolOptions, CachedTransaction, WriteDetection};
+pub use backend::Backend;
+pub use pool::{
+    CachedPgPool, CachedPool, CachedPoolOptions, CachedSqlitePool, CachedTransaction, WriteDetection,
+};
 pub use registry::{Registry, RegistryError, registry};
 pub use relay::{Backlog, Drained, LISTEN_APPLICATION_NAME, Relay, RelayBuilder};
 pub use schema::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, Schema, TriggerMode};

@@ -52,25 +52,29 @@ use std::time::Duration;
 use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
 use futures_util::{StreamExt as _, TryStreamExt as _};
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{
-    PgConnectOptions, PgPoolOptions, PgQueryResult, PgRow, PgStatement, PgTypeInfo,
-};
-use sqlx::{Either, Execute, Executor, PgConnection, PgPool, Postgres};
+use sqlx::pool::{PoolConnection, PoolOptions};
+use sqlx::{Database, Either, Execute, Executor, PgPool, Pool, Postgres, Sqlite};
 use sqlx_core::ext::async_stream::TryAsyncStream;
 use sqlx_core::sql_str::SqlStr;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
+use crate::backend::{Backend, ConnectOptions, Rows};
 use crate::breaker::{BreakerConfig, Health};
 use crate::cache::Cache;
 use crate::classify::may_write;
 use crate::error::Error;
 use crate::registry::{Registry, registry};
 use crate::relay::{self, Relay, RelayConfig};
-use crate::schema::{Schema, TriggerMode, WRAPPED_SETTING};
+use crate::schema::TriggerMode;
 use crate::store::Store;
+
+/// A [`CachedPool`] on PostgreSQL.
+pub type CachedPgPool = CachedPool<Postgres>;
+
+/// A [`CachedPool`] on SQLite.
+pub type CachedSqlitePool = CachedPool<Sqlite>;
 
 /// How [`CachedPool`] decides that an autocommit statement may have written (see the
 /// [module docs](crate::pool)).
@@ -101,10 +105,10 @@ pub enum WriteDetection {
 ///     .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
-pub struct CachedPoolOptions {
+#[derive(Debug)]
+pub struct CachedPoolOptions<DB: Backend = Postgres> {
     registry: Option<Registry>,
-    pool_options: PgPoolOptions,
+    pool_options: PoolOptions<DB>,
     install: bool,
     trigger_mode: TriggerMode,
     relay: bool,
@@ -115,19 +119,29 @@ pub struct CachedPoolOptions {
     crash_after_commit: bool,
 }
 
-impl Default for CachedPoolOptions {
+impl<DB: Backend> Clone for CachedPoolOptions<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            registry: self.registry.clone(),
+            pool_options: self.pool_options.clone(),
+            ..*self
+        }
+    }
+}
+
+impl<DB: Backend> Default for CachedPoolOptions<DB> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl CachedPoolOptions {
-    /// Defaults: the program's [`registry()`], `PgPoolOptions::new()`, verify (not install) the schema, relay
+impl<DB: Backend> CachedPoolOptions<DB> {
+    /// Defaults: the program's [`registry()`], `PoolOptions::new()`, verify (not install) the schema, relay
     /// on, [`WriteDetection::Keywords`].
     pub fn new() -> Self {
         Self {
             registry: None,
-            pool_options: PgPoolOptions::new(),
+            pool_options: PoolOptions::new(),
             install: false,
             trigger_mode: TriggerMode::default(),
             relay: true,
@@ -146,7 +160,7 @@ impl CachedPoolOptions {
     }
 
     /// Options of the underlying pool (size, timeouts, …).
-    pub fn pool_options(mut self, options: PgPoolOptions) -> Self {
+    pub fn pool_options(mut self, options: PoolOptions<DB>) -> Self {
         self.pool_options = options;
         self
     }
@@ -229,8 +243,8 @@ impl CachedPoolOptions {
     /// # Cancel safety
     ///
     /// As [`connect_with`](Self::connect_with).
-    pub async fn connect(self, url: &str, store: impl Store) -> Result<CachedPool, Error> {
-        let options: PgConnectOptions = url.parse()?;
+    pub async fn connect(self, url: &str, store: impl Store) -> Result<CachedPool<DB>, Error> {
+        let options: ConnectOptions<DB> = url.parse()?;
         self.connect_with(options, store).await
     }
 
@@ -248,20 +262,18 @@ impl CachedPoolOptions {
     /// Dropping the future drops the pool; a schema install in progress rolls back.
     pub async fn connect_with(
         self,
-        options: PgConnectOptions,
+        options: ConnectOptions<DB>,
         store: impl Store,
-    ) -> Result<CachedPool, Error> {
+    ) -> Result<CachedPool<DB>, Error> {
         let registry = self.registry.unwrap_or_else(|| registry().clone());
         registry.validate()?;
-        let options = options.options([(WRAPPED_SETTING, "on")]);
-        let pool = self.pool_options.connect_with(options).await?;
+        let pool = self.pool_options.connect_with(DB::wrap(options)).await?;
         {
             let mut conn = pool.acquire().await?;
-            let schema = Schema::new(&registry).trigger_mode(self.trigger_mode);
             if self.install {
-                schema.install(&mut conn).await?;
+                DB::install(&registry, self.trigger_mode, &mut conn).await?;
             }
-            schema.verify(&mut conn).await?;
+            DB::verify(&registry, &mut conn).await?;
         }
         let mut pool = CachedPool::from_parts(
             pool,
@@ -316,14 +328,22 @@ impl CachedPoolOptions {
 /// tx.commit().await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
-pub struct CachedPool {
-    core: Arc<Core>,
+pub struct CachedPool<DB: Backend = Postgres> {
+    core: Arc<Core<DB>>,
+}
+
+impl<DB: Backend> Clone for CachedPool<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            core: Arc::clone(&self.core),
+        }
+    }
 }
 
 /// State shared by the pool's clones and its tasks.
-struct Core {
-    pool: PgPool,
+struct Core<DB: Backend> {
+    pool: Pool<DB>,
+    state: Arc<DB::State>,
     store: Arc<dyn Store>,
     cache: Cache,
     registry: Registry,
@@ -331,14 +351,14 @@ struct Core {
     relay_config: RelayConfig,
     health: Arc<Health>,
     delivered: mpsc::UnboundedSender<Vec<i64>>,
-    relay: Relay,
+    relay: Relay<DB>,
     relay_task: Option<JoinHandle<()>>,
     recovery_task: JoinHandle<()>,
     #[cfg(feature = "fault-injection")]
     crash_after_commit: bool,
 }
 
-impl Drop for Core {
+impl<DB: Backend> Drop for Core<DB> {
     fn drop(&mut self) {
         if let Some(relay) = &self.relay_task {
             relay.abort();
@@ -347,7 +367,7 @@ impl Drop for Core {
     }
 }
 
-impl fmt::Debug for CachedPool {
+impl<DB: Backend> fmt::Debug for CachedPool<DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedPool")
             .field("pool", &self.core.pool)
@@ -358,7 +378,7 @@ impl fmt::Debug for CachedPool {
     }
 }
 
-impl CachedPool {
+impl<DB: Backend> CachedPool<DB> {
     /// Connects with the default [options](CachedPoolOptions): the program's registry, the schema verified
     /// (not installed), the relay running.
     ///
@@ -374,13 +394,13 @@ impl CachedPool {
     }
 
     /// A builder of options.
-    pub fn options() -> CachedPoolOptions {
+    pub fn options() -> CachedPoolOptions<DB> {
         CachedPoolOptions::new()
     }
 
     #[allow(clippy::too_many_arguments)]
     fn from_parts(
-        pool: PgPool,
+        pool: Pool<DB>,
         store: Arc<dyn Store>,
         registry: Registry,
         relay_config: RelayConfig,
@@ -391,11 +411,13 @@ impl CachedPool {
         let (delivered, receiver) = mpsc::unbounded_channel();
         tokio::spawn(delete_delivered(pool.clone(), receiver));
         let health = Arc::new(Health::new(breaker, true));
+        let state = Arc::new(DB::state(&registry));
         let relay = Relay::from_parts(
             pool.clone(),
             Arc::clone(&store),
             relay_config,
             Arc::clone(&health),
+            Arc::clone(&state),
         );
         let relay_task = run_relay.then(|| {
             let relay = relay.clone();
@@ -408,6 +430,7 @@ impl CachedPool {
         Self {
             core: Arc::new(Core {
                 pool,
+                state,
                 cache: Cache::builder_shared(Arc::clone(&store))
                     .breaker(breaker)
                     .build_with(Arc::clone(&health)),
@@ -436,7 +459,7 @@ impl CachedPool {
     /// # Cancel safety
     ///
     /// Dropping the future returns the connection to the pool (rolling back a started transaction).
-    pub async fn begin(&self) -> Result<CachedTransaction<'static>, sqlx::Error> {
+    pub async fn begin(&self) -> Result<CachedTransaction<'static, DB>, sqlx::Error> {
         let tx = self.core.pool.begin().await?;
         Ok(CachedTransaction {
             tx,
@@ -445,10 +468,11 @@ impl CachedPool {
         })
     }
 
-    /// The bare pool. Its connections are marked as wrapped, but writes through it are **not** delivered
-    /// before the call returns: the relay delivers them after the grace period. Use it for things the
-    /// wrapper does not offer (listeners, `acquire` for session-level work), not for writes.
-    pub fn pg_pool(&self) -> &PgPool {
+    /// The bare pool. Writes through it are **not** delivered before the call returns: the relay delivers
+    /// them (PostgreSQL: after the grace period, its connections being marked as wrapped; SQLite: at the
+    /// next sweep or the next write through the wrapper). Use it for things the wrapper does not offer
+    /// (listeners, `acquire` for session-level work), not for writes.
+    pub fn sqlx_pool(&self) -> &Pool<DB> {
         &self.core.pool
     }
 
@@ -516,7 +540,7 @@ impl CachedPool {
     /// As [`Schema::install`]: all or nothing.
     pub async fn install_schema(&self) -> Result<(), Error> {
         let mut conn = self.core.pool.acquire().await?;
-        Schema::new(&self.core.registry).install(&mut conn).await
+        DB::install(&self.core.registry, TriggerMode::default(), &mut conn).await
     }
 
     /// Delivers every outbox row the relay would deliver now, once; returns the number of rows delivered.
@@ -537,7 +561,7 @@ impl CachedPool {
 
     /// The pool's relay (whether or not its background task runs): [`Relay::drain_once`],
     /// [`Relay::backlog`].
-    pub fn relay(&self) -> &Relay {
+    pub fn relay(&self) -> &Relay<DB> {
         &self.core.relay
     }
 
@@ -555,10 +579,17 @@ impl CachedPool {
     }
 }
 
-impl Core {
+impl CachedPool<Postgres> {
+    /// The bare pool (see [`sqlx_pool`](Self::sqlx_pool)).
+    pub fn pg_pool(&self) -> &PgPool {
+        &self.core.pool
+    }
+}
+
+impl<DB: Backend> Core<DB> {
     /// Invalidates the keys of outbox rows and queues the rows for deletion; logs a store failure (the
     /// relay delivers the rows later).
-    async fn deliver(&self, rows: Vec<(i64, Vec<String>)>) {
+    async fn deliver(&self, rows: Rows) {
         if rows.is_empty() {
             return;
         }
@@ -577,6 +608,7 @@ impl Core {
         .await;
         match result {
             Ok(()) => {
+                DB::invalidated(&self.state, &ids);
                 // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
                 let _ = self.delivered.send(ids);
             }
@@ -590,11 +622,7 @@ impl Core {
                 // Relays of processes that can reach the store: deliver now, not after the grace period.
                 // (Also while the breaker is open: these rows committed after earlier requests. Relays
                 // coalesce the notifications, and those whose own breaker is open skip the drain.)
-                let notified = sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(crate::schema::NOTIFY_CHANNEL)
-                    .bind(relay::DRAIN_PAYLOAD)
-                    .execute(&self.pool)
-                    .await;
+                let notified = DB::notify_drain(&self.pool).await;
                 if let Err(error) = notified {
                     tracing::debug!(%error, "could not ask the relays to drain; they deliver after the grace period");
                 }
@@ -604,7 +632,7 @@ impl Core {
 }
 
 /// Deletes delivered outbox rows in batches, off the callers' path.
-async fn delete_delivered(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<Vec<i64>>) {
+async fn delete_delivered<DB: Backend>(pool: Pool<DB>, mut receiver: mpsc::UnboundedReceiver<Vec<i64>>) {
     const BATCH: usize = 10_000;
     while let Some(mut ids) = receiver.recv().await {
         // Collect what arrives shortly after, so that a stream of writes costs few deletes; until deleted,
@@ -616,10 +644,7 @@ async fn delete_delivered(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<Ve
                 Err(_) => break,
             }
         }
-        let result = sqlx::query("SELECT cache_invalidation.delivered($1)")
-            .bind(&ids)
-            .execute(&pool)
-            .await;
+        let result = DB::delete(&pool, &ids).await;
         if let Err(error) = result {
             tracing::debug!(%error, rows = ids.len(), "could not delete delivered outbox rows; the relay will deliver them again");
         }
@@ -645,13 +670,13 @@ async fn delete_delivered(pool: PgPool, mut receiver: mpsc::UnboundedReceiver<Ve
 /// tx.commit().await?; // invalidates product:1, category:<old>:products, category:2:products
 /// # Ok(()) }
 /// ```
-pub struct CachedTransaction<'c> {
-    tx: sqlx::Transaction<'c, Postgres>,
-    core: Arc<Core>,
+pub struct CachedTransaction<'c, DB: Backend = Postgres> {
+    tx: sqlx::Transaction<'c, DB>,
+    core: Arc<Core<DB>>,
     outermost: bool,
 }
 
-impl fmt::Debug for CachedTransaction<'_> {
+impl<DB: Backend> fmt::Debug for CachedTransaction<'_, DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedTransaction")
             .field("outermost", &self.outermost)
@@ -659,7 +684,7 @@ impl fmt::Debug for CachedTransaction<'_> {
     }
 }
 
-impl CachedTransaction<'_> {
+impl<DB: Backend> CachedTransaction<'_, DB> {
     /// Begins a nested transaction (a `SAVEPOINT`). Its commit only releases the savepoint; its writes are
     /// published by the outermost commit, and vanish if it rolls back.
     ///
@@ -671,7 +696,7 @@ impl CachedTransaction<'_> {
     ///
     /// Dropping the future may leave the savepoint created; it is rolled back with the next use of the
     /// outer transaction, as for a dropped nested transaction.
-    pub async fn begin(&mut self) -> Result<CachedTransaction<'_>, sqlx::Error> {
+    pub async fn begin(&mut self) -> Result<CachedTransaction<'_, DB>, sqlx::Error> {
         let tx = sqlx::Acquire::begin(&mut self.tx).await?;
         Ok(CachedTransaction {
             tx,
@@ -705,10 +730,7 @@ impl CachedTransaction<'_> {
     }
 
     async fn commit_outermost(mut self) -> Result<(), sqlx::Error> {
-        let rows: Vec<(i64, Vec<String>)> =
-            sqlx::query_as("SELECT id, keys FROM cache_invalidation.transaction_keys()")
-                .fetch_all(&mut *self.tx)
-                .await?;
+        let rows = DB::written_rows(&mut self.tx, &self.core.state, true).await?;
         self.tx.commit().await?;
         if !rows.is_empty() {
             let core = Arc::clone(&self.core);
@@ -732,120 +754,244 @@ impl CachedTransaction<'_> {
     }
 }
 
-impl Deref for CachedTransaction<'_> {
-    type Target = PgConnection;
+impl<DB: Backend> Deref for CachedTransaction<'_, DB> {
+    type Target = DB::Connection;
 
-    fn deref(&self) -> &PgConnection {
+    fn deref(&self) -> &DB::Connection {
         &self.tx
     }
 }
 
-impl DerefMut for CachedTransaction<'_> {
-    fn deref_mut(&mut self) -> &mut PgConnection {
+impl<DB: Backend> DerefMut for CachedTransaction<'_, DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
         &mut self.tx
     }
 }
 
-/// Implements [`Executor`] for a wrapper type by delegating every method to the `PgConnection` returned by
-/// `$conn` (the style of sqlx-otel).
-macro_rules! delegate_executor {
-    (impl<$($lt:lifetime),*> for $ty:ty, |$this:ident| $conn:expr) => {
-        impl<'c, $($lt),*> Executor<'c> for &'c mut $ty {
-            type Database = Postgres;
+/// Implements [`Executor`] for `&mut CachedTransaction<'_, $db>` by delegating every method to the
+/// transaction's connection (the style of sqlx-otel), and for `&CachedPool<$db>` by running each statement
+/// as an [`Autocommit`].
+macro_rules! executors {
+    ($db:ty) => {
+        impl<'c, 't> Executor<'c> for &'c mut CachedTransaction<'t, $db> {
+            type Database = $db;
 
-            fn execute<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<PgQueryResult, sqlx::Error>>
+            fn execute<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxFuture<'e, Result<<$db as Database>::QueryResult, sqlx::Error>>
             where
                 'c: 'e,
-                E: 'q + Execute<'q, Postgres>,
+                E: 'q + Execute<'q, $db>,
             {
-                let $this = self;
-                $conn.execute(query)
+                (&mut *self.tx).execute(query)
             }
 
-            fn execute_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<PgQueryResult, sqlx::Error>>
+            fn execute_many<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxStream<'e, Result<<$db as Database>::QueryResult, sqlx::Error>>
             where
                 'c: 'e,
-                E: 'q + Execute<'q, Postgres>,
+                E: 'q + Execute<'q, $db>,
             {
-                let $this = self;
-                $conn.execute_many(query)
+                (&mut *self.tx).execute_many(query)
             }
 
-            fn fetch<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<PgRow, sqlx::Error>>
+            fn fetch<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxStream<'e, Result<<$db as Database>::Row, sqlx::Error>>
             where
                 'c: 'e,
-                E: 'q + Execute<'q, Postgres>,
+                E: 'q + Execute<'q, $db>,
             {
-                let $this = self;
-                $conn.fetch(query)
+                (&mut *self.tx).fetch(query)
             }
 
             fn fetch_many<'e, 'q: 'e, E>(
                 self,
                 query: E,
-            ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
+            ) -> BoxStream<
+                'e,
+                Result<
+                    Either<<$db as Database>::QueryResult, <$db as Database>::Row>,
+                    sqlx::Error,
+                >,
+            >
             where
                 'c: 'e,
-                E: 'q + Execute<'q, Postgres>,
+                E: 'q + Execute<'q, $db>,
             {
-                let $this = self;
-                $conn.fetch_many(query)
+                (&mut *self.tx).fetch_many(query)
             }
 
-            fn fetch_all<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Vec<PgRow>, sqlx::Error>>
+            fn fetch_all<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxFuture<'e, Result<Vec<<$db as Database>::Row>, sqlx::Error>>
             where
                 'c: 'e,
-                E: 'q + Execute<'q, Postgres>,
+                E: 'q + Execute<'q, $db>,
             {
-                let $this = self;
-                $conn.fetch_all(query)
+                (&mut *self.tx).fetch_all(query)
             }
 
-            fn fetch_one<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<PgRow, sqlx::Error>>
+            fn fetch_one<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxFuture<'e, Result<<$db as Database>::Row, sqlx::Error>>
             where
                 'c: 'e,
-                E: 'q + Execute<'q, Postgres>,
+                E: 'q + Execute<'q, $db>,
             {
-                let $this = self;
-                $conn.fetch_one(query)
+                (&mut *self.tx).fetch_one(query)
             }
 
-            fn fetch_optional<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
+            fn fetch_optional<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxFuture<'e, Result<Option<<$db as Database>::Row>, sqlx::Error>>
             where
                 'c: 'e,
-                E: 'q + Execute<'q, Postgres>,
+                E: 'q + Execute<'q, $db>,
             {
-                let $this = self;
-                $conn.fetch_optional(query)
+                (&mut *self.tx).fetch_optional(query)
             }
 
             fn prepare_with<'e>(
                 self,
                 sql: SqlStr,
-                parameters: &'e [PgTypeInfo],
-            ) -> BoxFuture<'e, Result<PgStatement, sqlx::Error>>
+                parameters: &'e [<$db as Database>::TypeInfo],
+            ) -> BoxFuture<'e, Result<<$db as Database>::Statement, sqlx::Error>>
             where
                 'c: 'e,
             {
-                let $this = self;
-                $conn.prepare_with(sql, parameters)
+                (&mut *self.tx).prepare_with(sql, parameters)
             }
 
             fn describe<'e>(
                 self,
                 sql: SqlStr,
-            ) -> BoxFuture<'e, Result<sqlx_core::describe::Describe<Postgres>, sqlx::Error>>
+            ) -> BoxFuture<'e, Result<sqlx_core::describe::Describe<$db>, sqlx::Error>>
             where
                 'c: 'e,
             {
-                let $this = self;
-                $conn.describe(sql)
+                (&mut *self.tx).describe(sql)
+            }
+        }
+
+        impl<'c> Executor<'c> for &'c CachedPool<$db> {
+            type Database = $db;
+
+            fn execute<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxFuture<'e, Result<<$db as Database>::QueryResult, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, $db>,
+            {
+                let core = Arc::clone(&self.core);
+                Box::pin(async move {
+                    let (mut statement, query) = Autocommit::start(core, query).await?;
+                    let result = statement.conn()?.execute(query).await;
+                    statement.finish().await;
+                    result
+                })
+            }
+
+            fn fetch_many<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxStream<
+                'e,
+                Result<
+                    Either<<$db as Database>::QueryResult, <$db as Database>::Row>,
+                    sqlx::Error,
+                >,
+            >
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, $db>,
+            {
+                let core = Arc::clone(&self.core);
+                TryAsyncStream::new(move |yielder| async move {
+                    let (mut statement, query) = Autocommit::start(core, query).await?;
+                    let result = async {
+                        let mut stream = statement.conn()?.fetch_many(query);
+                        while let Some(item) = stream.try_next().await? {
+                            yielder.r#yield(item).await;
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    statement.finish().await;
+                    result
+                })
+                .boxed()
+            }
+
+            fn fetch_all<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxFuture<'e, Result<Vec<<$db as Database>::Row>, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, $db>,
+            {
+                let core = Arc::clone(&self.core);
+                Box::pin(async move {
+                    let (mut statement, query) = Autocommit::start(core, query).await?;
+                    let result = statement.conn()?.fetch_all(query).await;
+                    statement.finish().await;
+                    result
+                })
+            }
+
+            fn fetch_optional<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> BoxFuture<'e, Result<Option<<$db as Database>::Row>, sqlx::Error>>
+            where
+                'c: 'e,
+                E: 'q + Execute<'q, $db>,
+            {
+                let core = Arc::clone(&self.core);
+                Box::pin(async move {
+                    let (mut statement, query) = Autocommit::start(core, query).await?;
+                    let result = statement.conn()?.fetch_optional(query).await;
+                    statement.finish().await;
+                    result
+                })
+            }
+
+            fn prepare_with<'e>(
+                self,
+                sql: SqlStr,
+                parameters: &'e [<$db as Database>::TypeInfo],
+            ) -> BoxFuture<'e, Result<<$db as Database>::Statement, sqlx::Error>>
+            where
+                'c: 'e,
+            {
+                self.core.pool.prepare_with(sql, parameters)
+            }
+
+            fn describe<'e>(
+                self,
+                sql: SqlStr,
+            ) -> BoxFuture<'e, Result<sqlx_core::describe::Describe<$db>, sqlx::Error>>
+            where
+                'c: 'e,
+            {
+                self.core.pool.describe(sql)
             }
         }
     };
 }
 
-delegate_executor!(impl<'t> for CachedTransaction<'t>, |tx| &mut *tx.tx);
+executors!(Postgres);
+executors!(Sqlite);
 
 /// An [`Execute`] that records whether its SQL may write when the connection reads it.
 struct Classified<E> {
@@ -854,7 +1000,7 @@ struct Classified<E> {
     wrote: Arc<AtomicBool>,
 }
 
-impl<'q, E: Execute<'q, Postgres>> Execute<'q, Postgres> for Classified<E> {
+impl<'q, DB: Database, E: Execute<'q, DB>> Execute<'q, DB> for Classified<E> {
     fn sql(self) -> SqlStr {
         let sql = self.inner.sql();
         let writes = match self.detection {
@@ -865,13 +1011,11 @@ impl<'q, E: Execute<'q, Postgres>> Execute<'q, Postgres> for Classified<E> {
         sql
     }
 
-    fn statement(&self) -> Option<&PgStatement> {
+    fn statement(&self) -> Option<&DB::Statement> {
         self.inner.statement()
     }
 
-    fn take_arguments(
-        &mut self,
-    ) -> Result<Option<sqlx::postgres::PgArguments>, sqlx::error::BoxDynError> {
+    fn take_arguments(&mut self) -> Result<Option<DB::Arguments>, sqlx::error::BoxDynError> {
         self.inner.take_arguments()
     }
 
@@ -880,17 +1024,17 @@ impl<'q, E: Execute<'q, Postgres>> Execute<'q, Postgres> for Classified<E> {
     }
 }
 
-/// One autocommit statement on a pool connection: after it (or when dropped), delivers this backend's new
-/// outbox rows if the statement may have written.
-struct Autocommit {
-    core: Arc<Core>,
-    conn: Option<PoolConnection<Postgres>>,
+/// One autocommit statement on a pool connection: after it (or when dropped), delivers the rows the
+/// statement wrote if it may have written.
+struct Autocommit<DB: Backend> {
+    core: Arc<Core<DB>>,
+    conn: Option<PoolConnection<DB>>,
     wrote: Arc<AtomicBool>,
 }
 
-impl Autocommit {
-    async fn start<'q, E: Execute<'q, Postgres>>(
-        core: Arc<Core>,
+impl<DB: Backend> Autocommit<DB> {
+    async fn start<'q, E: Execute<'q, DB>>(
+        core: Arc<Core<DB>>,
         query: E,
     ) -> Result<(Self, Classified<E>), sqlx::Error> {
         let conn = core.pool.acquire().await?;
@@ -910,7 +1054,7 @@ impl Autocommit {
         ))
     }
 
-    fn conn(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+    fn conn(&mut self) -> Result<&mut DB::Connection, sqlx::Error> {
         self.conn.as_deref_mut().ok_or(sqlx::Error::PoolClosed)
     }
 
@@ -933,19 +1077,16 @@ impl Autocommit {
     }
 }
 
-impl Drop for Autocommit {
+impl<DB: Backend> Drop for Autocommit<DB> {
     fn drop(&mut self) {
         // Dropped before `finish` (the caller dropped the future or the stream): deliver anyway.
         let _ = self.spawn_delivery();
     }
 }
 
-/// Reads this backend's undelivered outbox rows, releases the connection, and delivers them.
-async fn deliver_session(core: Arc<Core>, mut conn: PoolConnection<Postgres>) {
-    let rows: Result<Vec<(i64, Vec<String>)>, sqlx::Error> =
-        sqlx::query_as("SELECT id, keys FROM cache_invalidation.session_keys()")
-            .fetch_all(&mut *conn)
-            .await;
+/// Reads the rows written by the statement, releases the connection, and delivers them.
+async fn deliver_session<DB: Backend>(core: Arc<Core<DB>>, mut conn: PoolConnection<DB>) {
+    let rows = DB::written_rows(&mut conn, &core.state, false).await;
     drop(conn);
     match rows {
         Ok(rows) => core.deliver(rows).await,
@@ -953,100 +1094,5 @@ async fn deliver_session(core: Arc<Core>, mut conn: PoolConnection<Postgres>) {
             %error,
             "could not read the outbox after a write; the relay will deliver its keys"
         ),
-    }
-}
-
-impl<'c> Executor<'c> for &'c CachedPool {
-    type Database = Postgres;
-
-    fn execute<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<PgQueryResult, sqlx::Error>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        let core = Arc::clone(&self.core);
-        Box::pin(async move {
-            let (mut statement, query) = Autocommit::start(core, query).await?;
-            let result = statement.conn()?.execute(query).await;
-            statement.finish().await;
-            result
-        })
-    }
-
-    fn fetch_many<'e, 'q: 'e, E>(
-        self,
-        query: E,
-    ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        let core = Arc::clone(&self.core);
-        TryAsyncStream::new(move |yielder| async move {
-            let (mut statement, query) = Autocommit::start(core, query).await?;
-            let result = async {
-                let mut stream = statement.conn()?.fetch_many(query);
-                while let Some(item) = stream.try_next().await? {
-                    yielder.r#yield(item).await;
-                }
-                Ok(())
-            }
-            .await;
-            statement.finish().await;
-            result
-        })
-        .boxed()
-    }
-
-    fn fetch_all<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Vec<PgRow>, sqlx::Error>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        let core = Arc::clone(&self.core);
-        Box::pin(async move {
-            let (mut statement, query) = Autocommit::start(core, query).await?;
-            let result = statement.conn()?.fetch_all(query).await;
-            statement.finish().await;
-            result
-        })
-    }
-
-    fn fetch_optional<'e, 'q: 'e, E>(
-        self,
-        query: E,
-    ) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
-    where
-        'c: 'e,
-        E: 'q + Execute<'q, Postgres>,
-    {
-        let core = Arc::clone(&self.core);
-        Box::pin(async move {
-            let (mut statement, query) = Autocommit::start(core, query).await?;
-            let result = statement.conn()?.fetch_optional(query).await;
-            statement.finish().await;
-            result
-        })
-    }
-
-    fn prepare_with<'e>(
-        self,
-        sql: SqlStr,
-        parameters: &'e [PgTypeInfo],
-    ) -> BoxFuture<'e, Result<PgStatement, sqlx::Error>>
-    where
-        'c: 'e,
-    {
-        self.core.pool.prepare_with(sql, parameters)
-    }
-
-    fn describe<'e>(
-        self,
-        sql: SqlStr,
-    ) -> BoxFuture<'e, Result<sqlx_core::describe::Describe<Postgres>, sqlx::Error>>
-    where
-        'c: 'e,
-    {
-        self.core.pool.describe(sql)
     }
 }

@@ -63,23 +63,16 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{Pool, Postgres};
 use tracing::Instrument as _;
 
+pub use crate::backend::LISTEN_APPLICATION_NAME;
+use crate::backend::{Backend, Listener};
 use crate::breaker::{BreakerConfig, Health, Permit};
 use crate::error::Error;
 use crate::observe;
-use crate::schema::NOTIFY_CHANNEL;
+use crate::registry::{Registry, registry};
 use crate::store::Store;
-
-/// The application name of the relay's `LISTEN` connection (visible in `pg_stat_activity`).
-pub const LISTEN_APPLICATION_NAME: &str = "cache_invalidation_relay";
-
-/// The notification payload that asks every relay to deliver every row now, whatever its age: sent by a
-/// writer whose own delivery failed after `COMMIT`, so that relays of processes that can reach the store do
-/// not wait for the grace period.
-pub(crate) const DRAIN_PAYLOAD: &str = "drain";
 
 /// How the relay runs.
 #[derive(Debug, Clone, Copy)]
@@ -145,14 +138,15 @@ pub struct Backlog {
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
-pub struct RelayBuilder {
-    pool: PgPool,
+pub struct RelayBuilder<DB: Backend = Postgres> {
+    pool: Pool<DB>,
     store: Arc<dyn Store>,
     config: RelayConfig,
     breaker: BreakerConfig,
+    registry: Option<Registry>,
 }
 
-impl RelayBuilder {
+impl<DB: Backend> RelayBuilder<DB> {
     /// Age after which the relay delivers rows written through a [`CachedPool`](crate::CachedPool)
     /// (default 2 s): the bound on delivery after a crash between `COMMIT` and the store call.
     pub fn wrapped_grace(mut self, grace: Duration) -> Self {
@@ -184,66 +178,90 @@ impl RelayBuilder {
         self
     }
 
+    /// The entities whose outbox rows the relay renders into keys (SQLite renders keys in Rust; default:
+    /// the program's [`registry()`]). PostgreSQL renders them in SQL and ignores this.
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
     /// The relay (nothing runs until [`Relay::run`] or a drain is called).
-    pub fn build(self) -> Relay {
+    pub fn build(self) -> Relay<DB> {
         let health = Arc::new(Health::new(self.breaker, false));
-        Relay::from_parts(self.pool, self.store, self.config, health)
+        let registry = self.registry.as_ref().unwrap_or_else(|| registry());
+        let state = Arc::new(DB::state(registry));
+        Relay::from_parts(self.pool, self.store, self.config, health, state)
     }
 }
 
 /// A relay of one database's outbox to one store. Cheap to clone.
 ///
 /// See the [module docs](crate::relay) for what it delivers and when.
-#[derive(Debug, Clone)]
-pub struct Relay {
-    inner: Arc<RelayInner>,
+pub struct Relay<DB: Backend = Postgres> {
+    inner: Arc<RelayInner<DB>>,
 }
 
-#[derive(Debug)]
-struct RelayInner {
-    pool: PgPool,
-    /// A pool of one connection for the `LISTEN`, which a `PgListener` holds for as long as it lives.
-    listen: PgPool,
+impl<DB: Backend> Clone for Relay<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<DB: Backend> std::fmt::Debug for Relay<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("pool", &self.inner.pool)
+            .field("store", &self.inner.store)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct RelayInner<DB: Backend> {
+    pool: Pool<DB>,
+    /// PostgreSQL: a pool of one connection for the `LISTEN`, which a `PgListener` holds while it lives.
+    listen: DB::Listen,
+    state: Arc<DB::State>,
     store: Arc<dyn Store>,
     config: RelayConfig,
     health: Arc<Health>,
 }
 
-impl Relay {
+impl<DB: Backend> Relay<DB> {
     /// A builder for a relay reading the outbox through `pool` and invalidating in `store`.
     ///
     /// The relay's batches use `pool`; its `LISTEN` connection is one more connection to the same
     /// database, outside `pool`.
-    pub fn builder(pool: PgPool, store: impl Store) -> RelayBuilder {
+    pub fn builder(pool: Pool<DB>, store: impl Store) -> RelayBuilder<DB> {
         Self::builder_shared(pool, Arc::new(store))
     }
 
     /// [`builder`](Self::builder) on a shared store.
-    pub fn builder_shared(pool: PgPool, store: Arc<dyn Store>) -> RelayBuilder {
+    pub fn builder_shared(pool: Pool<DB>, store: Arc<dyn Store>) -> RelayBuilder<DB> {
         RelayBuilder {
             pool,
             store,
             config: RelayConfig::default(),
             breaker: BreakerConfig::default(),
+            registry: None,
         }
     }
 
     pub(crate) fn from_parts(
-        pool: PgPool,
+        pool: Pool<DB>,
         store: Arc<dyn Store>,
         config: RelayConfig,
         health: Arc<Health>,
+        state: Arc<DB::State>,
     ) -> Self {
-        let options = (*pool.connect_options())
-            .clone()
-            .application_name(LISTEN_APPLICATION_NAME);
-        let listen = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy_with(options);
+        let listen = DB::listen_source(&pool);
         Self {
             inner: Arc::new(RelayInner {
                 pool,
                 listen,
+                state,
                 store,
                 config,
                 health,
@@ -259,16 +277,13 @@ impl Relay {
     /// Dropping the future stops the relay. A batch in flight rolls back (its rows stay in the outbox) or
     /// has committed; either way nothing is lost, at worst a batch is delivered again.
     pub async fn run(&self) {
-        let mut listener: Option<PgListener> = None;
+        let mut listener = Listener::default();
         let mut tick = tokio::time::interval(self.inner.config.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges_at: Option<tokio::time::Instant> = None;
-        let mut urgent = false;
         loop {
-            if listener.is_none() {
-                listener = self.listen().await;
-            }
-            let result = if std::mem::take(&mut urgent) {
+            DB::listen(&self.inner.listen, &mut listener).await;
+            let result = if std::mem::take(&mut listener.urgent) {
                 self.drain_all().await
             } else {
                 self.drain_once().await
@@ -290,52 +305,11 @@ impl Relay {
                 Err(error) => {
                     // After a failure (store outage), deliver everything up to the highest id at the next
                     // wake-up, without waiting for the grace period of rows written during the outage.
-                    urgent = true;
+                    listener.urgent = true;
                     tracing::warn!(%error, "cache invalidation relay: sweep failed; retrying at the next tick");
                 }
             }
-            match listener.as_mut() {
-                Some(l) => {
-                    tokio::select! {
-                        received = l.try_recv() => match received {
-                            // Coalesce a burst of notifications into one sweep.
-                            Ok(Some(n)) => {
-                                urgent |= n.payload() == DRAIN_PAYLOAD;
-                                while let Some(n) = l.next_buffered() {
-                                    urgent |= n.payload() == DRAIN_PAYLOAD;
-                                }
-                            }
-                            Ok(None) => tracing::warn!(
-                                "cache invalidation relay: LISTEN connection lost and re-established; sweeping"
-                            ),
-                            Err(error) => {
-                                tracing::warn!(%error, "cache invalidation relay: LISTEN connection lost; reconnecting");
-                                listener = None;
-                            }
-                        },
-                        _ = tick.tick() => {}
-                    }
-                }
-                None => {
-                    tick.tick().await;
-                }
-            }
-        }
-    }
-
-    async fn listen(&self) -> Option<PgListener> {
-        let result = async {
-            let mut listener = PgListener::connect_with(&self.inner.listen).await?;
-            listener.listen(NOTIFY_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
-        }
-        .await;
-        match result {
-            Ok(listener) => Some(listener),
-            Err(error) => {
-                tracing::warn!(%error, "cache invalidation relay: cannot LISTEN; sweeping periodically only");
-                None
-            }
+            DB::wait(&mut listener, &mut tick).await;
         }
     }
 
@@ -378,9 +352,7 @@ impl Relay {
 
     /// The outbox's highest row id (0 when empty): one index lookup.
     async fn max_id(&self) -> Result<i64, Error> {
-        Ok(sqlx::query_scalar("SELECT cache_invalidation.max_id()")
-            .fetch_one(&self.inner.pool)
-            .await?)
+        DB::max_id(&self.inner.pool).await
     }
 
     /// The outbox's depth, highest id and oldest row's age.
@@ -393,11 +365,7 @@ impl Relay {
     ///
     /// Read only: dropping the future has no effect.
     pub async fn backlog(&self) -> Result<Backlog, Error> {
-        let (depth, max_id, age): (i64, i64, f64) = sqlx::query_as(
-            "SELECT depth, max_id, oldest_age_seconds FROM cache_invalidation.backlog()",
-        )
-        .fetch_one(&self.inner.pool)
-        .await?;
+        let (depth, max_id, age) = DB::backlog(&self.inner.pool).await?;
         Ok(Backlog {
             depth: u64::try_from(depth).unwrap_or(0),
             max_id,
@@ -435,24 +403,24 @@ impl Relay {
             keys = tracing::field::Empty
         );
         async {
-            let mut tx = inner.pool.begin().await?;
-            let rows: Vec<(i64, Vec<String>, f64)> = sqlx::query_as(
-                "SELECT id, keys, age_seconds FROM cache_invalidation.claim_rows($1, $2, $3)",
+            let (claim, rows) = DB::claim(
+                &inner.pool,
+                &inner.state,
+                inner.config.batch,
+                inner.config.wrapped_grace,
+                upto,
             )
-            .bind(inner.config.batch)
-            .bind(inner.config.wrapped_grace)
-            .bind(upto)
-            .fetch_all(&mut *tx)
             .await?;
             if rows.is_empty() {
-                tx.commit().await?;
+                DB::complete(claim, &inner.state, &[]).await?;
                 return Ok((0, 0));
             }
             let oldest = rows.iter().map(|r| r.2).fold(0.0_f64, f64::max);
             let (ids, keys) = split(rows.into_iter().map(|(id, keys, _)| (id, keys)));
             tracing::Span::current().record("rows", ids.len());
             tracing::Span::current().record("keys", keys.len());
-            // On a store error the transaction rolls back on drop: the rows stay for the next sweep.
+            // On a store error the claim is dropped (PostgreSQL: the transaction rolls back): the rows stay
+            // for the next sweep.
             invalidate(
                 inner.store.as_ref(),
                 &inner.health,
@@ -461,11 +429,8 @@ impl Relay {
                 "relay",
             )
             .await?;
-            sqlx::query("SELECT cache_invalidation.delivered($1)")
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
+            DB::invalidated(&inner.state, &ids);
+            DB::complete(claim, &inner.state, &ids).await?;
             observe::relay_batch(ids.len(), oldest);
             Ok((ids.len(), keys.len()))
         }
@@ -514,10 +479,7 @@ impl Relay {
         // Rows up to `upto` claimed by other relays: wait until they are delivered too.
         let mut wait = Duration::from_millis(5);
         loop {
-            let pending: i64 = sqlx::query_scalar("SELECT cache_invalidation.pending_upto($1)")
-                .bind(upto)
-                .fetch_one(&self.inner.pool)
-                .await?;
+            let pending = DB::pending_upto(&self.inner.pool, upto).await?;
             if pending == 0 {
                 return Ok(());
             }

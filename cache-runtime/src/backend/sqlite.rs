@@ -1,0 +1,223 @@
+//! [`Backend`] for SQLite.
+//!
+//! The triggers (see [`crate::sqlite_schema`]) write one outbox row per changed row image: the table and
+//! the row's placeholder values as JSON. Keys are rendered here, in Rust, by the renderer the read side
+//! uses, so both agree byte for byte.
+//!
+//! SQLite has one writer at a time and the outbox ids never repeat (`AUTOINCREMENT`), so ids are in commit
+//! order: when a reader sees row `n`, it sees every committed row below `n`. A process therefore keeps a
+//! *watermark*, the highest id whose keys it invalidated (every visible row up to it was delivered), and a
+//! writer delivers every row above it after its statement or before its `COMMIT`: its own rows, and any
+//! row another client left (delivered twice at worst, which is harmless). Delivered rows are deleted by
+//! range (`id <= n`).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use futures_core::future::BoxFuture;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+
+use super::{Backend, ClaimedRows, Listener, Rows};
+use crate::error::Error;
+use crate::registry::Registry;
+use crate::schema::TriggerMode;
+use crate::sqlite_schema::{self, Renderer};
+
+/// The SQLite backend's state: the key renderer and the delivered watermark.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct SqliteState {
+    renderer: Renderer,
+    registry: Registry,
+    /// Every outbox row up to this id was delivered (by this process or another).
+    delivered: AtomicI64,
+}
+
+impl SqliteState {
+    /// The keys of outbox rows; a row that cannot be rendered invalidates the namespaces of its table's
+    /// templates (never stale) and is logged.
+    fn render(&self, rows: Vec<(i64, String, String)>) -> Vec<(i64, Vec<String>)> {
+        rows.into_iter()
+            .map(|(id, table, image)| {
+                let mut keys = Vec::new();
+                if let Err(problem) = self.renderer.keys(&table, &image, &mut keys) {
+                    tracing::error!(
+                        id,
+                        table,
+                        %problem,
+                        "cannot render the keys of an outbox row; invalidating the namespaces of its table"
+                    );
+                    keys = self
+                        .registry
+                        .for_table(&table)
+                        .flat_map(|meta| meta.templates())
+                        .map(|t| t.shape().to_owned())
+                        .collect();
+                }
+                (id, keys)
+            })
+            .collect()
+    }
+}
+
+/// Unix time in seconds, as the outbox's `created_at`.
+const NOW: &str = "((julianday('now') - 2440587.5) * 86400.0)";
+
+impl Backend for Sqlite {
+    type State = SqliteState;
+    type Listen = ();
+    type Claim = SqlitePool;
+
+    fn state(registry: &Registry) -> SqliteState {
+        SqliteState {
+            renderer: Renderer::new(registry),
+            registry: registry.clone(),
+            delivered: AtomicI64::new(0),
+        }
+    }
+
+    fn wrap(options: SqliteConnectOptions) -> SqliteConnectOptions {
+        options
+    }
+
+    fn install<'a>(
+        registry: &'a Registry,
+        _mode: TriggerMode,
+        conn: &'a mut SqliteConnection,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(sqlite_schema::install(registry, conn))
+    }
+
+    fn verify<'a>(
+        registry: &'a Registry,
+        conn: &'a mut SqliteConnection,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(sqlite_schema::verify(registry, conn))
+    }
+
+    fn written_rows<'a>(
+        conn: &'a mut SqliteConnection,
+        state: &'a SqliteState,
+        _in_transaction: bool,
+    ) -> BoxFuture<'a, Result<Rows, sqlx::Error>> {
+        Box::pin(async move {
+            let rows = sqlx::query_as(
+                "SELECT id, tbl, image FROM cache_invalidation_outbox WHERE id > ?1 ORDER BY id",
+            )
+            .bind(state.delivered.load(Ordering::Acquire))
+            .fetch_all(conn)
+            .await?;
+            Ok(state.render(rows))
+        })
+    }
+
+    fn invalidated(state: &SqliteState, ids: &[i64]) {
+        if let Some(&max) = ids.iter().max() {
+            state.delivered.fetch_max(max, Ordering::AcqRel);
+        }
+    }
+
+    fn delete<'a>(pool: &'a SqlitePool, ids: &'a [i64]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            let Some(&max) = ids.iter().max() else {
+                return Ok(());
+            };
+            sqlx::query("DELETE FROM cache_invalidation_outbox WHERE id <= ?1")
+                .bind(max)
+                .execute(pool)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn notify_drain(_pool: &SqlitePool) -> BoxFuture<'_, Result<(), sqlx::Error>> {
+        // No notifications: relays sweep periodically.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn claim<'a>(
+        pool: &'a SqlitePool,
+        state: &'a SqliteState,
+        batch: i32,
+        _grace: Duration,
+        upto: Option<i64>,
+    ) -> BoxFuture<'a, Result<(SqlitePool, ClaimedRows), Error>> {
+        Box::pin(async move {
+            // A sweep takes the rows above the watermark; a drain up to an id takes every row up to it
+            // (also rows this process invalidated but could not delete).
+            let rows: Vec<(i64, String, String, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT id, tbl, image, max({NOW} - created_at, 0.0) FROM cache_invalidation_outbox \
+                 WHERE CASE WHEN ?2 IS NULL THEN id > ?1 ELSE id <= ?2 END ORDER BY id LIMIT ?3"
+            )))
+            .bind(state.delivered.load(Ordering::Acquire))
+            .bind(upto)
+            .bind(batch)
+            .fetch_all(pool)
+            .await?;
+            let ages: Vec<f64> = rows.iter().map(|r| r.3).collect();
+            let rendered = state.render(rows.into_iter().map(|(id, t, i, _)| (id, t, i)).collect());
+            let claimed = rendered
+                .into_iter()
+                .zip(ages)
+                .map(|((id, keys), age)| (id, keys, age))
+                .collect();
+            Ok((pool.clone(), claimed))
+        })
+    }
+
+    fn complete<'a>(
+        pool: SqlitePool,
+        _state: &'a SqliteState,
+        ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move { Ok(Self::delete(&pool, ids).await?) })
+    }
+
+    fn max_id(pool: &SqlitePool) -> BoxFuture<'_, Result<i64, Error>> {
+        Box::pin(async move {
+            Ok(
+                sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM cache_invalidation_outbox")
+                    .fetch_one(pool)
+                    .await?,
+            )
+        })
+    }
+
+    fn backlog(pool: &SqlitePool) -> BoxFuture<'_, Result<(i64, i64, f64), Error>> {
+        Box::pin(async move {
+            Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*), coalesce(max(id), 0), coalesce(max({NOW} - min(created_at), 0.0), 0.0) \
+                 FROM cache_invalidation_outbox"
+            )))
+            .fetch_one(pool)
+            .await?)
+        })
+    }
+
+    fn pending_upto(pool: &SqlitePool, upto: i64) -> BoxFuture<'_, Result<i64, Error>> {
+        Box::pin(async move {
+            Ok(
+                sqlx::query_scalar("SELECT count(*) FROM cache_invalidation_outbox WHERE id <= ?1")
+                    .bind(upto)
+                    .fetch_one(pool)
+                    .await?,
+            )
+        })
+    }
+
+    fn listen_source(_pool: &SqlitePool) {}
+
+    fn listen<'a>(_listen: &'a (), _listener: &'a mut Listener) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn wait<'a>(
+        _listener: &'a mut Listener,
+        tick: &'a mut tokio::time::Interval,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            tick.tick().await;
+        })
+    }
+}
