@@ -13,6 +13,7 @@ pub mod pool;
 mod registry;
 pub mod relay;
 pub mod schema;
+mod sqlite_schema;
 pub mod store;
 
 /// Derives [`CachedEntity`](trait@CachedEntity) for a struct that maps a table row.
