@@ -26,7 +26,8 @@ use crate::schema::{NOTIFY_CHANNEL, Schema, TriggerMode, WRAPPED_SETTING};
 mod sqlite;
 
 /// The connect options of a database.
-pub(crate) type ConnectOptions<DB> = <<DB as sqlx::Database>::Connection as sqlx::Connection>::Options;
+pub(crate) type ConnectOptions<DB> =
+    <<DB as sqlx::Database>::Connection as sqlx::Connection>::Options;
 
 /// Outbox rows as the runtime delivers them: row id and the row's keys.
 pub(crate) type Rows = Vec<(i64, Vec<String>)>;

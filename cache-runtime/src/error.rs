@@ -41,7 +41,7 @@ pub enum Error {
     /// The database has no cache invalidation schema.
     #[error(
         "the cache invalidation triggers are not installed in this database (this build's fingerprint is \
-         {expected}); install them with `CachedPool::options().install_schema(true)`, \
+         {expected}); install them with `CachedPgPool::options().install_schema(true)`, \
          `Schema::new(registry()).install(&mut conn)`, or apply `Schema::new(registry()).sql()` as a migration"
     )]
     NotInstalled {
@@ -53,7 +53,7 @@ pub enum Error {
     #[error(
         "the installed cache invalidation triggers have fingerprint {installed}, but this build's entities have \
          fingerprint {expected}: writes would invalidate the wrong keys. Re-install them from this build \
-         (`Schema::new(registry()).install(&mut conn)` or `CachedPool::options().install_schema(true)`), or \
+         (`Schema::new(registry()).install(&mut conn)` or `CachedPgPool::options().install_schema(true)`), or \
          generate a new migration from `Schema::new(registry()).sql()` and apply it"
     )]
     FingerprintMismatch {

@@ -54,6 +54,7 @@ pub mod store;
 /// ```
 pub use cache_derive::CachedEntity;
 
+pub use backend::Backend;
 pub use breaker::{BreakerConfig, BreakerState};
 pub use cache::{Cache, CacheBuilder, LoadOptions, Stats};
 /// Renders a [`Key`] from a template that some `#[derive(CachedEntity)]` declares.
@@ -100,9 +101,9 @@ pub use key::{
     Key, KeyError, KeyPart, KeyValue, KeyWriter, NULL_RENDERING, PartKind, Segment, Template,
     is_value_char,
 };
-pub use backend::Backend;
 pub use pool::{
-    CachedPgPool, CachedPool, CachedPoolOptions, CachedSqlitePool, CachedTransaction, WriteDetection,
+    CachedPgPool, CachedPool, CachedPoolOptions, CachedSqlitePool, CachedTransaction,
+    WriteDetection,
 };
 pub use registry::{Registry, RegistryError, registry};
 pub use relay::{Backlog, Drained, LISTEN_APPLICATION_NAME, Relay, RelayBuilder};

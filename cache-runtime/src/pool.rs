@@ -96,10 +96,10 @@ pub enum WriteDetection {
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), cache_runtime::Error> {
-/// use cache_runtime::{CachedPool, RedisStore};
+/// use cache_runtime::{CachedPgPool, RedisStore};
 ///
 /// let store = RedisStore::connect("redis://127.0.0.1:6379", "myapp:").await?;
-/// let pool = CachedPool::options()
+/// let pool = CachedPgPool::options()
 ///     .install_schema(true)
 ///     .connect("postgres://app@localhost/app", store)
 ///     .await?;
@@ -488,12 +488,12 @@ impl<DB: Backend> CachedPool<DB> {
     /// # Examples
     ///
     /// ```no_run
-    /// # use cache_runtime::{CachedEntity, CachedPool, MemoryStore, key};
+    /// # use cache_runtime::{CachedEntity, CachedPgPool, MemoryStore, key};
     /// # #[derive(CachedEntity, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
     /// # #[cached_entity(key = "product:<id>")]
     /// # struct Product { id: i64, name: String }
     /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-    /// let pool = CachedPool::connect("postgres://localhost/shop", MemoryStore::new(10_000)).await?;
+    /// let pool = CachedPgPool::connect("postgres://localhost/shop", MemoryStore::new(10_000)).await?;
     /// let id = 123_i64;
     /// let product: Option<Product> = pool
     ///     .cache()
@@ -632,7 +632,10 @@ impl<DB: Backend> Core<DB> {
 }
 
 /// Deletes delivered outbox rows in batches, off the callers' path.
-async fn delete_delivered<DB: Backend>(pool: Pool<DB>, mut receiver: mpsc::UnboundedReceiver<Vec<i64>>) {
+async fn delete_delivered<DB: Backend>(
+    pool: Pool<DB>,
+    mut receiver: mpsc::UnboundedReceiver<Vec<i64>>,
+) {
     const BATCH: usize = 10_000;
     while let Some(mut ids) = receiver.recv().await {
         // Collect what arrives shortly after, so that a stream of writes costs few deletes; until deleted,
@@ -814,10 +817,7 @@ macro_rules! executors {
                 query: E,
             ) -> BoxStream<
                 'e,
-                Result<
-                    Either<<$db as Database>::QueryResult, <$db as Database>::Row>,
-                    sqlx::Error,
-                >,
+                Result<Either<<$db as Database>::QueryResult, <$db as Database>::Row>, sqlx::Error>,
             >
             where
                 'c: 'e,
@@ -906,10 +906,7 @@ macro_rules! executors {
                 query: E,
             ) -> BoxStream<
                 'e,
-                Result<
-                    Either<<$db as Database>::QueryResult, <$db as Database>::Row>,
-                    sqlx::Error,
-                >,
+                Result<Either<<$db as Database>::QueryResult, <$db as Database>::Row>, sqlx::Error>,
             >
             where
                 'c: 'e,

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_runtime::{
-    CachedEntity, CachedPool, ColumnProblem, Error, Problem, RedisStore, Registry, Schema,
-    TriggerMode,
+    CachedEntity, CachedPgPool, CachedPool, ColumnProblem, Error, Problem, RedisStore, Registry,
+    Schema, TriggerMode,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor as _, PgPool, Row as _};
@@ -107,7 +107,7 @@ impl Env {
         let prefix = TestPrefix::create(hint).await;
         let store = recording(&prefix).await;
         let pool = options(
-            CachedPool::options()
+            CachedPgPool::options()
                 .registry(shop())
                 .install_schema(true)
                 .pool_options(PgPoolOptions::new().max_connections(4)),
@@ -794,7 +794,7 @@ async fn connecting_to_a_database_without_or_with_other_triggers_fails() {
     sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
     let prefix = TestPrefix::create("fingerprint").await;
 
-    let err = CachedPool::options()
+    let err = CachedPgPool::options()
         .registry(shop())
         .relay(false)
         .connect(&db.url, recording(&prefix).await)
@@ -808,7 +808,7 @@ async fn connecting_to_a_database_without_or_with_other_triggers_fails() {
         .install(&mut conn)
         .await
         .unwrap();
-    let err = CachedPool::options()
+    let err = CachedPgPool::options()
         .registry(shop())
         .relay(false)
         .connect(&db.url, recording(&prefix).await)
@@ -981,7 +981,7 @@ async fn a_role_with_only_dml_rights_writes_normally() {
         .execute(&env.admin)
         .await
         .unwrap();
-    let pool = CachedPool::options()
+    let pool = CachedPgPool::options()
         .registry(shop())
         .connect_with(options.username(&role.name), env.store.clone())
         .await
@@ -1051,7 +1051,7 @@ async fn a_store_outage_after_commit_is_not_an_error_and_the_relay_catches_up() 
     let admin = db.pool().await;
     sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
     let store = RedisStore::connect(&server.url(), "outage:").await.unwrap();
-    let pool = CachedPool::options()
+    let pool = CachedPgPool::options()
         .registry(shop())
         .install_schema(true)
         .wrapped_grace(Duration::from_millis(200))

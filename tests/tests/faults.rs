@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cache_runtime::{
-    BreakerConfig, Cache, CachedEntity, CachedPool, CachedPoolOptions, RedisStore, Registry, Relay,
-    key,
+    BreakerConfig, Cache, CachedEntity, CachedPgPool, CachedPool, CachedPoolOptions, RedisStore,
+    Registry, Relay, key,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -53,7 +53,7 @@ async fn database(hint: &str, rows: i64) -> (TestDb, PgPool) {
 
 /// Options for fault tests: short grace, sweeps, store timeout and breaker backoff.
 fn options() -> CachedPoolOptions {
-    CachedPool::options()
+    CachedPgPool::options()
         .registry(registry())
         .pool_options(PgPoolOptions::new().max_connections(8))
         .wrapped_grace(Duration::from_millis(300))

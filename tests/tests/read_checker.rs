@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cache_runtime::{
-    Cache, CachedEntity, CachedPool, LoadOptions, MemoryStore, RedisStore, Registry, key,
+    Cache, CachedEntity, CachedPgPool, CachedPool, LoadOptions, MemoryStore, RedisStore, Registry,
+    key,
 };
 use sqlx::PgPool;
 use tests::checker::{self, Config, Read, Report, Write};
@@ -136,7 +137,7 @@ async fn cached_pool(url: &str, prefix: &str) -> CachedPool {
     let store = RedisStore::connect(&tests::redis_url(), prefix.to_owned())
         .await
         .expect("connect Redis");
-    CachedPool::options()
+    CachedPgPool::options()
         .registry(Registry::new([Item::META]))
         .install_schema(true)
         .connect(url, store)

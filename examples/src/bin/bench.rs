@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_runtime::{Cache, CachedEntity, CachedPool, MemoryStore, RedisStore, Registry};
+use cache_runtime::{
+    Cache, CachedEntity, CachedPgPool, CachedPool, MemoryStore, RedisStore, Registry,
+};
 use examples::{Report, Samples, Zipf};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPoolOptions;
@@ -214,7 +216,7 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
         .map_err(|e| {
             format!("Redis is not reachable at {redis_url} ({e}); start it or set REDIS_URL")
         })?;
-    let pool = CachedPool::options()
+    let pool = CachedPgPool::options()
         .registry(Registry::new([Product::META, L1Product::META]))
         .install_schema(true)
         .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
@@ -737,7 +739,7 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
     let plain_floor = Arc::new(Floors::new());
     let ours_floor = Arc::new(Floors::new());
     let l1_floor = Arc::new(Floors::new());
-    let l1 = CachedPool::options()
+    let l1 = CachedPgPool::options()
         .registry(Registry::new([Product::META, L1Product::META]))
         .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
         .connect(&env.url, MemoryStore::default())
@@ -944,7 +946,7 @@ async fn backlog(
     report: &mut Report,
 ) -> Result<(), BoxError> {
     let store = RedisStore::connect(redis_url, env.prefix.clone()).await?;
-    let drainer = CachedPool::options()
+    let drainer = CachedPgPool::options()
         .registry(Registry::new([Product::META, L1Product::META]))
         .relay(false)
         .pool_options(PgPoolOptions::new().max_connections(2))

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache_runtime::{CachedEntity, CachedPool, RedisStore, Registry, key};
+use cache_runtime::{CachedEntity, CachedPgPool, RedisStore, Registry, key};
 use examples::database_url;
 use metrics::{
     Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
@@ -225,7 +225,7 @@ async fn run(
     .await?;
     let prefix = format!("metrics_example_{}:", std::process::id());
     let store = RedisStore::connect(redis_url, prefix).await?;
-    let pool = CachedPool::options()
+    let pool = CachedPgPool::options()
         .registry(Registry::new([Item::META]))
         .install_schema(true)
         .connect(url, store)

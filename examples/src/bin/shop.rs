@@ -12,7 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use cache_runtime::{CachedEntity, CachedPool, LoadOptions, RedisStore, Registry, key};
+use cache_runtime::{
+    CachedEntity, CachedPgPool, CachedPool, LoadOptions, RedisStore, Registry, key,
+};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -159,7 +161,7 @@ async fn shop(
     .await?;
     // The pool: connects, installs the outbox and the capture triggers for both tables, starts the relay.
     let store = RedisStore::connect(redis_url, prefix.to_owned()).await?;
-    let pool = CachedPool::options()
+    let pool = CachedPgPool::options()
         .registry(Registry::new([Category::META, Product::META]))
         .install_schema(true)
         .connect(url, store)
