@@ -10,8 +10,10 @@
 pub mod checker;
 pub mod model;
 mod recording;
+mod sqlite;
 
 pub use recording::RecordingStore;
+pub use sqlite::TestSqlite;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -29,7 +31,7 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-fn unique(hint: &str) -> String {
+pub(crate) fn unique(hint: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,4 +1,4 @@
-//! A real store that records what it was asked to invalidate, and can be cut off from Redis on demand.
+//! A real store (Redis or in-process) that records what it was asked to invalidate, and can be cut off on demand.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cache_runtime::store::{LeaseRequest, Lookup, Peek, TagToken};
-use cache_runtime::{BoxFuture, RedisStore, Store, StoreError};
+use cache_runtime::{BoxFuture, Store, StoreError};
 
 /// The shared record of one or more [`RecordingStore`]s.
 #[derive(Debug, Default)]
@@ -17,31 +17,31 @@ struct Record {
     delivered: BTreeMap<String, u32>,
 }
 
-/// The real Redis store, recording every `invalidate` call (attempted) and every key invalidated
+/// A real store (Redis or in-process), recording every `invalidate` call (attempted) and every key invalidated
 /// (successfully). Clones, and stores made with [`sharing`](Self::sharing), share one record; clones share
 /// the [cut-off](Self::cut_off) switch, which makes every call fail as if this process lost Redis while
 /// others keep it.
 #[derive(Debug, Clone)]
 pub struct RecordingStore {
-    inner: RedisStore,
+    inner: Arc<dyn Store>,
     record: Arc<Mutex<Record>>,
     cut: Arc<AtomicBool>,
 }
 
 impl RecordingStore {
     /// Records the calls made on `inner`.
-    pub fn new(inner: RedisStore) -> Self {
+    pub fn new(inner: impl Store) -> Self {
         Self {
-            inner,
+            inner: Arc::new(inner),
             record: Arc::default(),
             cut: Arc::default(),
         }
     }
 
     /// Records the calls made on `inner` into the record of `other` (several pools or relays, one record).
-    pub fn sharing(inner: RedisStore, other: &Self) -> Self {
+    pub fn sharing(inner: impl Store, other: &Self) -> Self {
         Self {
-            inner,
+            inner: Arc::new(inner),
             record: Arc::clone(&other.record),
             cut: Arc::default(),
         }

@@ -1,0 +1,85 @@
+//! SQLite test databases: a file of its own in the temporary directory, removed on drop.
+
+use std::path::PathBuf;
+use std::str::FromStr as _;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+
+/// A SQLite database file of its own (WAL mode), deleted with its `-wal`/`-shm` files when this guard drops.
+#[derive(Debug)]
+pub struct TestSqlite {
+    /// The database file.
+    pub path: PathBuf,
+    /// Its connection URL (`sqlite://…`).
+    pub url: String,
+}
+
+impl TestSqlite {
+    /// Creates a fresh, empty database file.
+    pub async fn create(hint: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "{}.db",
+            crate::unique(&format!("cache_test_{hint}"))
+        ));
+        let url = format!("sqlite://{}", path.display());
+        let this = Self { path, url };
+        // Create the file (and switch it to WAL) once, so that every later connection finds it.
+        let pool = this.pool().await;
+        pool.close().await;
+        this
+    }
+
+    /// Connect options of this database: created if missing, WAL, foreign keys on (sqlx's defaults).
+    pub fn options(&self) -> SqliteConnectOptions {
+        SqliteConnectOptions::from_str(&self.url)
+            .unwrap_or_else(|e| panic!("bad SQLite URL {}: {e}", self.url))
+            .create_if_missing(true)
+    }
+
+    /// A plain pool on this database: writes through it are what other clients do.
+    pub async fn pool(&self) -> SqlitePool {
+        SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(self.options())
+            .await
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.path.display()))
+    }
+}
+
+impl Drop for TestSqlite {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.path.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Runs the items it is given once per backend: in a module `postgres` and a module `sqlite`, each with
+/// `use super::*;`, the type alias `Db` (the sqlx database) and `TestDatabase` (`tests::TestDb` or
+/// `tests::TestSqlite`, which share `create(hint).await`, `url` and `pool().await`) and the constant
+/// `BACKEND` (`"postgres"` or `"sqlite"`). Connect a wrapper with
+/// `CachedPool::<Db>::options().connect(&db.url, store)`. One test body, two backends.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($body:tt)*) => {
+        mod postgres {
+            #![allow(unused_imports, dead_code)]
+            use super::*;
+            type Db = ::sqlx::Postgres;
+            type TestDatabase = ::tests::TestDb;
+            const BACKEND: &str = "postgres";
+            $($body)*
+        }
+        mod sqlite {
+            #![allow(unused_imports, dead_code)]
+            use super::*;
+            type Db = ::sqlx::Sqlite;
+            type TestDatabase = ::tests::TestSqlite;
+            const BACKEND: &str = "sqlite";
+            $($body)*
+        }
+    };
+}
