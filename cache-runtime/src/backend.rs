@@ -1,6 +1,6 @@
 //! [`Backend`]: what [`CachedPool`](crate::CachedPool), [`CachedTransaction`](crate::CachedTransaction) and
-//! [`Relay`](crate::Relay) need from a database, implemented for [`Postgres`](sqlx::Postgres) and
-//! [`Sqlite`](sqlx::Sqlite).
+//! [`Relay`](crate::Relay) need from a database, implemented for [`sqlx::Postgres`] and
+//! [`sqlx::Sqlite`].
 //!
 //! The pool, the commit path, the relay, the circuit breaker and the read gate are one implementation over
 //! this trait; only the outbox queries differ. The two backends differ in what they guarantee:
@@ -49,8 +49,8 @@ mod sealed {
     impl Sealed for sqlx::Sqlite {}
 }
 
-/// A database supported by [`CachedPool`](crate::CachedPool): [`Postgres`](sqlx::Postgres) or
-/// [`Sqlite`](sqlx::Sqlite). Sealed; its items are the runtime's outbox queries and not meant to be called.
+/// A database supported by [`CachedPool`](crate::CachedPool): [`sqlx::Postgres`] or
+/// [`sqlx::Sqlite`]. Sealed; its items are the runtime's outbox queries and not meant to be called.
 pub trait Backend: sqlx::Database + sealed::Sealed {
     /// State shared by a pool and its relay.
     #[doc(hidden)]

@@ -6,7 +6,8 @@
 //! A statement *may write* when its text, outside comments (`--`, nested `/* */`), string literals (`'…'`,
 //! `E'…'`), quoted identifiers (`"…"`) and dollar-quoted bodies (`$tag$…$tag$`), contains one of the words
 //! [`WRITE_WORDS`] (case-insensitive), except `UPDATE` right after `FOR` or `KEY` (the row-locking clauses
-//! `FOR UPDATE` / `FOR NO KEY UPDATE`).
+//! `FOR UPDATE` / `FOR NO KEY UPDATE`), or the word `REPLACE` not followed by `(` (SQLite's `REPLACE INTO`;
+//! `replace(…)` is the string function).
 
 /// The words that make a statement count as a possible write.
 pub const WRITE_WORDS: &[&str] = &[
@@ -81,7 +82,7 @@ pub(crate) fn may_write(sql: &str) -> bool {
                         && previous.is_some_and(|p| {
                             p.eq_ignore_ascii_case("FOR") || p.eq_ignore_ascii_case("KEY")
                         }));
-                if writes {
+                if writes || is_replace_statement(word, &b[i..]) {
                     return true;
                 }
                 previous = Some(word);
@@ -90,6 +91,12 @@ pub(crate) fn may_write(sql: &str) -> bool {
         }
     }
     false
+}
+
+/// `REPLACE` used as a statement (SQLite's `REPLACE INTO t …`), not the function `replace(…)`.
+fn is_replace_statement(word: &str, rest: &[u8]) -> bool {
+    word.eq_ignore_ascii_case("REPLACE")
+        && rest.iter().find(|c| !c.is_ascii_whitespace()) != Some(&b'(')
 }
 
 /// Skips the string literal starting at `b[start] == '\''`; returns the index after it.
@@ -149,6 +156,8 @@ mod tests {
             "SELECT 1; UPDATE t SET a = 2",
             "INSERT INTO t VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET a = EXCLUDED.a",
             "SELECT * FROM t FOR UPDATE; DELETE FROM t",
+            "REPLACE INTO t (id) VALUES (1)",
+            "INSERT OR REPLACE INTO t (id) VALUES (1)",
         ] {
             assert!(may_write(sql), "{sql}");
         }
@@ -166,6 +175,8 @@ mod tests {
             "SELECT updated_at, deleted, inserts FROM t",
             "SELECT my_writing_function()",
             "/* UPDATE */ VALUES (1)",
+            "SELECT replace(name, 'a', 'b') FROM t",
+            "SELECT REPLACE (name, 'a', 'b') FROM t",
         ] {
             assert!(!may_write(sql), "{sql}");
         }

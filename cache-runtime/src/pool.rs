@@ -3,7 +3,7 @@
 //!
 //! # How writes reach the store
 //!
-//! The triggers installed by [`Schema`] write the keys of every changed row into the outbox, in the writing
+//! The triggers installed by [`Schema`](crate::Schema) write the keys of every changed row into the outbox, in the writing
 //! transaction. The wrapper then delivers them:
 //!
 //! - **Transactions** ([`CachedPool::begin`]): the outermost [`CachedTransaction::commit`] reads the
@@ -255,7 +255,7 @@ impl<DB: Backend> CachedPoolOptions<DB> {
     /// [`Error::Registry`] when entities contradict each other; [`Error::Database`] when the database cannot
     /// be reached; [`Error::NotInstalled`],
     /// [`Error::FingerprintMismatch`] or [`Error::SchemaVersionMismatch`] when the installed triggers do not
-    /// match this build (saying what to run); the errors of [`Schema::install`] when installing.
+    /// match this build (saying what to run); the errors of [`Schema::install`](crate::Schema::install) when installing.
     ///
     /// # Cancel safety
     ///
@@ -529,15 +529,15 @@ impl<DB: Backend> CachedPool<DB> {
         &self.core.registry
     }
 
-    /// Installs (or updates) the triggers of this pool's registry (see [`Schema::install`]).
+    /// Installs (or updates) the triggers of this pool's registry (see [`Schema::install`](crate::Schema::install)).
     ///
     /// # Errors
     ///
-    /// As [`Schema::install`].
+    /// As [`Schema::install`](crate::Schema::install).
     ///
     /// # Cancel safety
     ///
-    /// As [`Schema::install`]: all or nothing.
+    /// As [`Schema::install`](crate::Schema::install): all or nothing.
     pub async fn install_schema(&self) -> Result<(), Error> {
         let mut conn = self.core.pool.acquire().await?;
         DB::install(&self.core.registry, TriggerMode::default(), &mut conn).await

@@ -8,7 +8,7 @@
 //! # What it delivers, and when
 //!
 //! - Rows of sessions that do not go through the wrapper (`psql`, a plain `PgPool`, another service): at
-//!   once. Their commit sends a `NOTIFY` on [`NOTIFY_CHANNEL`]; the relay `LISTEN`s on a connection of its
+//!   once. Their commit sends a `NOTIFY` on [`NOTIFY_CHANNEL`](crate::NOTIFY_CHANNEL); the relay `LISTEN`s on a connection of its
 //!   own (application name `cache_invalidation_relay`) and sweeps when notified.
 //! - Rows of wrapped sessions once they are older than the grace period
 //!   ([`RelayBuilder::wrapped_grace`], default 2 s). The writing call delivers them itself, right after
