@@ -1,5 +1,13 @@
-//! [`CachedPool`] and [`CachedTransaction`]: a `PgPool` wrapper that invalidates the cache after every
-//! committed write.
+//! [`CachedPool`] and [`CachedTransaction`]: a `PgPool` or `SqlitePool` wrapper that invalidates the cache
+//! after every committed write.
+//!
+//! One implementation serves both databases ([`CachedPgPool`], [`CachedSqlitePool`]); what differs is the
+//! outbox query of each [`Backend`] (see the [`backend`](crate::backend) module for the differences in
+//! guarantees). The text below describes PostgreSQL; on SQLite the same holds with these changes: the
+//! statement or `COMMIT` is followed by a query for every outbox row above the process's delivered
+//! watermark (SQLite has one writer at a time, so row ids are in commit order), which also delivers rows
+//! other clients left; writes by other clients are delivered by the relay's periodic sweep, as SQLite has
+//! no `NOTIFY`; `REPLACE INTO` counts as a writing keyword.
 //!
 //! # How writes reach the store
 //!
@@ -294,7 +302,12 @@ impl<DB: Backend> CachedPoolOptions<DB> {
     }
 }
 
-/// A PostgreSQL pool whose committed writes invalidate the cache.
+/// A PostgreSQL ([`CachedPgPool`]) or SQLite ([`CachedSqlitePool`]) pool whose committed writes invalidate
+/// the cache.
+///
+/// Connect with `CachedPgPool::connect` / `CachedSqlitePool::connect` or their `options()` (as with sqlx's
+/// `PgPool` and `SqlitePool`; `CachedPool::connect` alone cannot tell which database is meant). In type
+/// positions `CachedPool` means `CachedPool<Postgres>`.
 ///
 /// `&CachedPool` is a [`sqlx::Executor`]: `query`, `query_as`, `query_scalar` and the `query!` macros work
 /// unchanged. See the [module docs](crate::pool) for what is delivered when.

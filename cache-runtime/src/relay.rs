@@ -22,6 +22,14 @@
 //! - A periodic sweep ([`RelayBuilder::sweep_interval`], default 500 ms) catches notifications that were lost
 //!   (the `LISTEN` connection dropped: it reconnects, then sweeps at once) and rows whose grace period ended.
 //!
+//! # SQLite
+//!
+//! A SQLite relay has no `LISTEN`: it sweeps every [`RelayBuilder::sweep_interval`], delivering every row
+//! above its process's delivered watermark, whatever its age or writer (there is no grace period: a row a
+//! wrapped writer is delivering at the same moment is delivered twice, which is harmless). Several relays
+//! (processes) may deliver the same row; each deletes what it delivered by id range. Keys are rendered from
+//! the rows' JSON images with the relay's registry ([`RelayBuilder::registry`]).
+//!
 //! # One batch
 //!
 //! A batch is one transaction: claim up to [`RelayBuilder::batch_rows`] rows with `FOR UPDATE SKIP LOCKED`

@@ -28,6 +28,10 @@
 //! Sessions that are not wrapped (psql, another service, a plain `PgPool`) also `pg_notify` the channel
 //! [`NOTIFY_CHANNEL`], on which the relay listens.
 //!
+//! SQLite gets its own, simpler schema ([`Schema::sqlite_sql`], [`Schema::install_sqlite`]): the table
+//! `cache_invalidation_outbox (id, tbl, image, created_at)` and, per registered table, row triggers that
+//! write the placeholder columns of the old and new row images as JSON; keys are rendered in Rust.
+//!
 //! # Installing
 //!
 //! [`Schema::install`] runs [`Schema::sql`] in one transaction under an advisory lock; it is idempotent and
@@ -131,6 +135,41 @@ impl<'r> Schema<'r> {
     /// The registry this schema is generated from.
     pub fn registry(&self) -> &'r Registry {
         self.registry
+    }
+
+    /// The SQLite install script (outbox, installed row, row triggers): idempotent, to run in one
+    /// transaction, e.g. as a `sqlx migrate` migration. It does not drop triggers of tables no longer
+    /// registered, nor check the columns: [`install_sqlite`](Self::install_sqlite) does both.
+    pub fn sqlite_sql(&self) -> String {
+        crate::sqlite_schema::sql(self.registry)
+    }
+
+    /// Installs (or updates) the SQLite triggers in one `BEGIN IMMEDIATE` transaction: checks the tables and
+    /// placeholder columns, drops the triggers of tables no longer registered, runs
+    /// [`sqlite_sql`](Self::sqlite_sql). The trigger mode does not apply: SQLite has row triggers only.
+    ///
+    /// # Errors
+    ///
+    /// As [`install`](Self::install).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`install`](Self::install): all or nothing.
+    pub async fn install_sqlite(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), Error> {
+        crate::sqlite_schema::install(self.registry, conn).await
+    }
+
+    /// Checks the SQLite install against this registry, as [`verify`](Self::verify).
+    ///
+    /// # Errors
+    ///
+    /// As [`verify`](Self::verify).
+    ///
+    /// # Cancel safety
+    ///
+    /// Read-only; dropping the future has no effect.
+    pub async fn verify_sqlite(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), Error> {
+        crate::sqlite_schema::verify(self.registry, conn).await
     }
 
     /// The complete install script: idempotent, to run in one transaction (as [`Schema::install`] does, and

@@ -21,8 +21,8 @@ use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 use super::{Backend, ClaimedRows, Listener, Rows};
 use crate::error::Error;
 use crate::registry::Registry;
-use crate::schema::TriggerMode;
-use crate::sqlite_schema::{self, Renderer};
+use crate::schema::{Schema, TriggerMode};
+use crate::sqlite_schema::Renderer;
 
 /// The SQLite backend's state: the key renderer and the delivered watermark.
 #[doc(hidden)]
@@ -86,14 +86,14 @@ impl Backend for Sqlite {
         _mode: TriggerMode,
         conn: &'a mut SqliteConnection,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(sqlite_schema::install(registry, conn))
+        Box::pin(async move { Schema::new(registry).install_sqlite(conn).await })
     }
 
     fn verify<'a>(
         registry: &'a Registry,
         conn: &'a mut SqliteConnection,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(sqlite_schema::verify(registry, conn))
+        Box::pin(async move { Schema::new(registry).verify_sqlite(conn).await })
     }
 
     fn written_rows<'a>(
