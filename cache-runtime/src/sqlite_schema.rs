@@ -21,8 +21,6 @@
 //! [`install`] runs [`sql`] in one transaction after checking the tables and placeholder columns, dropping
 //! the triggers of tables no longer registered; [`verify`] checks the recorded fingerprint and version.
 
-// Called by the SQLite backend of the pool and the relay, which are wired up separately.
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
