@@ -1,6 +1,8 @@
 //! Faults: Redis killed, restarted and frozen under a read/write workload; crashes between `COMMIT` and the
 //! store call; backends terminated; several pools and relays on one database; a relay started after a
-//! backlog; the relay's `LISTEN` connection terminated.
+//! backlog; the relay's `LISTEN` connection terminated. The kill/restart test runs on PostgreSQL and on SQLite
+//! (one body, `on_both_backends!`); the others use PostgreSQL-only machinery (row locks, backend pids,
+//! `LISTEN`, several relays sharing batches).
 //!
 //! Every test has its own database and its own `redis-server` (never the shared one), and prints its figures
 //! with `eprintln!` (run with `--nocapture` to see them).
@@ -12,13 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cache_runtime::{
-    BreakerConfig, Cache, CachedEntity, CachedPgPool, CachedPool, CachedPoolOptions, RedisStore,
-    Registry, Relay, key,
+    BreakerConfig, Cache, CachedEntity, CachedPool, CachedPoolOptions, RedisStore, Registry, Relay,
+    key,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
-use tests::{RecordingStore, RedisServer, TestDb};
+use sqlx::Pool;
+use sqlx::pool::PoolOptions;
+use tests::{RecordingStore, RedisServer};
 
 /// A versioned row.
 #[derive(Debug, Clone, PartialEq, CachedEntity, Serialize, Deserialize, sqlx::FromRow)]
@@ -32,30 +34,37 @@ fn registry() -> Registry {
     Registry::new([Item::META])
 }
 
+tests::on_both_backends! {
 /// A database with `items(id, version)` for ids `1..=rows`, all at version 0.
-async fn database(hint: &str, rows: i64) -> (TestDb, PgPool) {
-    let db = TestDb::create(hint).await;
+pub(crate) async fn database(hint: &str, rows: i64) -> (TestDatabase, Pool<Db>) {
+    let db = TestDatabase::create(hint).await;
     let admin = db.pool().await;
+    let values: Vec<String> = (1..=rows).map(|i| format!("({i}, 0)")).collect();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE items (id bigint PRIMARY KEY, version bigint NOT NULL);
-         INSERT INTO items SELECT i, 0 FROM generate_series(1, {rows}) AS i;"
+         INSERT INTO items VALUES {};",
+        values.join(", ")
     )))
     .execute(&admin)
     .await
     .unwrap();
-    let mut conn = admin.acquire().await.unwrap();
-    cache_runtime::Schema::new(&registry())
-        .install(&mut conn)
+    // Install the triggers the way an application does, then leave.
+    let installer = CachedPool::<Db>::options()
+        .registry(registry())
+        .install_schema(true)
+        .relay(false)
+        .connect(&db.url, cache_runtime::MemoryStore::new(16))
         .await
         .unwrap();
+    installer.close().await;
     (db, admin)
 }
 
 /// Options for fault tests: short grace, sweeps, store timeout and breaker backoff.
-fn options() -> CachedPoolOptions {
-    CachedPgPool::options()
+pub(crate) fn options() -> CachedPoolOptions<Db> {
+    CachedPool::<Db>::options()
         .registry(registry())
-        .pool_options(PgPoolOptions::new().max_connections(8))
+        .pool_options(PoolOptions::<Db>::new().max_connections(8))
         .wrapped_grace(Duration::from_millis(300))
         .sweep_interval(Duration::from_millis(100))
         .store_timeout(Duration::from_millis(200))
@@ -67,7 +76,7 @@ fn options() -> CachedPoolOptions {
         )
 }
 
-async fn version(pool: &PgPool, id: i64) -> i64 {
+pub(crate) async fn version(pool: &Pool<Db>, id: i64) -> i64 {
     sqlx::query_scalar("SELECT version FROM items WHERE id = $1")
         .bind(id)
         .fetch_one(pool)
@@ -76,7 +85,7 @@ async fn version(pool: &PgPool, id: i64) -> i64 {
 }
 
 /// A read through `cache`, loading from `db`.
-async fn read(cache: &Cache, db: &PgPool, id: i64) -> i64 {
+pub(crate) async fn read(cache: &Cache, db: &Pool<Db>, id: i64) -> i64 {
     let db = db.clone();
     cache
         .get_or_load(key!("item:<id>", id), || async move {
@@ -90,7 +99,7 @@ async fn read(cache: &Cache, db: &PgPool, id: i64) -> i64 {
 }
 
 /// A write through the pool (autocommit, or a transaction for odd ids); returns the committed version.
-async fn write(pool: &CachedPool, id: i64) -> i64 {
+pub(crate) async fn write(pool: &CachedPool<Db>, id: i64) -> i64 {
     if id % 2 == 0 {
         sqlx::query_scalar("UPDATE items SET version = version + 1 WHERE id = $1 RETURNING version")
             .bind(id)
@@ -112,7 +121,7 @@ async fn write(pool: &CachedPool, id: i64) -> i64 {
 }
 
 /// Waits (bounded) until `cond` holds.
-async fn wait_until<F, Fut>(what: &str, within: Duration, mut cond: F) -> Duration
+pub(crate) async fn wait_until<F, Fut>(what: &str, within: Duration, mut cond: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -125,8 +134,13 @@ where
     start.elapsed()
 }
 
-async fn outbox_rows(admin: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM cache_invalidation.outbox")
+pub(crate) async fn outbox_rows(admin: &Pool<Db>) -> i64 {
+    let sql = if BACKEND == "postgres" {
+        "SELECT count(*) FROM cache_invalidation.outbox"
+    } else {
+        "SELECT count(*) FROM cache_invalidation_outbox"
+    };
+    sqlx::query_scalar(sql)
         .fetch_one(admin)
         .await
         .unwrap()
@@ -135,7 +149,7 @@ async fn outbox_rows(admin: &PgPool) -> i64 {
 /// Reads every row through a cache that never saw a fault (a new connection: another process), and counts
 /// the values served from the store that differ from the database: stale entries, i.e. lost invalidations.
 /// Returns (entries found in the store, stale ones).
-async fn audit(url: &str, prefix: &str, admin: &PgPool, rows: i64) -> (u64, u64) {
+pub(crate) async fn audit(url: &str, prefix: &str, admin: &Pool<Db>, rows: i64) -> (u64, u64) {
     let cache = Cache::new(RedisStore::connect(url, prefix).await.unwrap());
     let (mut cached, mut stale) = (0, 0);
     for id in 1..=rows {
@@ -166,16 +180,16 @@ async fn audit(url: &str, prefix: &str, admin: &PgPool, rows: i64) -> (u64, u64)
 
 /// The workload's freshness check: per row, the highest version whose write had returned. A read that
 /// began after that and returns less is stale (contract 1).
-struct Workload {
-    latest: Vec<AtomicI64>,
-    reads: AtomicU64,
-    writes: AtomicU64,
-    stale: AtomicU64,
-    stop: AtomicBool,
+pub(crate) struct Workload {
+    pub(crate) latest: Vec<AtomicI64>,
+    pub(crate) reads: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) stale: AtomicU64,
+    pub(crate) stop: AtomicBool,
 }
 
 impl Workload {
-    fn new(rows: i64) -> Arc<Self> {
+    pub(crate) fn new(rows: i64) -> Arc<Self> {
         Arc::new(Self {
             latest: (0..=rows).map(|_| AtomicI64::new(0)).collect(),
             reads: AtomicU64::new(0),
@@ -185,9 +199,9 @@ impl Workload {
         })
     }
 
-    fn spawn(
+    pub(crate) fn spawn(
         self: &Arc<Self>,
-        pool: &CachedPool,
+        pool: &CachedPool<Db>,
         rows: i64,
         readers: usize,
         writers: usize,
@@ -211,7 +225,7 @@ impl Workload {
                 while !w.stop.load(Ordering::SeqCst) {
                     let id = fastrand::i64(1..=rows);
                     let floor = w.latest[id as usize].load(Ordering::SeqCst);
-                    let got = read(pool.cache(), pool.pg_pool(), id).await;
+                    let got = read(pool.cache(), pool.sqlx_pool(), id).await;
                     w.reads.fetch_add(1, Ordering::Relaxed);
                     if got < floor {
                         w.stale.fetch_add(1, Ordering::Relaxed);
@@ -261,7 +275,7 @@ async fn redis_killed_and_restarted_under_load_loses_nothing() {
     let (cached, stale_entries) = audit(&server.url(), prefix, &admin, ROWS).await;
     let stats = pool.cache().stats();
     eprintln!(
-        "kill/restart: rounds {ROUNDS} (gate closed in {gated_rounds}), writes {}, reads checked {}, stale reads {}, \
+        "kill/restart ({BACKEND}): rounds {ROUNDS} (gate closed in {gated_rounds}), writes {}, reads checked {}, stale reads {}, \
          bypassed reads {}, store errors {}, gate open {recovered:?} after the last round; \
          audit: {cached} cached entries checked, stale values found {stale_entries}, invalidations lost {stale_entries}",
         workload.writes.load(Ordering::Relaxed),
@@ -277,6 +291,10 @@ async fn redis_killed_and_restarted_under_load_loses_nothing() {
     assert!(cached > 0, "the audit found cached entries to check");
     pool.close().await;
 }
+
+}
+
+use postgres::{audit, database, options, outbox_rows, read, version, wait_until, write};
 
 /// Redis frozen (SIGSTOP) keeps its data: entries cached before the outage survive it. Writes during the
 /// freeze lose their invalidation; the gate keeps them from being served until the outbox is delivered.
