@@ -4,11 +4,13 @@
 //! # Design
 //!
 //! - **Row triggers write raw values, not keys.** SQLite has no procedural language in which to port the
-//!   percent-escaping of [`crate::KeyWriter`] reliably, so each registered table gets three `FOR EACH ROW`
+//!   percent-escaping of [`crate::KeyWriter`] reliably, so each registered table gets `FOR EACH ROW`
 //!   triggers (`cache_invalidation_<table>_insert` / `_update` / `_delete`) that append to
 //!   [`OUTBOX`] one row per changed row image: the table name (`tbl`) and a JSON object (`image`) of the row's
 //!   *placeholder columns* (the union of the columns read by the templates of every entity of the table).
 //!   An `UPDATE` writes the old image always and the new image only when a placeholder column changed.
+//!   A fourth, `_replace` (`BEFORE INSERT`), writes the image of an existing row with the new row's own-key
+//!   values: the row a `REPLACE` deletes, whose delete trigger SQLite fires only with `recursive_triggers`.
 //!   Text columns holding a BLOB (sqlx stores `uuid::Uuid` as 16 bytes) are written as `{"blob": "<HEX>"}`,
 //!   because `json_object` rejects BLOBs.
 //! - **Keys are rendered in Rust.** [`Renderer`] turns an image into [`crate::KeyValue`]s and renders them
@@ -45,7 +47,7 @@ pub(crate) const SQLITE_SCHEMA_VERSION: i32 = 1;
 const TRIGGER_PREFIX: &str = "cache_invalidation_";
 
 /// The trigger suffixes, one per operation.
-const OPERATIONS: [&str; 3] = ["insert", "update", "delete"];
+const OPERATIONS: [&str; 4] = ["insert", "update", "delete", "replace"];
 
 /// The whole idempotent install script for `registry`: the outbox and installed tables, the triggers of
 /// every registered table (dropped and recreated) and the upsert of the installed row.
@@ -72,7 +74,7 @@ CREATE TABLE IF NOT EXISTS {INSTALLED} (
 "
     );
     for (table, columns) in tables(registry) {
-        sql.push_str(&table_sql(table, &columns));
+        sql.push_str(&table_sql(table, &columns, &key_columns(registry, table)));
     }
     let _ = writeln!(
         sql,
@@ -252,8 +254,34 @@ fn tables(registry: &Registry) -> BTreeMap<&'static str, BTreeMap<&'static str, 
     out
 }
 
-/// The three triggers of one table, dropped and recreated.
-fn table_sql(table: &str, columns: &BTreeMap<&str, PartKind>) -> String {
+/// The column sets of the own keys of `table`'s entities (each entity's `key` placeholders), deduplicated.
+fn key_columns(registry: &Registry, table: &str) -> BTreeSet<Vec<&'static str>> {
+    registry
+        .for_table(table)
+        .map(|entity| {
+            entity
+                .key
+                .placeholders()
+                .filter_map(|field| entity.column(field))
+                .map(|c| c.column)
+                .collect::<Vec<_>>()
+        })
+        .filter(|columns| !columns.is_empty())
+        .collect()
+}
+
+/// The four triggers of one table, dropped and recreated.
+///
+/// The fourth, `_replace` (`BEFORE INSERT`), captures the image of an existing row with the same own-key
+/// values as the new row: the row a `REPLACE` / `INSERT OR REPLACE` deletes. SQLite fires delete triggers
+/// for such deletions only on connections with `PRAGMA recursive_triggers = ON` (the wrapper's connections
+/// have it; other clients usually do not). It is an index lookup when the key columns are the primary key
+/// or unique, as a row's key normally is; a plain insert finds no row and writes nothing.
+fn table_sql(
+    table: &str,
+    columns: &BTreeMap<&str, PartKind>,
+    keys: &BTreeSet<Vec<&'static str>>,
+) -> String {
     let image = |row: &str| {
         let args: Vec<String> = columns
             .iter()
@@ -315,6 +343,29 @@ END;
         new = insert("NEW"),
         old = insert("OLD"),
     );
+    if !keys.is_empty() {
+        let conflicts: Vec<String> = keys
+            .iter()
+            .map(|key| {
+                let equal: Vec<String> = key
+                    .iter()
+                    .map(|c| format!("existing.{0} = NEW.{0}", ident(c)))
+                    .collect();
+                format!("({})", equal.join(" AND "))
+            })
+            .collect();
+        let _ = write!(
+            sql,
+            "CREATE TRIGGER {rep} BEFORE INSERT ON {quoted} FOR EACH ROW BEGIN
+  INSERT INTO {OUTBOX} (tbl, image) SELECT {tbl}, {image} FROM {quoted} AS existing WHERE {conflicts};
+END;
+",
+            rep = ident(&trigger_name(table, "replace")),
+            tbl = literal(table),
+            image = image("existing"),
+            conflicts = conflicts.join(" OR "),
+        );
+    }
     sql
 }
 
@@ -703,9 +754,11 @@ mod tests {
         let mut expected = pairs(&[
             ("cache_invalidation_products_delete", "products"),
             ("cache_invalidation_products_insert", "products"),
+            ("cache_invalidation_products_replace", "products"),
             ("cache_invalidation_products_update", "products"),
             ("cache_invalidation_users_delete", "users"),
             ("cache_invalidation_users_insert", "users"),
+            ("cache_invalidation_users_replace", "users"),
             ("cache_invalidation_users_update", "users"),
         ]);
         for op in OPERATIONS {
@@ -798,6 +851,53 @@ mod tests {
         // A rolled back write leaves no row.
         exec(&mut conn, "BEGIN; DELETE FROM users; ROLLBACK;").await;
         assert!(take_outbox(&mut conn).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn sqlite_replace_captures_the_row_it_deletes_without_recursive_triggers() {
+        // A plain connection, as another client's: recursive triggers off (SQLite's default), so the row a
+        // REPLACE deletes fires no delete trigger; the `_replace` trigger captures it before the insert.
+        let mut conn = connect().await;
+        install(&all(), &mut conn).await.unwrap();
+        exec(
+            &mut conn,
+            "INSERT INTO products (id, category_id, name) VALUES (1, 5, 'lamp')",
+        )
+        .await;
+        let _ = take_outbox(&mut conn).await;
+        exec(
+            &mut conn,
+            "REPLACE INTO products (id, category_id, name) VALUES (1, 6, 'lamp')",
+        )
+        .await;
+        let renderer = Renderer::new(&all());
+        let mut keys = take_keys(&mut conn, &renderer).await;
+        keys.sort();
+        keys.dedup();
+        assert_eq!(
+            keys,
+            ["category:5:products", "category:6:products", "product:1"],
+            "old and new row"
+        );
+        exec(
+            &mut conn,
+            "INSERT OR REPLACE INTO products (id, category_id, name) VALUES (1, 7, 'l')",
+        )
+        .await;
+        let mut keys = take_keys(&mut conn, &renderer).await;
+        keys.sort();
+        keys.dedup();
+        assert_eq!(
+            keys,
+            ["category:6:products", "category:7:products", "product:1"]
+        );
+        // A plain insert of a new row finds no conflicting row: only its own image.
+        exec(
+            &mut conn,
+            "INSERT INTO products (id, category_id, name) VALUES (2, 7, 'm')",
+        )
+        .await;
+        assert_eq!(take_outbox(&mut conn).await.len(), 1);
     }
 
     #[tokio::test]
@@ -1052,6 +1152,7 @@ mod tests {
             pairs(&[
                 ("cache_invalidation_products_delete", "products"),
                 ("cache_invalidation_products_insert", "products"),
+                ("cache_invalidation_products_replace", "products"),
                 ("cache_invalidation_products_update", "products"),
                 ("mine", "users"),
             ])

@@ -78,7 +78,8 @@ impl Backend for Sqlite {
     }
 
     fn wrap(options: SqliteConnectOptions) -> SqliteConnectOptions {
-        options
+        // Delete triggers fire for the rows a `REPLACE` conflict deletes only with recursive triggers on.
+        options.pragma("recursive_triggers", "ON")
     }
 
     fn install<'a>(
