@@ -481,6 +481,30 @@ impl<DB: Backend> CachedPool<DB> {
         })
     }
 
+    /// Begins a transaction with `statement` instead of `BEGIN`, as [`sqlx::Pool::begin_with`]. On SQLite,
+    /// `pool.begin_with("BEGIN IMMEDIATE")` takes the write lock at once: a transaction that reads before it
+    /// writes then waits for other writers (the busy timeout) instead of failing with `database is locked`
+    /// when another connection committed in between, which a plain (deferred) `BEGIN` cannot avoid.
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of acquiring a connection or of `statement`.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`begin`](Self::begin).
+    pub async fn begin_with(
+        &self,
+        statement: impl sqlx::SqlSafeStr,
+    ) -> Result<CachedTransaction<'static, DB>, sqlx::Error> {
+        let tx = self.core.pool.begin_with(statement).await?;
+        Ok(CachedTransaction {
+            tx,
+            core: Arc::clone(&self.core),
+            outermost: true,
+        })
+    }
+
     /// The bare pool. Writes through it are **not** delivered before the call returns: the relay delivers
     /// them (PostgreSQL: after the grace period, its connections being marked as wrapped; SQLite: at the
     /// next sweep or the next write through the wrapper). Use it for things the wrapper does not offer

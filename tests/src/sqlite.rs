@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::str::FromStr as _;
 
 use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
 /// A SQLite database file of its own (WAL mode), deleted with its `-wal`/`-shm` files when this guard drops.
 #[derive(Debug)]
@@ -30,11 +30,14 @@ impl TestSqlite {
         this
     }
 
-    /// Connect options of this database: created if missing, WAL, foreign keys on (sqlx's defaults).
+    /// Connect options of this database: created if missing, WAL (readers and the writer do not block each
+    /// other; the mode is stored in the file, so every later connection uses it), foreign keys on (sqlx's
+    /// default).
     pub fn options(&self) -> SqliteConnectOptions {
         SqliteConnectOptions::from_str(&self.url)
             .unwrap_or_else(|e| panic!("bad SQLite URL {}: {e}", self.url))
             .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
     }
 
     /// A plain pool on this database: writes through it are what other clients do.
