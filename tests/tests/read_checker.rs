@@ -130,6 +130,16 @@ tests::on_both_backends! {
     async fn database() -> (TestDatabase, sqlx::Pool<Db>) {
         let db = TestDatabase::create("checker").await;
         let pool = db.pool().await;
+        if BACKEND == "sqlite" {
+            // sqlx leaves the journal mode alone (a new file: rollback journal, where readers and the writer
+            // block each other); the checker runs in WAL, the mode of concurrent applications. The tests of
+            // `read.rs` run in the default mode.
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode = WAL")
+                .fetch_one(&pool)
+                .await
+                .expect("PRAGMA journal_mode");
+            assert_eq!(mode, "wal");
+        }
         checker::create_items(&pool, Config::default().rows).await;
         (db, pool)
     }
