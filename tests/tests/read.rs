@@ -2,17 +2,22 @@
 //! TTLs, undecodable entries, namespaces and tags, and the stale-set race, on both stores.
 //!
 //! Every body is generic over the store and runs twice: on Redis (a key prefix of its own) and on the
-//! in-process store.
+//! in-process store. Bodies that use a database run on both backends too (PostgreSQL and SQLite, one body:
+//! `tests::on_both_backends!`), so on four combinations. Last, a SQLite write by another client (a plain
+//! `SqlitePool`) races with reads: after the relay's sweep no read returns the old value.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cache_runtime::store::{LeaseRequest, Slot};
-use cache_runtime::{Cache, CachedEntity, LoadOptions, MemoryStore, RedisStore, Store, key};
+use cache_runtime::{
+    Cache, CachedEntity, CachedSqlitePool, LoadOptions, MemoryStore, RedisStore, Registry, Store,
+    key,
+};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
-use tests::{TestDb, TestPrefix};
+use tests::TestPrefix;
+use tests::checker::{self, Config};
 use tokio::sync::oneshot;
 
 /// A versioned row.
@@ -137,8 +142,6 @@ on_both_stores!(
     tags_found_by_the_loader_invalidate_the_value,
     stampede_in_one_process_loads_once,
     stampede_across_four_handles_loads_once,
-    stale_set_race_cannot_leave_a_stale_value,
-    tag_invalidated_during_the_load_cannot_leave_a_stale_value,
     a_lease_whose_holder_vanished_delays_readers_only_boundedly,
     get_entity_reads_an_entity_by_its_key,
 );
@@ -552,293 +555,299 @@ async fn get_entity_reads_an_entity_by_its_key(env: &Env) {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
-// --- the stale-set race, with real Postgres ---------------------------------------------------------
+// --- the stale-set race, with a real database (PostgreSQL and SQLite) -------------------------------------
 
-async fn items_db() -> (TestDb, PgPool) {
-    let db = TestDb::create("read").await;
-    let pool = db.pool().await;
-    sqlx::raw_sql(
-        "CREATE TABLE items (id bigint PRIMARY KEY, version bigint NOT NULL);
-         INSERT INTO items VALUES (1, 1);
-         CREATE TABLE authors (id bigint PRIMARY KEY, name text NOT NULL);
-         INSERT INTO authors VALUES (1, 'old');
-         CREATE TABLE articles (id bigint PRIMARY KEY, author_id bigint NOT NULL, title text NOT NULL);
-         INSERT INTO articles VALUES (1, 1, 'Leases');",
-    )
-    .execute(&pool)
-    .await
-    .expect("schema");
-    (db, pool)
-}
-
-async fn select_version(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT version FROM items WHERE id = 1")
-        .fetch_one(pool)
-        .await
-}
-
-/// Commits a new version of item 1, then invalidates its key: what `CachedPool` does on commit.
-async fn write_item(pool: &PgPool, cache: &Cache) {
-    sqlx::query("UPDATE items SET version = version + 1 WHERE id = 1")
-        .execute(pool)
-        .await
-        .expect("update");
-    cache
-        .invalidate(&["item:1".to_owned()])
-        .await
-        .expect("invalidate");
-}
-
-/// A reader loads the old row; the writer commits and invalidates; then the reader's fill arrives.
-async fn stale_set_race_cannot_leave_a_stale_value(env: &Env) {
-    let (_db, pool) = items_db().await;
-    let cache = env.cache();
-    let (loaded_tx, loaded_rx) = oneshot::channel();
-    let (go_tx, go_rx) = oneshot::channel::<()>();
-    let reader = {
-        let (cache, pool) = (cache.clone(), pool.clone());
-        tokio::spawn(async move {
-            cache
-                .get_or_load(item_key(1), || async move {
-                    let v = select_version(&pool).await?;
-                    let _ = loaded_tx.send(v);
-                    let _ = go_rx.await;
-                    Ok::<_, sqlx::Error>(v)
-                })
-                .await
-        })
-    };
-    assert_eq!(loaded_rx.await.expect("loaded"), 1);
-    write_item(&pool, &cache).await;
-    go_tx.send(()).expect("go");
-    assert_eq!(
-        reader.await.expect("task").expect("read"),
-        1,
-        "began before the write"
+tests::on_both_backends! {
+    on_both_stores!(
+        stale_set_race_cannot_leave_a_stale_value,
+        tag_invalidated_during_the_load_cannot_leave_a_stale_value,
     );
-    assert_eq!(cache.stats().fills_rejected, 1, "the late fill was refused");
 
-    let got = cache
-        .get_or_load(item_key(1), || select_version(&pool))
+    async fn items_db() -> (TestDatabase, sqlx::Pool<Db>) {
+        let db = TestDatabase::create("read").await;
+        let pool = db.pool().await;
+        sqlx::raw_sql(
+            "CREATE TABLE items (id bigint PRIMARY KEY, version bigint NOT NULL);
+             INSERT INTO items VALUES (1, 1);
+             CREATE TABLE authors (id bigint PRIMARY KEY, name text NOT NULL);
+             INSERT INTO authors VALUES (1, 'old');
+             CREATE TABLE articles (id bigint PRIMARY KEY, author_id bigint NOT NULL, title text NOT NULL);
+             INSERT INTO articles VALUES (1, 1, 'Leases');",
+        )
+        .execute(&pool)
         .await
-        .expect("read");
-    assert_eq!(got, 2, "no stale value was cached");
-    let got = cache
-        .get_or_load(item_key(1), || {
-            std::future::ready(Ok::<i64, sqlx::Error>(-1))
-        })
-        .await
-        .expect("read");
-    assert_eq!(got, 2, "and the fresh one is");
-}
+        .expect("schema");
+        (db, pool)
+    }
 
-async fn select_page(pool: &PgPool) -> Result<(String, i64), sqlx::Error> {
-    sqlx::query_as(
-        "SELECT a.title || ' by ' || u.name, u.id FROM articles a JOIN authors u ON u.id = a.author_id \
-         WHERE a.id = 1",
-    )
-    .fetch_one(pool)
-    .await
-}
+    async fn select_version(pool: &sqlx::Pool<Db>) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT version FROM items WHERE id = 1")
+            .fetch_one(pool)
+            .await
+    }
 
-async fn rename_author(pool: &PgPool, name: &str) {
-    sqlx::query("UPDATE authors SET name = $1 WHERE id = 1")
-        .bind(name)
-        .execute(pool)
-        .await
-        .expect("update");
-}
-
-/// A page joins an article with its author; the author is renamed while the page loads.
-async fn tag_invalidated_during_the_load_cannot_leave_a_stale_value(env: &Env) {
-    let (_db, pool) = items_db().await;
-    let cache = env.cache();
-    // Twice: with the tag declared up front, and with the tag found by the loader (after a first load, so
-    // that its token exists before the racing load starts).
-    for declared in [true, false] {
-        rename_author(&pool, "old").await;
+    /// Commits a new version of item 1, then invalidates its key: what `CachedPool` does on commit.
+    async fn write_item(pool: &sqlx::Pool<Db>, cache: &Cache) {
+        sqlx::query("UPDATE items SET version = version + 1 WHERE id = 1")
+            .execute(pool)
+            .await
+            .expect("update");
         cache
-            .invalidate(&["author:1".to_owned(), "article:1:page".to_owned()])
+            .invalidate(&["item:1".to_owned()])
             .await
             .expect("invalidate");
-        let options = if declared {
-            LoadOptions::new().tag(key!("author:<id>", id = 1))
-        } else {
-            LoadOptions::new()
-        };
-        let load = |pool: PgPool| async move {
-            let (page, author) = select_page(&pool).await?;
-            Ok::<_, sqlx::Error>((page, vec![key!("author:<id>", id = author)]))
-        };
-        if !declared {
-            cache
-                .get_or_load_tagged(page_key(1), options.clone(), || load(pool.clone()))
-                .await
-                .expect("warm the tag token");
-            cache
-                .invalidate(&["article:1:page".to_owned()])
-                .await
-                .expect("invalidate");
-        }
+    }
+
+    /// A reader loads the old row; the writer commits and invalidates; then the reader's fill arrives.
+    async fn stale_set_race_cannot_leave_a_stale_value(env: &Env) {
+        let (_db, pool) = items_db().await;
+        let cache = env.cache();
         let (loaded_tx, loaded_rx) = oneshot::channel();
         let (go_tx, go_rx) = oneshot::channel::<()>();
         let reader = {
-            let (cache, pool, options) = (cache.clone(), pool.clone(), options.clone());
+            let (cache, pool) = (cache.clone(), pool.clone());
             tokio::spawn(async move {
                 cache
-                    .get_or_load_tagged(page_key(1), options.clone(), || async move {
-                        let loaded = load(pool).await?;
+                    .get_or_load(item_key(1), || async move {
+                        let v = select_version(&pool).await?;
+                        let _ = loaded_tx.send(v);
+                        let _ = go_rx.await;
+                        Ok::<_, sqlx::Error>(v)
+                    })
+                    .await
+            })
+        };
+        assert_eq!(loaded_rx.await.expect("loaded"), 1);
+        write_item(&pool, &cache).await;
+        go_tx.send(()).expect("go");
+        assert_eq!(
+            reader.await.expect("task").expect("read"),
+            1,
+            "began before the write"
+        );
+        assert_eq!(cache.stats().fills_rejected, 1, "the late fill was refused");
+
+        let got = cache
+            .get_or_load(item_key(1), || select_version(&pool))
+            .await
+            .expect("read");
+        assert_eq!(got, 2, "no stale value was cached");
+        let got = cache
+            .get_or_load(item_key(1), || {
+                std::future::ready(Ok::<i64, sqlx::Error>(-1))
+            })
+            .await
+            .expect("read");
+        assert_eq!(got, 2, "and the fresh one is");
+    }
+
+    async fn select_page(pool: &sqlx::Pool<Db>) -> Result<(String, i64), sqlx::Error> {
+        sqlx::query_as(
+            "SELECT a.title || ' by ' || u.name, u.id FROM articles a JOIN authors u ON u.id = a.author_id \
+             WHERE a.id = 1",
+        )
+        .fetch_one(pool)
+        .await
+    }
+
+    async fn rename_author(pool: &sqlx::Pool<Db>, name: &str) {
+        sqlx::query("UPDATE authors SET name = $1 WHERE id = 1")
+            .bind(name)
+            .execute(pool)
+            .await
+            .expect("update");
+    }
+
+    /// A page joins an article with its author; the author is renamed while the page loads.
+    async fn tag_invalidated_during_the_load_cannot_leave_a_stale_value(env: &Env) {
+        let (_db, pool) = items_db().await;
+        let cache = env.cache();
+        // Twice: with the tag declared up front, and with the tag found by the loader (after a first load, so
+        // that its token exists before the racing load starts).
+        for declared in [true, false] {
+            rename_author(&pool, "old").await;
+            cache
+                .invalidate(&["author:1".to_owned(), "article:1:page".to_owned()])
+                .await
+                .expect("invalidate");
+            let options = if declared {
+                LoadOptions::new().tag(key!("author:<id>", id = 1))
+            } else {
+                LoadOptions::new()
+            };
+            let load = |pool: sqlx::Pool<Db>| async move {
+                let (page, author) = select_page(&pool).await?;
+                Ok::<_, sqlx::Error>((page, vec![key!("author:<id>", id = author)]))
+            };
+            if !declared {
+                cache
+                    .get_or_load_tagged(page_key(1), options.clone(), || load(pool.clone()))
+                    .await
+                    .expect("warm the tag token");
+                cache
+                    .invalidate(&["article:1:page".to_owned()])
+                    .await
+                    .expect("invalidate");
+            }
+            let (loaded_tx, loaded_rx) = oneshot::channel();
+            let (go_tx, go_rx) = oneshot::channel::<()>();
+            let reader = {
+                let (cache, pool, options) = (cache.clone(), pool.clone(), options.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load_tagged(page_key(1), options.clone(), || async move {
+                            let loaded = load(pool).await?;
+                            let _ = loaded_tx.send(());
+                            let _ = go_rx.await;
+                            Ok::<_, sqlx::Error>(loaded)
+                        })
+                        .await
+                })
+            };
+            loaded_rx.await.expect("loaded");
+            rename_author(&pool, "new").await;
+            cache
+                .invalidate(&["author:1".to_owned()])
+                .await
+                .expect("invalidate");
+            go_tx.send(()).expect("go");
+            let old: String = reader.await.expect("task").expect("read");
+            assert_eq!(old, "Leases by old", "began before the write");
+
+            let fresh: String = cache
+                .get_or_load_tagged(page_key(1), options.clone(), || load(pool.clone()))
+                .await
+                .expect("read");
+            assert_eq!(
+                fresh, "Leases by new",
+                "declared = {declared}: no stale page"
+            );
+        }
+    }
+
+    // Redis only: hand-written cache-aside against the same races.
+
+    /// Hand-written cache-aside: GET; on a miss run the loader, then SET. (Writers UPDATE, then DEL.)
+    #[derive(Clone)]
+    struct Naive {
+        conn: redis::aio::MultiplexedConnection,
+        prefix: String,
+    }
+
+    impl Naive {
+        async fn get_or_load<V, F, Fut>(&self, key: &str, loader: F) -> V
+        where
+            V: Serialize + serde::de::DeserializeOwned,
+            F: FnOnce() -> Fut,
+            Fut: std::future::Future<Output = Result<V, sqlx::Error>>,
+        {
+            let mut conn = self.conn.clone();
+            let key = format!("{}{key}", self.prefix);
+            let cached: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("GET");
+            if let Some(json) = cached {
+                return serde_json::from_str(&json).expect("decode");
+            }
+            let value = loader().await.expect("load");
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(serde_json::to_string(&value).expect("encode"))
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("SET");
+            value
+        }
+
+        async fn invalidate(&self, key: &str) {
+            let mut conn = self.conn.clone();
+            redis::cmd("DEL")
+                .arg(format!("{}{key}", self.prefix))
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("DEL");
+        }
+    }
+
+    /// The same interleavings as `stale_set_race_cannot_leave_a_stale_value` and
+    /// `tag_invalidated_during_the_load_cannot_leave_a_stale_value`, on hand-written cache-aside: both leave a
+    /// stale value cached (on both backends).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn naive_cache_aside_leaves_stale_values_in_the_same_races() {
+        let (_db, pool) = items_db().await;
+        let prefix = TestPrefix::create("naive_race").await;
+        let naive = Naive {
+            conn: prefix.conn.clone(),
+            prefix: prefix.prefix.clone(),
+        };
+
+        // A reader loads the old row; the writer commits and deletes the key; then the reader's SET arrives.
+        let (loaded_tx, loaded_rx) = oneshot::channel();
+        let (go_tx, go_rx) = oneshot::channel::<()>();
+        let reader = {
+            let (naive, pool) = (naive.clone(), pool.clone());
+            tokio::spawn(async move {
+                naive
+                    .get_or_load("item:1", || async move {
+                        let v = select_version(&pool).await?;
+                        let _ = loaded_tx.send(v);
+                        let _ = go_rx.await;
+                        Ok(v)
+                    })
+                    .await
+            })
+        };
+        assert_eq!(loaded_rx.await.expect("loaded"), 1);
+        sqlx::query("UPDATE items SET version = version + 1 WHERE id = 1")
+            .execute(&pool)
+            .await
+            .expect("update");
+        naive.invalidate("item:1").await;
+        go_tx.send(()).expect("go");
+        assert_eq!(reader.await.expect("task"), 1_i64);
+        let got: i64 = naive.get_or_load("item:1", || select_version(&pool)).await;
+        assert_eq!(select_version(&pool).await.expect("select"), 2);
+        assert_eq!(
+            got, 1,
+            "naive cache-aside serves the old version after the write returned"
+        );
+
+        // A page joined with its author; the author is renamed (and its key deleted) during the load.
+        let (loaded_tx, loaded_rx) = oneshot::channel();
+        let (go_tx, go_rx) = oneshot::channel::<()>();
+        let reader = {
+            let (naive, pool) = (naive.clone(), pool.clone());
+            tokio::spawn(async move {
+                naive
+                    .get_or_load("article:1:page", || async move {
+                        let (page, _author) = select_page(&pool).await?;
                         let _ = loaded_tx.send(());
                         let _ = go_rx.await;
-                        Ok::<_, sqlx::Error>(loaded)
+                        Ok(page)
                     })
                     .await
             })
         };
         loaded_rx.await.expect("loaded");
         rename_author(&pool, "new").await;
-        cache
-            .invalidate(&["author:1".to_owned()])
-            .await
-            .expect("invalidate");
+        // Even a writer that knows the page depends on the author, and deletes it too, loses the race.
+        naive.invalidate("author:1").await;
+        naive.invalidate("article:1:page").await;
         go_tx.send(()).expect("go");
-        let old: String = reader.await.expect("task").expect("read");
-        assert_eq!(old, "Leases by old", "began before the write");
-
-        let fresh: String = cache
-            .get_or_load_tagged(page_key(1), options.clone(), || load(pool.clone()))
-            .await
-            .expect("read");
+        let _: String = reader.await.expect("task");
+        let got: String = naive
+            .get_or_load("article:1:page", || async {
+                Ok(select_page(&pool).await?.0)
+            })
+            .await;
         assert_eq!(
-            fresh, "Leases by new",
-            "declared = {declared}: no stale page"
+            got, "Leases by old",
+            "naive cache-aside serves the old page after the rename returned"
         );
     }
 }
-
-// --- Redis only ------------------------------------------------------------------------------------------
-
-/// Hand-written cache-aside: GET; on a miss run the loader, then SET. (Writers UPDATE, then DEL.)
-#[derive(Clone)]
-struct Naive {
-    conn: redis::aio::MultiplexedConnection,
-    prefix: String,
-}
-
-impl Naive {
-    async fn get_or_load<V, F, Fut>(&self, key: &str, loader: F) -> V
-    where
-        V: Serialize + serde::de::DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<V, sqlx::Error>>,
-    {
-        let mut conn = self.conn.clone();
-        let key = format!("{}{key}", self.prefix);
-        let cached: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .expect("GET");
-        if let Some(json) = cached {
-            return serde_json::from_str(&json).expect("decode");
-        }
-        let value = loader().await.expect("load");
-        redis::cmd("SET")
-            .arg(&key)
-            .arg(serde_json::to_string(&value).expect("encode"))
-            .query_async::<()>(&mut conn)
-            .await
-            .expect("SET");
-        value
-    }
-
-    async fn invalidate(&self, key: &str) {
-        let mut conn = self.conn.clone();
-        redis::cmd("DEL")
-            .arg(format!("{}{key}", self.prefix))
-            .query_async::<()>(&mut conn)
-            .await
-            .expect("DEL");
-    }
-}
-
-/// The same interleavings as `stale_set_race_cannot_leave_a_stale_value` and
-/// `tag_invalidated_during_the_load_cannot_leave_a_stale_value`, on hand-written cache-aside: both leave a
-/// stale value cached.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn naive_cache_aside_leaves_stale_values_in_the_same_races() {
-    let (_db, pool) = items_db().await;
-    let prefix = TestPrefix::create("naive_race").await;
-    let naive = Naive {
-        conn: prefix.conn.clone(),
-        prefix: prefix.prefix.clone(),
-    };
-
-    // A reader loads the old row; the writer commits and deletes the key; then the reader's SET arrives.
-    let (loaded_tx, loaded_rx) = oneshot::channel();
-    let (go_tx, go_rx) = oneshot::channel::<()>();
-    let reader = {
-        let (naive, pool) = (naive.clone(), pool.clone());
-        tokio::spawn(async move {
-            naive
-                .get_or_load("item:1", || async move {
-                    let v = select_version(&pool).await?;
-                    let _ = loaded_tx.send(v);
-                    let _ = go_rx.await;
-                    Ok(v)
-                })
-                .await
-        })
-    };
-    assert_eq!(loaded_rx.await.expect("loaded"), 1);
-    sqlx::query("UPDATE items SET version = version + 1 WHERE id = 1")
-        .execute(&pool)
-        .await
-        .expect("update");
-    naive.invalidate("item:1").await;
-    go_tx.send(()).expect("go");
-    assert_eq!(reader.await.expect("task"), 1_i64);
-    let got: i64 = naive.get_or_load("item:1", || select_version(&pool)).await;
-    assert_eq!(select_version(&pool).await.expect("select"), 2);
-    assert_eq!(
-        got, 1,
-        "naive cache-aside serves the old version after the write returned"
-    );
-
-    // A page joined with its author; the author is renamed (and its key deleted) during the load.
-    let (loaded_tx, loaded_rx) = oneshot::channel();
-    let (go_tx, go_rx) = oneshot::channel::<()>();
-    let reader = {
-        let (naive, pool) = (naive.clone(), pool.clone());
-        tokio::spawn(async move {
-            naive
-                .get_or_load("article:1:page", || async move {
-                    let (page, _author) = select_page(&pool).await?;
-                    let _ = loaded_tx.send(());
-                    let _ = go_rx.await;
-                    Ok(page)
-                })
-                .await
-        })
-    };
-    loaded_rx.await.expect("loaded");
-    rename_author(&pool, "new").await;
-    // Even a writer that knows the page depends on the author, and deletes it too, loses the race.
-    naive.invalidate("author:1").await;
-    naive.invalidate("article:1:page").await;
-    go_tx.send(()).expect("go");
-    let _: String = reader.await.expect("task");
-    let got: String = naive
-        .get_or_load("article:1:page", || async {
-            Ok(select_page(&pool).await?.0)
-        })
-        .await;
-    assert_eq!(
-        got, "Leases by old",
-        "naive cache-aside serves the old page after the rename returned"
-    );
-}
-
 /// Entries live for their entity's TTL (`item` declares 1m) minus at most 10% jitter, or the per-call TTL;
 /// tag tokens outlive the entries that record them.
 #[tokio::test]
@@ -978,4 +987,150 @@ async fn a_cancelled_load_releases_its_lease() {
         started.elapsed() < Duration::from_millis(900),
         "a held lease would have made it wait 1 s"
     );
+}
+
+// --- SQLite: writes of another client, delivered by the relay's sweep ------------------------------------
+
+mod sqlite_another_client {
+    use super::*;
+
+    on_both_stores!(another_clients_writes_are_never_read_stale_after_the_relay_sweep);
+
+    /// How often the pool's relay sweeps the outbox in these tests.
+    const SWEEP: Duration = Duration::from_millis(100);
+    /// The bound: a write of another client returned this long ago is never read stale (a sweep, the
+    /// delivery, and slack for a loaded two-core machine).
+    const BOUND: Duration = Duration::from_millis(600);
+
+    /// A `CachedSqlitePool` on `db` with a store of `env`'s kind (Redis: the same prefix; in-process: a store
+    /// of its own, as the pool's store cannot be shared in), relay sweeping every [`SWEEP`].
+    async fn cached_pool(env: &Env, db: &tests::TestSqlite) -> CachedSqlitePool {
+        let options = CachedSqlitePool::options()
+            .registry(Registry::new([Item::META]))
+            .install_schema(true)
+            .sweep_interval(SWEEP);
+        match &env.prefix {
+            Some(prefix) => {
+                let store = RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
+                    .await
+                    .expect("connect");
+                options.connect_with(db.options(), store).await
+            }
+            None => {
+                options
+                    .connect_with(db.options(), MemoryStore::new(10_000))
+                    .await
+            }
+        }
+        .expect("connect CachedSqlitePool")
+    }
+
+    /// A plain `SqlitePool` (another client, not wrapped) updates rows while readers read through the
+    /// wrapped pool's cache: the old value may be read until the relay's sweep delivers the keys, never
+    /// after it.
+    async fn another_clients_writes_are_never_read_stale_after_the_relay_sweep(env: &Env) {
+        let db = tests::TestSqlite::create("another_client").await;
+        let plain = db.pool().await;
+        checker::create_items(&plain, 4).await;
+        let pool = cached_pool(env, &db).await;
+        let cache = pool.cache().clone();
+        let read = |id: i64| {
+            let (cache, plain) = (cache.clone(), plain.clone());
+            async move {
+                cache
+                    .get_or_load(item_key(id), || checker::select_version(&plain, id))
+                    .await
+                    .expect("read")
+            }
+        };
+
+        // One write: cached 0, written 1 by the other client; reads converge to 1 within the bound and
+        // stay there.
+        assert_eq!(read(1).await, 0);
+        assert_eq!(read(1).await, 0);
+        assert_eq!(checker::bump_version(&plain, 1).await, 1);
+        let written = std::time::Instant::now();
+        let mut stale_reads = 0;
+        while read(1).await == 0 {
+            stale_reads += 1;
+            assert!(
+                written.elapsed() < BOUND,
+                "still reading the old value {:?} after another client's write",
+                written.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let converged = written.elapsed();
+        for _ in 0..20 {
+            assert_eq!(read(1).await, 1, "fresh once delivered");
+        }
+        eprintln!(
+            "another client ({}, SQLite): old value read {stale_reads} time(s), fresh after {converged:?} \
+             (sweep every {SWEEP:?})",
+            kind(env)
+        );
+
+        // Randomized: readers on the pool's cache and on a second handle race one writer of the other
+        // client; a read that began more than BOUND after a write returned must see it.
+        let caches = [
+            cache.clone(),
+            Cache::builder_shared(Arc::clone(pool.store())).build(),
+        ];
+        let reader: checker::Read = {
+            let plain = plain.clone();
+            Arc::new(move |id| {
+                let cache = caches[fastrand::usize(..caches.len())].clone();
+                let plain = plain.clone();
+                Box::pin(async move {
+                    let version = cache
+                        .get_or_load(item_key(id), || async {
+                            let version = checker::select_version(&plain, id).await?;
+                            checker::jitter().await;
+                            Ok::<_, sqlx::Error>(version)
+                        })
+                        .await
+                        .unwrap_or_else(|e| panic!("read: {e}"));
+                    vec![(id, version)]
+                })
+            })
+        };
+        let writer: checker::Write = {
+            let plain = plain.clone();
+            Arc::new(move |id| {
+                let plain = plain.clone();
+                Box::pin(async move {
+                    let version = checker::bump_version(&plain, id).await;
+                    // Another client writing at a human pace, not a tight loop.
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..20))).await;
+                    version
+                })
+            })
+        };
+        let config = Config {
+            readers: 6,
+            writers: 1,
+            duration: Duration::from_millis(2000),
+            grace: BOUND,
+            ..Config::default()
+        };
+        let report = checker::run(config, reader, writer).await;
+        let stats = pool.cache().stats();
+        eprintln!(
+            "checker [another client's writes, SQLite, {}, bound {BOUND:?}]: {} reads checked, {} violations, \
+             {} lagging within the bound, {} writes; fills rejected {}",
+            kind(env),
+            report.reads,
+            report.violations,
+            report.lagging,
+            report.writes,
+            stats.fills_rejected,
+        );
+        assert!(report.reads > 200 && report.writes > 20, "{report:?}");
+        assert_eq!(report.violations, 0, "{report:?}");
+        assert!(
+            report.lagging > 0,
+            "writes of another client are delivered by the sweep, not at once: some reads must lag {report:?}"
+        );
+        pool.close().await;
+    }
 }
