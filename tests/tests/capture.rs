@@ -553,6 +553,79 @@ tests::on_both_backends! {
     }
 
     #[tokio::test]
+    async fn concurrent_writers_each_see_their_own_invalidation() {
+        let env = Env::new("concurrent_writers").await;
+        let mut tasks = Vec::new();
+        for id in 1..=5_i64 {
+            let (pool, raw) = (env.pool.clone(), Arc::clone(&env.raw));
+            tasks.push(tokio::spawn(async move {
+                let key = format!("product:{id}");
+                for round in 0..20_i64 {
+                    put(&*raw, &key).await;
+                    sqlx::query("UPDATE products SET price_cents = $1 WHERE id = $2")
+                        .bind(round)
+                        .bind(id)
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                    // Read-your-writes: whoever delivered it, the key is gone when the write returns.
+                    assert!(
+                        !cached(&*raw, &key).await,
+                        "{key} still cached after write {round} returned ({BACKEND})"
+                    );
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let delivered = env.store.delivered();
+        for id in 1..=5 {
+            assert!(delivered[&format!("product:{id}")] >= 20, "{delivered:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn several_statements_in_one_raw_sql_call() {
+        let env = Env::new("raw_sql").await;
+        sqlx::raw_sql(
+            "UPDATE products SET price_cents = 1 WHERE id = 2; DELETE FROM reviews WHERE id = 3;
+             INSERT INTO categories VALUES (4, 'beds')",
+        )
+        .execute(&env.pool)
+        .await
+        .unwrap();
+        env.assert_gone(&["product:2", "category:1:products", "review:3", "product:2:reviews"])
+            .await;
+        assert!(invalidated(&env.store).contains("category:4"));
+    }
+
+    #[tokio::test]
+    async fn writes_made_by_a_user_trigger_are_captured() {
+        let env = Env::new("user_trigger").await;
+        // A trigger of the application's own: a new review reprices its product.
+        let ddl = if BACKEND == "postgres" {
+            "CREATE FUNCTION bump() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN UPDATE products SET price_cents = price_cents + 1 WHERE id = NEW.product_id; RETURN NEW; END $$;
+             CREATE TRIGGER bump AFTER INSERT ON reviews FOR EACH ROW EXECUTE FUNCTION bump();"
+        } else {
+            "CREATE TRIGGER bump AFTER INSERT ON reviews FOR EACH ROW BEGIN
+             UPDATE products SET price_cents = price_cents + 1 WHERE id = NEW.product_id; END;"
+        };
+        sqlx::raw_sql(ddl).execute(&env.admin).await.unwrap();
+        sqlx::query("INSERT INTO reviews (id, product_id) VALUES (9, 4)")
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            invalidated(&env.store),
+            keys(&["review:9", "product:4:reviews", "product:4", "category:2:products"])
+        );
+        env.assert_gone(&["product:4:reviews", "product:4", "category:2:products"])
+            .await;
+    }
+
+    #[tokio::test]
     async fn update_moving_a_row_between_parents() {
         let env = Env::new("move").await;
         sqlx::query("UPDATE products SET category_id = 2 WHERE id = 1")
