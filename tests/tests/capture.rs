@@ -718,7 +718,7 @@ tests::on_both_backends! {
     }
 
     /// A wrapped write is delivered once even when the store is slow and the relay sweeps often (called by
-    /// a PostgreSQL test and an ignored SQLite test below).
+    /// the PostgreSQL test below; SQLite's relay has no grace period and may deliver such a write twice).
     pub(crate) async fn a_slow_store_gets_each_wrapped_write_once() {
         let db = TestDatabase::create("slow_store").await;
         let admin = db.pool().await;
@@ -1057,8 +1057,9 @@ tests::on_both_backends! {
             .fetch_one(&env.admin)
             .await
             .unwrap();
-        // PostgreSQL: insert, update, delete and truncate statement triggers; SQLite: three row triggers.
-        assert_eq!(triggers, if BACKEND == "postgres" { 4 } else { 3 });
+        // PostgreSQL: insert, update, delete and truncate statement triggers; SQLite: insert, update, delete
+        // and the `REPLACE` probe.
+        assert_eq!(triggers, 4);
         // One write by another client, one outbox row (no duplicate triggers).
         sqlx::query("UPDATE products SET name = 'z' WHERE id = 1")
             .execute(&env.admin)
@@ -1117,13 +1118,14 @@ tests::on_both_backends! {
             other => panic!("expected a fingerprint mismatch, got {other}"),
         }
         assert!(err.to_string().contains("install"), "{err}");
-        if BACKEND == "postgres" {
-            let message = err.to_string();
-            assert!(
-                message.contains("Schema::new(registry()).install") && message.contains(".sql()"),
-                "{message}"
-            );
-        }
+        // What to run, for either database.
+        let message = err.to_string();
+        assert!(
+            message.contains("install_schema(true)")
+                && message.contains(".sql()")
+                && message.contains(".sqlite_sql()"),
+            "{message}"
+        );
         // The installing pool's registry still connects.
         CachedPool::<Db>::options()
             .registry(products_only)
@@ -1879,39 +1881,29 @@ async fn sqlite_insert_or_replace_invalidates_the_new_keys_synchronously() {
 }
 
 #[tokio::test]
-async fn sqlite_replace_into_is_delivered_by_the_relay() {
-    let env = sqlite::Env::with("replace_into", |o| {
-        o.sweep_interval(Duration::from_millis(100))
-    })
-    .await;
+async fn sqlite_replace_into_is_delivered_before_the_call_returns() {
+    let env = sqlite::Env::with("replace_into", |o| o.relay(false)).await;
     sqlx::query("REPLACE INTO products VALUES (4, 3, 'r', 1)")
         .execute(&env.pool)
         .await
         .unwrap();
-    // `REPLACE` holds no write word: the statement is not classified as a write, and its keys are
-    // delivered by the relay's sweep, not before the call returns.
+    // `REPLACE INTO` is a writing statement (write detection), so its keys are gone when the call returns:
+    // the new row's, and the replaced row's (product 4 was in category 2).
     let sync = invalidated(&env.store);
-    eprintln!("REPLACE INTO delivered synchronously: {sync:?}");
-    let start = Instant::now();
-    for key in ["product:4", "category:3:products"] {
-        env.wait_gone(key, Duration::from_secs(5)).await;
+    for key in ["product:4", "category:3:products", "category:2:products"] {
+        assert!(
+            sync.contains(key),
+            "{key} not invalidated synchronously: {sync:?}"
+        );
     }
-    eprintln!(
-        "REPLACE INTO new keys delivered after {:?}",
-        start.elapsed()
-    );
 }
 
-/// Known runtime bug: the rows that `REPLACE` conflict resolution deletes fire no `DELETE` trigger
-/// (SQLite fires them only with `PRAGMA recursive_triggers = ON`), so the old row's keys are never written
-/// to the outbox: `category:<old>:products` stays stale.
+/// The rows that `REPLACE` conflict resolution deletes fire no `DELETE` trigger on a connection without
+/// `PRAGMA recursive_triggers = ON` (SQLite's default, e.g. another client's): the `_replace` trigger
+/// captures them before the insert, so the old row's keys (`category:<old>:products`) are invalidated too.
 #[tokio::test]
-#[ignore = "runtime bug: REPLACE conflict deletions fire no DELETE trigger (recursive_triggers is off)"]
 async fn sqlite_replace_invalidates_the_old_row_keys() {
-    let env = sqlite::Env::with("replace_old", |o| {
-        o.sweep_interval(Duration::from_millis(100))
-    })
-    .await;
+    let env = sqlite::Env::with("replace_old", |o| o.relay(false)).await;
     sqlx::query("INSERT OR REPLACE INTO products VALUES (1, 3, 'r', 1)")
         .execute(&env.pool)
         .await
@@ -1920,8 +1912,32 @@ async fn sqlite_replace_invalidates_the_old_row_keys() {
         .execute(&env.pool)
         .await
         .unwrap();
-    for key in ["category:1:products", "category:2:products"] {
-        env.wait_gone(key, Duration::from_secs(3)).await;
+    let sync = invalidated(&env.store);
+    for key in [
+        "category:1:products",
+        "category:2:products",
+        "category:3:products",
+    ] {
+        assert!(sync.contains(key), "{key} not invalidated: {sync:?}");
+    }
+    // Another client (a plain pool: recursive triggers off) replacing a row: the relay delivers the old
+    // row's keys too.
+    let before = env.store.calls().len();
+    sqlx::query("REPLACE INTO products VALUES (5, 1, 'r', 1)")
+        .execute(&env.admin)
+        .await
+        .unwrap();
+    env.pool.sweep_outbox().await.unwrap();
+    let relayed: BTreeSet<String> = env
+        .store
+        .calls()
+        .into_iter()
+        .skip(before)
+        .flatten()
+        .collect();
+    // Product 5 was in category 2.
+    for key in ["product:5", "category:1:products", "category:2:products"] {
+        assert!(relayed.contains(key), "{key} not invalidated: {relayed:?}");
     }
 }
 
@@ -1992,13 +2008,4 @@ async fn sqlite_uuid_blob_and_text_with_separators_render_like_cache_keys() {
 #[tokio::test]
 async fn a_slow_store_gets_each_wrapped_write_once() {
     postgres::a_slow_store_gets_each_wrapped_write_once().await;
-}
-
-/// Known runtime behaviour: the SQLite relay sweeps the rows above the watermark with no grace period, so it
-/// delivers a wrapped write a second time while the writer is still delivering it (harmless for
-/// freshness, but every invalidation is doubled when the store is slow).
-#[tokio::test]
-#[ignore = "runtime: the SQLite relay has no grace period and delivers wrapped writes twice when the store is slow"]
-async fn sqlite_a_slow_store_gets_each_wrapped_write_once() {
-    sqlite::a_slow_store_gets_each_wrapped_write_once().await;
 }
