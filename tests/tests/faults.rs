@@ -480,6 +480,79 @@ async fn a_crash_between_commit_and_the_store_call_is_delivered_within_the_grace
     drop(admin);
 }
 
+/// SQLite: a process that commits and dies before calling the store leaves its rows in the outbox; another
+/// process's relay delivers them at its next sweep (SQLite relays have no grace period: no `NOTIFY`, so
+/// every sweep takes every row above the watermark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_crash_between_commit_and_the_store_call_is_delivered_by_another_process() {
+    let server = RedisServer::start();
+    let (db, admin) = sqlite::database("faults_crash_sqlite", 4).await;
+    let prefix = "crash:";
+    let crashing = sqlite::options()
+        .relay(false)
+        .crash_after_commit(true)
+        .connect(
+            &db.url,
+            RedisStore::connect(&server.url(), prefix).await.unwrap(),
+        )
+        .await
+        .unwrap();
+    let healthy = sqlite::options()
+        .sweep_interval(Duration::from_millis(200))
+        .connect(
+            &db.url,
+            RedisStore::connect(&server.url(), prefix).await.unwrap(),
+        )
+        .await
+        .unwrap();
+    for id in 1..=4 {
+        sqlite::read(healthy.cache(), healthy.sqlx_pool(), id).await;
+    }
+    let raw = redis::Client::open(server.url().as_str()).unwrap();
+    let raw = raw.get_multiplexed_async_connection().await.unwrap();
+    let exists = |key: String| {
+        let mut raw = raw.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<bool>(&mut raw)
+                .await
+                .unwrap()
+        }
+    };
+    let started = Instant::now();
+    sqlite::write(&crashing, 1).await; // a transaction
+    sqlite::write(&crashing, 2).await; // autocommit
+    let took = sqlite::wait_until("crashed writes delivered", Duration::from_secs(5), || {
+        let (a, b) = (
+            exists(format!("{prefix}item:1")),
+            exists(format!("{prefix}item:2")),
+        );
+        async move { !a.await && !b.await }
+    })
+    .await;
+    eprintln!(
+        "sqlite crash between COMMIT and the store call: delivered {:?} after the writes (sweep 200 ms)",
+        started.elapsed().max(took)
+    );
+    assert!(
+        exists(format!("{prefix}item:3")).await,
+        "other keys untouched"
+    );
+    assert_eq!(
+        sqlite::read(healthy.cache(), healthy.sqlx_pool(), 1).await,
+        1
+    );
+    assert_eq!(
+        sqlite::read(healthy.cache(), healthy.sqlx_pool(), 2).await,
+        1
+    );
+    sqlite::wait_until("outbox empty", Duration::from_secs(5), || async {
+        sqlite::outbox_rows(&admin).await == 0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_terminated_mid_transaction_publishes_nothing_and_loses_nothing() {
     let server = RedisServer::start();
