@@ -16,22 +16,29 @@
 //!   throughput, p99, stale reads (a read is stale if it returns a version older than one whose write
 //!   returned before the read began);
 //! - foreign writes: commit through a plain `PgPool` → key gone from Redis, through the relay;
-//! - backlog drain: outbox rows written by a plain pool while no relay runs, then drained.
+//! - backlog drain: outbox rows written by a plain pool while no relay runs, then drained;
+//! - SQLite (a temporary database file in WAL mode, the in-process store): the three writes through
+//!   `CachedSqlitePool`, as hand-written `UPDATE` + store invalidate, and as raw sqlx; a `get_or_load` hit
+//!   and a miss against SQLite's primary-key `SELECT`. Needs no server; `--sqlite-only` runs just this.
 //!
 //! Prints a Markdown table and writes JSON (default `target/bench.json`).
 //!
-//! Run: `cargo run --release -p examples --bin bench [-- --quick] [-- --out PATH]`.
+//! Run: `cargo run --release -p examples --bin bench [-- --quick] [-- --sqlite-only] [-- --out PATH]`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cache_runtime::{
-    Cache, CachedEntity, CachedPgPool, CachedPool, MemoryStore, RedisStore, Registry,
+    Cache, CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, MemoryStore, RedisStore,
+    Registry, Store,
 };
 use examples::{Report, Samples, Zipf};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Connection as _, PgConnection, PgPool};
 
 /// The benchmarked entity and the cached value.
@@ -99,19 +106,36 @@ impl Sizes {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let mut sizes = Sizes::DEFAULT;
+    let mut sqlite_only = false;
     let mut out = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench.json").to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => sizes = Sizes::QUICK,
+            "--sqlite-only" => sqlite_only = true,
             "--out" => out = args.next().ok_or("--out needs a path")?,
             other => {
-                return Err(
-                    format!("unknown argument {other:?}; use --quick and/or --out PATH").into(),
-                );
+                return Err(format!(
+                    "unknown argument {other:?}; use --quick, --sqlite-only and/or --out PATH"
+                )
+                .into());
             }
         }
     }
+    let mut report = if sqlite_only {
+        Report::default()
+    } else {
+        postgres_section(sizes).await?
+    };
+    eprintln!("SQLite…");
+    sqlite_section(sizes, &mut report).await?;
+    report.fact("mode", if sizes.quick() { "--quick" } else { "default" });
+    report.finish(&out)?;
+    Ok(())
+}
+
+/// The PostgreSQL + Redis sections, on a database and a key prefix of their own, removed afterwards.
+async fn postgres_section(sizes: Sizes) -> Result<Report, BoxError> {
     let admin_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let redis_url =
@@ -142,10 +166,7 @@ async fn main() -> Result<(), BoxError> {
     if let Err(e) = cleanup_prefix(&redis_url, &prefix).await {
         eprintln!("could not delete the keys under {prefix}: {e}");
     }
-    let mut report = result?;
-    report.fact("mode", if sizes.quick() { "--quick" } else { "default" });
-    report.finish(&out)?;
-    Ok(())
+    result
 }
 
 impl Sizes {
@@ -1007,5 +1028,399 @@ async fn backlog(
         keys as f64 / elapsed.as_secs_f64(),
         "keys/s",
     );
+    Ok(())
+}
+
+/// The SQLite section: what a `CachedSqlitePool` costs on the write path against the same work written by
+/// hand and against raw sqlx, and what the in-process store's hit costs against SQLite's own primary-key
+/// `SELECT`. A temporary database file in WAL mode (`synchronous = NORMAL`, the usual WAL setting), removed
+/// afterwards; the store is the in-process `MemoryStore` for the pool and for the hand-written variant.
+struct SqliteEnv {
+    pool: CachedSqlitePool,
+    raw: SqlitePool,
+    /// The store of `pool`, which the hand-written variant invalidates directly.
+    store: Arc<dyn Store>,
+    sizes: Sizes,
+}
+
+async fn sqlite_section(sizes: Sizes, report: &mut Report) -> Result<(), BoxError> {
+    let path = std::env::temp_dir().join(format!("cache_bench_{}.sqlite3", std::process::id()));
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal);
+    let result = async {
+        let raw = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE products (id INTEGER PRIMARY KEY, category_id INTEGER NOT NULL, name TEXT NOT NULL,
+                                    price_cents INTEGER NOT NULL, version INTEGER NOT NULL DEFAULT 0);
+             WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {ROWS})
+             INSERT INTO products SELECT i, i % {CATEGORIES}, 'Product number ' || i, i, 0 FROM s;
+             CREATE TABLE plain_products (id INTEGER PRIMARY KEY, category_id INTEGER NOT NULL,
+                                          name TEXT NOT NULL, price_cents INTEGER NOT NULL,
+                                          version INTEGER NOT NULL DEFAULT 0);
+             INSERT INTO plain_products SELECT * FROM products;"
+        )))
+        .execute(&raw)
+        .await?;
+        let pool = CachedSqlitePool::options()
+            .registry(Registry::new([Product::META]))
+            .install_schema(true)
+            .pool_options(SqlitePoolOptions::new().max_connections(4))
+            .connect_with(options.clone(), MemoryStore::default())
+            .await?;
+        let store = Arc::clone(pool.store());
+        let mut env = SqliteEnv {
+            pool,
+            raw,
+            store,
+            sizes,
+        };
+        report.fact(
+            "sqlite",
+            format!(
+                "temporary file, WAL, synchronous = NORMAL, SQLite {}; in-process MemoryStore",
+                sqlx::query_scalar::<_, String>("SELECT sqlite_version()")
+                    .fetch_one(&env.raw)
+                    .await?
+            ),
+        );
+        sqlite_write_single(&mut env, report).await?;
+        sqlite_write_breakdown(&mut env, report).await?;
+        sqlite_write_tx(&mut env, report).await?;
+        sqlite_write_bulk(&mut env, report).await?;
+        sqlite_reads(&mut env, report).await?;
+        env.pool.close().await;
+        env.raw.close().await;
+        Ok::<_, BoxError>(())
+    }
+    .await;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.clone().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+    result
+}
+
+/// The keys of a product row, as the hand-written variant knows them.
+fn product_keys(id: i64, category_id: i64) -> [String; 2] {
+    [
+        format!("product:{id}"),
+        format!("category:{category_id}:products"),
+    ]
+}
+
+/// Adds the three SQLite write variants of a group, ratios against the hand-written one.
+fn sqlite_write_rows(report: &mut Report, group: &str, s: &[Samples; 3]) {
+    let manual = s[1].stats();
+    let raw = s[2].stats();
+    report.latency(
+        group,
+        "hand-written UPDATE + store invalidate (baseline)",
+        manual,
+        Some(manual.median_us),
+    );
+    report.latency(
+        group,
+        "CachedSqlitePool",
+        s[0].stats(),
+        Some(manual.median_us),
+    );
+    report.latency(group, "raw sqlx, no cache", raw, Some(manual.median_us));
+    report.value_vs(
+        group,
+        "CachedSqlitePool vs raw sqlx (median ratio)",
+        s[0].stats().median_us,
+        "µs",
+        raw.median_us,
+    );
+}
+
+async fn sqlite_write_single(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
+    let mut s: [Samples; 3] = Default::default();
+    for i in 0..env.sizes.single {
+        let id = 1 + (i as i64 * 37) % ROWS;
+        for v in 0..3 {
+            let start = Instant::now();
+            match (i + v) % 3 {
+                0 => {
+                    sqlx::query(UPDATE).bind(id).execute(&env.pool).await?;
+                }
+                1 => {
+                    sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw).await?;
+                    env.store
+                        .invalidate(&product_keys(id, id % CATEGORIES))
+                        .await?;
+                }
+                _ => {
+                    sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw).await?;
+                }
+            }
+            s[(i + v) % 3].push(start.elapsed());
+        }
+    }
+    sqlite_write_rows(report, "SQLite write: 1-row autocommit UPDATE", &s);
+    Ok(())
+}
+
+async fn sqlite_write_tx(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
+    let mut s: [Samples; 3] = Default::default();
+    for i in 0..env.sizes.tx {
+        let ids: Vec<i64> = (0..5)
+            .map(|k| 1 + (i as i64 * 53 + k * 997) % ROWS)
+            .collect();
+        for v in 0..3 {
+            let start = Instant::now();
+            match (i + v) % 3 {
+                0 => {
+                    let mut tx = env.pool.begin().await?;
+                    for id in &ids {
+                        sqlx::query(UPDATE).bind(id).execute(&mut tx).await?;
+                    }
+                    tx.commit().await?;
+                }
+                1 => {
+                    sqlite_plain_tx(&env.raw, &ids).await?;
+                    let keys: Vec<String> = ids
+                        .iter()
+                        .flat_map(|&id| product_keys(id, id % CATEGORIES))
+                        .collect();
+                    env.store.invalidate(&keys).await?;
+                }
+                _ => sqlite_plain_tx(&env.raw, &ids).await?,
+            }
+            s[(i + v) % 3].push(start.elapsed());
+        }
+    }
+    sqlite_write_rows(report, "SQLite write: 5-UPDATE transaction", &s);
+    Ok(())
+}
+
+async fn sqlite_plain_tx(raw: &SqlitePool, ids: &[i64]) -> Result<(), sqlx::Error> {
+    let mut tx = raw.begin().await?;
+    for id in ids {
+        sqlx::query(UPDATE_PLAIN).bind(id).execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
+
+async fn sqlite_write_bulk(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
+    let mut s: [Samples; 3] = Default::default();
+    for i in 0..env.sizes.bulk {
+        for v in 0..3 {
+            let start = Instant::now();
+            match (i + v) % 3 {
+                0 => {
+                    sqlx::query(
+                        "UPDATE products SET price_cents = price_cents + 1, version = version + 1",
+                    )
+                    .execute(&env.pool)
+                    .await?;
+                }
+                1 => {
+                    let rows: Vec<(i64, i64)> = sqlx::query_as(
+                        "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1 \
+                         RETURNING id, category_id",
+                    )
+                    .fetch_all(&env.raw)
+                    .await?;
+                    let mut keys: Vec<String> =
+                        rows.iter().map(|(id, _)| format!("product:{id}")).collect();
+                    keys.extend((0..CATEGORIES).map(|c| format!("category:{c}:products")));
+                    env.store.invalidate(&keys).await?;
+                }
+                _ => {
+                    sqlx::query(
+                        "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1",
+                    )
+                    .execute(&env.raw)
+                    .await?;
+                }
+            }
+            s[(i + v) % 3].push(start.elapsed());
+        }
+    }
+    sqlite_write_rows(report, "SQLite write: 10k-row UPDATE", &s);
+    // Where the hand-written variant's time goes: the `RETURNING` rows, and the in-process invalidation of
+    // 10,100 keys (which the pool pays too, for 10,100 distinct keys).
+    let mut parts: [Samples; 2] = Default::default();
+    for _ in 0..env.sizes.bulk {
+        let start = Instant::now();
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1 \
+             RETURNING id, category_id",
+        )
+        .fetch_all(&env.raw)
+        .await?;
+        parts[0].push(start.elapsed());
+        let mut keys: Vec<String> = rows.iter().map(|(id, _)| format!("product:{id}")).collect();
+        keys.extend((0..CATEGORIES).map(|c| format!("category:{c}:products")));
+        // Timed around the call: `MemoryStore` does its work when called, before the future is polled.
+        let start = Instant::now();
+        env.store.invalidate(&keys).await?;
+        parts[1].push(start.elapsed());
+    }
+    report.latency(
+        "SQLite write: 10k-row breakdown",
+        "UPDATE … RETURNING id, category_id (10k rows to the client)",
+        parts[0].stats(),
+        None,
+    );
+    report.latency(
+        "SQLite write: 10k-row breakdown",
+        "MemoryStore::invalidate of 10,100 keys",
+        parts[1].stats(),
+        None,
+    );
+    Ok(())
+}
+
+async fn sqlite_select(pool: &SqlitePool, id: i64) -> Result<Option<Product>, sqlx::Error> {
+    sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM products WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+async fn sqlite_reads(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
+    let cache = env.pool.cache().clone();
+    let raw = &env.raw;
+    let value = sqlite_select(raw, 1).await?;
+    let key = || Product::cache_key_for(&1);
+    let load = || sqlite_select(raw, 1);
+    cache
+        .get_or_load(key(), load)
+        .await
+        .map_err(|e| e.to_string())?;
+    let loads_before = cache.stats().loads;
+    let mut s: [Samples; 2] = Default::default();
+    for i in 0..env.sizes.reads {
+        for v in 0..2 {
+            let start = Instant::now();
+            let got: Option<Product> = match (i + v) % 2 {
+                0 => sqlite_select(raw, 1).await?,
+                _ => cache
+                    .get_or_load(key(), load)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            };
+            s[(i + v) % 2].push(start.elapsed());
+            if got != value {
+                return Err(format!("read returned {got:?}, expected {value:?}").into());
+            }
+        }
+    }
+    let loads = cache.stats().loads - loads_before;
+    if loads != 0 {
+        return Err(format!("{loads} measured SQLite hits were loads").into());
+    }
+    let base = s[0].stats();
+    let group = "SQLite read: hit";
+    report.latency(
+        group,
+        "SELECT by primary key, raw SqlitePool (baseline)",
+        base,
+        Some(base.median_us),
+    );
+    report.latency(
+        group,
+        "get_or_load hit, in-process store",
+        s[1].stats(),
+        Some(base.median_us),
+    );
+
+    // A miss: the key was invalidated; get_or_load takes the lease, loads, stores.
+    let mut s: [Samples; 2] = Default::default();
+    for i in 0..env.sizes.misses {
+        let id = 2 + (i as i64 * 31) % (ROWS - 1);
+        cache
+            .invalidate(&[Product::cache_key_for(&id).into_string()])
+            .await?;
+        for v in 0..2 {
+            let start = Instant::now();
+            match (i + v) % 2 {
+                0 => {
+                    sqlite_select(raw, id).await?;
+                }
+                _ => {
+                    cache
+                        .get_or_load(Product::cache_key_for(&id), || sqlite_select(raw, id))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            s[(i + v) % 2].push(start.elapsed());
+        }
+    }
+    let base = s[0].stats();
+    let group = "SQLite read: miss";
+    report.latency(
+        group,
+        "SELECT by primary key, raw SqlitePool (baseline)",
+        base,
+        Some(base.median_us),
+    );
+    report.latency(
+        group,
+        "get_or_load miss, in-process store (lease + load + fill)",
+        s[1].stats(),
+        Some(base.median_us),
+    );
+    Ok(())
+}
+
+/// Where the SQLite single-row overhead goes: the writer's steps, done by hand with a plain pool and timed
+/// one by one (the trigger's `UPDATE`, reading the outbox above the watermark, the store invalidation, the
+/// `DELETE` of the delivered row), against the `UPDATE` of the table without trigger.
+async fn sqlite_write_breakdown(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
+    const PARTS: [&str; 5] = [
+        "UPDATE on the table without trigger (plain pool)",
+        "UPDATE on the table with the capture trigger (writes the JSON outbox row)",
+        "SELECT the outbox rows above the watermark",
+        "MemoryStore::invalidate of the 2 keys (value + tag slots)",
+        "DELETE the delivered outbox row (a second write transaction)",
+    ];
+    let mut s: [Samples; 5] = Default::default();
+    for i in 0..env.sizes.single / 2 {
+        let id = 1 + (i as i64 * 41) % ROWS;
+        let watermark: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM cache_invalidation_outbox")
+                .fetch_one(&env.raw)
+                .await?;
+        let mut timed = Instant::now();
+        sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw).await?;
+        s[0].push(timed.elapsed());
+        timed = Instant::now();
+        sqlx::query(UPDATE).bind(id).execute(&env.raw).await?;
+        s[1].push(timed.elapsed());
+        timed = Instant::now();
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT id, tbl, image FROM cache_invalidation_outbox WHERE id > $1 ORDER BY id",
+        )
+        .bind(watermark)
+        .fetch_all(&env.raw)
+        .await?;
+        s[2].push(timed.elapsed());
+        timed = Instant::now();
+        env.store
+            .invalidate(&product_keys(id, id % CATEGORIES))
+            .await?;
+        s[3].push(timed.elapsed());
+        timed = Instant::now();
+        let last = rows.last().map_or(watermark, |r| r.0);
+        sqlx::query("DELETE FROM cache_invalidation_outbox WHERE id <= $1")
+            .bind(last)
+            .execute(&env.raw)
+            .await?;
+        s[4].push(timed.elapsed());
+    }
+    for (name, samples) in PARTS.iter().zip(&s) {
+        report.latency("SQLite write: 1-row breakdown", name, samples.stats(), None);
+    }
     Ok(())
 }

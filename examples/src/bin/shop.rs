@@ -1,23 +1,29 @@
 //! A small shop, end to end: categories, products, a cached product page that joins its category, a cached
 //! list per category; writes through the pool (autocommit), a transaction, a rolled-back transaction, and a
-//! plain `PgPool` standing for another service (the relay delivers those). After every write it prints what
-//! was invalidated and checks that the next read is fresh.
+//! plain sqlx pool standing for another service (the relay delivers those). After every write it prints
+//! what was invalidated and checks that the next read is fresh.
 //!
-//! Creates a database of its own on `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
-//! uses the Redis at `REDIS_URL` (default `redis://127.0.0.1:6379`) under a key prefix of its own, and drops
-//! both at the end.
+//! The database comes from `DATABASE_URL`: unset, a SQLite database in a temporary file (WAL), removed at
+//! the end; `sqlite:…`, that SQLite database (it gets the tables `categories` and `products`, dropped at
+//! the end); `postgres://…`, a database of its own created on that server (the user must be allowed to
+//! `CREATE DATABASE`) and dropped at the end. The store comes from `REDIS_URL`: unset, the in-process
+//! `MemoryStore`; set, the Redis at that URL under a key prefix of its own, cleaned up at the end. So with no
+//! environment it needs no server at all. The shop logic is written once, generic over the backend.
 //!
 //! Run: `cargo run -p examples --bin shop`. Exits with status 1 if a read was ever stale, 2 if a server is
 //! not reachable.
 
+use std::str::FromStr as _;
 use std::time::{Duration, Instant};
 
 use cache_runtime::{
-    CachedEntity, CachedPgPool, CachedPool, LoadOptions, RedisStore, Registry, key,
+    Backend, CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, CachedTransaction,
+    LoadOptions, MemoryStore, RedisStore, Registry, key,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Connection as _, PgConnection, Pool};
 
 /// A category row. A change invalidates `category:<id>` and the category's product list.
 #[derive(Debug, Clone, PartialEq, CachedEntity, sqlx::FromRow, Serialize, Deserialize)]
@@ -55,15 +61,14 @@ struct Page {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Everything the steps need.
-struct Shop {
-    pool: CachedPool,
-    /// A plain pool: "another service" writing to the same database without this library.
-    other_service: PgPool,
-    redis: redis::aio::MultiplexedConnection,
-    prefix: String,
-    stale: usize,
-}
+/// The tables and rows of the shop. The same DDL works on PostgreSQL and SQLite.
+const SCHEMA: &str = "
+    CREATE TABLE categories (id bigint PRIMARY KEY, name text NOT NULL);
+    CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL REFERENCES categories (id),
+                           name text NOT NULL, price_cents bigint NOT NULL);
+    INSERT INTO categories VALUES (1, 'Lamps'), (2, 'Kitchen');
+    INSERT INTO products VALUES (1, 1, 'Desk lamp', 4999), (2, 1, 'Floor lamp', 8999),
+                                (3, 2, 'Kettle', 2999);";
 
 /// The keys this example caches, watched before and after each write.
 const WATCHED: [&str; 6] = [
@@ -74,6 +79,52 @@ const WATCHED: [&str; 6] = [
     "category:2:products",
     "category:1",
 ];
+
+/// Which store to use: `REDIS_URL` unset → in process.
+enum StoreChoice {
+    Memory,
+    Redis { url: String, prefix: String },
+}
+
+impl StoreChoice {
+    fn describe(&self) -> String {
+        match self {
+            StoreChoice::Memory => "the in-process MemoryStore".to_owned(),
+            StoreChoice::Redis { url, prefix } => format!("Redis at {url} (key prefix {prefix:?})"),
+        }
+    }
+
+    /// Connects `options` with this store; installs the outbox and the capture triggers for both tables and
+    /// starts the relay.
+    async fn connect<DB: Backend>(
+        &self,
+        options: <DB::Connection as sqlx::Connection>::Options,
+    ) -> Result<CachedPool<DB>, BoxError> {
+        let pool = CachedPool::<DB>::options()
+            .registry(Registry::new([Category::META, Product::META]))
+            .install_schema(true);
+        Ok(match self {
+            StoreChoice::Memory => pool.connect_with(options, MemoryStore::default()).await?,
+            StoreChoice::Redis { url, prefix } => {
+                let store = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    RedisStore::connect(url, prefix.clone()),
+                )
+                .await
+                .map_err(|_| "connection timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    format!(
+                        "Redis is not reachable at {url} ({e}).\n  Start a local server (e.g. \
+                         `redis-server --daemonize yes`, or `docker run -d -p 6379:6379 redis:7`),\n  \
+                         set REDIS_URL to a reachable server, or unset it to use the in-process store."
+                    )
+                })?;
+                pool.connect_with(options, store).await?
+            }
+        })
+    }
+}
 
 #[tokio::main]
 async fn main() {
@@ -90,36 +141,92 @@ async fn main() {
     }
 }
 
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
 async fn run() -> Result<usize, BoxError> {
-    let admin_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    let redis_url =
-        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let mut admin = PgConnection::connect(&admin_url).await.map_err(|e| {
+    let name = format!("shop_example_{}", std::process::id());
+    let store = match env("REDIS_URL") {
+        None => StoreChoice::Memory,
+        Some(url) => StoreChoice::Redis {
+            url,
+            prefix: format!("{name}:"),
+        },
+    };
+    match env("DATABASE_URL") {
+        Some(url) if url.starts_with("sqlite:") => {
+            let options = SqliteConnectOptions::from_str(&url)?.create_if_missing(true);
+            println!("using SQLite at {url} + {}", store.describe());
+            let result = run_sqlite(options.clone(), &store).await;
+            // The tables are the example's; dropping them drops their triggers.
+            let conn = SqlitePoolOptions::new().connect_with(options).await?;
+            sqlx::raw_sql("DROP TABLE IF EXISTS products; DROP TABLE IF EXISTS categories;")
+                .execute(&conn)
+                .await?;
+            conn.close().await;
+            result
+        }
+        Some(url) => run_postgres(&url, &name, &store).await,
+        None => {
+            let path = std::env::temp_dir().join(format!("{name}.sqlite3"));
+            let options = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal);
+            println!(
+                "using SQLite in a temporary file ({}, WAL) + {}\n  (set DATABASE_URL=postgres://… \
+                 and REDIS_URL=redis://… for PostgreSQL + Redis)",
+                path.display(),
+                store.describe()
+            );
+            let result = run_sqlite(options, &store).await;
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                let _ = std::fs::remove_file(file);
+            }
+            println!("removed {}", path.display());
+            result
+        }
+    }
+}
+
+async fn run_sqlite(options: SqliteConnectOptions, store: &StoreChoice) -> Result<usize, BoxError> {
+    let other_service = SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.clone())
+        .await?;
+    sqlx::raw_sql(SCHEMA).execute(&other_service).await?;
+    let pool: CachedSqlitePool = store.connect(options).await?;
+    Shop::run(pool, other_service, "SQLite", "SqlitePool").await
+}
+
+async fn run_postgres(admin_url: &str, name: &str, store: &StoreChoice) -> Result<usize, BoxError> {
+    let mut admin = PgConnection::connect(admin_url).await.map_err(|e| {
         format!(
             "PostgreSQL is not reachable at {admin_url} ({e}).\n  Start a local server (e.g. `pg_ctlcluster <version> main \
-             start`, or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`)\n  or set \
-             DATABASE_URL to a server where the user may CREATE DATABASE."
+             start`, or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`),\n  set \
+             DATABASE_URL to a server where the user may CREATE DATABASE, or unset it to use SQLite."
         )
     })?;
-    let redis = redis_connection(&redis_url).await.map_err(|e| {
-        format!(
-            "Redis is not reachable at {redis_url} ({e}).\n  Start a local server (e.g. `redis-server --daemonize \
-             yes`, or `docker run -d -p 6379:6379 redis:7`)\n  or set REDIS_URL."
-        )
-    })?;
-    let name = format!("shop_example_{}", std::process::id());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
         .execute(&mut admin)
         .await?;
-    println!("created database {name}");
-    let prefix = format!("{name}:");
-    let result = shop(
-        &examples::database_url(&admin_url, &name),
-        &redis_url,
-        redis,
-        &prefix,
-    )
+    println!(
+        "using PostgreSQL (database {name} created on {admin_url}) + {}",
+        store.describe()
+    );
+    let url = examples::database_url(admin_url, name);
+    let result = async {
+        let other_service = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&other_service).await?;
+        let pool: CachedPgPool = store.connect(url.parse()?).await?;
+        Shop::run(pool, other_service, "PostgreSQL", "PgPool").await
+    }
     .await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
@@ -130,131 +237,129 @@ async fn run() -> Result<usize, BoxError> {
     result
 }
 
-async fn redis_connection(url: &str) -> Result<redis::aio::MultiplexedConnection, BoxError> {
-    let client = redis::Client::open(url)?;
-    let mut con = tokio::time::timeout(
-        Duration::from_secs(3),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| "connection timed out")??;
-    redis::cmd("PING").query_async::<()>(&mut con).await?;
-    Ok(con)
+/// Everything the steps need.
+struct Shop<DB: Backend> {
+    pool: CachedPool<DB>,
+    /// A plain pool: "another service" writing to the same database without this library.
+    other_service: Pool<DB>,
+    /// `PostgreSQL` or `SQLite`.
+    database: &'static str,
+    /// `PgPool` or `SqlitePool`.
+    plain_pool: &'static str,
+    stale: usize,
 }
 
-async fn shop(
-    url: &str,
-    redis_url: &str,
-    redis: redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> Result<usize, BoxError> {
-    let other_service = PgPoolOptions::new().max_connections(2).connect(url).await?;
-    sqlx::raw_sql(
-        "CREATE TABLE categories (id bigint PRIMARY KEY, name text NOT NULL);
-         CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL REFERENCES categories,
-                                name text NOT NULL, price_cents bigint NOT NULL);
-         INSERT INTO categories VALUES (1, 'Lamps'), (2, 'Kitchen');
-         INSERT INTO products VALUES (1, 1, 'Desk lamp', 4999), (2, 1, 'Floor lamp', 8999),
-                                     (3, 2, 'Kettle', 2999);",
-    )
-    .execute(&other_service)
-    .await?;
-    // The pool: connects, installs the outbox and the capture triggers for both tables, starts the relay.
-    let store = RedisStore::connect(redis_url, prefix.to_owned()).await?;
-    let pool = CachedPgPool::options()
-        .registry(Registry::new([Category::META, Product::META]))
-        .install_schema(true)
-        .connect(url, store)
+/// One implementation for both backends: the bounds say what the shop needs from sqlx.
+impl<DB> Shop<DB>
+where
+    DB: Backend,
+    for<'c> &'c CachedPool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c, 't> &'c mut CachedTransaction<'t, DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    i64: sqlx::Type<DB> + for<'q> sqlx::Encode<'q, DB>,
+    Product: for<'r> sqlx::FromRow<'r, DB::Row>,
+    Page: for<'r> sqlx::FromRow<'r, DB::Row>,
+    (i64, String, i64): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    /// Runs the steps on `pool`, then removes the example's keys from the store and closes the pools.
+    async fn run(
+        pool: CachedPool<DB>,
+        other_service: Pool<DB>,
+        database: &'static str,
+        plain_pool: &'static str,
+    ) -> Result<usize, BoxError> {
+        println!("installed capture triggers on categories, products\n");
+        let mut shop = Shop {
+            pool,
+            other_service,
+            database,
+            plain_pool,
+            stale: 0,
+        };
+        let result = shop.steps().await;
+        shop.cleanup().await?;
+        shop.pool.close().await;
+        shop.other_service.close().await;
+        result.map(|()| shop.stale)
+    }
+
+    async fn steps(&mut self) -> Result<(), BoxError> {
+        println!(
+            "step 1: first reads load from {} and fill the cache",
+            self.database
+        );
+        self.read_all().await?;
+        println!("  second reads (the pages are stored now that their tags exist):");
+        self.read_all().await?;
+        println!("  cached now: {}", self.cached().await?.join(", "));
+
+        self.write(
+            "step 2: autocommit UPDATE through the pool (price of product 1)",
+            async |s: &mut Self| {
+                sqlx::query("UPDATE products SET price_cents = 3999 WHERE id = 1")
+                    .execute(&s.pool)
+                    .await?;
+                Ok(())
+            },
+        )
         .await?;
-    println!("installed capture triggers on categories, products; Redis key prefix {prefix:?}\n");
-    let mut shop = Shop {
-        pool,
-        other_service,
-        redis,
-        prefix: prefix.to_owned(),
-        stale: 0,
-    };
-    let result = steps(&mut shop).await;
-    shop.pool.close().await;
-    shop.other_service.close().await;
-    cleanup(&mut shop).await?;
-    result.map(|()| shop.stale)
-}
 
-async fn steps(shop: &mut Shop) -> Result<(), BoxError> {
-    println!("step 1: first reads load from PostgreSQL and fill the cache");
-    shop.read_all().await?;
-    println!("  second reads (the pages are stored now that their tags exist):");
-    shop.read_all().await?;
-    println!("  cached now: {}", shop.cached().await?.join(", "));
+        self.write(
+            "step 3: a transaction through the pool (product 2 moves from Lamps to Kitchen, is renamed)",
+            async |s: &mut Self| {
+                let mut tx = s.pool.begin().await?;
+                sqlx::query("UPDATE products SET category_id = 2 WHERE id = 2")
+                    .execute(&mut tx)
+                    .await?;
+                sqlx::query("UPDATE products SET name = 'Kitchen lamp' WHERE id = 2")
+                    .execute(&mut tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            },
+        )
+        .await?;
 
-    shop.write(
-        "step 2: autocommit UPDATE through the pool (price of product 1)",
-        async |s: &mut Shop| {
-            sqlx::query("UPDATE products SET price_cents = 3999 WHERE id = 1")
-                .execute(&s.pool)
-                .await?;
-            Ok(())
-        },
-    )
-    .await?;
+        self.write(
+            "step 4: a rolled-back transaction (invalidates nothing)",
+            async |s: &mut Self| {
+                let mut tx = s.pool.begin().await?;
+                sqlx::query("UPDATE products SET price_cents = 1 WHERE id = 1")
+                    .execute(&mut tx)
+                    .await?;
+                tx.rollback().await?;
+                Ok(())
+            },
+        )
+        .await?;
 
-    shop.write(
-        "step 3: a transaction through the pool (product 2 moves from Lamps to Kitchen, is renamed)",
-        async |s: &mut Shop| {
-            let mut tx = s.pool.begin().await?;
-            sqlx::query("UPDATE products SET category_id = 2 WHERE id = 2")
-                .execute(&mut tx)
-                .await?;
-            sqlx::query("UPDATE products SET name = 'Kitchen lamp' WHERE id = 2")
-                .execute(&mut tx)
-                .await?;
-            tx.commit().await?;
-            Ok(())
-        },
-    )
-    .await?;
+        self.write(
+            "step 5: category 1 renamed through the pool (the page of product 1 joins it)",
+            async |s: &mut Self| {
+                sqlx::query("UPDATE categories SET name = 'Lighting' WHERE id = 1")
+                    .execute(&s.pool)
+                    .await?;
+                Ok(())
+            },
+        )
+        .await?;
 
-    shop.write(
-        "step 4: a rolled-back transaction (invalidates nothing)",
-        async |s: &mut Shop| {
-            let mut tx = s.pool.begin().await?;
-            sqlx::query("UPDATE products SET price_cents = 1 WHERE id = 1")
-                .execute(&mut tx)
-                .await?;
-            tx.rollback().await?;
-            Ok(())
-        },
-    )
-    .await?;
-
-    shop.write(
-        "step 5: category 1 renamed through the pool (the page of product 1 joins it)",
-        async |s: &mut Shop| {
-            sqlx::query("UPDATE categories SET name = 'Lighting' WHERE id = 1")
-                .execute(&s.pool)
-                .await?;
-            Ok(())
-        },
-    )
-    .await?;
-
-    shop.write(
-        "step 6: another service writes with a plain PgPool (no wrapper; the relay delivers)",
-        async |s: &mut Shop| {
+        let title = format!(
+            "step 6: another service writes with a plain {} (no wrapper; the relay delivers{})",
+            self.plain_pool,
+            if self.database == "SQLite" {
+                " on its next sweep: SQLite has no NOTIFY"
+            } else {
+                ""
+            }
+        );
+        self.write(&title, async |s: &mut Self| {
             sqlx::query("UPDATE products SET price_cents = 2499 WHERE id = 3")
                 .execute(&s.other_service)
                 .await?;
             let committed = Instant::now();
-            let key = format!("{}product:3:page", s.prefix);
-            loop {
-                let exists: bool = redis::cmd("EXISTS")
-                    .arg(&key)
-                    .query_async(&mut s.redis)
-                    .await?;
-                if !exists {
-                    break;
-                }
+            while s.is_cached("product:3:page").await? {
                 if committed.elapsed() > Duration::from_secs(10) {
                     return Err("the relay did not deliver within 10 s".into());
                 }
@@ -265,18 +370,16 @@ async fn steps(shop: &mut Shop) -> Result<(), BoxError> {
                 committed.elapsed().as_secs_f64() * 1e3
             );
             Ok(())
-        },
-    )
-    .await?;
-    Ok(())
-}
+        })
+        .await?;
+        Ok(())
+    }
 
-impl Shop {
     /// Runs a write, then prints which watched keys it invalidated and re-reads everything.
     async fn write(
         &mut self,
         title: &str,
-        write: impl AsyncFnOnce(&mut Shop) -> Result<(), BoxError>,
+        write: impl AsyncFnOnce(&mut Self) -> Result<(), BoxError>,
     ) -> Result<(), BoxError> {
         println!("\n{title}");
         let before = self.cached().await?;
@@ -308,15 +411,17 @@ impl Shop {
         self.read_all().await
     }
 
-    /// The watched keys present in Redis.
-    async fn cached(&mut self) -> Result<Vec<String>, BoxError> {
+    /// Whether the store holds a value for `key` (asked through the `Store` trait, so the same code watches
+    /// Redis and the in-process store).
+    async fn is_cached(&self, key: &str) -> Result<bool, BoxError> {
+        Ok(self.pool.store().peek(key, &[]).await?.value.is_some())
+    }
+
+    /// The watched keys present in the store.
+    async fn cached(&self) -> Result<Vec<String>, BoxError> {
         let mut out = Vec::new();
         for key in WATCHED {
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(format!("{}{key}", self.prefix))
-                .query_async(&mut self.redis)
-                .await?;
-            if exists {
+            if self.is_cached(key).await? {
                 out.push(key.to_owned());
             }
         }
@@ -324,19 +429,16 @@ impl Shop {
     }
 
     /// The tag tokens of the rows the pages join (`category:1`, `category:2`): a page built before a token
-    /// changed is invalid even though its value is still in Redis.
-    async fn cached_tags(&mut self) -> Result<Vec<(String, Option<String>)>, BoxError> {
-        let mut out = Vec::new();
-        for key in ["category:1", "category:2"] {
-            let token: Option<String> = redis::cmd("GET")
-                .arg(format!("{}<tag>{key}", self.prefix))
-                .query_async(&mut self.redis)
-                .await?;
-            out.push((key.to_owned(), token));
-        }
-        Ok(out)
+    /// changed is invalid even though its value is still in the store.
+    async fn cached_tags(&self) -> Result<Vec<(String, Option<String>)>, BoxError> {
+        let keys = ["category:1".to_owned(), "category:2".to_owned()];
+        let tokens = self.pool.store().tags(&keys, None).await?;
+        Ok(keys
+            .into_iter()
+            .zip(tokens)
+            .map(|(k, t)| (k, t.map(|t| t.id)))
+            .collect())
     }
-
     /// Reads the watched values through the cache, says whether each was a hit or a load, and checks it
     /// against the database.
     async fn read_all(&mut self) -> Result<(), BoxError> {
@@ -452,18 +554,22 @@ impl Shop {
         );
         Ok(())
     }
-}
 
-/// Deletes the example's keys.
-async fn cleanup(shop: &mut Shop) -> Result<(), BoxError> {
-    let mut keys: Vec<String> = Vec::new();
-    for key in WATCHED.iter().chain(&["product:3", "category:2"]) {
-        keys.push(format!("{}{key}", shop.prefix));
-        keys.push(format!("{}<tag>{key}", shop.prefix));
+    /// Removes the example's keys (values, tag tokens, namespace tokens) from the store.
+    async fn cleanup(&self) -> Result<(), BoxError> {
+        let keys: Vec<String> = WATCHED
+            .iter()
+            .chain(&["product:3", "category:2"])
+            // The namespace tag tokens of the four shapes (what a `TRUNCATE` would invalidate).
+            .chain(&[
+                "product:<>",
+                "product:<>:page",
+                "category:<>",
+                "category:<>:products",
+            ])
+            .map(|k| (*k).to_owned())
+            .collect();
+        self.pool.store().invalidate(&keys).await?;
+        Ok(())
     }
-    redis::cmd("DEL")
-        .arg(&keys)
-        .query_async::<()>(&mut shop.redis)
-        .await?;
-    Ok(())
 }
