@@ -51,6 +51,10 @@ impl Expiry<String, Entry> for EntryExpiry {
 /// A [`Store`] in this process's memory: the embedded default, with the same guarantees as
 /// [`RedisStore`](crate::RedisStore) for readers and writers of this process.
 ///
+/// **One process per database.** Relays deliver each outbox row to *their* store and then delete it, so when
+/// several processes write to one database, each with its own `MemoryStore`, a row delivered by one process
+/// never reaches the others' stores. Share a [`RedisStore`](crate::RedisStore) between processes instead.
+///
 /// Bounded: at most `capacity` slots (entries, leases and tag tokens); the least useful are evicted first.
 /// An evicted tag token only turns the entries that recorded it into misses.
 ///
