@@ -822,13 +822,13 @@ fn qualified(table: &str) -> String {
     }
 }
 
-/// A quoted SQL identifier.
-fn ident(name: &str) -> String {
+/// A quoted SQL identifier (PostgreSQL and SQLite).
+pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A quoted SQL string literal (standard conforming strings).
-fn literal(text: &str) -> String {
+/// A quoted SQL string literal (standard conforming strings; PostgreSQL and SQLite).
+pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 

@@ -33,6 +33,7 @@ use crate::entity::EntityMeta;
 use crate::error::{ColumnProblem, Error, Problem};
 use crate::key::{KeyValue, PartKind, Template};
 use crate::registry::Registry;
+use crate::schema::{ident, literal};
 
 /// The outbox table: one row per captured row image.
 pub(crate) const OUTBOX: &str = "cache_invalidation_outbox";
@@ -382,16 +383,6 @@ fn value_expr(kind: PartKind, value: &str) -> String {
             "CASE WHEN typeof({value}) = 'blob' THEN json_object('blob', hex({value})) ELSE {value} END"
         ),
     }
-}
-
-/// A quoted SQL identifier.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// A quoted SQL string literal.
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// One template of a table, with the column and kind of each placeholder in order.
