@@ -30,16 +30,14 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cache_runtime::{
-    Cache, CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, MemoryStore, RedisStore,
-    Registry, Store,
+    Backend, Cache, CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, CachedTransaction,
+    MemoryStore, RedisStore, Registry,
 };
 use examples::{Report, Samples, Zipf};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection as _, PgConnection, PgPool, Pool, Postgres, Sqlite};
 
 /// The benchmarked entity and the cached value.
 #[derive(Debug, Clone, PartialEq, CachedEntity, Serialize, Deserialize, sqlx::FromRow)]
@@ -202,14 +200,331 @@ async fn cleanup_prefix(redis_url: &str, prefix: &str) -> Result<(), BoxError> {
     }
 }
 
-/// Everything a section needs.
-struct Env {
-    pool: CachedPool,
-    raw: PgPool,
-    url: String,
-    redis: redis::aio::MultiplexedConnection,
-    prefix: String,
+/// What the write and read rows need, on either database: the cached pool, a plain pool on the same
+/// database (the hand-written and raw sqlx variants), and the labels that differ.
+struct BenchEnv<DB: Backend> {
+    pool: CachedPool<DB>,
+    raw: Pool<DB>,
     sizes: Sizes,
+    /// The PostgreSQL run's Redis: the hand-written variants pipeline their `DEL`s on it. `None` on the
+    /// SQLite run, where they call `invalidate` of the pool's own (in-process) store.
+    redis: Option<redis::aio::MultiplexedConnection>,
+    /// The Redis key prefix (empty on SQLite: the store's keys are its own).
+    prefix: String,
+    /// Before each group's name: `""` (PostgreSQL) or `"SQLite "`.
+    db: &'static str,
+    /// The cached pool's type, as the rows name it.
+    pool_name: &'static str,
+    /// The store of `pool`, as the rows name it.
+    store_name: &'static str,
+}
+
+type Env = BenchEnv<Postgres>;
+
+/// A variant of the read-hit rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hit {
+    /// `GET` of the same value stored by hand in Redis, and its MessagePack decode.
+    RawGet,
+    /// The primary-key `SELECT`.
+    Select,
+    /// `get_or_load` on the pool's cache.
+    Cache,
+    /// `get_or_load` on a cache of its own on an in-process store.
+    Memory,
+}
+
+impl<DB: Backend> BenchEnv<DB> {
+    /// A clone of the Redis connection (the PostgreSQL run only).
+    fn redis(&self) -> Result<redis::aio::MultiplexedConnection, BoxError> {
+        Ok(self.redis.clone().ok_or("this section needs Redis")?)
+    }
+
+    /// The keys of a product row, as the hand-written variant knows them (with the Redis prefix).
+    fn keys(&self, id: i64) -> [String; 2] {
+        [
+            format!("{}product:{id}", self.prefix),
+            format!("{}category:{}:products", self.prefix, id % CATEGORIES),
+        ]
+    }
+
+    /// The keys of the 10k-row `UPDATE`: every returned product and every category list.
+    fn bulk_keys(&self, rows: &[(i64, i64)]) -> Vec<String> {
+        let mut keys: Vec<String> = rows
+            .iter()
+            .map(|(id, _)| format!("{}product:{id}", self.prefix))
+            .collect();
+        keys.extend((0..CATEGORIES).map(|c| format!("{}category:{c}:products", self.prefix)));
+        keys
+    }
+
+    /// The hand-written invalidation: a pipeline of `DEL`s on Redis, or the store's `invalidate`.
+    async fn invalidate_by_hand(&mut self, keys: &[String]) -> Result<(), BoxError> {
+        match &mut self.redis {
+            Some(redis) => {
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.del(key).ignore();
+                }
+                pipe.query_async::<()>(redis).await?;
+            }
+            None => self.pool.store().invalidate(keys).await?,
+        }
+        Ok(())
+    }
+}
+
+/// The write and read rows, one implementation for both databases: the bounds say what they need from sqlx.
+impl<DB> BenchEnv<DB>
+where
+    DB: Backend,
+    for<'c> &'c CachedPool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c, 't> &'c mut CachedTransaction<'t, DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    i64: sqlx::Type<DB> + for<'q> sqlx::Encode<'q, DB>,
+    Product: for<'r> sqlx::FromRow<'r, DB::Row>,
+    (i64, i64): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    /// Adds the three write variants of a group, ratios against the hand-written one.
+    fn write_rows(&self, report: &mut Report, group: &str, s: &[Samples; 3]) {
+        let group = format!("{}write: {group}", self.db);
+        let (ours, manual, raw) = (s[0].stats(), s[1].stats(), s[2].stats());
+        let by_hand = match self.redis {
+            Some(_) => "hand-written UPDATE + DEL (baseline)",
+            None => "hand-written UPDATE + store invalidate (baseline)",
+        };
+        report.latency(&group, by_hand, manual, Some(manual.median_us));
+        report.latency(&group, self.pool_name, ours, Some(manual.median_us));
+        report.latency(&group, "raw sqlx, no cache", raw, Some(manual.median_us));
+        let vs = format!("{} vs raw sqlx (median ratio)", self.pool_name);
+        report.value_vs(&group, &vs, ours.median_us, "µs", raw.median_us);
+    }
+
+    async fn write_single(&mut self, report: &mut Report) -> Result<(), BoxError> {
+        let mut s: [Samples; 3] = Default::default();
+        for i in 0..self.sizes.single {
+            let id = 1 + (i as i64 * 37) % ROWS;
+            for v in 0..3 {
+                let start = Instant::now();
+                match (i + v) % 3 {
+                    0 => {
+                        sqlx::query(UPDATE).bind(id).execute(&self.pool).await?;
+                    }
+                    1 => {
+                        sqlx::query(UPDATE_PLAIN)
+                            .bind(id)
+                            .execute(&self.raw)
+                            .await?;
+                        let keys = self.keys(id);
+                        self.invalidate_by_hand(&keys).await?;
+                    }
+                    _ => {
+                        sqlx::query(UPDATE_PLAIN)
+                            .bind(id)
+                            .execute(&self.raw)
+                            .await?;
+                    }
+                }
+                s[(i + v) % 3].push(start.elapsed());
+            }
+        }
+        self.write_rows(report, "1-row autocommit UPDATE", &s);
+        Ok(())
+    }
+
+    async fn write_tx(&mut self, report: &mut Report) -> Result<(), BoxError> {
+        let mut s: [Samples; 3] = Default::default();
+        for i in 0..self.sizes.tx {
+            let ids: Vec<i64> = (0..5)
+                .map(|k| 1 + (i as i64 * 53 + k * 997) % ROWS)
+                .collect();
+            for v in 0..3 {
+                let start = Instant::now();
+                match (i + v) % 3 {
+                    0 => {
+                        let mut tx = self.pool.begin().await?;
+                        for &id in &ids {
+                            sqlx::query(UPDATE).bind(id).execute(&mut tx).await?;
+                        }
+                        tx.commit().await?;
+                    }
+                    1 => {
+                        self.plain_tx(&ids).await?;
+                        let keys: Vec<String> = ids.iter().flat_map(|&id| self.keys(id)).collect();
+                        self.invalidate_by_hand(&keys).await?;
+                    }
+                    _ => self.plain_tx(&ids).await?,
+                }
+                s[(i + v) % 3].push(start.elapsed());
+            }
+        }
+        self.write_rows(report, "5-UPDATE transaction", &s);
+        Ok(())
+    }
+
+    async fn plain_tx(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
+        let mut tx = self.raw.begin().await?;
+        for &id in ids {
+            sqlx::query(UPDATE_PLAIN).bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    async fn write_bulk(&mut self, report: &mut Report) -> Result<(), BoxError> {
+        let mut s: [Samples; 3] = Default::default();
+        for i in 0..self.sizes.bulk {
+            for v in 0..3 {
+                let start = Instant::now();
+                match (i + v) % 3 {
+                    0 => {
+                        sqlx::query(UPDATE_ALL).execute(&self.pool).await?;
+                    }
+                    1 => {
+                        let rows: Vec<(i64, i64)> = sqlx::query_as(UPDATE_ALL_PLAIN_RETURNING)
+                            .fetch_all(&self.raw)
+                            .await?;
+                        let keys = self.bulk_keys(&rows);
+                        self.invalidate_by_hand(&keys).await?;
+                    }
+                    _ => {
+                        sqlx::query(UPDATE_ALL_PLAIN).execute(&self.raw).await?;
+                    }
+                }
+                s[(i + v) % 3].push(start.elapsed());
+            }
+            if DB::NAME == "PostgreSQL" {
+                // Keep the heaps the same shape for every variant.
+                sqlx::raw_sql("VACUUM products, plain_products")
+                    .execute(&self.raw)
+                    .await?;
+            }
+        }
+        self.write_rows(report, "10k-row UPDATE", &s);
+        Ok(())
+    }
+
+    /// The primary-key `SELECT` of the read rows and their loaders, on `executor`.
+    async fn select<'e>(
+        executor: impl sqlx::Executor<'e, Database = DB>,
+        id: i64,
+    ) -> Result<Option<Product>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, category_id, name, price_cents, version FROM products WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(executor)
+        .await
+    }
+
+    /// The read rows: a hit of one cached product in each of `hits` (the first is the baseline), then a miss
+    /// (the key invalidated, untimed; `get_or_load` takes the lease, loads, stores) against the bare
+    /// `SELECT`, named `select_name`. `executor` runs the `SELECT`s and the loaders.
+    async fn reads<'e, E>(
+        &'e self,
+        executor: E,
+        hits: &[(&str, Hit)],
+        select_name: &str,
+        report: &mut Report,
+    ) -> Result<(), BoxError>
+    where
+        E: sqlx::Executor<'e, Database = DB> + Copy,
+    {
+        let cache = self.pool.cache().clone();
+        let memory = Cache::new(MemoryStore::default());
+        let uses = |hit| hits.iter().any(|&(_, h)| h == hit);
+        let mut redis = self.redis.clone();
+        let raw_key = format!("{}raw:product:1", self.prefix);
+        let value = Self::select(executor, 1).await?;
+        if let Some(redis) = redis.as_mut().filter(|_| uses(Hit::RawGet)) {
+            redis::cmd("SET")
+                .arg(&raw_key)
+                .arg(rmp_serde::to_vec(&value)?)
+                .query_async::<()>(redis)
+                .await?;
+        }
+        let key = || Product::cache_key_for(&1);
+        let load = || Self::select(executor, 1);
+        cache
+            .get_or_load(key(), load)
+            .await
+            .map_err(|e| e.to_string())?;
+        if uses(Hit::Memory) {
+            memory
+                .get_or_load(key(), load)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let loads_before = cache.stats().loads;
+        let mut s = vec![Samples::default(); hits.len()];
+        for i in 0..self.sizes.reads {
+            for v in 0..hits.len() {
+                let k = (i + v) % hits.len();
+                let start = Instant::now();
+                let got: Option<Product> = match hits[k].1 {
+                    Hit::RawGet => {
+                        let bytes: Vec<u8> = redis::cmd("GET")
+                            .arg(&raw_key)
+                            .query_async(redis.as_mut().ok_or("no Redis")?)
+                            .await?;
+                        rmp_serde::from_slice(&bytes)?
+                    }
+                    Hit::Select => Self::select(executor, 1).await?,
+                    hit => {
+                        let cache = if hit == Hit::Memory { &memory } else { &cache };
+                        cache
+                            .get_or_load(key(), load)
+                            .await
+                            .map_err(|e| e.to_string())?
+                    }
+                };
+                s[k].push(start.elapsed());
+                if got != value {
+                    return Err(format!("read returned {got:?}, expected {value:?}").into());
+                }
+            }
+        }
+        let loads = cache.stats().loads - loads_before;
+        if loads != 0 {
+            return Err(format!("{loads} measured {}hits were loads", self.db).into());
+        }
+        let (group, base) = (format!("{}read: hit", self.db), s[0].stats());
+        for ((name, _), s) in hits.iter().zip(&s) {
+            report.latency(&group, name, s.stats(), Some(base.median_us));
+        }
+
+        let mut s: [Samples; 2] = Default::default();
+        for i in 0..self.sizes.misses {
+            let id = 2 + (i as i64 * 31) % (ROWS - 1);
+            cache
+                .invalidate(&[Product::cache_key_for(&id).into_string()])
+                .await?;
+            for v in 0..2 {
+                let start = Instant::now();
+                match (i + v) % 2 {
+                    0 => {
+                        Self::select(executor, id).await?;
+                    }
+                    _ => {
+                        cache
+                            .get_or_load(Product::cache_key_for(&id), || Self::select(executor, id))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                s[(i + v) % 2].push(start.elapsed());
+            }
+        }
+        let (group, base) = (format!("{}read: miss", self.db), s[0].stats());
+        report.latency(&group, select_name, base, Some(base.median_us));
+        let miss = format!(
+            "get_or_load miss, {} (lease + load + fill)",
+            self.store_name
+        );
+        report.latency(&group, &miss, s[1].stats(), Some(base.median_us));
+        Ok(())
+    }
 }
 
 async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<Report, BoxError> {
@@ -249,10 +564,12 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
     let mut env = Env {
         pool,
         raw,
-        url: url.to_owned(),
-        redis,
-        prefix: prefix.to_owned(),
         sizes,
+        redis: Some(redis),
+        prefix: prefix.to_owned(),
+        db: "",
+        pool_name: "CachedPool",
+        store_name: "Redis",
     };
     let mut report = Report::default();
     report.fact("rows", ROWS);
@@ -263,16 +580,22 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
     );
 
     eprintln!("write path…");
-    write_single(&mut env, &mut report).await?;
+    env.write_single(&mut report).await?;
     write_breakdown(&mut env, &mut report).await?;
-    write_tx(&mut env, &mut report).await?;
-    write_bulk(&mut env, &mut report).await?;
+    env.write_tx(&mut report).await?;
+    env.write_bulk(&mut report).await?;
     eprintln!("read path…");
-    reads(&mut env, &mut report).await?;
+    let hits = [
+        ("raw GET + decode, Redis (baseline)", Hit::RawGet),
+        ("get_or_load, Redis", Hit::Cache),
+        ("get_or_load, in-process store", Hit::Memory),
+    ];
+    let select = "SELECT by primary key (baseline)";
+    env.reads(&env.pool, &hits, select, &mut report).await?;
     eprintln!("stampede…");
     stampede(&mut env, &mut report).await?;
     eprintln!("mixed workload…");
-    mixed(&mut env, &mut report).await?;
+    mixed(&mut env, url, &mut report).await?;
     eprintln!("foreign writes…");
     foreign(&mut env, &mut report).await?;
     env.pool.close().await;
@@ -294,62 +617,11 @@ const UPDATE_L1_RETURNING: &str = "UPDATE l1_products SET price_cents = price_ce
 const UPDATE_PLAIN_RETURNING: &str = "UPDATE plain_products SET price_cents = price_cents + 1, \
      version = version + 1 WHERE id = $1 RETURNING version";
 
-/// Hand-written invalidation of a product: its key and its category's list.
-fn del_keys(pipe: &mut redis::Pipeline, prefix: &str, id: i64) {
-    pipe.del(format!("{prefix}product:{id}")).ignore();
-    pipe.del(format!("{prefix}category:{}:products", id % CATEGORIES))
-        .ignore();
-}
-
-/// Adds the three write variants of a group, ratios against the hand-written one.
-fn write_rows(report: &mut Report, group: &str, s: &[Samples; 3]) {
-    let manual = s[1].stats();
-    let raw = s[2].stats();
-    report.latency(
-        group,
-        "hand-written UPDATE + DEL (baseline)",
-        manual,
-        Some(manual.median_us),
-    );
-    report.latency(group, "CachedPool", s[0].stats(), Some(manual.median_us));
-    report.latency(group, "raw sqlx, no cache", raw, Some(manual.median_us));
-    report.value_vs(
-        group,
-        "CachedPool vs raw sqlx (median ratio)",
-        s[0].stats().median_us,
-        "µs",
-        raw.median_us,
-    );
-}
-
-async fn write_single(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
-    let mut s: [Samples; 3] = Default::default();
-    for i in 0..env.sizes.single {
-        let id = 1 + (i as i64 * 37) % ROWS;
-        for v in 0..3 {
-            match (i + v) % 3 {
-                0 => {
-                    s[0].time(sqlx::query(UPDATE).bind(id).execute(&env.pool))
-                        .await?;
-                }
-                1 => {
-                    let start = Instant::now();
-                    sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw).await?;
-                    let mut pipe = redis::pipe();
-                    del_keys(&mut pipe, &env.prefix, id);
-                    pipe.query_async::<()>(&mut env.redis).await?;
-                    s[1].push(start.elapsed());
-                }
-                _ => {
-                    s[2].time(sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw))
-                        .await?;
-                }
-            }
-        }
-    }
-    write_rows(report, "write: 1-row autocommit UPDATE", &s);
-    Ok(())
-}
+const UPDATE_ALL: &str = "UPDATE products SET price_cents = price_cents + 1, version = version + 1";
+const UPDATE_ALL_PLAIN: &str =
+    "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1";
+const UPDATE_ALL_PLAIN_RETURNING: &str = "UPDATE plain_products SET price_cents = price_cents + 1, \
+     version = version + 1 RETURNING id, category_id";
 
 /// Where the single-row overhead goes: the pieces of a `CachedPool` autocommit write, timed alone.
 async fn write_breakdown(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
@@ -392,9 +664,8 @@ async fn write_breakdown(env: &mut Env, report: &mut Report) -> Result<(), BoxEr
                         .await?;
                 }
                 _ => {
-                    let mut pipe = redis::pipe();
-                    del_keys(&mut pipe, &env.prefix, id);
-                    pipe.query_async::<()>(&mut env.redis).await?;
+                    let keys = env.keys(id);
+                    env.invalidate_by_hand(&keys).await?;
                 }
             }
             s[part].push(start.elapsed());
@@ -403,217 +674,6 @@ async fn write_breakdown(env: &mut Env, report: &mut Report) -> Result<(), BoxEr
     for (name, samples) in PARTS.iter().zip(&s) {
         report.latency("write: 1-row breakdown", name, samples.stats(), None);
     }
-    Ok(())
-}
-
-async fn write_tx(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
-    let mut s: [Samples; 3] = Default::default();
-    for i in 0..env.sizes.tx {
-        let ids: Vec<i64> = (0..5)
-            .map(|k| 1 + (i as i64 * 53 + k * 997) % ROWS)
-            .collect();
-        for v in 0..3 {
-            let start = Instant::now();
-            match (i + v) % 3 {
-                0 => {
-                    let mut tx = env.pool.begin().await?;
-                    for id in &ids {
-                        sqlx::query(UPDATE).bind(id).execute(&mut tx).await?;
-                    }
-                    tx.commit().await?;
-                }
-                1 => {
-                    plain_tx(&env.raw, &ids).await?;
-                    let mut pipe = redis::pipe();
-                    for &id in &ids {
-                        del_keys(&mut pipe, &env.prefix, id);
-                    }
-                    pipe.query_async::<()>(&mut env.redis).await?;
-                }
-                _ => plain_tx(&env.raw, &ids).await?,
-            }
-            s[(i + v) % 3].push(start.elapsed());
-        }
-    }
-    write_rows(report, "write: 5-UPDATE transaction", &s);
-    Ok(())
-}
-
-async fn plain_tx(raw: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
-    let mut tx = raw.begin().await?;
-    for id in ids {
-        sqlx::query(UPDATE_PLAIN).bind(id).execute(&mut *tx).await?;
-    }
-    tx.commit().await
-}
-
-async fn write_bulk(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
-    let mut s: [Samples; 3] = Default::default();
-    for i in 0..env.sizes.bulk {
-        for v in 0..3 {
-            let start = Instant::now();
-            match (i + v) % 3 {
-                0 => {
-                    sqlx::query(
-                        "UPDATE products SET price_cents = price_cents + 1, version = version + 1",
-                    )
-                    .execute(&env.pool)
-                    .await?;
-                }
-                1 => {
-                    let ids: Vec<(i64, i64)> = sqlx::query_as(
-                        "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1 \
-                         RETURNING id, category_id",
-                    )
-                    .fetch_all(&env.raw)
-                    .await?;
-                    let mut pipe = redis::pipe();
-                    for (id, _) in &ids {
-                        pipe.del(format!("{}product:{id}", env.prefix)).ignore();
-                    }
-                    for c in 0..CATEGORIES {
-                        pipe.del(format!("{}category:{c}:products", env.prefix))
-                            .ignore();
-                    }
-                    pipe.query_async::<()>(&mut env.redis).await?;
-                }
-                _ => {
-                    sqlx::query(
-                        "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1",
-                    )
-                    .execute(&env.raw)
-                    .await?;
-                }
-            }
-            s[(i + v) % 3].push(start.elapsed());
-        }
-        // Keep the heaps the same shape for every variant.
-        sqlx::raw_sql("VACUUM products, plain_products")
-            .execute(&env.raw)
-            .await?;
-    }
-    write_rows(report, "write: 10k-row UPDATE", &s);
-    Ok(())
-}
-
-async fn select_product(pool: &CachedPool, id: i64) -> Result<Option<Product>, sqlx::Error> {
-    sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM products WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-}
-
-async fn reads(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
-    let cache = env.pool.cache().clone();
-    let memory = Cache::new(MemoryStore::default());
-    let pool = &env.pool;
-    let raw_key = format!("{}raw:product:1", env.prefix);
-    let value = select_product(pool, 1).await?;
-    redis::cmd("SET")
-        .arg(&raw_key)
-        .arg(rmp_serde::to_vec(&value)?)
-        .query_async::<()>(&mut env.redis)
-        .await?;
-    let key = || Product::cache_key_for(&1);
-    let load = || select_product(pool, 1);
-    cache
-        .get_or_load(key(), load)
-        .await
-        .map_err(|e| e.to_string())?;
-    memory
-        .get_or_load(key(), load)
-        .await
-        .map_err(|e| e.to_string())?;
-    let loads_before = cache.stats().loads;
-    let mut s: [Samples; 3] = Default::default();
-    for i in 0..env.sizes.reads {
-        for v in 0..3 {
-            let start = Instant::now();
-            let got: Option<Product> = match (i + v) % 3 {
-                0 => {
-                    let bytes: Vec<u8> = redis::cmd("GET")
-                        .arg(&raw_key)
-                        .query_async(&mut env.redis)
-                        .await?;
-                    rmp_serde::from_slice(&bytes)?
-                }
-                1 => cache
-                    .get_or_load(key(), load)
-                    .await
-                    .map_err(|e| e.to_string())?,
-                _ => memory
-                    .get_or_load(key(), load)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            };
-            s[(i + v) % 3].push(start.elapsed());
-            if got != value {
-                return Err(format!("read returned {got:?}, expected {value:?}").into());
-            }
-        }
-    }
-    let loads = cache.stats().loads - loads_before;
-    if loads != 0 {
-        return Err(format!("{loads} measured hits were loads").into());
-    }
-    let base = s[0].stats();
-    let group = "read: hit";
-    report.latency(
-        group,
-        "raw GET + decode, Redis (baseline)",
-        base,
-        Some(base.median_us),
-    );
-    report.latency(
-        group,
-        "get_or_load, Redis",
-        s[1].stats(),
-        Some(base.median_us),
-    );
-    report.latency(
-        group,
-        "get_or_load, in-process store",
-        s[2].stats(),
-        Some(base.median_us),
-    );
-
-    // A miss: the key was invalidated; get_or_load takes the lease, loads, stores. Against the bare SELECT.
-    let mut s: [Samples; 2] = Default::default();
-    for i in 0..env.sizes.misses {
-        let id = 2 + (i as i64 * 31) % (ROWS - 1);
-        cache
-            .invalidate(&[Product::cache_key_for(&id).into_string()])
-            .await?;
-        for v in 0..2 {
-            let start = Instant::now();
-            match (i + v) % 2 {
-                0 => {
-                    select_product(pool, id).await?;
-                }
-                _ => {
-                    cache
-                        .get_or_load(Product::cache_key_for(&id), || select_product(pool, id))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            s[(i + v) % 2].push(start.elapsed());
-        }
-    }
-    let base = s[0].stats();
-    let group = "read: miss";
-    report.latency(
-        group,
-        "SELECT by primary key (baseline)",
-        base,
-        Some(base.median_us),
-    );
-    report.latency(
-        group,
-        "get_or_load miss, Redis (lease + load + fill)",
-        s[1].stats(),
-        Some(base.median_us),
-    );
     Ok(())
 }
 
@@ -633,6 +693,7 @@ async fn stampede(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
     let id = 3;
     let key = Product::cache_key_for(&id);
     let naive_key = format!("{}naive:product:{id}", env.prefix);
+    let mut redis = env.redis()?;
     for variant in [
         "naive cache-aside (GET, SELECT, SET)",
         "get_or_load, Redis",
@@ -646,7 +707,7 @@ async fn stampede(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
         cache.invalidate(&[key.as_str().to_owned()]).await?;
         redis::cmd("DEL")
             .arg(&naive_key)
-            .query_async::<()>(&mut env.redis)
+            .query_async::<()>(&mut redis)
             .await?;
         let naive = variant.starts_with("naive");
         let start = Arc::new(tokio::sync::Barrier::new(READERS));
@@ -658,7 +719,7 @@ async fn stampede(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
                 env.raw.clone(),
                 Arc::clone(&start),
             );
-            let (mut redis, naive_key) = (env.redis.clone(), naive_key.clone());
+            let (mut redis, naive_key) = (redis.clone(), naive_key.clone());
             tasks.spawn(async move {
                 start.wait().await;
                 let begin = Instant::now();
@@ -754,8 +815,9 @@ impl Floors {
     }
 }
 
-async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxError> {
     const ROUNDS: u32 = 3;
+    let redis = env.redis()?;
     let zipf = Arc::new(Zipf::new(usize::try_from(ROWS)?, 0.99));
     let plain_floor = Arc::new(Floors::new());
     let ours_floor = Arc::new(Floors::new());
@@ -763,7 +825,7 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
     let l1 = CachedPgPool::options()
         .registry(Registry::new([Product::META, L1Product::META]))
         .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
-        .connect(&env.url, MemoryStore::default())
+        .connect(url, MemoryStore::default())
         .await?;
     let modes = [Mode::NoCache, Mode::Naive, Mode::Ours, Mode::OursL1];
     let mut results: [Mixed; 4] = Default::default();
@@ -783,7 +845,7 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
             let mut tasks = tokio::task::JoinSet::new();
             for client in 0..CLIENTS {
                 let (zipf, floors) = (Arc::clone(&zipf), Arc::clone(floors));
-                let (pool, raw, mut redis) = (env.pool.clone(), env.raw.clone(), env.redis.clone());
+                let (pool, raw, mut redis) = (env.pool.clone(), env.raw.clone(), redis.clone());
                 let l1 = l1.clone();
                 let prefix = env.prefix.clone();
                 tasks.spawn(async move {
@@ -830,7 +892,7 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
                                         }
                                     }
                                 }
-                                Mode::Ours => pool.cache().get_or_load(Product::cache_key_for(&id), || select_product(&pool, id))
+                                Mode::Ours => pool.cache().get_or_load(Product::cache_key_for(&id), || Env::select(&pool, id))
                                     .await.map_err(|e| e.to_string())?,
                                 Mode::OursL1 => l1.cache().get_or_load(L1Product::cache_key_for(&id), || async {
                                         sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM l1_products WHERE id = $1")
@@ -919,6 +981,7 @@ async fn mixed(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
 }
 
 async fn foreign(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
+    let mut redis = env.redis()?;
     let mut s = Samples::default();
     for i in 0..env.sizes.foreign {
         let id = 1 + (i as i64 * 13) % ROWS;
@@ -926,14 +989,14 @@ async fn foreign(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
         redis::cmd("SET")
             .arg(&key)
             .arg("cached")
-            .query_async::<()>(&mut env.redis)
+            .query_async::<()>(&mut redis)
             .await?;
         sqlx::query(UPDATE).bind(id).execute(&env.raw).await?;
         let committed = Instant::now();
         loop {
             let exists: bool = redis::cmd("EXISTS")
                 .arg(&key)
-                .query_async(&mut env.redis)
+                .query_async(&mut redis)
                 .await?;
             if !exists {
                 break;
@@ -1035,14 +1098,6 @@ async fn backlog(
 /// hand and against raw sqlx, and what the in-process store's hit costs against SQLite's own primary-key
 /// `SELECT`. A temporary database file in WAL mode (`synchronous = NORMAL`, the usual WAL setting), removed
 /// afterwards; the store is the in-process `MemoryStore` for the pool and for the hand-written variant.
-struct SqliteEnv {
-    pool: CachedSqlitePool,
-    raw: SqlitePool,
-    /// The store of `pool`, which the hand-written variant invalidates directly.
-    store: Arc<dyn Store>,
-    sizes: Sizes,
-}
-
 async fn sqlite_section(sizes: Sizes, report: &mut Report) -> Result<(), BoxError> {
     let path = std::env::temp_dir().join(format!("cache_bench_{}.sqlite3", std::process::id()));
     let options = SqliteConnectOptions::new()
@@ -1073,12 +1128,15 @@ async fn sqlite_section(sizes: Sizes, report: &mut Report) -> Result<(), BoxErro
             .pool_options(SqlitePoolOptions::new().max_connections(4))
             .connect_with(options.clone(), MemoryStore::default())
             .await?;
-        let store = Arc::clone(pool.store());
-        let mut env = SqliteEnv {
+        let mut env = BenchEnv {
             pool,
             raw,
-            store,
             sizes,
+            redis: None,
+            prefix: String::new(),
+            db: "SQLite ",
+            pool_name: "CachedSqlitePool",
+            store_name: "in-process store",
         };
         report.fact(
             "sqlite",
@@ -1089,11 +1147,17 @@ async fn sqlite_section(sizes: Sizes, report: &mut Report) -> Result<(), BoxErro
                     .await?
             ),
         );
-        sqlite_write_single(&mut env, report).await?;
+        env.write_single(report).await?;
         sqlite_write_breakdown(&mut env, report).await?;
-        sqlite_write_tx(&mut env, report).await?;
-        sqlite_write_bulk(&mut env, report).await?;
-        sqlite_reads(&mut env, report).await?;
+        env.write_tx(report).await?;
+        env.write_bulk(report).await?;
+        sqlite_bulk_breakdown(&env, report).await?;
+        let hits = [
+            ("SELECT by primary key, raw SqlitePool (baseline)", Hit::Select),
+            ("get_or_load hit, in-process store", Hit::Cache),
+        ];
+        let select = "SELECT by primary key, raw SqlitePool (baseline)";
+        env.reads(&env.raw, &hits, select, report).await?;
         env.pool.close().await;
         env.raw.close().await;
         Ok::<_, BoxError>(())
@@ -1107,277 +1171,40 @@ async fn sqlite_section(sizes: Sizes, report: &mut Report) -> Result<(), BoxErro
     result
 }
 
-/// The keys of a product row, as the hand-written variant knows them.
-fn product_keys(id: i64, category_id: i64) -> [String; 2] {
-    [
-        format!("product:{id}"),
-        format!("category:{category_id}:products"),
-    ]
-}
-
-/// Adds the three SQLite write variants of a group, ratios against the hand-written one.
-fn sqlite_write_rows(report: &mut Report, group: &str, s: &[Samples; 3]) {
-    let manual = s[1].stats();
-    let raw = s[2].stats();
-    report.latency(
-        group,
-        "hand-written UPDATE + store invalidate (baseline)",
-        manual,
-        Some(manual.median_us),
-    );
-    report.latency(
-        group,
-        "CachedSqlitePool",
-        s[0].stats(),
-        Some(manual.median_us),
-    );
-    report.latency(group, "raw sqlx, no cache", raw, Some(manual.median_us));
-    report.value_vs(
-        group,
-        "CachedSqlitePool vs raw sqlx (median ratio)",
-        s[0].stats().median_us,
-        "µs",
-        raw.median_us,
-    );
-}
-
-async fn sqlite_write_single(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
-    let mut s: [Samples; 3] = Default::default();
-    for i in 0..env.sizes.single {
-        let id = 1 + (i as i64 * 37) % ROWS;
-        for v in 0..3 {
-            let start = Instant::now();
-            match (i + v) % 3 {
-                0 => {
-                    sqlx::query(UPDATE).bind(id).execute(&env.pool).await?;
-                }
-                1 => {
-                    sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw).await?;
-                    env.store
-                        .invalidate(&product_keys(id, id % CATEGORIES))
-                        .await?;
-                }
-                _ => {
-                    sqlx::query(UPDATE_PLAIN).bind(id).execute(&env.raw).await?;
-                }
-            }
-            s[(i + v) % 3].push(start.elapsed());
-        }
-    }
-    sqlite_write_rows(report, "SQLite write: 1-row autocommit UPDATE", &s);
-    Ok(())
-}
-
-async fn sqlite_write_tx(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
-    let mut s: [Samples; 3] = Default::default();
-    for i in 0..env.sizes.tx {
-        let ids: Vec<i64> = (0..5)
-            .map(|k| 1 + (i as i64 * 53 + k * 997) % ROWS)
-            .collect();
-        for v in 0..3 {
-            let start = Instant::now();
-            match (i + v) % 3 {
-                0 => {
-                    let mut tx = env.pool.begin().await?;
-                    for id in &ids {
-                        sqlx::query(UPDATE).bind(id).execute(&mut tx).await?;
-                    }
-                    tx.commit().await?;
-                }
-                1 => {
-                    sqlite_plain_tx(&env.raw, &ids).await?;
-                    let keys: Vec<String> = ids
-                        .iter()
-                        .flat_map(|&id| product_keys(id, id % CATEGORIES))
-                        .collect();
-                    env.store.invalidate(&keys).await?;
-                }
-                _ => sqlite_plain_tx(&env.raw, &ids).await?,
-            }
-            s[(i + v) % 3].push(start.elapsed());
-        }
-    }
-    sqlite_write_rows(report, "SQLite write: 5-UPDATE transaction", &s);
-    Ok(())
-}
-
-async fn sqlite_plain_tx(raw: &SqlitePool, ids: &[i64]) -> Result<(), sqlx::Error> {
-    let mut tx = raw.begin().await?;
-    for id in ids {
-        sqlx::query(UPDATE_PLAIN).bind(id).execute(&mut *tx).await?;
-    }
-    tx.commit().await
-}
-
-async fn sqlite_write_bulk(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
-    let mut s: [Samples; 3] = Default::default();
-    for i in 0..env.sizes.bulk {
-        for v in 0..3 {
-            let start = Instant::now();
-            match (i + v) % 3 {
-                0 => {
-                    sqlx::query(
-                        "UPDATE products SET price_cents = price_cents + 1, version = version + 1",
-                    )
-                    .execute(&env.pool)
-                    .await?;
-                }
-                1 => {
-                    let rows: Vec<(i64, i64)> = sqlx::query_as(
-                        "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1 \
-                         RETURNING id, category_id",
-                    )
-                    .fetch_all(&env.raw)
-                    .await?;
-                    let mut keys: Vec<String> =
-                        rows.iter().map(|(id, _)| format!("product:{id}")).collect();
-                    keys.extend((0..CATEGORIES).map(|c| format!("category:{c}:products")));
-                    env.store.invalidate(&keys).await?;
-                }
-                _ => {
-                    sqlx::query(
-                        "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1",
-                    )
-                    .execute(&env.raw)
-                    .await?;
-                }
-            }
-            s[(i + v) % 3].push(start.elapsed());
-        }
-    }
-    sqlite_write_rows(report, "SQLite write: 10k-row UPDATE", &s);
-    // Where the hand-written variant's time goes: the `RETURNING` rows, and the in-process invalidation of
-    // 10,100 keys (which the pool pays too, for 10,100 distinct keys).
+/// Where the hand-written 10k-row variant's time goes: the `RETURNING` rows, and the in-process
+/// invalidation of 10,100 keys (which the pool pays too, for 10,100 distinct keys).
+async fn sqlite_bulk_breakdown(
+    env: &BenchEnv<Sqlite>,
+    report: &mut Report,
+) -> Result<(), BoxError> {
     let mut parts: [Samples; 2] = Default::default();
     for _ in 0..env.sizes.bulk {
         let start = Instant::now();
-        let rows: Vec<(i64, i64)> = sqlx::query_as(
-            "UPDATE plain_products SET price_cents = price_cents + 1, version = version + 1 \
-             RETURNING id, category_id",
-        )
-        .fetch_all(&env.raw)
-        .await?;
+        let rows: Vec<(i64, i64)> = sqlx::query_as(UPDATE_ALL_PLAIN_RETURNING)
+            .fetch_all(&env.raw)
+            .await?;
         parts[0].push(start.elapsed());
-        let mut keys: Vec<String> = rows.iter().map(|(id, _)| format!("product:{id}")).collect();
-        keys.extend((0..CATEGORIES).map(|c| format!("category:{c}:products")));
+        let keys = env.bulk_keys(&rows);
         // Timed around the call: `MemoryStore` does its work when called, before the future is polled.
         let start = Instant::now();
-        env.store.invalidate(&keys).await?;
+        env.pool.store().invalidate(&keys).await?;
         parts[1].push(start.elapsed());
     }
-    report.latency(
-        "SQLite write: 10k-row breakdown",
-        "UPDATE … RETURNING id, category_id (10k rows to the client)",
-        parts[0].stats(),
-        None,
-    );
-    report.latency(
-        "SQLite write: 10k-row breakdown",
-        "MemoryStore::invalidate of 10,100 keys",
-        parts[1].stats(),
-        None,
-    );
-    Ok(())
-}
-
-async fn sqlite_select(pool: &SqlitePool, id: i64) -> Result<Option<Product>, sqlx::Error> {
-    sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM products WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-}
-
-async fn sqlite_reads(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
-    let cache = env.pool.cache().clone();
-    let raw = &env.raw;
-    let value = sqlite_select(raw, 1).await?;
-    let key = || Product::cache_key_for(&1);
-    let load = || sqlite_select(raw, 1);
-    cache
-        .get_or_load(key(), load)
-        .await
-        .map_err(|e| e.to_string())?;
-    let loads_before = cache.stats().loads;
-    let mut s: [Samples; 2] = Default::default();
-    for i in 0..env.sizes.reads {
-        for v in 0..2 {
-            let start = Instant::now();
-            let got: Option<Product> = match (i + v) % 2 {
-                0 => sqlite_select(raw, 1).await?,
-                _ => cache
-                    .get_or_load(key(), load)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            };
-            s[(i + v) % 2].push(start.elapsed());
-            if got != value {
-                return Err(format!("read returned {got:?}, expected {value:?}").into());
-            }
-        }
-    }
-    let loads = cache.stats().loads - loads_before;
-    if loads != 0 {
-        return Err(format!("{loads} measured SQLite hits were loads").into());
-    }
-    let base = s[0].stats();
-    let group = "SQLite read: hit";
-    report.latency(
-        group,
-        "SELECT by primary key, raw SqlitePool (baseline)",
-        base,
-        Some(base.median_us),
-    );
-    report.latency(
-        group,
-        "get_or_load hit, in-process store",
-        s[1].stats(),
-        Some(base.median_us),
-    );
-
-    // A miss: the key was invalidated; get_or_load takes the lease, loads, stores.
-    let mut s: [Samples; 2] = Default::default();
-    for i in 0..env.sizes.misses {
-        let id = 2 + (i as i64 * 31) % (ROWS - 1);
-        cache
-            .invalidate(&[Product::cache_key_for(&id).into_string()])
-            .await?;
-        for v in 0..2 {
-            let start = Instant::now();
-            match (i + v) % 2 {
-                0 => {
-                    sqlite_select(raw, id).await?;
-                }
-                _ => {
-                    cache
-                        .get_or_load(Product::cache_key_for(&id), || sqlite_select(raw, id))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            s[(i + v) % 2].push(start.elapsed());
-        }
-    }
-    let base = s[0].stats();
-    let group = "SQLite read: miss";
-    report.latency(
-        group,
-        "SELECT by primary key, raw SqlitePool (baseline)",
-        base,
-        Some(base.median_us),
-    );
-    report.latency(
-        group,
-        "get_or_load miss, in-process store (lease + load + fill)",
-        s[1].stats(),
-        Some(base.median_us),
-    );
+    let group = "SQLite write: 10k-row breakdown";
+    let returning = "UPDATE … RETURNING id, category_id (10k rows to the client)";
+    report.latency(group, returning, parts[0].stats(), None);
+    let invalidate = "MemoryStore::invalidate of 10,100 keys";
+    report.latency(group, invalidate, parts[1].stats(), None);
     Ok(())
 }
 
 /// Where the SQLite single-row overhead goes: the writer's steps, done by hand with a plain pool and timed
 /// one by one (the trigger's `UPDATE`, reading the outbox above the watermark, the store invalidation, the
 /// `DELETE` of the delivered row), against the `UPDATE` of the table without trigger.
-async fn sqlite_write_breakdown(env: &mut SqliteEnv, report: &mut Report) -> Result<(), BoxError> {
+async fn sqlite_write_breakdown(
+    env: &mut BenchEnv<Sqlite>,
+    report: &mut Report,
+) -> Result<(), BoxError> {
     const PARTS: [&str; 5] = [
         "UPDATE on the table without trigger (plain pool)",
         "UPDATE on the table with the capture trigger (writes the JSON outbox row)",
@@ -1407,9 +1234,7 @@ async fn sqlite_write_breakdown(env: &mut SqliteEnv, report: &mut Report) -> Res
         .await?;
         s[2].push(timed.elapsed());
         timed = Instant::now();
-        env.store
-            .invalidate(&product_keys(id, id % CATEGORIES))
-            .await?;
+        env.pool.store().invalidate(&env.keys(id)).await?;
         s[3].push(timed.elapsed());
         timed = Instant::now();
         let last = rows.last().map_or(watermark, |r| r.0);
