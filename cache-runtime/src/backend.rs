@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | capture | statement triggers (or row triggers) render keys in SQL | row triggers write the placeholder values as JSON; keys are rendered in Rust by the same code as the read side |
 //! | writer's rows | by transaction id / backend pid | every row after the process's delivered watermark (ids are in commit order: one writer at a time) |
-//! | other clients' writes | `NOTIFY`: delivered at once by a listening relay | no `NOTIFY`: delivered by the next wrapped write or the relay's sweep (every [`sweep_interval`](crate::RelayBuilder::sweep_interval)) |
+//! | other clients' writes | `NOTIFY`: delivered at once by a listening relay | no `NOTIFY`: delivered by the next wrapped write or the relay's sweep (every [`sweep_interval`](crate::RelayBuilder::sweep_interval), once the row is 100 ms old) |
 //! | several relays | share batches (`FOR UPDATE SKIP LOCKED`) | may deliver a row twice (harmless) |
 //! | `TRUNCATE` | namespace invalidation of the entities' shapes | (no `TRUNCATE` in SQLite; `DELETE` fires the row triggers) |
 

@@ -24,9 +24,11 @@
 //!
 //! # SQLite
 //!
-//! A SQLite relay has no `LISTEN`: it sweeps every [`RelayBuilder::sweep_interval`], delivering every row
-//! above its process's delivered watermark, whatever its age or writer (there is no grace period: a row a
-//! wrapped writer is delivering at the same moment is delivered twice, which is harmless). Several relays
+//! A SQLite relay has no `LISTEN`: it sweeps every [`RelayBuilder::sweep_interval`], delivering the rows
+//! above its process's delivered watermark that are older than a settle time (100 ms, or the grace period
+//! if shorter), whatever their writer: SQLite rows cannot tell a wrapped writer's from another client's, so
+//! the wait is short. A wrapped writer delivers its rows well within it, so they are normally delivered
+//! once; a writer slower than that (a slow store) may see them delivered a second time, which is harmless. Several relays
 //! (processes) may deliver the same row; each deletes what it delivered by id range. Keys are rendered from
 //! the rows' JSON images with the relay's registry ([`RelayBuilder::registry`]).
 //!

@@ -61,6 +61,10 @@ impl SqliteState {
     }
 }
 
+/// The longest a relay sweep leaves a fresh row to its writer (at most the configured
+/// [`wrapped_grace`](crate::RelayBuilder::wrapped_grace)).
+const SETTLE: Duration = Duration::from_millis(100);
+
 /// Unix time in seconds, as the outbox's `created_at`.
 const NOW: &str = "((julianday('now') - 2440587.5) * 86400.0)";
 
@@ -141,19 +145,29 @@ impl Backend for Sqlite {
         pool: &'a SqlitePool,
         state: &'a SqliteState,
         batch: i32,
-        _grace: Duration,
+        grace: Duration,
         upto: Option<i64>,
     ) -> BoxFuture<'a, Result<(SqlitePool, ClaimedRows), Error>> {
         Box::pin(async move {
-            // A sweep takes the rows above the watermark; a drain up to an id takes every row up to it
-            // (also rows this process invalidated but could not delete).
+            // A sweep takes the rows above the watermark that are older than the settle time, stopping at
+            // the first younger row (the watermark must only pass delivered rows): a wrapped writer normally
+            // delivers its rows within a millisecond, so the relay does not deliver them a second time.
+            // Rows cannot say whether their writer was wrapped (no session state in SQLite triggers), so
+            // the settle time is short: it delays other clients' writes by at most that much.
+            // A drain up to an id takes every row up to it (also rows this process invalidated but could
+            // not delete).
+            let settle = grace.min(SETTLE).as_secs_f64();
             let rows: Vec<(i64, String, String, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT id, tbl, image, max({NOW} - created_at, 0.0) FROM cache_invalidation_outbox \
-                 WHERE CASE WHEN ?2 IS NULL THEN id > ?1 ELSE id <= ?2 END ORDER BY id LIMIT ?3"
+                 WHERE CASE WHEN ?2 IS NULL THEN id > ?1 AND id < coalesce( \
+                     (SELECT min(id) FROM cache_invalidation_outbox WHERE id > ?1 AND created_at > {NOW} - ?4), \
+                     9223372036854775807) \
+                 ELSE id <= ?2 END ORDER BY id LIMIT ?3"
             )))
             .bind(state.delivered.load(Ordering::Acquire))
             .bind(upto)
             .bind(batch)
+            .bind(settle)
             .fetch_all(pool)
             .await?;
             let ages: Vec<f64> = rows.iter().map(|r| r.3).collect();
