@@ -1,6 +1,7 @@
 //! Prints the install SQL of this program's entities, for a migration tool (`sqlx migrate`, …).
 //!
-//! Run: `cargo run -p examples --bin export_schema > migrations/0002_cache_invalidation.sql`.
+//! Run: `cargo run -p examples --bin export_schema > migrations/0002_cache_invalidation.sql` (PostgreSQL), or
+//! with `-- --sqlite` for SQLite.
 //! Regenerate it whenever an entity's table, templates or placeholder columns change: connecting with a
 //! build whose fingerprint differs from the installed one is an error.
 
@@ -26,5 +27,10 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(1);
     }
-    print!("{}", Schema::new(registry()).sql());
+    let schema = Schema::new(registry());
+    if std::env::args().any(|a| a == "--sqlite") {
+        print!("{}", schema.sqlite_sql());
+    } else {
+        print!("{}", schema.sql());
+    }
 }
