@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::registry::Registry;
 use crate::schema::{NOTIFY_CHANNEL, Schema, TriggerMode, WRAPPED_SETTING};
 
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
 /// The connect options of a database.
@@ -46,6 +47,7 @@ pub(crate) const DRAIN_PAYLOAD: &str = "drain";
 mod sealed {
     pub trait Sealed {}
     impl Sealed for sqlx::Postgres {}
+    #[cfg(feature = "sqlite")]
     impl Sealed for sqlx::Sqlite {}
 }
 

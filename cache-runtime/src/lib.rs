@@ -14,6 +14,7 @@ pub mod pool;
 mod registry;
 pub mod relay;
 pub mod schema;
+#[cfg(feature = "sqlite")]
 mod sqlite_schema;
 pub mod store;
 
@@ -101,10 +102,9 @@ pub use key::{
     Key, KeyError, KeyPart, KeyValue, KeyWriter, NULL_RENDERING, PartKind, Segment, Template,
     is_value_char,
 };
-pub use pool::{
-    CachedPgPool, CachedPool, CachedPoolOptions, CachedSqlitePool, CachedTransaction,
-    WriteDetection,
-};
+#[cfg(feature = "sqlite")]
+pub use pool::CachedSqlitePool;
+pub use pool::{CachedPgPool, CachedPool, CachedPoolOptions, CachedTransaction, WriteDetection};
 pub use registry::{Registry, RegistryError, registry};
 pub use relay::{Backlog, Drained, LISTEN_APPLICATION_NAME, Relay, RelayBuilder};
 pub use schema::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, Schema, TriggerMode};

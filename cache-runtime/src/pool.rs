@@ -61,7 +61,7 @@ use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use sqlx::pool::{PoolConnection, PoolOptions};
-use sqlx::{Database, Either, Execute, Executor, PgPool, Pool, Postgres, Sqlite};
+use sqlx::{Database, Either, Execute, Executor, PgPool, Pool, Postgres};
 use sqlx_core::ext::async_stream::TryAsyncStream;
 use sqlx_core::sql_str::SqlStr;
 use tokio::sync::mpsc;
@@ -81,8 +81,9 @@ use crate::store::Store;
 /// A [`CachedPool`] on PostgreSQL.
 pub type CachedPgPool = CachedPool<Postgres>;
 
-/// A [`CachedPool`] on SQLite.
-pub type CachedSqlitePool = CachedPool<Sqlite>;
+/// A [`CachedPool`] on SQLite (feature `sqlite`, on by default).
+#[cfg(feature = "sqlite")]
+pub type CachedSqlitePool = CachedPool<sqlx::Sqlite>;
 
 /// How [`CachedPool`] decides that an autocommit statement may have written (see the
 /// [module docs](crate::pool)).
@@ -1025,7 +1026,8 @@ macro_rules! executors {
 }
 
 executors!(Postgres);
-executors!(Sqlite);
+#[cfg(feature = "sqlite")]
+executors!(sqlx::Sqlite);
 
 /// An [`Execute`] that records whether its SQL may write when the connection reads it.
 struct Classified<E> {

@@ -137,6 +137,7 @@ impl<'r> Schema<'r> {
         self.registry
     }
 
+    #[cfg(feature = "sqlite")]
     /// The SQLite install script (outbox, installed row, row triggers): idempotent, to run in one
     /// transaction, e.g. as a `sqlx migrate` migration. It does not drop triggers of tables no longer
     /// registered, nor check the columns: [`install_sqlite`](Self::install_sqlite) does both.
@@ -144,6 +145,7 @@ impl<'r> Schema<'r> {
         crate::sqlite_schema::sql(self.registry)
     }
 
+    #[cfg(feature = "sqlite")]
     /// Installs (or updates) the SQLite triggers in one `BEGIN IMMEDIATE` transaction: checks the tables and
     /// placeholder columns, drops the triggers of tables no longer registered, runs
     /// [`sqlite_sql`](Self::sqlite_sql). The trigger mode does not apply: SQLite has row triggers only.
@@ -159,6 +161,7 @@ impl<'r> Schema<'r> {
         crate::sqlite_schema::install(self.registry, conn).await
     }
 
+    #[cfg(feature = "sqlite")]
     /// Checks the SQLite install against this registry, as [`verify`](Self::verify).
     ///
     /// # Errors
