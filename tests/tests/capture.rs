@@ -750,6 +750,58 @@ tests::on_both_backends! {
         pool.close().await;
     }
 
+    /// Transactions that read before they write, concurrently, begun with `begin_with` (SQLite: `BEGIN
+    /// IMMEDIATE`, which a deferred `BEGIN` cannot replace there): every one commits, no update is lost,
+    /// and every commit invalidates the row's keys.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_then_write_transactions_with_begin_with() {
+        let env = Env::with("begin_with", |o| o.relay(false)).await;
+        let begin = if BACKEND == "sqlite" {
+            "BEGIN IMMEDIATE"
+        } else {
+            "BEGIN ISOLATION LEVEL READ COMMITTED"
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let pool = env.pool.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..5 {
+                    let mut tx = pool.begin_with(begin).await.unwrap();
+                    let price: i64 = if BACKEND == "sqlite" {
+                        sqlx::query_scalar("SELECT price_cents FROM products WHERE id = 1")
+                    } else {
+                        sqlx::query_scalar("SELECT price_cents FROM products WHERE id = 1 FOR UPDATE")
+                    }
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                    sqlx::query("UPDATE products SET price_cents = $1 WHERE id = 1")
+                        .bind(price + 1)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let price: i64 = sqlx::query_scalar("SELECT price_cents FROM products WHERE id = 1")
+            .fetch_one(&env.admin)
+            .await
+            .unwrap();
+        assert_eq!(price, 100 + 20, "no lost update ({BACKEND})");
+        let commits = env
+            .store
+            .calls()
+            .iter()
+            .filter(|call| call.iter().any(|k| k == "product:1"))
+            .count();
+        assert_eq!(commits, 20, "every commit invalidated product:1 ({BACKEND})");
+        env.assert_gone(&["product:1", "category:1:products"]).await;
+    }
+
     #[tokio::test]
     async fn update_moving_a_row_between_parents() {
         let env = Env::new("move").await;
