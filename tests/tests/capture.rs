@@ -310,6 +310,21 @@ tests::on_both_backends! {
             }
         }
 
+        /// A product's name read through `cache` (`None`: no such row, cached as a miss), loaded through
+        /// the pool.
+        pub(crate) async fn product_name(&self, cache: &cache_runtime::Cache, id: i64) -> Option<String> {
+            let pool = &self.pool;
+            cache
+                .get_or_load(Product::cache_key_for(&id), || async move {
+                    sqlx::query_scalar::<_, String>("SELECT name FROM products WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(pool)
+                        .await
+                })
+                .await
+                .unwrap()
+        }
+
         /// Whether `key` is cached.
         pub(crate) async fn cached(&self, key: &str) -> bool {
             cached(&*self.raw, key).await
@@ -578,20 +593,7 @@ tests::on_both_backends! {
         .await;
         let cache = Cache::shared(Arc::clone(env.pool.store()));
         let pool = &env.pool;
-        let name = |id: i64| {
-            let cache = &cache;
-            async move {
-                cache
-                    .get_or_load(Product::cache_key_for(&id), || async move {
-                        sqlx::query_scalar::<_, String>("SELECT name FROM products WHERE id = $1")
-                            .bind(id)
-                            .fetch_optional(pool)
-                            .await
-                    })
-                    .await
-                    .unwrap()
-            }
-        };
+        let name = |id: i64| env.product_name(&cache, id);
         assert_eq!(name(1).await.as_deref(), Some("a"));
         assert_eq!(name(2).await.as_deref(), Some("b"));
 
@@ -1824,20 +1826,7 @@ async fn cache_reads_after_truncate_see_no_row() {
     let env = Env::new("read_truncate").await;
     let cache = Cache::shared(Arc::clone(env.pool.store()));
     let pool = &env.pool;
-    let name = |id: i64| {
-        let cache = &cache;
-        async move {
-            cache
-                .get_or_load(Product::cache_key_for(&id), || async move {
-                    sqlx::query_scalar::<_, String>("SELECT name FROM products WHERE id = $1")
-                        .bind(id)
-                        .fetch_optional(pool)
-                        .await
-                })
-                .await
-                .unwrap()
-        }
-    };
+    let name = |id: i64| env.product_name(&cache, id);
     assert_eq!(name(1).await.as_deref(), Some("a"));
     assert_eq!(name(3).await.as_deref(), Some("c"));
     // TRUNCATE: the whole namespace goes (tag tokens), including cached misses turned into rows.
