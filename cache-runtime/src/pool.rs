@@ -811,7 +811,7 @@ impl<DB: Backend> DerefMut for CachedTransaction<'_, DB> {
 
 /// Implements [`Executor`] for `&mut CachedTransaction<'_, $db>` by delegating every method to the
 /// transaction's connection (the style of sqlx-otel), and for `&CachedPool<$db>` by running each statement
-/// as an [`Autocommit`].
+/// as an [`Autocommit`] (`fetch_many` and `fetch_optional`; the other methods are sqlx's defaults over them).
 macro_rules! executors {
     ($db:ty) => {
         impl<'c, 't> Executor<'c> for &'c mut CachedTransaction<'t, $db> {
@@ -919,25 +919,10 @@ macro_rules! executors {
             }
         }
 
+        // `execute`, `execute_many`, `fetch` and `fetch_all` are sqlx's defaults, which run `fetch_many`
+        // to its end: the stream ends only after the statement's keys were delivered.
         impl<'c> Executor<'c> for &'c CachedPool<$db> {
             type Database = $db;
-
-            fn execute<'e, 'q: 'e, E>(
-                self,
-                query: E,
-            ) -> BoxFuture<'e, Result<<$db as Database>::QueryResult, sqlx::Error>>
-            where
-                'c: 'e,
-                E: 'q + Execute<'q, $db>,
-            {
-                let core = Arc::clone(&self.core);
-                Box::pin(async move {
-                    let (mut statement, query) = Autocommit::start(core, query).await?;
-                    let result = statement.conn()?.execute(query).await;
-                    statement.finish().await;
-                    result
-                })
-            }
 
             fn fetch_many<'e, 'q: 'e, E>(
                 self,
@@ -965,23 +950,6 @@ macro_rules! executors {
                     result
                 })
                 .boxed()
-            }
-
-            fn fetch_all<'e, 'q: 'e, E>(
-                self,
-                query: E,
-            ) -> BoxFuture<'e, Result<Vec<<$db as Database>::Row>, sqlx::Error>>
-            where
-                'c: 'e,
-                E: 'q + Execute<'q, $db>,
-            {
-                let core = Arc::clone(&self.core);
-                Box::pin(async move {
-                    let (mut statement, query) = Autocommit::start(core, query).await?;
-                    let result = statement.conn()?.fetch_all(query).await;
-                    statement.finish().await;
-                    result
-                })
             }
 
             fn fetch_optional<'e, 'q: 'e, E>(

@@ -429,6 +429,17 @@ impl Renderer {
         }
     }
 
+    /// The namespace shapes (`product:<>`) of `table`'s templates: what to invalidate when a row of the
+    /// table cannot be rendered.
+    pub(crate) fn namespaces(&self, table: &str) -> Vec<String> {
+        self.plans
+            .get(table)
+            .into_iter()
+            .flatten()
+            .map(|plan| plan.template.shape().to_owned())
+            .collect()
+    }
+
     /// Appends the keys of one outbox row (its `tbl` and `image`) to `out`.
     ///
     /// # Errors

@@ -29,7 +29,6 @@ use crate::sqlite_schema::Renderer;
 #[derive(Debug)]
 pub struct SqliteState {
     renderer: Renderer,
-    registry: Registry,
     /// Every outbox row up to this id was delivered (by this process or another).
     delivered: AtomicI64,
 }
@@ -48,12 +47,7 @@ impl SqliteState {
                         %problem,
                         "cannot render the keys of an outbox row; invalidating the namespaces of its table"
                     );
-                    keys = self
-                        .registry
-                        .for_table(&table)
-                        .flat_map(|meta| meta.templates())
-                        .map(|t| t.shape().to_owned())
-                        .collect();
+                    keys = self.renderer.namespaces(&table);
                 }
                 (id, keys)
             })
@@ -76,7 +70,6 @@ impl Backend for Sqlite {
     fn state(registry: &Registry) -> SqliteState {
         SqliteState {
             renderer: Renderer::new(registry),
-            registry: registry.clone(),
             delivered: AtomicI64::new(0),
         }
     }
