@@ -1,21 +1,15 @@
 #![doc = include_str!("../../README.md")]
 
 pub mod backend;
-pub mod breaker;
-mod cache;
-mod classify;
-pub mod codec;
-mod entity;
-mod error;
-mod flight;
-mod key;
+pub mod cache;
+pub mod entity;
+pub mod error;
+pub mod health;
+pub mod key;
 pub mod observe;
+pub mod outbox;
 pub mod pool;
-mod registry;
-pub mod relay;
-pub mod schema;
-#[cfg(feature = "sqlite")]
-mod sqlite_schema;
+pub mod registry;
 pub mod store;
 
 /// Derives [`CachedEntity`](trait@CachedEntity) for a struct that maps a table row.
@@ -37,6 +31,9 @@ pub mod store;
 /// `cache_key_for(&field, …) -> Key` taking the key's placeholder values in order, the declarations `key!`
 /// checks, and the registration in [`registry()`].
 ///
+/// With `crate = "path"` the generated code names the runtime by `path` instead of `::cache_runtime` (for
+/// a renamed dependency or a re-export), as `#[serde(crate = "...")]` does.
+///
 /// # Examples
 ///
 /// ```
@@ -55,9 +52,6 @@ pub mod store;
 /// ```
 pub use cache_derive::CachedEntity;
 
-pub use backend::Backend;
-pub use breaker::{BreakerConfig, BreakerState};
-pub use cache::{Cache, CacheBuilder, LoadOptions, Stats};
 /// Renders a [`Key`] from a template that some `#[derive(CachedEntity)]` declares.
 ///
 /// `key!("template", name = value, …)`: every placeholder gets exactly one value (`name` alone means
@@ -95,20 +89,21 @@ pub use cache::{Cache, CacheBuilder, LoadOptions, Stats};
 /// let k = key!("products:<id>", id = 7);
 /// ```
 pub use cache_derive::key;
-pub use classify::WRITE_WORDS;
-pub use entity::{CachedEntity, Column, EntityMeta};
-pub use error::{ColumnProblem, Error, Problem};
-pub use key::{
-    Key, KeyError, KeyPart, KeyValue, KeyWriter, NULL_RENDERING, PartKind, Segment, Template,
-    is_value_char,
-};
+pub use cache::{Cache, LoadOptions};
+pub use entity::CachedEntity;
+pub use error::Error;
+pub use key::{Key, KeyPart};
 #[cfg(feature = "sqlite")]
 pub use pool::CachedSqlitePool;
 pub use pool::{CachedPgPool, CachedPool, CachedPoolOptions, CachedTransaction, WriteDetection};
-pub use registry::{Registry, RegistryError, registry};
-pub use relay::{Backlog, Drained, LISTEN_APPLICATION_NAME, Relay, RelayBuilder};
-pub use schema::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, Schema, TriggerMode};
-pub use store::{BoxFuture, MemoryStore, RedisStore, Store, StoreError};
+pub use registry::{Registry, registry};
+pub use store::{MemoryStore, RedisStore, Store, StoreError};
+
+// The paths the derive's generated code uses today.
+#[doc(hidden)]
+pub use entity::{Column, EntityMeta};
+#[doc(hidden)]
+pub use key::{Segment, Template, is_value_char};
 
 /// Support for generated code; not a public API.
 #[doc(hidden)]
@@ -135,7 +130,7 @@ pub mod __private {
     pub const fn declared<T: Declares<E>, E>() {}
 
     /// The metadata of an entity whose derive failed; never registered, never read.
-    pub const FALLBACK_META: &crate::EntityMeta = &crate::EntityMeta {
+    pub const FALLBACK_META: &crate::entity::EntityMeta = &crate::entity::EntityMeta {
         type_name: "",
         table: "",
         key: &FALLBACK_TEMPLATE,
@@ -147,10 +142,10 @@ pub mod __private {
     pub fn fallback_key() -> crate::Key {
         KeyBuilder::new(&FALLBACK_TEMPLATE).finish()
     }
-    static FALLBACK_TEMPLATE: crate::Template = crate::Template::__new("", "", &[]);
+    static FALLBACK_TEMPLATE: crate::key::Template = crate::key::Template::__new("", "", &[]);
 
     /// The kind of a placeholder's type, at compile time (used by the derive).
-    pub const fn kind_of<T: crate::KeyPart + ?Sized>() -> crate::PartKind {
+    pub const fn kind_of<T: crate::KeyPart + ?Sized>() -> crate::key::PartKind {
         T::KIND
     }
 }

@@ -254,45 +254,10 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
 
-    fn lease(token: &str) -> LeaseRequest<'_> {
-        LeaseRequest {
-            token,
-            ttl: Duration::from_secs(5),
-            replace: None,
-        }
-    }
-
     #[tokio::test]
-    async fn lease_fill_and_invalidate() {
-        let s = MemoryStore::new(100);
-        let ttl = Duration::from_secs(5);
-        let got = s.lookup("k", lease("a"), &[], ttl).await.unwrap();
-        assert!(matches!(got.slot, Slot::Acquired { .. }));
-        let got = s.lookup("k", lease("b"), &[], ttl).await.unwrap();
-        assert_eq!(got.slot, Slot::Leased);
-        assert!(!s.fill("k", "b", b"x", ttl).await.unwrap());
-        s.invalidate(&["k".to_owned()]).await.unwrap();
-        assert!(
-            !s.fill("k", "a", b"x", ttl).await.unwrap(),
-            "lease was invalidated"
-        );
-        let got = s.lookup("k", lease("c"), &[], ttl).await.unwrap();
-        assert!(matches!(got.slot, Slot::Acquired { .. }));
-        assert!(s.fill("k", "c", b"x", ttl).await.unwrap());
-        let got = s.lookup("k", lease("d"), &[], ttl).await.unwrap();
-        assert_eq!(got.slot, Slot::Value(b"x".to_vec()));
-    }
-
-    #[tokio::test]
-    async fn tag_tokens_change_on_invalidation() {
-        let s = MemoryStore::new(100);
-        let ttl = Duration::from_secs(5);
-        let tags = ["a:1".to_owned(), "a:<>".to_owned()];
-        let first = s.tags(&tags, Some(ttl)).await.unwrap();
-        assert_eq!(s.tags(&tags, None).await.unwrap(), first);
-        s.invalidate(&["a:<>".to_owned()]).await.unwrap();
-        let after = s.tags(&tags, None).await.unwrap();
-        assert_eq!(after[0], first[0]);
-        assert_eq!(after[1], None);
+    async fn conforms() {
+        crate::store::conformance::check(&MemoryStore::new(1_000), "conformance:")
+            .await
+            .unwrap();
     }
 }

@@ -12,7 +12,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Pipeline, Script, ServerErrorKind, Value};
 
 use super::{
-    BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, tag_slot,
+    BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, nonce,
+    tag_slot,
 };
 
 /// The marker that starts a lease in a value slot. Entries start with a different byte.
@@ -20,54 +21,17 @@ pub(crate) const LEASE_MARK: &[u8] = b"\0L";
 
 /// Reads the value slot; takes the lease when it is empty (or holds exactly ARGV[3] when ARGV[4] = '1').
 /// Returns {1, value} | {2} (leased by another) | {3, seconds, microseconds} (lease taken).
-const LOOKUP: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v and ARGV[4] == '1' and v == ARGV[3] then v = false end
-if v then
-  if string.sub(v, 1, 2) == '\0L' then return {2} end
-  return {1, v}
-end
-local t = redis.call('TIME')
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return {3, t[1], t[2]}
-";
+const LOOKUP: &str = include_str!("redis/lookup.lua");
 
 /// Returns the tag token, creating it (nonce ARGV[1] + '.' + server time in microseconds) when missing and
 /// ARGV[2] > 0; makes it live at least ARGV[2] ms.
-const TAG: &str = r"
-local v = redis.call('GET', KEYS[1])
-local ttl = tonumber(ARGV[2])
-if not v then
-  if ttl <= 0 then return false end
-  local t = redis.call('TIME')
-  v = ARGV[1] .. '.' .. t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', KEYS[1], v, 'PX', ttl)
-  return v
-end
-if ttl > 0 then
-  local left = redis.call('PTTL', KEYS[1])
-  if left >= 0 and left < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-end
-return v
-";
+const TAG: &str = include_str!("redis/tag.lua");
 
 /// Stores ARGV[2] for ARGV[3] ms if the slot still holds the lease ARGV[1].
-const FILL: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-";
+const FILL: &str = include_str!("redis/fill.lua");
 
 /// Deletes the slot if it still holds the lease ARGV[1].
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-";
+const RELEASE: &str = include_str!("redis/release.lua");
 
 #[derive(Debug)]
 struct Scripts {
@@ -212,11 +176,6 @@ impl RedisStore {
                 .arg(u64::try_from(ttl_ms).unwrap_or(u64::MAX)),
         );
     }
-}
-
-/// A random 128-bit nonce, in hex.
-pub(crate) fn nonce() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
 fn millis(d: Duration) -> u64 {

@@ -13,30 +13,30 @@
 //!   values: the row a `REPLACE` deletes, whose delete trigger SQLite fires only with `recursive_triggers`.
 //!   Text columns holding a BLOB (sqlx stores `uuid::Uuid` as 16 bytes) are written as `{"blob": "<HEX>"}`,
 //!   because `json_object` rejects BLOBs.
-//! - **Keys are rendered in Rust.** [`Renderer`] turns an image into [`crate::KeyValue`]s and renders them
+//! - **Keys are rendered in Rust.** `render::Renderer` turns an image into [`crate::KeyValue`]s and renders them
 //!   with [`Template::render`], the very code that renders the keys on the Rust side, so both agree byte for
 //!   byte (a 16-byte BLOB becomes the lower-case hyphenated UUID text that `uuid::Uuid` renders).
 //! - **Outbox ids are in commit order.** SQLite has a single writer: transactions commit one after the
 //!   other, and `AUTOINCREMENT` never reuses an id, so a higher id was committed later.
 //! - **No `LISTEN`/`NOTIFY`.** SQLite cannot signal another connection: the runtime polls the outbox.
 //!
-//! [`install`] runs [`sql`] in one transaction after checking the tables and placeholder columns, dropping
-//! the triggers of tables no longer registered; [`verify`] checks the recorded fingerprint and version.
+//! [`SqliteSchema::install`] runs [`SqliteSchema::sql`] in one transaction after checking the tables and placeholder columns, dropping
+//! the triggers of tables no longer registered; [`SqliteSchema::verify`] checks the recorded fingerprint
+//! and version.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use sqlx::{Connection as _, SqliteConnection};
 
 use crate::entity::EntityMeta;
 use crate::error::{ColumnProblem, Error, Problem};
-use crate::key::{KeyValue, PartKind, Template};
+use crate::backend::{ident, literal};
+use crate::key::PartKind;
 use crate::registry::Registry;
-use crate::schema::{ident, literal};
 
 /// The outbox table: one row per captured row image.
-pub(crate) const OUTBOX: &str = "cache_invalidation_outbox";
+pub(crate) const OUTBOX: &str = outbox!();
 
 /// The table recording the fingerprint and version of the installed triggers.
 pub(crate) const INSTALLED: &str = "cache_invalidation_installed";
@@ -50,11 +50,76 @@ const TRIGGER_PREFIX: &str = "cache_invalidation_";
 /// The trigger suffixes, one per operation.
 const OPERATIONS: [&str; 4] = ["insert", "update", "delete", "replace"];
 
+/// The SQLite SQL generated from a [`Registry`]: install it, check it, or export it.
+///
+/// # Examples
+///
+/// ```
+/// use cache_runtime::{CachedEntity, Registry};
+/// use cache_runtime::backend::sqlite::SqliteSchema;
+///
+/// #[derive(CachedEntity)]
+/// #[cached_entity(table = "products", key = "product:<id>")]
+/// struct Product {
+///     id: i64,
+/// }
+///
+/// let sql = SqliteSchema::new(&Registry::new([Product::META])).sql();
+/// assert!(sql.contains("CREATE TRIGGER \"cache_invalidation_products_insert\""));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteSchema<'r> {
+    registry: &'r Registry,
+}
+
+impl<'r> SqliteSchema<'r> {
+    /// The schema of `registry`.
+    pub fn new(registry: &'r Registry) -> Self {
+        Self { registry }
+    }
+
+    /// The install script (outbox, installed row, row triggers): idempotent, to run in one transaction,
+    /// e.g. as a `sqlx migrate` migration. It does not drop triggers of tables no longer registered, nor
+    /// check the columns: [`install`](Self::install) does both.
+    pub fn sql(&self) -> String {
+        sql(self.registry)
+    }
+
+    /// Installs (or updates) the triggers in one `BEGIN IMMEDIATE` transaction: checks the tables and
+    /// placeholder columns, drops the triggers of tables no longer registered, runs [`sql`](Self::sql).
+    /// SQLite has row triggers only (no trigger mode).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Registry`], [`Error::Columns`] or [`Error::Database`]; nothing is changed then.
+    ///
+    /// # Cancel safety
+    ///
+    /// All or nothing: one transaction.
+    pub async fn install(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
+        install(self.registry, conn).await
+    }
+
+    /// Checks that the installed triggers were generated from this registry by this version of the crate.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotInstalled`], [`Error::SchemaVersionMismatch`] or [`Error::FingerprintMismatch`];
+    /// [`Error::Database`] when a query fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Read-only; dropping the future has no effect.
+    pub async fn verify(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
+        verify(self.registry, conn).await
+    }
+}
+
 /// The whole idempotent install script for `registry`: the outbox and installed tables, the triggers of
 /// every registered table (dropped and recreated) and the upsert of the installed row.
 ///
-/// It does not drop the triggers of tables that are no longer registered: [`install`] does.
-pub(crate) fn sql(registry: &Registry) -> String {
+/// It does not drop the triggers of tables that are no longer registered: `install` does.
+fn sql(registry: &Registry) -> String {
     let fingerprint = registry.fingerprint();
     let mut sql = String::with_capacity(4096);
     let _ = write!(
@@ -90,13 +155,13 @@ CREATE TABLE IF NOT EXISTS {INSTALLED} (
 ///
 /// Validates the registry, checks that every registered table and placeholder column exists (reporting every
 /// problem at once), drops the `cache_invalidation_%` triggers of tables no longer registered, then runs
-/// [`sql`]. The transaction starts with `BEGIN IMMEDIATE`: it reads the catalog, then writes, and taking the
+/// `sql`. The transaction starts with `BEGIN IMMEDIATE`: it reads the catalog, then writes, and taking the
 /// write lock first avoids failing with `SQLITE_BUSY` when another connection writes in between.
 ///
 /// # Errors
 ///
 /// [`Error::Registry`], [`Error::Columns`] or [`Error::Database`]; nothing is changed then.
-pub(crate) async fn install(registry: &Registry, conn: &mut SqliteConnection) -> Result<(), Error> {
+async fn install(registry: &Registry, conn: &mut SqliteConnection) -> Result<(), Error> {
     registry.validate()?;
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let result = async {
@@ -126,7 +191,7 @@ pub(crate) async fn install(registry: &Registry, conn: &mut SqliteConnection) ->
 ///
 /// [`Error::NotInstalled`], [`Error::SchemaVersionMismatch`] or [`Error::FingerprintMismatch`];
 /// [`Error::Database`] when a query fails.
-pub(crate) async fn verify(registry: &Registry, conn: &mut SqliteConnection) -> Result<(), Error> {
+async fn verify(registry: &Registry, conn: &mut SqliteConnection) -> Result<(), Error> {
     let exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
     )
@@ -385,152 +450,6 @@ fn value_expr(kind: PartKind, value: &str) -> String {
     }
 }
 
-/// One template of a table, with the column and kind of each placeholder in order.
-#[derive(Debug)]
-struct Plan {
-    /// The template to render.
-    template: &'static Template,
-    /// Per placeholder, in order: the column (the image's key) and its kind; `None` when the placeholder
-    /// names no column (the derive prevents it; rendered as `NULL`).
-    parts: Vec<Option<(&'static str, PartKind)>>,
-}
-
-/// Turns outbox rows (table and JSON image) into keys, with the same rendering as the Rust side.
-///
-/// Cheap to clone (shared behind an [`Arc`]).
-#[derive(Debug, Clone)]
-pub(crate) struct Renderer {
-    /// Per table, the templates of its entities (identical renderings deduplicated).
-    plans: Arc<HashMap<&'static str, Vec<Plan>>>,
-}
-
-impl Renderer {
-    /// The renderer of `registry`'s entities.
-    pub(crate) fn new(registry: &Registry) -> Self {
-        let mut plans: HashMap<&'static str, Vec<Plan>> = HashMap::new();
-        for entity in registry.entities() {
-            let table = plans.entry(entity.table).or_default();
-            for template in entity.templates() {
-                let parts: Vec<_> = template
-                    .placeholders()
-                    .map(|field| entity.column(field).map(|c| (c.column, c.kind)))
-                    .collect();
-                // Two templates of the same shape reading the same columns render the same keys.
-                let duplicate = table
-                    .iter()
-                    .any(|p| p.template.shape() == template.shape() && p.parts == parts);
-                if !duplicate {
-                    table.push(Plan { template, parts });
-                }
-            }
-        }
-        Self {
-            plans: Arc::new(plans),
-        }
-    }
-
-    /// The namespace shapes (`product:<>`) of `table`'s templates: what to invalidate when a row of the
-    /// table cannot be rendered.
-    pub(crate) fn namespaces(&self, table: &str) -> Vec<String> {
-        self.plans
-            .get(table)
-            .into_iter()
-            .flatten()
-            .map(|plan| plan.template.shape().to_owned())
-            .collect()
-    }
-
-    /// Appends the keys of one outbox row (its `tbl` and `image`) to `out`.
-    ///
-    /// # Errors
-    ///
-    /// A description of the problem when the table is not registered, the image is not a JSON object, or
-    /// it lacks a column or holds a value that cannot render; `out` is unchanged then.
-    pub(crate) fn keys(
-        &self,
-        table: &str,
-        image: &str,
-        out: &mut Vec<String>,
-    ) -> Result<(), String> {
-        let plans = self
-            .plans
-            .get(table)
-            .ok_or_else(|| format!("outbox row of table `{table}`, which no entity maps"))?;
-        let image: serde_json::Map<String, serde_json::Value> = serde_json::from_str(image)
-            .map_err(|e| {
-                format!("outbox row of table `{table}`: image is not a JSON object ({e}): {image}")
-            })?;
-        let mut keys = Vec::with_capacity(plans.len());
-        let mut values = Vec::new();
-        for plan in plans {
-            values.clear();
-            for part in &plan.parts {
-                let value = match part {
-                    Some((column, kind)) => {
-                        let json = image.get(*column).ok_or_else(|| {
-                            format!("outbox row of table `{table}`: image lacks column `{column}`")
-                        })?;
-                        key_value(json, *kind).map_err(|e| {
-                            format!("outbox row of table `{table}`, column `{column}`: {e}")
-                        })?
-                    }
-                    None => KeyValue::Null,
-                };
-                values.push(value);
-            }
-            let key = plan.template.render(&values).map_err(|e| {
-                format!(
-                    "outbox row of table `{table}`: cannot render `{}`: {e}",
-                    plan.template
-                )
-            })?;
-            keys.push(key.into_string());
-        }
-        out.append(&mut keys);
-        Ok(())
-    }
-}
-
-/// The key value of one JSON image value of a column of `kind`.
-fn key_value(json: &serde_json::Value, kind: PartKind) -> Result<KeyValue, String> {
-    use serde_json::Value;
-    Ok(match json {
-        Value::Null => KeyValue::Null,
-        Value::Bool(b) => KeyValue::Bool(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) if kind == PartKind::Bool => KeyValue::Bool(i != 0),
-            Some(i) => KeyValue::Int(i),
-            None => KeyValue::Text(n.to_string()),
-        },
-        Value::String(s) => KeyValue::Text(s.clone()),
-        Value::Object(map) => match (map.len(), map.get("blob")) {
-            (1, Some(Value::String(hex))) => KeyValue::Text(blob_text(hex)?),
-            _ => return Err(format!("unexpected JSON object {json}")),
-        },
-        Value::Array(_) => return Err(format!("unexpected JSON array {json}")),
-    })
-}
-
-/// The text of a BLOB given as hex: the lower-case hyphenated UUID for 16 bytes (as `uuid::Uuid` renders),
-/// the lower-case hex otherwise.
-fn blob_text(hex: &str) -> Result<String, String> {
-    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("invalid BLOB hex `{hex}`"));
-    }
-    let lower = hex.to_ascii_lowercase();
-    if lower.len() != 32 {
-        return Ok(lower);
-    }
-    let mut out = String::with_capacity(36);
-    for (i, c) in lower.chars().enumerate() {
-        if matches!(i, 8 | 12 | 16 | 20) {
-            out.push('-');
-        }
-        out.push(c);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use std::str::FromStr as _;
@@ -540,8 +459,9 @@ mod tests {
     use sqlx::sqlite::SqliteConnectOptions;
 
     use super::*;
-    use crate::entity::Column;
-    use crate::key::Segment;
+    use crate::backend::sqlite::render::{RenderError, Renderer};
+    use crate::entity::{Column, EntityMeta};
+    use crate::key::{Segment, Template};
 
     // products: key `product:<id>`, depends `category:<category_id>:products` (nullable column).
     static PRODUCT_KEY: Template = Template::__new(
@@ -996,18 +916,22 @@ mod tests {
     fn sqlite_renderer_rejects_bad_rows() {
         let renderer = Renderer::new(&all());
         let mut out = Vec::new();
-        assert!(
-            renderer
-                .keys("nope", "{}", &mut out)
-                .unwrap_err()
-                .contains("nope")
+        assert_eq!(
+            renderer.keys("nope", "{}", &mut out),
+            Err(RenderError::UnknownTable("nope".into()))
         );
         assert!(renderer.keys("products", "not json", &mut out).is_err());
         assert!(renderer.keys("products", "[1]", &mut out).is_err());
         let err = renderer
             .keys("products", r#"{"id":1}"#, &mut out)
             .unwrap_err();
-        assert!(err.contains("category_id"), "{err}");
+        assert_eq!(
+            err,
+            RenderError::MissingColumn {
+                table: "products".into(),
+                column: "category_id"
+            }
+        );
         assert!(
             renderer
                 .keys(

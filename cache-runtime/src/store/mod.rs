@@ -24,8 +24,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-pub(crate) mod memory;
-pub(crate) mod redis;
+pub mod conformance;
+mod memory;
+mod redis;
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
@@ -42,6 +43,11 @@ pub(crate) fn tag_slot(key_or_shape: &str) -> String {
     s.push_str(TAG_PREFIX);
     s.push_str(key_or_shape);
     s
+}
+
+/// A random 128-bit nonce, in hex: lease tokens and tag tokens.
+pub(crate) fn nonce() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
 /// Whether `key` is a namespace shape (`product:<>`) rather than a rendered key.
@@ -133,6 +139,57 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError`] when the backend cannot be reached; the lease then expires on its own.
     fn release<'a>(&'a self, key: &'a str, lease: &'a str)
     -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+/// A shared store is a store: `Arc<dyn Store>` (or `Arc<S>`) can be handed wherever a `Store` is taken.
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).invalidate(keys)
+    }
+
+    fn peek<'a>(
+        &'a self,
+        key: &'a str,
+        tags: &'a [String],
+    ) -> BoxFuture<'a, Result<Peek, StoreError>> {
+        (**self).peek(key, tags)
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        key: &'a str,
+        lease: LeaseRequest<'a>,
+        tags: &'a [String],
+        tag_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Lookup, StoreError>> {
+        (**self).lookup(key, lease, tags, tag_ttl)
+    }
+
+    fn tags<'a>(
+        &'a self,
+        tags: &'a [String],
+        create: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Vec<Option<TagToken>>, StoreError>> {
+        (**self).tags(tags, create)
+    }
+
+    fn fill<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        (**self).fill(key, lease, value, ttl)
+    }
+
+    fn release<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).release(key, lease)
+    }
 }
 
 /// The lease a [`Store::lookup`] takes when the value slot is empty.

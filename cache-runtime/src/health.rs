@@ -13,11 +13,10 @@
 //!
 //! Until the breaker opens, a store call waits at most for the store's own timeout ([`RedisStore`]: 1 s per
 //! command, reconnects failing fast), and the commit path and the relay bound theirs by
-//! [`CachedPoolOptions::store_timeout`] (default 500 ms). Reads never return a store error: they fall
+//! [`RelayConfig::store_timeout`](crate::outbox::RelayConfig::store_timeout) (default 500 ms). Reads never return a store error: they fall
 //! through to the loader.
 //!
 //! [`RedisStore`]: crate::RedisStore
-//! [`CachedPoolOptions::store_timeout`]: crate::CachedPoolOptions::store_timeout
 //!
 //! # Gate
 //!
@@ -35,14 +34,16 @@
 //! A [`Cache`](crate::Cache) built on its own (not by a pool) has no outbox to drain: it has the breaker
 //! only, and reads use the store again as soon as it answers.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::error::Error;
 use crate::observe;
+use crate::store::{BoxFuture, Store, StoreError};
 
 /// Settings of the circuit breaker in front of the store.
 ///
@@ -308,6 +309,56 @@ impl Health {
             tracing::info!("outbox rows of the store outage delivered; reads use the cache again");
         }
         true
+    }
+}
+
+/// A store behind its circuit breaker: what a process's cache, commit path and relay share (one per
+/// [`CachedPool`](crate::CachedPool); a standalone [`Cache`](crate::Cache) or relay has its own).
+#[derive(Debug)]
+pub(crate) struct Guarded {
+    /// The store.
+    pub(crate) store: Arc<dyn Store>,
+    /// Its breaker and read gate.
+    pub(crate) health: Health,
+}
+
+impl Guarded {
+    /// `store` behind a breaker of `config`; with `gate`, failures also close the read gate (only where an
+    /// outbox drain can open it again: in a pool).
+    pub(crate) fn new(store: Arc<dyn Store>, config: BreakerConfig, gate: bool) -> Self {
+        Self {
+            store,
+            health: Health::new(config, gate),
+        }
+    }
+
+    /// Runs `op` on the store through the breaker, bounded by `timeout`, and reports its outcome; `name`
+    /// labels the store-error metric.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::CircuitOpen`] when the breaker skipped the call, [`Error::Store`] or
+    /// [`Error::StoreTimeout`] when it failed (counted as a failure).
+    pub(crate) async fn call<'a, T>(
+        &'a self,
+        name: &'static str,
+        timeout: Duration,
+        op: impl FnOnce(&'a dyn Store) -> BoxFuture<'a, Result<T, StoreError>>,
+    ) -> Result<T, Error> {
+        if self.health.permit() == Permit::Skip {
+            return Err(Error::CircuitOpen);
+        }
+        let result = match tokio::time::timeout(timeout, op(self.store.as_ref())).await {
+            Ok(Ok(value)) => {
+                self.health.success();
+                return Ok(value);
+            }
+            Ok(Err(error)) => Error::Store(error),
+            Err(_) => Error::StoreTimeout(timeout),
+        };
+        self.health.failure();
+        observe::store_error(name);
+        Err(result)
     }
 }
 

@@ -1,4 +1,4 @@
-//! The database side of capture: the outbox, the SQL key rendering and the triggers, generated from a
+//! The PostgreSQL side of capture: the outbox, the SQL key rendering and the triggers, generated from a
 //! [`Registry`].
 //!
 //! # What gets installed
@@ -19,24 +19,20 @@
 //!   transition tables by default, see [`TriggerMode`]) and `cache_invalidation_truncate`, which writes the
 //!   *shapes* of the entity's templates (`product:<>`): the store invalidates the whole namespace.
 //! - functions the runtime calls (all `SECURITY DEFINER`): `transaction_keys()`, `session_keys()`,
-//!   `claim(int, interval)`, `claim_rows(int, interval, bigint)` (the same with row ages, or every row up to an id
+//!   `claim_rows(int, interval, bigint)` (the same with row ages, or every row up to an id
 //!   whatever its age: the drain after a store outage), `delivered(bigint[])`, `backlog()` (depth, highest id, oldest row's age: the
 //!   relay's gauges), `max_id()` (the post-outage watermark, an index lookup) and `pending_upto(bigint)` (rows up to an id still there).
-//!   They are revoked from `PUBLIC`: only the installing role and roles granted with [`Schema::grant_sql`]
+//!   They are revoked from `PUBLIC`: only the installing role and roles granted with [`PgSchema::grant_sql`]
 //!   may call them, so no other role can read or delete undelivered rows.
 //!
 //! Sessions that are not wrapped (psql, another service, a plain `PgPool`) also `pg_notify` the channel
 //! [`NOTIFY_CHANNEL`], on which the relay listens.
 //!
-//! SQLite gets its own, simpler schema ([`Schema::sqlite_sql`], [`Schema::install_sqlite`]): the table
-//! `cache_invalidation_outbox (id, tbl, image, created_at)` and, per registered table, row triggers that
-//! write the placeholder columns of the old and new row images as JSON; keys are rendered in Rust.
-//!
 //! # Installing
 //!
-//! [`Schema::install`] runs [`Schema::sql`] in one transaction under an advisory lock; it is idempotent and
+//! [`PgSchema::install`] runs [`PgSchema::sql`] in one transaction under an advisory lock; it is idempotent and
 //! replaces the triggers of a previous install (triggers of tables no longer registered are dropped). The same
-//! SQL can be applied by a migration tool (`sqlx migrate`): write [`Schema::sql`] into a migration file, and
+//! SQL can be applied by a migration tool (`sqlx migrate`): write [`PgSchema::sql`] into a migration file, and
 //! generate a new one whenever the fingerprint changes.
 //!
 //! Requires PostgreSQL 13 or later (`xid8`, `pg_current_xact_id`); `MERGE` needs 15.
@@ -52,52 +48,23 @@ use crate::entity::EntityMeta;
 use crate::error::{ColumnProblem, Error, Problem};
 use crate::key::{NULL_RENDERING, PartKind, Segment, Template};
 use crate::registry::{Registry, fnv1a64};
-
-/// The PostgreSQL schema holding the outbox and the functions.
-pub const SCHEMA: &str = "cache_invalidation";
-
-/// The `LISTEN`/`NOTIFY` channel written by sessions that do not go through [`CachedPool`](crate::CachedPool).
-pub const NOTIFY_CHANNEL: &str = "cache_invalidation";
-
-/// The session setting that marks a connection of [`CachedPool`](crate::CachedPool).
-pub const WRAPPED_SETTING: &str = "cache_invalidation.wrapped";
-
-/// The version of the generated SQL; an installed schema of another version must be re-installed.
-pub const SCHEMA_VERSION: i32 = 2;
+use crate::backend::{TriggerMode, ident, literal};
+use super::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, SEEN_SETTING, WRAPPED_SETTING, function};
 
 /// Advisory lock key taken by the install (`hashtext`-free constant: "cacheinv" in ASCII).
 const INSTALL_LOCK: i64 = 0x6361_6368_6569_6e76;
 
-/// The regular expression of text that renders as itself (ASCII only, evaluated with the `C` collation).
-const UNRESERVED_RE: &str = "^[A-Za-z0-9_.-]*$";
-
-/// How the capture triggers fire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TriggerMode {
-    /// One trigger call per statement, reading the transition tables (`old_rows`, `new_rows`): one
-    /// `INSERT … SELECT` per statement, however many rows it touched. The default: measured faster (see the
-    /// `trigger_bench` example).
-    #[default]
-    Statement,
-    /// One trigger call per row, reading `OLD` / `NEW`; one outbox row per changed row.
-    Row,
-}
-
-impl TriggerMode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Statement => "statement",
-            Self::Row => "row",
-        }
-    }
-}
+/// The regular-expression character class of the bytes that render as themselves (ASCII only, evaluated
+/// with the `C` collation).
+const UNRESERVED_CLASS: &str = "A-Za-z0-9_.-";
 
 /// The SQL generated from a [`Registry`]: install it, check it, or export it.
 ///
 /// # Examples
 ///
 /// ```
-/// use cache_runtime::{CachedEntity, Registry, Schema};
+/// use cache_runtime::{CachedEntity, Registry};
+/// use cache_runtime::backend::postgres::PgSchema;
 ///
 /// #[derive(CachedEntity)]
 /// #[cached_entity(table = "products", key = "product:<id>", depends = ["category:<category_id>:products"])]
@@ -107,17 +74,17 @@ impl TriggerMode {
 /// }
 ///
 /// let registry = Registry::new([Product::META]);
-/// let sql = Schema::new(&registry).sql();
+/// let sql = PgSchema::new(&registry).sql();
 /// assert!(sql.contains("CREATE TABLE IF NOT EXISTS cache_invalidation.outbox"));
 /// assert!(sql.contains("REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"));
 /// ```
 #[derive(Debug, Clone)]
-pub struct Schema<'r> {
+pub struct PgSchema<'r> {
     registry: &'r Registry,
     mode: TriggerMode,
 }
 
-impl<'r> Schema<'r> {
+impl<'r> PgSchema<'r> {
     /// The schema of `registry`, with statement-level triggers.
     pub fn new(registry: &'r Registry) -> Self {
         Self {
@@ -137,45 +104,7 @@ impl<'r> Schema<'r> {
         self.registry
     }
 
-    #[cfg(feature = "sqlite")]
-    /// The SQLite install script (outbox, installed row, row triggers): idempotent, to run in one
-    /// transaction, e.g. as a `sqlx migrate` migration. It does not drop triggers of tables no longer
-    /// registered, nor check the columns: [`install_sqlite`](Self::install_sqlite) does both.
-    pub fn sqlite_sql(&self) -> String {
-        crate::sqlite_schema::sql(self.registry)
-    }
-
-    #[cfg(feature = "sqlite")]
-    /// Installs (or updates) the SQLite triggers in one `BEGIN IMMEDIATE` transaction: checks the tables and
-    /// placeholder columns, drops the triggers of tables no longer registered, runs
-    /// [`sqlite_sql`](Self::sqlite_sql). The trigger mode does not apply: SQLite has row triggers only.
-    ///
-    /// # Errors
-    ///
-    /// As [`install`](Self::install).
-    ///
-    /// # Cancel safety
-    ///
-    /// As [`install`](Self::install): all or nothing.
-    pub async fn install_sqlite(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), Error> {
-        crate::sqlite_schema::install(self.registry, conn).await
-    }
-
-    #[cfg(feature = "sqlite")]
-    /// Checks the SQLite install against this registry, as [`verify`](Self::verify).
-    ///
-    /// # Errors
-    ///
-    /// As [`verify`](Self::verify).
-    ///
-    /// # Cancel safety
-    ///
-    /// Read-only; dropping the future has no effect.
-    pub async fn verify_sqlite(&self, conn: &mut sqlx::SqliteConnection) -> Result<(), Error> {
-        crate::sqlite_schema::verify(self.registry, conn).await
-    }
-
-    /// The complete install script: idempotent, to run in one transaction (as [`Schema::install`] does, and
+    /// The complete install script: idempotent, to run in one transaction (as [`PgSchema::install`] does, and
     /// as `sqlx migrate` runs a migration). It checks the placeholder columns first and fails with a message
     /// naming table, column and entity.
     pub fn sql(&self) -> String {
@@ -183,7 +112,7 @@ impl<'r> Schema<'r> {
         let _ = writeln!(
             sql,
             "-- Generated by cache-runtime from the registry with fingerprint {} (schema version {SCHEMA_VERSION}).\n\
-             -- Regenerate (cache_runtime::Schema::sql) whenever an entity's table, templates or columns change.\n\
+             -- Regenerate (cache_runtime::backend::postgres::PgSchema::sql) whenever an entity's table, templates or columns change.\n\
              SELECT pg_advisory_xact_lock({INSTALL_LOCK});",
             self.registry.fingerprint()
         );
@@ -194,13 +123,13 @@ impl<'r> Schema<'r> {
             "REVOKE ALL ON FUNCTION {} FROM PUBLIC;",
             CLIENT_FUNCTIONS.join(", ")
         );
-        sql.push_str(DROP_CAPTURE_SQL);
+        sql.push_str(&fill(DROP_CAPTURE_SQL));
         for entity in self.tables() {
             sql.push_str(&self.table_sql(entity));
         }
         let _ = writeln!(
             sql,
-            "INSERT INTO cache_invalidation.installed (singleton, fingerprint, schema_version, trigger_mode, installed_at)\n\
+            "INSERT INTO {SCHEMA}.installed (singleton, fingerprint, schema_version, trigger_mode, installed_at)\n\
              VALUES (true, {}, {SCHEMA_VERSION}, {}, now())\n\
              ON CONFLICT (singleton) DO UPDATE SET fingerprint = EXCLUDED.fingerprint,\n\
              schema_version = EXCLUDED.schema_version, trigger_mode = EXCLUDED.trigger_mode,\n\
@@ -219,12 +148,12 @@ impl<'r> Schema<'r> {
     /// # Examples
     ///
     /// ```
-    /// let sql = cache_runtime::Schema::grant_sql("app");
+    /// let sql = cache_runtime::backend::postgres::PgSchema::grant_sql("app");
     /// assert!(sql.starts_with("GRANT USAGE ON SCHEMA cache_invalidation TO \"app\";"));
     /// ```
     pub fn grant_sql(role: &str) -> String {
         format!(
-            "GRANT USAGE ON SCHEMA cache_invalidation TO {role};\nGRANT EXECUTE ON FUNCTION {} TO {role};",
+            "GRANT USAGE ON SCHEMA {SCHEMA} TO {role};\nGRANT EXECUTE ON FUNCTION {} TO {role};",
             CLIENT_FUNCTIONS.join(", "),
             role = ident(role),
         )
@@ -290,11 +219,11 @@ impl<'r> Schema<'r> {
     /// Read-only; dropping the future has no effect.
     pub async fn verify(&self, conn: &mut PgConnection) -> Result<(), Error> {
         let exists: bool =
-            sqlx::query_scalar("SELECT to_regclass('cache_invalidation.installed') IS NOT NULL")
+            sqlx::query_scalar(concat!("SELECT to_regclass('", function!("installed"), "') IS NOT NULL"))
                 .fetch_one(&mut *conn)
                 .await?;
         let row: Option<(String, i32)> = if exists {
-            sqlx::query_as("SELECT fingerprint, schema_version FROM cache_invalidation.installed")
+            sqlx::query_as(concat!("SELECT fingerprint, schema_version FROM ", function!("installed")))
                 .fetch_optional(&mut *conn)
                 .await?
         } else {
@@ -417,7 +346,7 @@ impl<'r> Schema<'r> {
     }
 
     /// A `DO` block failing the script with a clear message when a column is missing (for exported SQL; the
-    /// typed check of [`Schema::install`] runs first).
+    /// typed check of [`PgSchema::install`] runs first).
     fn guard_sql(&self) -> String {
         let Some(query) = self.problems_query() else {
             return String::new();
@@ -529,7 +458,7 @@ BEGIN
 END
 $fn$;
 {triggers}",
-            emit = EMIT_SQL,
+            emit = fill(EMIT_SQL),
         );
 
         let shapes = templates
@@ -551,7 +480,7 @@ $fn$;
 CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON {table}
   FOR EACH STATEMENT EXECUTE FUNCTION {truncate}();
 ",
-            emit = EMIT_SQL,
+            emit = fill(EMIT_SQL),
         );
         sql
     }
@@ -559,11 +488,11 @@ CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON {table}
 
 /// Writes `keys` (when not empty) to the outbox; notifies the relay for sessions that are not wrapped.
 const EMIT_SQL: &str = "IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
-    INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
+    INSERT INTO @schema@.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
-            coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
-      PERFORM pg_notify('cache_invalidation', '');
+            coalesce(current_setting('@wrapped@', true), '') = 'on', keys, clock_timestamp());
+    IF coalesce(current_setting('@wrapped@', true), '') <> 'on' THEN
+      PERFORM pg_notify('@channel@', '');
     END IF;
   END IF;";
 
@@ -577,12 +506,12 @@ BEGIN
            FROM pg_catalog.pg_trigger t
            JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
            JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = 'cache_invalidation' AND NOT t.tgisinternal LOOP
+           WHERE n.nspname = '@schema@' AND NOT t.tgisinternal LOOP
     EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
   END LOOP;
   FOR r IN SELECT p.oid::regprocedure::text AS f
            FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = 'cache_invalidation' AND (p.proname LIKE 'capture\\_%' OR p.proname LIKE 'truncate\\_%') LOOP
+           WHERE n.nspname = '@schema@' AND (p.proname LIKE 'capture\\_%' OR p.proname LIKE 'truncate\\_%') LOOP
     EXECUTE format('DROP FUNCTION %s', r.f);
   END LOOP;
 END
@@ -591,148 +520,33 @@ $drop$;
 
 /// The functions a client of the outbox calls (the commit path, the relay, the recovery after an outage).
 /// They are `SECURITY DEFINER` and can delete outbox rows, so only the installing role and the roles
-/// granted with [`Schema::grant_sql`] may execute them.
+/// granted with [`PgSchema::grant_sql`] may execute them.
 const CLIENT_FUNCTIONS: &[&str] = &[
-    "cache_invalidation.transaction_keys()",
-    "cache_invalidation.session_keys()",
-    "cache_invalidation.claim(integer, interval)",
-    "cache_invalidation.claim_rows(integer, interval, bigint)",
-    "cache_invalidation.backlog()",
-    "cache_invalidation.max_id()",
-    "cache_invalidation.pending_upto(bigint)",
-    "cache_invalidation.delivered(bigint[])",
+    function!("transaction_keys()"),
+    function!("session_keys()"),
+    function!("claim_rows(integer, interval, bigint)"),
+    function!("backlog()"),
+    function!("max_id()"),
+    function!("pending_upto(bigint)"),
+    function!("delivered(bigint[])"),
 ];
 
 /// The schema, the tables and the functions that do not depend on the registry.
 fn base_sql() -> String {
-    format!(
-        "CREATE SCHEMA IF NOT EXISTS cache_invalidation;
-GRANT USAGE ON SCHEMA cache_invalidation TO PUBLIC;
-CREATE TABLE IF NOT EXISTS cache_invalidation.outbox (
-  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-  txid xid8 NOT NULL,
-  pid integer NOT NULL,
-  wrapped boolean NOT NULL,
-  keys text[] NOT NULL,
-  created_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-CREATE INDEX IF NOT EXISTS outbox_txid ON cache_invalidation.outbox (txid);
-CREATE INDEX IF NOT EXISTS outbox_pid ON cache_invalidation.outbox (pid, id);
-REVOKE ALL ON cache_invalidation.outbox FROM PUBLIC;
-CREATE TABLE IF NOT EXISTS cache_invalidation.installed (
-  singleton boolean PRIMARY KEY CHECK (singleton),
-  fingerprint text NOT NULL,
-  schema_version integer NOT NULL,
-  trigger_mode text NOT NULL,
-  installed_at timestamptz NOT NULL
-);
-GRANT SELECT ON cache_invalidation.installed TO PUBLIC;
+    fill(include_str!("base.sql"))
+        .replace("@render_text@", &render_expr(PartKind::Text, "v"))
+        .replace("@render_int@", &render_expr(PartKind::Int, "v"))
+        .replace("@render_bool@", &render_expr(PartKind::Bool, "v"))
+}
 
-CREATE OR REPLACE FUNCTION cache_invalidation.escape_text(v text) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
-  -- Runs of unreserved characters stay; every other run becomes the %XX of its UTF-8 bytes.
-  SELECT coalesce(string_agg(
-           CASE WHEN m.r[1] COLLATE \"C\" ~ '^[A-Za-z0-9_.-]' THEN m.r[1]
-                ELSE upper(regexp_replace(encode(convert_to(m.r[1], 'UTF8'), 'hex'), '(..)', '%\\1', 'g')) END,
-           '' ORDER BY m.i), '')
-  FROM regexp_matches(v COLLATE \"C\", '[A-Za-z0-9_.-]+|[^A-Za-z0-9_.-]+', 'g') WITH ORDINALITY AS m(r, i)
-$fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.render_text(v text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT {text} $fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.render_int(v bigint) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT {int} $fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.render_bool(v boolean) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT {bool} $fn$;
-
-CREATE OR REPLACE FUNCTION cache_invalidation.transaction_keys() RETURNS TABLE (id bigint, keys text[])
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-  r record;
-  last bigint;
-BEGIN
-  FOR r IN SELECT o.id, o.keys FROM cache_invalidation.outbox o
-           WHERE o.txid = pg_current_xact_id_if_assigned() ORDER BY o.id LOOP
-    id := r.id;
-    keys := r.keys;
-    last := r.id;
-    RETURN NEXT;
-  END LOOP;
-  -- These rows are delivered by the commit: later autocommit statements of the session skip them
-  -- (the setting rolls back with the transaction).
-  IF last IS NOT NULL THEN
-    PERFORM set_config('cache_invalidation.seen', last::text, false);
-  END IF;
-END
-$fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.session_keys() RETURNS TABLE (id bigint, keys text[])
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-  seen bigint := coalesce(nullif(current_setting('cache_invalidation.seen', true), ''), '0')::bigint;
-  r record;
-  last bigint;
-BEGIN
-  -- This backend's rows not returned before (rows of earlier statements may not be deleted yet).
-  FOR r IN SELECT o.id, o.keys FROM cache_invalidation.outbox o
-           WHERE o.pid = pg_backend_pid() AND o.id > seen ORDER BY o.id LOOP
-    id := r.id;
-    keys := r.keys;
-    last := r.id;
-    RETURN NEXT;
-  END LOOP;
-  IF last IS NOT NULL THEN
-    PERFORM set_config('cache_invalidation.seen', last::text, false);
-  END IF;
-END
-$fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.claim(max_rows integer, wrapped_grace interval)
-RETURNS TABLE (id bigint, keys text[])
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  SELECT o.id, o.keys FROM cache_invalidation.outbox o
-  WHERE NOT o.wrapped OR o.created_at < clock_timestamp() - wrapped_grace
-  ORDER BY o.id LIMIT max_rows
-  FOR UPDATE SKIP LOCKED
-$fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.claim_rows(max_rows integer, wrapped_grace interval, upto bigint)
-RETURNS TABLE (id bigint, keys text[], age_seconds double precision)
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  -- With `upto`: every row up to that id, whatever its age (the drain after a store outage). Without:
-  -- rows of unwrapped sessions, and rows of wrapped sessions older than the grace period.
-  SELECT o.id, o.keys, extract(epoch FROM clock_timestamp() - o.created_at)::double precision
-  FROM cache_invalidation.outbox o
-  WHERE CASE WHEN upto IS NULL
-             THEN NOT o.wrapped OR o.created_at < clock_timestamp() - wrapped_grace
-             ELSE o.id <= upto END
-  ORDER BY o.id LIMIT max_rows
-  FOR UPDATE SKIP LOCKED
-$fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.backlog()
-RETURNS TABLE (depth bigint, max_id bigint, oldest_age_seconds double precision)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  SELECT count(*), coalesce(max(o.id), 0),
-         coalesce(extract(epoch FROM clock_timestamp() - min(o.created_at))::double precision, 0)
-  FROM cache_invalidation.outbox o
-$fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.max_id() RETURNS bigint
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  SELECT coalesce(max(o.id), 0) FROM cache_invalidation.outbox o
-$fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.pending_upto(upto bigint) RETURNS bigint
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  SELECT count(*) FROM cache_invalidation.outbox o WHERE o.id <= upto
-$fn$;
-CREATE OR REPLACE FUNCTION cache_invalidation.delivered(ids bigint[]) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-  -- Losing this delete in a crash only means a second (harmless) delivery: do not wait for the WAL flush.
-  PERFORM set_config('synchronous_commit', 'off', true);
-  DELETE FROM cache_invalidation.outbox WHERE id = ANY (ids);
-END
-$fn$;
-",
-        text = render_expr(PartKind::Text, "v"),
-        int = render_expr(PartKind::Int, "v"),
-        bool = render_expr(PartKind::Bool, "v"),
-    )
+/// Replaces the object-name tokens of generated SQL with the constants: `@schema@`, `@channel@`,
+/// `@wrapped@`, `@seen@`, `@unreserved@` (the character class of text that renders as itself).
+fn fill(sql: &str) -> String {
+    sql.replace("@schema@", SCHEMA)
+        .replace("@channel@", NOTIFY_CHANNEL)
+        .replace("@wrapped@", WRAPPED_SETTING)
+        .replace("@seen@", SEEN_SETTING)
+        .replace("@unreserved@", UNRESERVED_CLASS)
 }
 
 /// The SQL expression rendering `value` (an expression of the column's type) as a key part.
@@ -750,8 +564,8 @@ fn render_expr(kind: PartKind, value: &str) -> String {
         }
         PartKind::Text => format!(
             "CASE WHEN ({value}) IS NULL THEN {null} \
-             WHEN ({value})::text COLLATE \"C\" ~ '{UNRESERVED_RE}' THEN ({value})::text \
-             ELSE cache_invalidation.escape_text(({value})::text) END"
+             WHEN ({value})::text COLLATE \"C\" ~ '^[{UNRESERVED_CLASS}]*$' THEN ({value})::text \
+             ELSE {SCHEMA}.escape_text(({value})::text) END"
         ),
     }
 }
@@ -809,10 +623,10 @@ fn kind_types(kind: PartKind) -> &'static str {
     }
 }
 
-/// `cache_invalidation.<prefix>_<hash of the table>`: stable, short, collision-free in practice.
+/// `<schema>.<prefix>_<hash of the table>`: stable, short, collision-free in practice.
 fn function_name(prefix: &str, table: &str) -> String {
     format!(
-        "cache_invalidation.{prefix}_{:016x}",
+        "{SCHEMA}.{prefix}_{:016x}",
         fnv1a64(table.as_bytes())
     )
 }
@@ -825,24 +639,12 @@ fn qualified(table: &str) -> String {
     }
 }
 
-/// A quoted SQL identifier (PostgreSQL and SQLite).
-pub(crate) fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// A quoted SQL string literal (standard conforming strings; PostgreSQL and SQLite).
-pub(crate) fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn quoting() {
-        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(literal("it's"), "'it''s'");
         assert_eq!(qualified("shop.products"), "\"shop\".\"products\"");
     }
 }

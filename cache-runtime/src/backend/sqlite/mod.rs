@@ -1,6 +1,7 @@
-//! [`Backend`] for SQLite.
+//! SQLite: row triggers write the placeholder values of every changed row image into the outbox; keys are
+//! rendered in Rust. [`SqliteSchema`] generates, installs and checks the SQL.
 //!
-//! The triggers (see [`crate::sqlite_schema`]) write one outbox row per changed row image: the table and
+//! The triggers write one outbox row per changed row image: the table and
 //! the row's placeholder values as JSON. Keys are rendered here, in Rust, by the renderer the read side
 //! uses, so both agree byte for byte.
 //!
@@ -18,11 +19,25 @@ use futures_core::future::BoxFuture;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
-use super::{Backend, ClaimedRows, Listener, Rows};
+use super::{Backend, ClaimedRows, Rows, TriggerMode, Wake};
 use crate::error::Error;
 use crate::registry::Registry;
-use crate::schema::{Schema, TriggerMode};
-use crate::sqlite_schema::Renderer;
+
+/// Names the outbox table: every use, in Rust and in the generated SQL, goes through this macro or
+/// `schema::OUTBOX`.
+macro_rules! outbox {
+    () => {
+        "cache_invalidation_outbox"
+    };
+}
+
+mod render;
+mod schema;
+
+use schema::OUTBOX;
+
+use render::Renderer;
+pub use schema::SqliteSchema;
 
 /// The SQLite backend's state: the key renderer and the delivered watermark.
 #[doc(hidden)]
@@ -64,7 +79,7 @@ const NOW: &str = "((julianday('now') - 2440587.5) * 86400.0)";
 
 impl Backend for Sqlite {
     type State = SqliteState;
-    type Listen = ();
+    type Listener = ();
     type Claim = SqlitePool;
 
     fn state(registry: &Registry) -> SqliteState {
@@ -84,14 +99,14 @@ impl Backend for Sqlite {
         _mode: TriggerMode,
         conn: &'a mut SqliteConnection,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Schema::new(registry).install_sqlite(conn).await })
+        Box::pin(async move { SqliteSchema::new(registry).install(conn).await })
     }
 
     fn verify<'a>(
         registry: &'a Registry,
         conn: &'a mut SqliteConnection,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Schema::new(registry).verify_sqlite(conn).await })
+        Box::pin(async move { SqliteSchema::new(registry).verify(conn).await })
     }
 
     fn written_rows<'a>(
@@ -101,7 +116,7 @@ impl Backend for Sqlite {
     ) -> BoxFuture<'a, Result<Rows, sqlx::Error>> {
         Box::pin(async move {
             let rows = sqlx::query_as(
-                "SELECT id, tbl, image FROM cache_invalidation_outbox WHERE id > ?1 ORDER BY id",
+                concat!("SELECT id, tbl, image FROM ", outbox!(), " WHERE id > ?1 ORDER BY id"),
             )
             .bind(state.delivered.load(Ordering::Acquire))
             .fetch_all(conn)
@@ -121,7 +136,7 @@ impl Backend for Sqlite {
             let Some(&max) = ids.iter().max() else {
                 return Ok(());
             };
-            sqlx::query("DELETE FROM cache_invalidation_outbox WHERE id <= ?1")
+            sqlx::query(concat!("DELETE FROM ", outbox!(), " WHERE id <= ?1"))
                 .bind(max)
                 .execute(pool)
                 .await
@@ -151,9 +166,9 @@ impl Backend for Sqlite {
             // not delete).
             let settle = grace.min(SETTLE).as_secs_f64();
             let rows: Vec<(i64, String, String, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT id, tbl, image, max({NOW} - created_at, 0.0) FROM cache_invalidation_outbox \
+                "SELECT id, tbl, image, max({NOW} - created_at, 0.0) FROM {OUTBOX} \
                  WHERE CASE WHEN ?2 IS NULL THEN id > ?1 AND id < coalesce( \
-                     (SELECT min(id) FROM cache_invalidation_outbox WHERE id > ?1 AND created_at > {NOW} - ?4), \
+                     (SELECT min(id) FROM {OUTBOX} WHERE id > ?1 AND created_at > {NOW} - ?4), \
                      9223372036854775807) \
                  ELSE id <= ?2 END ORDER BY id LIMIT ?3"
             )))
@@ -185,7 +200,7 @@ impl Backend for Sqlite {
     fn max_id(pool: &SqlitePool) -> BoxFuture<'_, Result<i64, Error>> {
         Box::pin(async move {
             Ok(
-                sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM cache_invalidation_outbox")
+                sqlx::query_scalar(concat!("SELECT coalesce(max(id), 0) FROM ", outbox!()))
                     .fetch_one(pool)
                     .await?,
             )
@@ -196,7 +211,7 @@ impl Backend for Sqlite {
         Box::pin(async move {
             Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT count(*), coalesce(max(id), 0), coalesce(max({NOW} - min(created_at), 0.0), 0.0) \
-                 FROM cache_invalidation_outbox"
+                 FROM {OUTBOX}"
             )))
             .fetch_one(pool)
             .await?)
@@ -206,7 +221,7 @@ impl Backend for Sqlite {
     fn pending_upto(pool: &SqlitePool, upto: i64) -> BoxFuture<'_, Result<i64, Error>> {
         Box::pin(async move {
             Ok(
-                sqlx::query_scalar("SELECT count(*) FROM cache_invalidation_outbox WHERE id <= ?1")
+                sqlx::query_scalar(concat!("SELECT count(*) FROM ", outbox!(), " WHERE id <= ?1"))
                     .bind(upto)
                     .fetch_one(pool)
                     .await?,
@@ -214,18 +229,16 @@ impl Backend for Sqlite {
         })
     }
 
-    fn listen_source(_pool: &SqlitePool) {}
+    fn listener(_pool: &SqlitePool) {}
 
-    fn listen<'a>(_listen: &'a (), _listener: &'a mut Listener) -> BoxFuture<'a, ()> {
+    fn listen(_listener: &mut ()) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
 
-    fn wait<'a>(
-        _listener: &'a mut Listener,
-        tick: &'a mut tokio::time::Interval,
-    ) -> BoxFuture<'a, ()> {
+    fn wait<'a>(_listener: &'a mut (), tick: &'a mut tokio::time::Interval) -> BoxFuture<'a, Wake> {
         Box::pin(async move {
             tick.tick().await;
+            Wake::Sweep
         })
     }
 }

@@ -1,0 +1,203 @@
+//! [`Backend`]: what [`CachedPool`](crate::CachedPool), [`CachedTransaction`](crate::CachedTransaction) and
+//! [`Relay`](crate::outbox::Relay) need from a database. One folder per database: [`postgres`] and
+//! [`sqlite`] (feature `sqlite`) each hold their triggers, their SQL and their outbox queries; adding a
+//! database is adding a folder and a feature.
+//!
+//! The pool, the commit path, the relay, the circuit breaker and the read gate are one implementation over
+//! this trait; only the outbox queries differ. The two backends differ in what they guarantee:
+//!
+//! | | PostgreSQL | SQLite |
+//! |---|---|---|
+//! | capture | statement triggers (or row triggers) render keys in SQL | row triggers write the placeholder values as JSON; keys are rendered in Rust by the same code as the read side |
+//! | writer's rows | by transaction id / backend pid | every row after the process's delivered watermark (ids are in commit order: one writer at a time) |
+//! | other clients' writes | `NOTIFY`: delivered at once by a listening relay | no `NOTIFY`: delivered by the next wrapped write or the relay's sweep (every [`sweep_interval`](crate::outbox::RelayConfig::sweep_interval), once the row is 100 ms old) |
+//! | several relays | share batches (`FOR UPDATE SKIP LOCKED`) | may deliver a row twice (harmless) |
+//! | `TRUNCATE` | namespace invalidation of the entities' shapes | (no `TRUNCATE` in SQLite; `DELETE` fires the row triggers) |
+
+use std::time::Duration;
+
+use futures_core::future::BoxFuture;
+use sqlx::Pool;
+
+use crate::error::Error;
+use crate::registry::Registry;
+
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// The connect options of a database.
+pub(crate) type ConnectOptions<DB> =
+    <<DB as sqlx::Database>::Connection as sqlx::Connection>::Options;
+
+/// Outbox rows as the runtime delivers them: row id and the row's keys.
+pub(crate) type Rows = Vec<(i64, Vec<String>)>;
+
+/// Outbox rows claimed by a relay: row id, keys and the row's age in seconds.
+pub(crate) type ClaimedRows = Vec<(i64, Vec<String>, f64)>;
+
+/// How the capture triggers fire (PostgreSQL; SQLite has row triggers only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TriggerMode {
+    /// One trigger call per statement, reading the transition tables (`old_rows`, `new_rows`): one
+    /// `INSERT … SELECT` per statement, however many rows it touched. The default: measured faster (see the
+    /// `trigger_bench` example).
+    #[default]
+    Statement,
+    /// One trigger call per row, reading `OLD` / `NEW`; one outbox row per changed row.
+    Row,
+}
+
+impl TriggerMode {
+    /// The mode's name, as recorded in the database.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Statement => "statement",
+            Self::Row => "row",
+        }
+    }
+}
+
+/// What woke a relay up.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The sweep timer, or an ordinary notification: deliver what a sweep delivers.
+    Sweep,
+    /// A writer that could not deliver asked every relay to deliver every row now.
+    Drain,
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for sqlx::Postgres {}
+    #[cfg(feature = "sqlite")]
+    impl Sealed for sqlx::Sqlite {}
+}
+
+/// A database supported by [`CachedPool`](crate::CachedPool): [`sqlx::Postgres`] or
+/// [`sqlx::Sqlite`]. Sealed; its items are the runtime's outbox queries and not meant to be called.
+pub trait Backend: sqlx::Database + sealed::Sealed {
+    /// State shared by a pool and its relay.
+    #[doc(hidden)]
+    type State: Send + Sync + 'static;
+    /// A relay's source of wake-ups besides its sweep timer.
+    #[doc(hidden)]
+    type Listener: Send + 'static;
+    /// Rows claimed by a relay batch until they are deleted.
+    #[doc(hidden)]
+    type Claim: Send;
+
+    /// The state for `registry`.
+    #[doc(hidden)]
+    fn state(registry: &Registry) -> Self::State;
+
+    /// Marks the connections of a [`CachedPool`](crate::CachedPool).
+    #[doc(hidden)]
+    fn wrap(options: ConnectOptions<Self>) -> ConnectOptions<Self>;
+
+    /// Installs (or updates) the triggers.
+    #[doc(hidden)]
+    fn install<'a>(
+        registry: &'a Registry,
+        mode: TriggerMode,
+        conn: &'a mut Self::Connection,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Checks the installed triggers against `registry`.
+    #[doc(hidden)]
+    fn verify<'a>(
+        registry: &'a Registry,
+        conn: &'a mut Self::Connection,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// The rows a writer delivers: after an autocommit statement (`in_transaction == false`, on the
+    /// statement's connection) or before `COMMIT` (inside the transaction).
+    #[doc(hidden)]
+    fn written_rows<'a>(
+        conn: &'a mut Self::Connection,
+        state: &'a Self::State,
+        in_transaction: bool,
+    ) -> BoxFuture<'a, Result<Rows, sqlx::Error>>;
+
+    /// Called as soon as the keys of `ids` are invalidated, before they are queued for deletion.
+    #[doc(hidden)]
+    fn invalidated(state: &Self::State, ids: &[i64]);
+
+    /// Deletes delivered rows.
+    #[doc(hidden)]
+    fn delete<'a>(pool: &'a Pool<Self>, ids: &'a [i64]) -> BoxFuture<'a, Result<(), sqlx::Error>>;
+
+    /// Asks every relay to deliver every row now.
+    #[doc(hidden)]
+    fn notify_drain(pool: &Pool<Self>) -> BoxFuture<'_, Result<(), sqlx::Error>>;
+
+    /// Claims up to `batch` rows for a relay batch: rows of unwrapped sessions and rows older than `grace`,
+    /// or, with `upto`, every row up to that id.
+    #[doc(hidden)]
+    fn claim<'a>(
+        pool: &'a Pool<Self>,
+        state: &'a Self::State,
+        batch: i32,
+        grace: Duration,
+        upto: Option<i64>,
+    ) -> BoxFuture<'a, Result<(Self::Claim, ClaimedRows), Error>>;
+
+    /// Deletes the claimed rows `ids`, whose keys were invalidated, and releases the claim.
+    #[doc(hidden)]
+    fn complete<'a>(
+        claim: Self::Claim,
+        state: &'a Self::State,
+        ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// The outbox's highest row id (0 when empty).
+    #[doc(hidden)]
+    fn max_id(pool: &Pool<Self>) -> BoxFuture<'_, Result<i64, Error>>;
+
+    /// The outbox's depth, highest id and oldest row's age in seconds.
+    #[doc(hidden)]
+    fn backlog(pool: &Pool<Self>) -> BoxFuture<'_, Result<(i64, i64, f64), Error>>;
+
+    /// Rows up to `upto` still in the outbox.
+    #[doc(hidden)]
+    fn pending_upto(pool: &Pool<Self>, upto: i64) -> BoxFuture<'_, Result<i64, Error>>;
+
+    /// A relay's listener for `pool` (PostgreSQL: a `LISTEN` connection of its own, opened lazily).
+    #[doc(hidden)]
+    fn listener(pool: &Pool<Self>) -> Self::Listener;
+
+    /// Makes sure `listener` listens; called before each sweep, so that no notification sent after the
+    /// sweep's query is missed.
+    #[doc(hidden)]
+    fn listen(listener: &mut Self::Listener) -> BoxFuture<'_, ()>;
+
+    /// Waits for a notification or the next `tick`.
+    #[doc(hidden)]
+    fn wait<'a>(
+        listener: &'a mut Self::Listener,
+        tick: &'a mut tokio::time::Interval,
+    ) -> BoxFuture<'a, Wake>;
+}
+
+/// A quoted SQL identifier (PostgreSQL and SQLite).
+pub(crate) fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A quoted SQL string literal (standard conforming strings; PostgreSQL and SQLite).
+pub(crate) fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(literal("it's"), "'it''s'");
+    }
+}

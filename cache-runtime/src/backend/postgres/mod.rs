@@ -1,0 +1,272 @@
+//! PostgreSQL: statement (or row) triggers render the keys in SQL into the outbox table of the writing
+//! transaction; a relay `LISTEN`s for the commits of sessions that do not go through the wrapper.
+//!
+//! [`PgSchema`] generates, installs and checks the SQL (see its docs for what is installed).
+
+use std::time::Duration;
+
+use futures_core::future::BoxFuture;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{PgConnection, PgPool, Postgres};
+
+use super::{Backend, ClaimedRows, Rows, TriggerMode, Wake};
+use crate::error::Error;
+use crate::registry::Registry;
+
+mod schema;
+
+pub use schema::PgSchema;
+
+/// Names the SQL objects: every use, in Rust and in the generated SQL, goes through these macros or the
+/// constants built from them.
+macro_rules! schema_name {
+    () => {
+        "cache_invalidation"
+    };
+}
+macro_rules! function {
+    ($name:literal) => {
+        concat!($crate::backend::postgres::schema_name!(), ".", $name)
+    };
+}
+pub(crate) use {function, schema_name};
+
+/// The PostgreSQL schema holding the outbox and the functions.
+pub const SCHEMA: &str = schema_name!();
+
+/// The `LISTEN`/`NOTIFY` channel written by sessions that do not go through [`CachedPool`](crate::CachedPool).
+pub const NOTIFY_CHANNEL: &str = schema_name!();
+
+/// The session setting that marks a connection of [`CachedPool`](crate::CachedPool).
+pub const WRAPPED_SETTING: &str = function!("wrapped");
+
+/// The session setting holding the highest outbox id a session already returned.
+pub(crate) const SEEN_SETTING: &str = function!("seen");
+
+/// The version of the generated SQL; an installed schema of another version must be re-installed.
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// The application name of the relay's `LISTEN` connection (visible in `pg_stat_activity`).
+pub const LISTEN_APPLICATION_NAME: &str = "cache_invalidation_relay";
+
+/// The notification payload that asks every relay to deliver every row now, whatever its age: sent by a
+/// writer whose own delivery failed after `COMMIT`, so that relays of processes that can reach the store do
+/// not wait for the grace period.
+pub(crate) const DRAIN_PAYLOAD: &str = "drain";
+
+/// A relay's `LISTEN`: a pool of one connection (outside the application's pool) and the listener on it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Listener {
+    pool: PgPool,
+    pg: Option<PgListener>,
+}
+
+impl Backend for Postgres {
+    type State = ();
+    type Listener = Listener;
+    type Claim = sqlx::Transaction<'static, Postgres>;
+
+    fn state(_registry: &Registry) -> Self::State {}
+
+    fn wrap(options: PgConnectOptions) -> PgConnectOptions {
+        options.options([(WRAPPED_SETTING, "on")])
+    }
+
+    fn install<'a>(
+        registry: &'a Registry,
+        mode: TriggerMode,
+        conn: &'a mut PgConnection,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move { PgSchema::new(registry).trigger_mode(mode).install(conn).await })
+    }
+
+    fn verify<'a>(
+        registry: &'a Registry,
+        conn: &'a mut PgConnection,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move { PgSchema::new(registry).verify(conn).await })
+    }
+
+    fn written_rows<'a>(
+        conn: &'a mut PgConnection,
+        _state: &'a (),
+        in_transaction: bool,
+    ) -> BoxFuture<'a, Result<Rows, sqlx::Error>> {
+        let sql = if in_transaction {
+            concat!("SELECT id, keys FROM ", function!("transaction_keys()"))
+        } else {
+            concat!("SELECT id, keys FROM ", function!("session_keys()"))
+        };
+        Box::pin(sqlx::query_as(sql).fetch_all(conn))
+    }
+
+    fn invalidated(_state: &(), _ids: &[i64]) {}
+
+    fn delete<'a>(pool: &'a PgPool, ids: &'a [i64]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move { delivered(pool, ids).await })
+    }
+
+    fn notify_drain(pool: &PgPool) -> BoxFuture<'_, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(DRAIN_PAYLOAD)
+                .execute(pool)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn claim<'a>(
+        pool: &'a PgPool,
+        _state: &'a (),
+        batch: i32,
+        grace: Duration,
+        upto: Option<i64>,
+    ) -> BoxFuture<'a, Result<(Self::Claim, ClaimedRows), Error>> {
+        Box::pin(async move {
+            let mut tx = pool.begin().await?;
+            let rows = sqlx::query_as(concat!(
+                "SELECT id, keys, age_seconds FROM ",
+                function!("claim_rows($1, $2, $3)")
+            ))
+            .bind(batch)
+            .bind(grace)
+            .bind(upto)
+            .fetch_all(&mut *tx)
+            .await?;
+            Ok((tx, rows))
+        })
+    }
+
+    fn complete<'a>(
+        mut claim: Self::Claim,
+        _state: &'a (),
+        ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if !ids.is_empty() {
+                delivered(&mut *claim, ids).await?;
+            }
+            claim.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn max_id(pool: &PgPool) -> BoxFuture<'_, Result<i64, Error>> {
+        Box::pin(async move {
+            Ok(
+                sqlx::query_scalar(concat!("SELECT ", function!("max_id()")))
+                    .fetch_one(pool)
+                    .await?,
+            )
+        })
+    }
+
+    fn backlog(pool: &PgPool) -> BoxFuture<'_, Result<(i64, i64, f64), Error>> {
+        Box::pin(async move {
+            Ok(sqlx::query_as(concat!(
+                "SELECT depth, max_id, oldest_age_seconds FROM ",
+                function!("backlog()")
+            ))
+            .fetch_one(pool)
+            .await?)
+        })
+    }
+
+    fn pending_upto(pool: &PgPool, upto: i64) -> BoxFuture<'_, Result<i64, Error>> {
+        Box::pin(async move {
+            Ok(
+                sqlx::query_scalar(concat!("SELECT ", function!("pending_upto($1)")))
+                    .bind(upto)
+                    .fetch_one(pool)
+                    .await?,
+            )
+        })
+    }
+
+    fn listener(pool: &PgPool) -> Listener {
+        let options = (*pool.connect_options())
+            .clone()
+            .application_name(LISTEN_APPLICATION_NAME);
+        Listener {
+            pool: PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(options),
+            pg: None,
+        }
+    }
+
+    fn listen(listener: &mut Listener) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if listener.pg.is_none() {
+                listener.pg = pg_listen(&listener.pool).await;
+            }
+        })
+    }
+
+    fn wait<'a>(
+        listener: &'a mut Listener,
+        tick: &'a mut tokio::time::Interval,
+    ) -> BoxFuture<'a, Wake> {
+        Box::pin(async move {
+            let Some(l) = listener.pg.as_mut() else {
+                tick.tick().await;
+                return Wake::Sweep;
+            };
+            let mut wake = Wake::Sweep;
+            tokio::select! {
+                received = l.try_recv() => match received {
+                    // Coalesce a burst of notifications into one sweep.
+                    Ok(Some(first)) => {
+                        let mut next = Some(first);
+                        while let Some(n) = next {
+                            if n.payload() == DRAIN_PAYLOAD {
+                                wake = Wake::Drain;
+                            }
+                            next = l.next_buffered();
+                        }
+                    }
+                    Ok(None) => tracing::warn!(
+                        "cache invalidation relay: LISTEN connection lost and re-established; sweeping"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "cache invalidation relay: LISTEN connection lost; reconnecting");
+                        listener.pg = None;
+                    }
+                },
+                _ = tick.tick() => {}
+            }
+            wake
+        })
+    }
+}
+
+/// Deletes delivered rows (`synchronous_commit = off`: see the function's SQL).
+async fn delivered<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    ids: &[i64],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(concat!("SELECT ", function!("delivered($1)")))
+        .bind(ids)
+        .execute(executor)
+        .await
+        .map(drop)
+}
+
+async fn pg_listen(listen: &PgPool) -> Option<PgListener> {
+    let result = async {
+        let mut listener = PgListener::connect_with(listen).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        Ok::<_, sqlx::Error>(listener)
+    }
+    .await;
+    match result {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            tracing::warn!(%error, "cache invalidation relay: cannot LISTEN; sweeping periodically only");
+            None
+        }
+    }
+}

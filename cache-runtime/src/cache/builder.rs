@@ -1,0 +1,223 @@
+//! [`CacheBuilder`] and [`LoadOptions`]: the settings of a cache and of one load.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::stats::Counters;
+use super::{Cache, Inner};
+use crate::cache::flight::Flights;
+use crate::health::{BreakerConfig, Guarded};
+use crate::key::Key;
+use crate::registry::{Registry, registry};
+use crate::store::Store;
+
+/// The settings of a [`Cache`].
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) default_ttl: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) lease_wait: Duration,
+}
+
+/// Builds a [`Cache`] with non-default settings.
+///
+/// `CacheBuilder` (with [`OwnBreaker`]) comes from [`Cache::builder`]: the cache has a circuit breaker of
+/// its own. `CacheBuilder<SharedHealth>` comes from
+/// [`CachedPool::cache_builder`](crate::CachedPool::cache_builder): the cache shares the pool's breaker,
+/// read gate and registry, so it has no breaker setting.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// let cache = cache_runtime::Cache::builder(cache_runtime::MemoryStore::default())
+///     .default_ttl(Duration::from_secs(60))
+///     .lease_wait(Duration::from_millis(500))
+///     .build();
+/// ```
+#[derive(Debug)]
+pub struct CacheBuilder<H = OwnBreaker> {
+    health: H,
+    config: Config,
+    registry: Option<Registry>,
+}
+
+/// A [`CacheBuilder`] whose cache has a circuit breaker of its own.
+#[derive(Debug)]
+pub struct OwnBreaker {
+    store: Arc<dyn Store>,
+    breaker: BreakerConfig,
+}
+
+/// A [`CacheBuilder`] whose cache shares a pool's store, breaker, read gate and registry.
+#[derive(Debug)]
+pub struct SharedHealth(Arc<Guarded>);
+
+impl CacheBuilder {
+    /// A builder of a cache on `store` with a breaker of its own.
+    pub(crate) fn own(store: Arc<dyn Store>) -> Self {
+        Self::with(OwnBreaker {
+            store,
+            breaker: BreakerConfig::default(),
+        })
+    }
+
+    /// The circuit breaker in front of the store (see [`BreakerConfig`]).
+    #[must_use]
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.health.breaker = breaker;
+        self
+    }
+
+    /// The entities whose `ttl` entries of their templates live for (default: the program's
+    /// [`registry()`]).
+    #[must_use]
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The cache.
+    pub fn build(self) -> Cache {
+        let OwnBreaker { store, breaker } = self.health;
+        let guarded = Arc::new(Guarded::new(store, breaker, false));
+        Cache::from_parts(guarded, self.config, self.registry.as_ref())
+    }
+}
+
+impl CacheBuilder<SharedHealth> {
+    /// A builder of a cache sharing a pool's guarded store and registry.
+    pub(crate) fn on_pool(guarded: Arc<Guarded>, registry: Registry) -> Self {
+        let mut builder = Self::with(SharedHealth(guarded));
+        builder.registry = Some(registry);
+        builder
+    }
+
+    /// The cache.
+    pub fn build(self) -> Cache {
+        Cache::from_parts(self.health.0, self.config, self.registry.as_ref())
+    }
+}
+
+impl<H> CacheBuilder<H> {
+    fn with(health: H) -> Self {
+        Self {
+            health,
+            config: Config {
+                default_ttl: Duration::from_secs(600),
+                jitter: 0.1,
+                lease_ttl: Duration::from_secs(5),
+                lease_wait: Duration::from_secs(1),
+            },
+            registry: None,
+        }
+    }
+
+    /// Time to live of entries whose key template no entity declares (default 10 minutes). Entries of
+    /// declared templates live for their entity's `ttl`.
+    #[must_use]
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.config.default_ttl = ttl;
+        self
+    }
+
+    /// Fraction of the time to live removed at random from each entry, so that entries filled together do
+    /// not expire together (default 0.1: an entry lives between 90% and 100% of its TTL).
+    #[must_use]
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.config.jitter = fraction.clamp(0.0, 1.0);
+        self
+    }
+
+    /// How long a lease lasts when its holder neither fills nor releases it, e.g. a crashed process
+    /// (default 5 s). A load that takes longer still returns its value; its fill then fails harmlessly.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config.lease_ttl = ttl;
+        self
+    }
+
+    /// How long a reader waits for another reader's lease before loading without storing (default 1 s).
+    #[must_use]
+    pub fn lease_wait(mut self, wait: Duration) -> Self {
+        self.config.lease_wait = wait;
+        self
+    }
+}
+
+impl Cache {
+    fn from_parts(guarded: Arc<Guarded>, config: Config, entities: Option<&Registry>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                guarded,
+                flights: Flights::default(),
+                config,
+                stats: Counters::default(),
+                ttls: ttls(entities.unwrap_or_else(|| registry())),
+            }),
+        }
+    }
+}
+
+/// The TTL of each declared template shape: the shortest of the entities that declare it.
+fn ttls(registry: &Registry) -> HashMap<&'static str, Duration> {
+    let mut ttls: HashMap<&'static str, Duration> = HashMap::new();
+    for entity in registry.entities() {
+        for template in entity.templates() {
+            let ttl = ttls.entry(template.shape()).or_insert(entity.ttl);
+            *ttl = (*ttl).min(entity.ttl);
+        }
+    }
+    ttls
+}
+
+/// Per-call settings of a load.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use cache_runtime::{CachedEntity, LoadOptions, key};
+/// # #[derive(CachedEntity)]
+/// # #[cached_entity(key = "user:<id>")]
+/// # struct User { id: i64 }
+/// let options = LoadOptions::new()
+///     .ttl(Duration::from_secs(30))
+///     .tag(key!("user:<id>", id = 3));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) tags: Vec<Key>,
+}
+
+impl LoadOptions {
+    /// Defaults: the key's entity TTL, no tags beyond the key's namespace.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Overrides the time to live of the entry (jitter still applies).
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Declares that the value is built from `key`'s data: invalidating `key` (or its namespace) makes the
+    /// entry invalid. Tags declared here are read before the load, so they never prevent a fill.
+    #[must_use]
+    pub fn tag(mut self, key: Key) -> Self {
+        self.tags.push(key);
+        self
+    }
+
+    /// Declares several tags (see [`tag`](Self::tag)).
+    #[must_use]
+    pub fn tags(mut self, keys: impl IntoIterator<Item = Key>) -> Self {
+        self.tags.extend(keys);
+        self
+    }
+}

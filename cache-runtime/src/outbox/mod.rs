@@ -1,0 +1,184 @@
+//! The outbox: rows of keys the capture triggers write in the writing transaction, and their delivery to
+//! the store. One delivery path serves the commit of a wrapped writer and the [`Relay`]: invalidate the
+//! rows' distinct keys through the circuit breaker, then delete the rows.
+//!
+//! - [`Relay`] delivers what writers did not deliver themselves (other clients, crashes, store outages);
+//!   see its module docs for when.
+//! - `recovery` reopens a pool's read gate after a store outage, once the outage's rows are delivered.
+//! - `cleanup` deletes the rows a writer delivered, in batches, off the caller's path.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Pool;
+use tracing::Instrument as _;
+
+use crate::backend::{Backend, Rows};
+use crate::error::Error;
+use crate::health::Guarded;
+use crate::observe;
+
+pub(crate) mod cleanup;
+pub(crate) mod recovery;
+mod relay;
+
+pub use relay::{Backlog, Drained, Relay, RelayBuilder};
+
+/// How outbox rows are delivered: by the relay (grace period, sweeps, batches) and by writers (the store
+/// timeout). One configuration serves a pool ([`CachedPoolOptions::relay_config`](crate::CachedPoolOptions::relay_config))
+/// and a standalone relay ([`RelayBuilder::config`]).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use cache_runtime::outbox::RelayConfig;
+///
+/// let config = RelayConfig::new()
+///     .sweep_interval(Duration::from_millis(250))
+///     .store_timeout(Duration::from_millis(200));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayConfig {
+    pub(crate) wrapped_grace: Duration,
+    pub(crate) sweep_interval: Duration,
+    pub(crate) batch: i32,
+    pub(crate) store_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayConfig {
+    /// Defaults: grace 2 s, sweep every 500 ms, 5,000 rows per batch, store timeout 500 ms.
+    pub const fn new() -> Self {
+        Self {
+            wrapped_grace: Duration::from_secs(2),
+            sweep_interval: Duration::from_millis(500),
+            batch: 5_000,
+            store_timeout: Duration::from_millis(500),
+        }
+    }
+
+    /// Age after which the relay delivers rows written through a [`CachedPool`](crate::CachedPool)
+    /// (default 2 s). The writing call normally delivers them itself; this bounds delivery after a crash
+    /// between `COMMIT` and the store call.
+    #[must_use]
+    pub const fn wrapped_grace(mut self, grace: Duration) -> Self {
+        self.wrapped_grace = grace;
+        self
+    }
+
+    /// Time between two relay sweeps without notification (default 500 ms).
+    #[must_use]
+    pub const fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Outbox rows per relay batch: one claim, one store pipeline, one delete (default 5,000; at least 1).
+    #[must_use]
+    pub fn batch_rows(mut self, rows: u32) -> Self {
+        self.batch = i32::try_from(rows.max(1)).unwrap_or(i32::MAX);
+        self
+    }
+
+    /// The longest a delivery waits for the store (default 500 ms), for a writer after `COMMIT` and for a
+    /// relay batch. When the store is slower or down, a write returns `Ok` anyway, the keys stay in the
+    /// outbox and a relay delivers them later.
+    #[must_use]
+    pub const fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+}
+
+/// A database's outbox and the store it is delivered to: shared by a pool's commit path and its relay.
+pub(crate) struct Outbox<DB: Backend> {
+    pub(crate) pool: Pool<DB>,
+    pub(crate) state: DB::State,
+    pub(crate) guarded: Arc<Guarded>,
+    pub(crate) config: RelayConfig,
+}
+
+impl<DB: Backend> Outbox<DB> {
+    /// Invalidates the distinct keys of `rows` through the breaker, bounded by the store timeout, and marks
+    /// the rows invalidated; `path` (`commit`, `relay`) labels the metrics. Returns the rows' ids and the
+    /// number of distinct keys.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::CircuitOpen`], [`Error::Store`] or [`Error::StoreTimeout`]: the rows stay in the outbox.
+    pub(crate) async fn invalidate(
+        &self,
+        rows: impl IntoIterator<Item = (i64, Vec<String>)>,
+        path: &'static str,
+    ) -> Result<(Vec<i64>, usize), Error> {
+        let (ids, keys) = split(rows);
+        tracing::Span::current().record("rows", ids.len());
+        tracing::Span::current().record("keys", keys.len());
+        if !keys.is_empty() {
+            let span = tracing::debug_span!("cache.invalidate", path, keys = keys.len());
+            let result = self
+                .guarded
+                .call("invalidate", self.config.store_timeout, |store| {
+                    store.invalidate(&keys)
+                })
+                .instrument(span)
+                .await;
+            if let Err(error) = result {
+                observe::invalidation_failed(path);
+                if matches!(error, Error::CircuitOpen) {
+                    self.guarded.health.skipped();
+                }
+                return Err(error);
+            }
+            observe::invalidations_sent(path, keys.len());
+        }
+        DB::invalidated(&self.state, &ids);
+        Ok((ids, keys.len()))
+    }
+
+    /// Delivers the rows a writer read after its statement or before its `COMMIT`; returns the ids to
+    /// delete. A store failure is logged (never returned: the `COMMIT` stands) and every relay is asked to
+    /// deliver at once.
+    pub(crate) async fn deliver(&self, rows: Rows) -> Option<Vec<i64>> {
+        if rows.is_empty() {
+            return None;
+        }
+        let keys: usize = rows.iter().map(|(_, keys)| keys.len()).sum();
+        match self.invalidate(rows, "commit").await {
+            Ok((ids, _)) => Some(ids),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    keys,
+                    "cache invalidation failed after COMMIT; the outbox keeps the keys, the relay retries, and \
+                     reads bypass the cache until they are delivered"
+                );
+                // Relays of processes that can reach the store: deliver now, not after the grace period.
+                // (Also while the breaker is open: these rows committed after earlier requests. Relays
+                // coalesce the notifications, and those whose own breaker is open skip the drain.)
+                if let Err(error) = DB::notify_drain(&self.pool).await {
+                    tracing::debug!(%error, "could not ask the relays to drain; they deliver after the grace period");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The row ids and the distinct keys of outbox rows.
+fn split(rows: impl IntoIterator<Item = (i64, Vec<String>)>) -> (Vec<i64>, Vec<String>) {
+    let mut ids = Vec::new();
+    let mut keys = BTreeSet::new();
+    for (id, row_keys) in rows {
+        ids.push(id);
+        keys.extend(row_keys);
+    }
+    (ids, keys.into_iter().collect())
+}

@@ -1,0 +1,63 @@
+//! Reopening a pool's read gate after a store failure (see the [`health`](crate::health) module): wait until
+//! the store answers, deliver every outbox row up to the highest id read then, wait until no row up to that
+//! id remains (other relays may hold some), and open the gate unless another failure happened meanwhile.
+
+use std::time::Duration;
+
+use super::Relay;
+use crate::backend::Backend;
+use crate::error::Error;
+
+impl<DB: Backend> Relay<DB> {
+    /// Opens the read gate of this relay's health after each store failure. Runs until dropped.
+    pub(crate) async fn recover(&self) {
+        let health = &self.outbox.guarded.health;
+        loop {
+            if !health.gated() {
+                health.tripped.notified().await;
+                continue;
+            }
+            let epoch = health.epoch();
+            match self.recover_once().await {
+                Ok(()) => {
+                    // A failure since `epoch` keeps the gate closed: start over.
+                    let _ = health.open_gate(epoch);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cache recovery: store or database not ready; retrying");
+                    let wait = health
+                        .until_probe()
+                        .max(Duration::from_millis(20))
+                        .min(Duration::from_secs(1));
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn recover_once(&self) -> Result<(), Error> {
+        let outbox = &self.outbox;
+        // A probe through the breaker: a real round trip that changes nothing (the tag token of a slot no
+        // key uses).
+        let probe = ["<health>".to_owned()];
+        outbox
+            .guarded
+            .call("probe", outbox.config.store_timeout, |store| {
+                store.tags(&probe, None)
+            })
+            .await?;
+        let upto = DB::max_id(&outbox.pool).await?;
+        self.drain(Some(upto)).await?;
+        // Rows up to `upto` claimed by other relays: wait until they are delivered too.
+        let mut wait = Duration::from_millis(5);
+        loop {
+            if DB::pending_upto(&outbox.pool, upto).await? == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(200));
+            // Rows released by a relay that failed: deliver them ourselves.
+            self.drain(Some(upto)).await?;
+        }
+    }
+}

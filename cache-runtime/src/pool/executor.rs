@@ -1,0 +1,131 @@
+//! `sqlx::Executor` for `&mut CachedTransaction` (delegating to the transaction's connection) and for
+//! `&CachedPool` (each statement an autocommit statement whose keys are delivered before it returns): one
+//! generic impl each, over every [`Backend`], as sqlx-core writes its own for `Transaction` and `Pool`.
+//!
+//! Only the four required methods are written; `execute`, `execute_many`, `fetch`, `fetch_all` and
+//! `fetch_one` are sqlx's defaults over `fetch_many` / `fetch_optional`, so on the pool every one of them
+//! ends only after the statement's keys were delivered.
+
+use std::sync::Arc;
+
+use futures_core::future::BoxFuture;
+use futures_core::stream::BoxStream;
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use sqlx::{Database, Either, Execute, Executor};
+use sqlx_core::describe::Describe;
+use sqlx_core::ext::async_stream::TryAsyncStream;
+use sqlx_core::sql_str::SqlStr;
+
+use super::autocommit::Autocommit;
+use super::{CachedPool, CachedTransaction};
+use crate::backend::Backend;
+
+type Item<DB> = Either<<DB as Database>::QueryResult, <DB as Database>::Row>;
+
+impl<'c, 't, DB: Backend> Executor<'c> for &'c mut CachedTransaction<'t, DB>
+where
+    for<'a> &'a mut DB::Connection: Executor<'a, Database = DB>,
+{
+    type Database = DB;
+
+    fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<Item<DB>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, DB>,
+    {
+        (&mut *self.tx).fetch_many(query)
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxFuture<'e, Result<Option<DB::Row>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, DB>,
+    {
+        (&mut *self.tx).fetch_optional(query)
+    }
+
+    fn prepare_with<'e>(
+        self,
+        sql: SqlStr,
+        parameters: &'e [DB::TypeInfo],
+    ) -> BoxFuture<'e, Result<DB::Statement, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        (&mut *self.tx).prepare_with(sql, parameters)
+    }
+
+    fn describe<'e>(self, sql: SqlStr) -> BoxFuture<'e, Result<Describe<DB>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        (&mut *self.tx).describe(sql)
+    }
+}
+
+impl<'c, DB: Backend> Executor<'c> for &'c CachedPool<DB>
+where
+    for<'a> &'a mut DB::Connection: Executor<'a, Database = DB>,
+{
+    type Database = DB;
+
+    fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<Item<DB>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, DB>,
+    {
+        let core = Arc::clone(&self.core);
+        TryAsyncStream::new(move |yielder| async move {
+            let (mut statement, query) = Autocommit::start(core, query).await?;
+            let result = async {
+                let mut stream = statement.conn()?.fetch_many(query);
+                while let Some(item) = stream.try_next().await? {
+                    yielder.r#yield(item).await;
+                }
+                Ok(())
+            }
+            .await;
+            statement.finish().await;
+            result
+        })
+        .boxed()
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxFuture<'e, Result<Option<DB::Row>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, DB>,
+    {
+        let core = Arc::clone(&self.core);
+        Box::pin(async move {
+            let (mut statement, query) = Autocommit::start(core, query).await?;
+            let result = statement.conn()?.fetch_optional(query).await;
+            statement.finish().await;
+            result
+        })
+    }
+
+    fn prepare_with<'e>(
+        self,
+        sql: SqlStr,
+        parameters: &'e [DB::TypeInfo],
+    ) -> BoxFuture<'e, Result<DB::Statement, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        self.sqlx_pool().prepare_with(sql, parameters)
+    }
+
+    fn describe<'e>(self, sql: SqlStr) -> BoxFuture<'e, Result<Describe<DB>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        self.sqlx_pool().describe(sql)
+    }
+}

@@ -1,0 +1,199 @@
+//! [`CachedPoolOptions`]: how a [`CachedPool`] connects, installs or checks its schema, and delivers.
+
+use std::sync::Arc;
+
+use sqlx::Postgres;
+use sqlx::pool::PoolOptions;
+
+use super::{CachedPool, WriteDetection};
+use crate::backend::{Backend, ConnectOptions, TriggerMode};
+use crate::error::Error;
+use crate::health::BreakerConfig;
+use crate::outbox::RelayConfig;
+use crate::registry::{Registry, registry};
+use crate::store::Store;
+
+/// Builder of a [`CachedPool`].
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn f() -> Result<(), cache_runtime::Error> {
+/// use cache_runtime::{CachedPgPool, RedisStore};
+///
+/// let store = RedisStore::connect("redis://127.0.0.1:6379", "myapp:").await?;
+/// let pool = CachedPgPool::options()
+///     .auto_install(true)
+///     .connect("postgres://app@localhost/app", store)
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct CachedPoolOptions<DB: Backend = Postgres> {
+    pub(super) registry: Option<Registry>,
+    pub(super) pool_options: PoolOptions<DB>,
+    pub(super) auto_install: bool,
+    pub(super) trigger_mode: TriggerMode,
+    pub(super) run_relay: bool,
+    pub(super) relay: RelayConfig,
+    pub(super) breaker: BreakerConfig,
+    pub(super) detection: WriteDetection,
+    #[cfg(feature = "fault-injection")]
+    pub(super) crash_after_commit: bool,
+}
+
+impl<DB: Backend> Clone for CachedPoolOptions<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            registry: self.registry.clone(),
+            pool_options: self.pool_options.clone(),
+            ..*self
+        }
+    }
+}
+
+impl<DB: Backend> Default for CachedPoolOptions<DB> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<DB: Backend> CachedPoolOptions<DB> {
+    /// Defaults: the program's [`registry()`], `PoolOptions::new()`, verify (not install) the schema, relay
+    /// running with [`RelayConfig::new`], [`WriteDetection::Keywords`].
+    pub fn new() -> Self {
+        Self {
+            registry: None,
+            pool_options: PoolOptions::new(),
+            auto_install: false,
+            trigger_mode: TriggerMode::default(),
+            run_relay: true,
+            relay: RelayConfig::new(),
+            breaker: BreakerConfig::default(),
+            detection: WriteDetection::default(),
+            #[cfg(feature = "fault-injection")]
+            crash_after_commit: false,
+        }
+    }
+
+    /// Uses `registry` instead of every entity linked into the program (capture, the relay's rendering and
+    /// the cache's TTLs).
+    #[must_use]
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Options of the underlying pool (size, timeouts, …).
+    #[must_use]
+    pub fn pool_options(mut self, options: PoolOptions<DB>) -> Self {
+        self.pool_options = options;
+        self
+    }
+
+    /// Installs (or updates) the triggers at connect instead of only checking them (default `false`). Needs
+    /// a role that may create triggers on the registered tables.
+    #[must_use]
+    pub fn auto_install(mut self, install: bool) -> Self {
+        self.auto_install = install;
+        self
+    }
+
+    /// The trigger mode of installs: at connect ([`auto_install`](Self::auto_install)) and by
+    /// [`CachedPool::install_schema`] (PostgreSQL; SQLite has row triggers only).
+    #[must_use]
+    pub fn trigger_mode(mut self, mode: TriggerMode) -> Self {
+        self.trigger_mode = mode;
+        self
+    }
+
+    /// Runs the relay as a background task of the pool (default `true`). Without it, writes by other
+    /// clients and left-behind rows wait for a relay running elsewhere (the pool still drains the outbox
+    /// itself to reopen its read gate after a store outage). The relay's `LISTEN` connection is one
+    /// connection outside the pool; its sweeps use the pool.
+    #[must_use]
+    pub fn run_relay(mut self, run: bool) -> Self {
+        self.run_relay = run;
+        self
+    }
+
+    /// How outbox rows are delivered: the relay's grace period, sweep interval and batch size, and the
+    /// longest a write waits for the store after `COMMIT` (see [`RelayConfig`]).
+    #[must_use]
+    pub fn relay_config(mut self, config: RelayConfig) -> Self {
+        self.relay = config;
+        self
+    }
+
+    /// The circuit breaker in front of the store, shared by the pool's reads, commits and relay.
+    #[must_use]
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// Fault injection for tests: writes commit but their keys are never sent to the store by the writing
+    /// call, as if the process died between `COMMIT` and the store call. The relay delivers them after
+    /// the grace period. Only with the `fault-injection` feature; never use it in production.
+    #[cfg(feature = "fault-injection")]
+    #[must_use]
+    pub fn crash_after_commit(mut self, crash: bool) -> Self {
+        self.crash_after_commit = crash;
+        self
+    }
+
+    /// How autocommit writes are detected.
+    #[must_use]
+    pub fn write_detection(mut self, detection: WriteDetection) -> Self {
+        self.detection = detection;
+        self
+    }
+
+    /// Connects to `url` (see [`connect_with`](Self::connect_with)).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect_with`](Self::connect_with); also [`Error::Database`] for an invalid URL.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`connect_with`](Self::connect_with).
+    pub async fn connect(self, url: &str, store: impl Store) -> Result<CachedPool<DB>, Error> {
+        let options: ConnectOptions<DB> = url.parse()?;
+        self.connect_with(options, store).await
+    }
+
+    /// Connects, installs or verifies the schema, and starts the relay.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Registry`] when entities contradict each other; [`Error::Database`] when the database cannot
+    /// be reached; [`Error::NotInstalled`], [`Error::FingerprintMismatch`] or
+    /// [`Error::SchemaVersionMismatch`] when the installed triggers do not match this build (saying what to
+    /// run); the errors of an install ([`Error::Columns`], …) with [`auto_install`](Self::auto_install).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the pool; a schema install in progress rolls back.
+    pub async fn connect_with(
+        mut self,
+        options: ConnectOptions<DB>,
+        store: impl Store,
+    ) -> Result<CachedPool<DB>, Error> {
+        let registry = self.registry.take().unwrap_or_else(|| registry().clone());
+        registry.validate()?;
+        let pool = self
+            .pool_options
+            .clone()
+            .connect_with(DB::wrap(options))
+            .await?;
+        {
+            let mut conn = pool.acquire().await?;
+            if self.auto_install {
+                DB::install(&registry, self.trigger_mode, &mut conn).await?;
+            }
+            DB::verify(&registry, &mut conn).await?;
+        }
+        Ok(CachedPool::start(pool, Arc::new(store), registry, &self))
+    }
+}

@@ -1,0 +1,140 @@
+//! [`CachedTransaction`]: the outermost commit reads the transaction's keys, commits, then invalidates them.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use sqlx::Postgres;
+use tracing::Instrument as _;
+
+use super::Core;
+use crate::backend::Backend;
+
+/// A transaction (or savepoint) of a [`CachedPool`].
+///
+/// `&mut CachedTransaction` is a [`sqlx::Executor`], and `&mut *tx` is the transaction's `PgConnection`:
+/// both work with every sqlx query function. Dropping it without `commit` rolls back and publishes nothing.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn f(pool: cache_runtime::CachedPool) -> Result<(), sqlx::Error> {
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("UPDATE products SET category_id = 2 WHERE id = 1").execute(&mut tx).await?;
+/// {
+///     let mut savepoint = tx.begin().await?;
+///     sqlx::query("DELETE FROM products WHERE id = 2").execute(&mut *savepoint).await?;
+///     savepoint.rollback().await?; // product:2 is not invalidated
+/// }
+/// tx.commit().await?; // invalidates product:1, category:<old>:products, category:2:products
+/// # Ok(()) }
+/// ```
+pub struct CachedTransaction<'c, DB: Backend = Postgres> {
+    pub(super) tx: sqlx::Transaction<'c, DB>,
+    core: Arc<Core<DB>>,
+    outermost: bool,
+}
+
+impl<'c, DB: Backend> CachedTransaction<'c, DB> {
+    /// The outermost transaction of a pool.
+    pub(super) fn outermost(tx: sqlx::Transaction<'c, DB>, core: Arc<Core<DB>>) -> Self {
+        Self {
+            tx,
+            core,
+            outermost: true,
+        }
+    }
+}
+
+impl<DB: Backend> fmt::Debug for CachedTransaction<'_, DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedTransaction")
+            .field("outermost", &self.outermost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<DB: Backend> CachedTransaction<'_, DB> {
+    /// Begins a nested transaction (a `SAVEPOINT`). Its commit only releases the savepoint; its writes are
+    /// published by the outermost commit, and vanish if it rolls back.
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of `SAVEPOINT`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the savepoint created; it is rolled back with the next use of the
+    /// outer transaction, as for a dropped nested transaction.
+    pub async fn begin(&mut self) -> Result<CachedTransaction<'_, DB>, sqlx::Error> {
+        let tx = sqlx::Acquire::begin(&mut self.tx).await?;
+        Ok(CachedTransaction {
+            tx,
+            core: Arc::clone(&self.core),
+            outermost: false,
+        })
+    }
+
+    /// Commits. For the outermost transaction: reads the transaction's keys, sends `COMMIT`, invalidates the
+    /// keys in the store (one round trip), and returns. For a savepoint: `RELEASE SAVEPOINT` only.
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of reading the keys or of `COMMIT`: then nothing was published (and, when the
+    /// `COMMIT` itself failed, the transaction is rolled back or its outcome unknown, as with sqlx). Never an
+    /// error once `COMMIT` succeeded: a store failure is logged and the relay delivers the keys.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before `COMMIT` was sent: the transaction rolls back, nothing is published. Dropped after
+    /// `COMMIT` was sent: the transaction may be committed; the invalidation runs in a task of its own
+    /// (spawned right after `COMMIT`), which completes even when this future is dropped; if the future is
+    /// dropped between the `COMMIT` and that spawn, the keys stay in the outbox and the relay delivers them
+    /// within the grace period.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        if !self.outermost {
+            return self.tx.commit().await;
+        }
+        let span = tracing::debug_span!("cache.commit");
+        self.commit_outermost().instrument(span).await
+    }
+
+    async fn commit_outermost(mut self) -> Result<(), sqlx::Error> {
+        let rows = DB::written_rows(&mut self.tx, &self.core.relay.outbox.state, true).await?;
+        self.tx.commit().await?;
+        if !rows.is_empty() {
+            let core = Arc::clone(&self.core);
+            // A task of its own, so that dropping this future cannot interrupt the invalidation.
+            let _ = tokio::spawn(async move { core.deliver(rows).await }).await;
+        }
+        Ok(())
+    }
+
+    /// Rolls back the transaction or savepoint; nothing is published.
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of `ROLLBACK`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future still rolls back (with the next use of the connection).
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl<DB: Backend> Deref for CachedTransaction<'_, DB> {
+    type Target = DB::Connection;
+
+    fn deref(&self) -> &DB::Connection {
+        &self.tx
+    }
+}
+
+impl<DB: Backend> DerefMut for CachedTransaction<'_, DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
+}
+
