@@ -5,9 +5,10 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::DeriveInput;
 use syn::spanned::Spanned as _;
 
+use cache_template::{Segment, Template};
+
 use crate::ast::{Container, unraw};
 use crate::ctxt::Ctxt;
-use crate::template::{Segment, Template};
 use crate::{fallback, valid};
 
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {

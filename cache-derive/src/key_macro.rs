@@ -12,7 +12,7 @@ use crate::ast::unraw;
 use crate::attr::closest;
 use crate::ctxt::Ctxt;
 use crate::expand::{render_tokens, template_tokens};
-use crate::{template, valid};
+use crate::valid;
 
 struct Input {
     /// `Entity =>`: which entity's declaration to check, when several declare the identical template.
@@ -77,7 +77,7 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
     let Some(parsed) = valid::report(
         &mut cx,
         &input.template,
-        template::parse(&input.template.value()),
+        cache_template::parse(&input.template.value()),
     ) else {
         return cx.into_compile_errors();
     };

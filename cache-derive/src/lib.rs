@@ -10,7 +10,6 @@ mod expand;
 mod fallback;
 mod key_macro;
 mod symbol;
-mod template;
 mod valid;
 
 use proc_macro::TokenStream;

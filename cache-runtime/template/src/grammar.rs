@@ -1,25 +1,44 @@
 //! The key template grammar: literal text and `<field>` placeholders.
 //!
-//! A template is parsed once, here; the generated code carries its segments, so the runtime never parses a
-//! template string.
+//! A template is parsed once, at compile time, by the derive and `key!`; the generated code carries its
+//! segments, so the runtime never parses a template string.
+//!
+//! A placeholder names a field (`<category_id>`); `<` and `>` only delimit placeholders. A placeholder must be
+//! followed by the end of the template or by a *separator*, a character outside [`is_value_char`], so that
+//! every key parses back to one set of values.
+
+use crate::escape::is_value_char;
+use crate::fnv::fnv1a64;
 
 /// One piece of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Segment {
+pub enum Segment {
+    /// Literal text, copied into every key as it is.
     Lit(String),
+    /// A placeholder: the name of the field whose value fills it.
     Placeholder(String),
 }
 
 /// A parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Template {
-    pub(crate) text: String,
-    pub(crate) segments: Vec<Segment>,
+pub struct Template {
+    /// The template as written, e.g. `category:<category_id>:products`.
+    pub text: String,
+    /// Its literal and placeholder segments, in order.
+    pub segments: Vec<Segment>,
 }
 
 impl Template {
     /// Placeholder names, in order.
-    pub(crate) fn placeholders(&self) -> impl Iterator<Item = &str> {
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t = cache_template::parse("tenant:<tenant>:user:<handle>").map_err(|e| e.join("; "))?;
+    /// assert_eq!(t.placeholders().collect::<Vec<_>>(), ["tenant", "handle"]);
+    /// # Ok::<(), String>(())
+    /// ```
+    pub fn placeholders(&self) -> impl Iterator<Item = &str> {
         self.segments.iter().filter_map(|s| match s {
             Segment::Placeholder(name) => Some(name.as_str()),
             Segment::Lit(_) => None,
@@ -27,7 +46,17 @@ impl Template {
     }
 
     /// The template without placeholder names: `category:<>:products`.
-    pub(crate) fn shape(&self) -> String {
+    ///
+    /// Two templates with the same shape render the same keys for the same values.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t = cache_template::parse("category:<category_id>:products").map_err(|e| e.join("; "))?;
+    /// assert_eq!(t.shape(), "category:<>:products");
+    /// # Ok::<(), String>(())
+    /// ```
+    pub fn shape(&self) -> String {
         self.segments
             .iter()
             .map(|s| match s {
@@ -37,24 +66,40 @@ impl Template {
             .collect()
     }
 
-    /// FNV-1a 64 of the text; names the template at the type level (`TemplateId<HASH>`).
-    pub(crate) fn id(&self) -> u64 {
-        let mut hash = 0xcbf2_9ce4_8422_2325_u64;
-        for b in self.text.bytes() {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        hash
+    /// FNV-1a 64 of the text: names the template at the type level (`TemplateId<HASH>`), so two templates
+    /// of the same shape with different placeholder names have different ids.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let t = cache_template::parse("a:<id>").map_err(|e| e.join("; "))?;
+    /// assert_eq!(t.id(), cache_template::fnv1a64(b"a:<id>"));
+    /// # Ok::<(), String>(())
+    /// ```
+    pub fn id(&self) -> u64 {
+        fnv1a64(self.text.as_bytes())
     }
 }
 
-/// The characters a rendered value can contain (mirrors `cache_runtime::is_value_char`).
-fn is_value_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '%' | '~')
-}
-
-/// Parses `text`; every problem found is returned, each as a sentence that says how to fix it.
-pub(crate) fn parse(text: &str) -> Result<Template, Vec<String>> {
+/// Parses `text` into its segments.
+///
+/// # Errors
+///
+/// Every problem found, each as a sentence that says how to fix it: an empty template, an unbalanced `<` or
+/// `>`, an empty placeholder or one that is not a field name, two placeholders that touch, a placeholder
+/// followed by a value character, a placeholder used twice.
+///
+/// # Examples
+///
+/// ```
+/// use cache_template::{parse, Segment};
+///
+/// let t = parse("product:<id>").map_err(|e| e.join("; "))?;
+/// assert_eq!(t.segments, [Segment::Lit("product:".into()), Segment::Placeholder("id".into())]);
+/// assert!(parse("product:<id").is_err());
+/// # Ok::<(), String>(())
+/// ```
+pub fn parse(text: &str) -> Result<Template, Vec<String>> {
     let mut errors = Vec::new();
     if text.is_empty() {
         return Err(vec![
@@ -204,9 +249,38 @@ mod tests {
     }
 
     #[test]
+    fn every_problem_is_reported() {
+        let errors = parse("a:<a>b<>>").expect_err("invalid template");
+        assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    #[test]
+    fn a_separator_is_any_non_value_char() {
+        for sep in [':', '/', '#', '|', ' ', '\u{fc}'] {
+            assert!(parse(&format!("a:<x>{sep}<y>")).is_ok(), "{sep:?}");
+        }
+        for glued in ['a', 'Z', '0', '_', '.', '-', '%', '~'] {
+            assert!(parse(&format!("a:<x>{glued}")).is_err(), "{glued:?}");
+        }
+    }
+
+    #[test]
     fn ids_differ_by_text() {
         let a = parse("category:<id>:products").map(|t| t.id());
         let b = parse("category:<category_id>:products").map(|t| t.id());
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn ids_are_pinned() {
+        // The ids that the compile-fail snapshots show (`TemplateId<…>`): they must not change between builds.
+        assert_eq!(
+            parse("category:<category_id>:product").map(|t| t.id()),
+            Ok(12_860_894_330_928_356_492)
+        );
+        assert_eq!(
+            parse("a:<id>").map(|t| t.id()),
+            Ok(2_539_998_387_502_194_091)
+        );
     }
 }
