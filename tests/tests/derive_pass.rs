@@ -1,6 +1,6 @@
 //! What `#[derive(CachedEntity)]` and `key!` must accept, compiled as ordinary code (formerly trybuild pass
-//! cases): every supported placeholder type, renames, hygiene, identical templates on two
-//! entities. What they must reject is in the `compile-fail` package.
+//! cases): every supported placeholder type, renames, hygiene, identical templates on two entities, and
+//! `crate = "…"`. What they must reject is in the `compile-fail` package.
 
 /// Every supported placeholder type, `sqlx` renames, raw identifiers and the user's short form.
 mod entities {
@@ -174,5 +174,48 @@ mod same_template {
         assert_eq!(key!(A => "a:<id>", id = 2).as_str(), "a:2");
         assert_eq!(A { id: 2, cid: 1 }.cache_keys()[1], a);
         assert_eq!(B { id: 3, cid: 1 }.cache_keys()[1], b);
+    }
+}
+
+/// `crate = "…"`: the user names the runtime by another path (a renamed import, a facade's re-export).
+mod crate_path {
+    use cache_runtime as cr;
+    use cr::CachedEntity as _;
+
+    #[derive(cr::CachedEntity)]
+    #[cached_entity(crate = "cr", key = "renamed:<id>", depends = ["renamed:<id>:list"])]
+    struct Renamed {
+        id: i64,
+    }
+
+    /// A crate that re-exports the runtime, as a facade would.
+    mod facade {
+        pub(super) use ::cache_runtime as runtime;
+    }
+
+    #[derive(facade::runtime::CachedEntity)]
+    #[cached_entity(key = "facade:<name>", crate = "facade::runtime")]
+    struct ThroughFacade {
+        name: String,
+    }
+
+    #[test]
+    fn the_generated_code_uses_the_given_path() {
+        let keys: Vec<String> = Renamed { id: 5 }
+            .cache_keys()
+            .into_iter()
+            .map(cr::Key::into_string)
+            .collect();
+        assert_eq!(keys, ["renamed:5", "renamed:5:list"]);
+        assert_eq!(Renamed::cache_key_for(&5), cr::key!("renamed:<id>", id = 5));
+        assert_eq!(Renamed::META.table, "renameds");
+        let f = ThroughFacade { name: "x y".into() };
+        assert_eq!(f.cache_key().as_str(), "facade:x%20y");
+        assert!(
+            cr::registry()
+                .entities()
+                .iter()
+                .any(|e| e.type_name == "ThroughFacade")
+        );
     }
 }
