@@ -12,11 +12,18 @@ pub(crate) struct Attrs {
     pub(crate) key: Option<LitStr>,
     pub(crate) depends: Vec<LitStr>,
     pub(crate) ttl: Option<LitStr>,
+    /// `crate = "…"`: the path generated code uses for `cache_runtime`.
+    pub(crate) krate: Option<syn::Path>,
     /// Where to point when something is missing: the first `#[cached_entity]`, if any.
     pub(crate) first: Option<Attribute>,
 }
 
 impl Attrs {
+    /// The path generated code names `cache_runtime` by: `crate = "…"`, or `::cache_runtime`.
+    pub(crate) fn crate_path(&self) -> syn::Path {
+        self.krate.clone().unwrap_or_else(default_crate)
+    }
+
     pub(crate) fn parse(cx: &mut Ctxt, attrs: &[Attribute]) -> Self {
         let mut out = Self::default();
         let mut seen: Vec<String> = Vec::new();
@@ -57,6 +64,22 @@ impl Attrs {
                         let list = Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?;
                         out.depends.extend(list);
                     }
+                    symbol::CRATE => {
+                        let value: LitStr = meta.value()?.parse()?;
+                        match value.parse::<syn::Path>() {
+                            Ok(path) => {
+                                out.krate.get_or_insert(path);
+                            }
+                            Err(_) => cx.error_spanned_by(
+                                &value,
+                                format!(
+                                    "`crate = \"{}\"` is not a path: give the path by which this crate sees \
+                                     cache_runtime, e.g. crate = \"cache_runtime\" or crate = \"my_lib::cache\"",
+                                    value.value()
+                                ),
+                            ),
+                        }
+                    }
                     other => {
                         let value: LitStr = meta.value()?.parse()?;
                         let slot = match other {
@@ -81,6 +104,11 @@ impl Attrs {
         }
         out
     }
+}
+
+/// `::cache_runtime`, what generated code names the runtime by unless `crate = "…"` says otherwise.
+pub(crate) fn default_crate() -> syn::Path {
+    syn::parse_quote!(::cache_runtime)
 }
 
 fn skip_value(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {

@@ -5,9 +5,10 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::DeriveInput;
 use syn::spanned::Spanned as _;
 
+use cache_template::{Segment, Template};
+
 use crate::ast::{Container, unraw};
 use crate::ctxt::Ctxt;
-use crate::template::{Segment, Template};
 use crate::{fallback, valid};
 
 pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
@@ -16,27 +17,28 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
     match valid::check(&mut cx, &cont) {
         Some(checked) if !cx.has_errors() => expand(&cont, &checked),
         _ => {
-            let stub = fallback::stub(&input.ident, &input.generics);
+            let stub = fallback::stub(&input.ident, &input.generics, &cont.attrs.crate_path());
             let errors = cx.into_compile_errors();
             quote!(#errors #stub)
         }
     }
 }
 
-/// `static`-able tokens for a template: `Template::__new(text, shape, &[segments])`.
-pub(crate) fn template_tokens(t: &Template) -> TokenStream {
+/// `static`-able tokens for a template: `Template::__new(text, shape, &[segments])`, naming the runtime `krate`.
+pub(crate) fn template_tokens(t: &Template, krate: &syn::Path) -> TokenStream {
     let text = &t.text;
     let shape = t.shape();
     let segments = t.segments.iter().map(|s| match s {
-        Segment::Lit(text) => quote!(::cache_runtime::Segment::Lit(#text)),
-        Segment::Placeholder(name) => quote!(::cache_runtime::Segment::Placeholder(#name)),
+        Segment::Lit(text) => quote!(#krate::Segment::Lit(#text)),
+        Segment::Placeholder(name) => quote!(#krate::Segment::Placeholder(#name)),
     });
-    quote!(::cache_runtime::Template::__new(#text, #shape, &[#(#segments),*]))
+    quote!(#krate::Template::__new(#text, #shape, &[#(#segments),*]))
 }
 
 /// Statements that render `t` into a `Key`, taking each placeholder's value from `value(name)`.
 pub(crate) fn render_tokens(
     t: &Template,
+    krate: &syn::Path,
     template: &TokenStream,
     value: impl Fn(&str) -> TokenStream,
 ) -> TokenStream {
@@ -54,37 +56,38 @@ pub(crate) fn render_tokens(
     });
     // A method chain, no `let`: no local name can clash with the user's items.
     quote!({
-        ::cache_runtime::__private::KeyBuilder::new(#template) #(#steps)* .finish()
+        #krate::__private::KeyBuilder::new(#template) #(#steps)* .finish()
     })
 }
 
 /// `impl Declares<Entity> for TemplateId<HASH> {}`: lets `key!` check that the template is declared.
-fn declares(t: &Template, ident: &syn::Ident) -> TokenStream {
+fn declares(t: &Template, ident: &syn::Ident, krate: &syn::Path) -> TokenStream {
     let id = Literal::u64_suffixed(t.id());
     quote! {
         #[automatically_derived]
-        impl ::cache_runtime::__private::Declares<#ident> for ::cache_runtime::__private::TemplateId<#id> {}
+        impl #krate::__private::Declares<#ident> for #krate::__private::TemplateId<#id> {}
     }
 }
 
 fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
     let ident = cont.ident;
+    let krate = &cont.attrs.crate_path();
     let type_name = ident.to_string();
     let table = &checked.table;
     let ttl_ms = Literal::u64_suffixed(u64::try_from(checked.ttl.as_millis()).unwrap_or(u64::MAX));
 
-    let key_tokens = template_tokens(&checked.key);
+    let key_tokens = template_tokens(&checked.key, krate);
     let dep_idents: Vec<_> = (0..checked.depends.len())
         .map(|i| format_ident!("__DEPENDS_{}", i))
         .collect();
-    let dep_tokens = checked.depends.iter().map(template_tokens);
+    let dep_tokens = checked.depends.iter().map(|t| template_tokens(t, krate));
 
     let columns = checked.used.iter().map(|f| {
         let field = unraw(f.ident);
         let column = &f.column;
         let ty = f.ty;
-        let kind = quote_spanned!(ty.span()=> ::cache_runtime::__private::kind_of::<#ty>());
-        quote!(::cache_runtime::Column { field: #field, column: #column, kind: #kind })
+        let kind = quote_spanned!(ty.span()=> #krate::__private::kind_of::<#ty>());
+        quote!(#krate::Column { field: #field, column: #column, kind: #kind })
     });
 
     // Spanned on the field's type, so a type without a key rendering is reported once, there.
@@ -95,12 +98,12 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
         }
         None => quote!(),
     };
-    let render_key = render_tokens(&checked.key, &quote!(&__KEY), self_value);
+    let render_key = render_tokens(&checked.key, krate, &quote!(&__KEY), self_value);
     let render_deps = checked
         .depends
         .iter()
         .zip(&dep_idents)
-        .map(|(t, id)| render_tokens(t, &quote!(&#id), self_value));
+        .map(|(t, id)| render_tokens(t, krate, &quote!(&#id), self_value));
 
     let params: Vec<_> = checked
         .key
@@ -111,7 +114,7 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
             quote!(#id: &#ty)
         })
         .collect();
-    let render_for = render_tokens(&checked.key, &quote!(&__KEY), |name| {
+    let render_for = render_tokens(&checked.key, krate, &quote!(&__KEY), |name| {
         let id = cont.field(name).map(|f| f.ident);
         quote!(#id)
     });
@@ -120,32 +123,32 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
         checked.key.text
     );
 
-    let mut declared = vec![declares(&checked.key, ident)];
+    let mut declared = vec![declares(&checked.key, ident, krate)];
     for t in &checked.depends {
-        declared.push(declares(t, ident));
+        declared.push(declares(t, ident, krate));
     }
 
     quote! {
         #[allow(non_upper_case_globals, clippy::all)]
         const _: () = {
-            static __KEY: ::cache_runtime::Template = #key_tokens;
-            #(static #dep_idents: ::cache_runtime::Template = #dep_tokens;)*
-            static __META: ::cache_runtime::EntityMeta = ::cache_runtime::EntityMeta {
+            static __KEY: #krate::Template = #key_tokens;
+            #(static #dep_idents: #krate::Template = #dep_tokens;)*
+            static __META: #krate::EntityMeta = #krate::EntityMeta {
                 type_name: #type_name,
                 table: #table,
                 key: &__KEY,
                 depends: &[#(&#dep_idents),*],
-                ttl: ::cache_runtime::__private::core::time::Duration::from_millis(#ttl_ms),
+                ttl: #krate::__private::core::time::Duration::from_millis(#ttl_ms),
                 columns: &[#(#columns),*],
             };
 
             #[automatically_derived]
-            impl ::cache_runtime::CachedEntity for #ident {
-                const META: &'static ::cache_runtime::EntityMeta = &__META;
+            impl #krate::CachedEntity for #ident {
+                const META: &'static #krate::EntityMeta = &__META;
 
-                fn cache_key(&self) -> ::cache_runtime::Key #render_key
+                fn cache_key(&self) -> #krate::Key #render_key
 
-                fn cache_keys(&self) -> ::std::vec::Vec<::cache_runtime::Key> {
+                fn cache_keys(&self) -> ::std::vec::Vec<#krate::Key> {
                     ::std::vec![self.cache_key() #(, #render_deps)*]
                 }
             }
@@ -153,14 +156,68 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
             #[automatically_derived]
             impl #ident {
                 #[doc = #doc_for]
-                pub fn cache_key_for(#(#params),*) -> ::cache_runtime::Key #render_for
+                pub fn cache_key_for(#(#params),*) -> #krate::Key #render_for
             }
 
             #(#declared)*
 
-            ::cache_runtime::__private::inventory::submit! {
-                ::cache_runtime::__private::Registration(&__META)
+            #krate::__private::inventory::submit! {
+                #krate::__private::Registration(&__META)
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn expanded(input: &str) -> String {
+        let input: syn::DeriveInput = syn::parse_str(input).expect("a struct");
+        super::derive(&input).to_string()
+    }
+
+    #[test]
+    fn generated_paths_name_the_runtime_by_the_crate_attribute() {
+        let default = expanded(r#"#[cached_entity(key = "p:<id>")] struct P { id: i64 }"#);
+        assert!(
+            default.contains(":: cache_runtime :: CachedEntity for P"),
+            "{default}"
+        );
+
+        let renamed =
+            expanded(r#"#[cached_entity(crate = "cr", key = "p:<id>")] struct P { id: i64 }"#);
+        assert!(renamed.contains("cr :: CachedEntity for P"), "{renamed}");
+        assert!(!renamed.contains("cache_runtime"), "{renamed}");
+
+        let nested = expanded(
+            r#"#[cached_entity(key = "p:<id>", crate = "::my_lib::cache")] struct P { id: i64 }"#,
+        );
+        assert!(
+            nested.contains(":: my_lib :: cache :: __private :: Registration"),
+            "{nested}"
+        );
+        assert!(!nested.contains("cache_runtime"), "{nested}");
+    }
+
+    #[test]
+    fn the_fallback_stub_uses_the_crate_attribute_too() {
+        let stub =
+            expanded(r#"#[cached_entity(crate = "cr", key = "p:<idd>")] struct P { id: i64 }"#);
+        assert!(stub.contains("compile_error"), "{stub}");
+        assert!(stub.contains("cr :: __private :: FALLBACK_META"), "{stub}");
+        assert!(!stub.contains("cache_runtime"), "{stub}");
+    }
+
+    #[test]
+    fn a_crate_attribute_that_is_not_a_path_is_an_error() {
+        for bad in ["", "1 + 2", "cr::", "a b"] {
+            let out = expanded(&format!(
+                r#"#[cached_entity(crate = "{bad}", key = "p:<id>")] struct P {{ id: i64 }}"#
+            ));
+            assert!(out.contains("is not a path"), "{bad}: {out}");
+            assert!(
+                out.contains(":: cache_runtime :: __private :: FALLBACK_META"),
+                "{bad}: {out}"
+            );
+        }
     }
 }

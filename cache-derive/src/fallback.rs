@@ -4,18 +4,18 @@
 use proc_macro2::TokenStream;
 use quote::quote;
 
-pub(crate) fn stub(ident: &syn::Ident, generics: &syn::Generics) -> TokenStream {
+pub(crate) fn stub(ident: &syn::Ident, generics: &syn::Generics, krate: &syn::Path) -> TokenStream {
     let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     quote! {
         #[allow(unreachable_code, clippy::all)]
         const _: () = {
             #[automatically_derived]
-            impl #impl_generics ::cache_runtime::CachedEntity for #ident #ty_generics #where_clause {
-                const META: &'static ::cache_runtime::EntityMeta = ::cache_runtime::__private::FALLBACK_META;
-                fn cache_key(&self) -> ::cache_runtime::Key {
+            impl #impl_generics #krate::CachedEntity for #ident #ty_generics #where_clause {
+                const META: &'static #krate::EntityMeta = #krate::__private::FALLBACK_META;
+                fn cache_key(&self) -> #krate::Key {
                     ::core::unreachable!()
                 }
-                fn cache_keys(&self) -> ::std::vec::Vec<::cache_runtime::Key> {
+                fn cache_keys(&self) -> ::std::vec::Vec<#krate::Key> {
                     ::core::unreachable!()
                 }
             }

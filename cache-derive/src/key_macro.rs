@@ -9,10 +9,10 @@ use syn::punctuated::Punctuated;
 use syn::{Expr, Ident, LitStr, Token};
 
 use crate::ast::unraw;
-use crate::attr::closest;
+use crate::attr::{closest, default_crate};
 use crate::ctxt::Ctxt;
 use crate::expand::{render_tokens, template_tokens};
-use crate::{template, valid};
+use crate::valid;
 
 struct Input {
     /// `Entity =>`: which entity's declaration to check, when several declare the identical template.
@@ -77,7 +77,7 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
     let Some(parsed) = valid::report(
         &mut cx,
         &input.template,
-        template::parse(&input.template.value()),
+        cache_template::parse(&input.template.value()),
     ) else {
         return cx.into_compile_errors();
     };
@@ -126,8 +126,10 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
     let check = quote_spanned! {span=>
         const _: () = ::cache_runtime::__private::declared::<::cache_runtime::__private::TemplateId<#id>, #entity>();
     };
-    let template = template_tokens(&parsed);
-    let render = render_tokens(&parsed, &quote!(&__TEMPLATE), |name| {
+    // `key!` has no `crate = "…"`: it names the runtime `::cache_runtime`.
+    let krate = &default_crate();
+    let template = template_tokens(&parsed, krate);
+    let render = render_tokens(&parsed, krate, &quote!(&__TEMPLATE), |name| {
         let value = input
             .args
             .iter()

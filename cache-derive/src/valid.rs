@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
+use cache_template::Template;
 use syn::{GenericArgument, LitStr, PathArguments, Type};
 
 use crate::ast::{Container, unraw};
 use crate::attr::{closest, parse_ttl};
 use crate::ctxt::Ctxt;
-use crate::template::{self, Template};
 
 /// What expansion needs, once every check passed.
 pub(crate) struct Checked<'a> {
@@ -130,7 +130,7 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
 
 /// Parses one template literal and checks its placeholders against the fields.
 fn parse_template(cx: &mut Ctxt, cont: &Container<'_>, lit: &LitStr) -> Option<Template> {
-    let parsed = report(cx, lit, template::parse(&lit.value()))?;
+    let parsed = report(cx, lit, cache_template::parse(&lit.value()))?;
     let mut ok = true;
     for name in parsed.placeholders().filter(|_| cont.has_fields) {
         if cont.field(name).is_none() {

@@ -170,47 +170,23 @@ impl fmt::Display for Template {
     }
 }
 
-/// `true` for the characters a rendered value can contain.
+/// `true` for the characters a rendered value can contain: `A-Z a-z 0-9 _ . - % ~`.
 ///
 /// A template's placeholder must be followed by the end of the template or by a character for which this is
-/// `false`; the derive checks it.
-pub const fn is_value_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '%' | '~')
-}
+/// `false`; the derive checks it. (The rule lives in `cache-template`, shared with the derive.)
+///
+/// # Examples
+///
+/// ```
+/// assert!(cache_runtime::is_value_char('%'));
+/// assert!(!cache_runtime::is_value_char(':'));
+/// ```
+pub use cache_template::is_value_char;
 
-const fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
-}
+/// What `NULL` / `None` renders as: `~`.
+pub use cache_template::NULL_RENDERING;
 
-fn unescape(raw: &str) -> Option<Option<String>> {
-    if raw == NULL_RENDERING {
-        return Some(None);
-    }
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = raw.get(i + 1..i + 3)?;
-                if hex.bytes().any(|b| b.is_ascii_lowercase()) {
-                    return None;
-                }
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b if is_unreserved(b) => {
-                out.push(b);
-                i += 1;
-            }
-            _ => return None,
-        }
-    }
-    String::from_utf8(out).ok().map(Some)
-}
-
-/// What `NULL` / `None` renders as.
-pub const NULL_RENDERING: &str = "~";
+use cache_template::unescape;
 
 /// A rendered cache key, together with the template it was rendered from.
 ///
@@ -354,16 +330,7 @@ impl KeyWriter<'_> {
 
     /// Writes text, percent-escaping every byte outside `A-Z a-z 0-9 _ . -`.
     pub fn text(self, value: &str) {
-        const HEX: &[u8; 16] = b"0123456789ABCDEF";
-        for &b in value.as_bytes() {
-            if is_unreserved(b) {
-                self.out.push(char::from(b));
-            } else {
-                self.out.push('%');
-                self.out.push(char::from(HEX[usize::from(b >> 4)]));
-                self.out.push(char::from(HEX[usize::from(b & 0xF)]));
-            }
-        }
+        cache_template::escape_into(self.out, value);
     }
 
     /// Writes the rendering of `NULL` (`~`).
@@ -609,13 +576,6 @@ mod tests {
             if (as_text(&a1), as_text(&b1)) != (as_text(&a2), as_text(&b2)) {
                 prop_assert_ne!(render(&a1, &b1), render(&a2, &b2));
             }
-        }
-
-        #[test]
-        fn rendered_values_use_only_value_chars(s in any::<String>()) {
-            let key = render(&KeyValue::Text(s), &KeyValue::Null);
-            let value = &key["t:".len()..key.len() - ":~/x".len()];
-            prop_assert!(value.chars().all(is_value_char));
         }
     }
 }

@@ -165,17 +165,8 @@ fn describe(entity: &EntityMeta) -> String {
     out
 }
 
-/// FNV-1a, 64 bits: stable across builds and platforms.
-pub(crate) const fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
-    let mut i = 0;
-    while i < bytes.len() {
-        hash ^= bytes[i] as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        i += 1;
-    }
-    hash
-}
+/// FNV-1a, 64 bits: stable across builds and platforms (the other runtime modules use it from here).
+pub(crate) use cache_template::fnv1a64;
 
 /// Entities that contradict each other; see [`Registry::validate`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -124,8 +124,140 @@ fn the_registry_lists_every_entity_and_validates() {
     registry()
         .validate()
         .expect("the shared model is consistent");
-    assert_eq!(registry().fingerprint(), registry().fingerprint());
-    assert_eq!(registry().fingerprint().len(), 16);
+    // A snapshot, not a tautology: the fingerprint is what an installed database records of the triggers it
+    // runs. Changing this literal means every installed database must re-install its triggers, so it must be
+    // a deliberate change (of the shared model, or of what the fingerprint covers), never a side effect.
+    assert_eq!(registry().fingerprint(), "c7ad8b282b8f7b1e");
+}
+
+mod fixed {
+    use std::time::Duration;
+
+    use cache_runtime::{Column, EntityMeta, PartKind, Registry, Segment, Template};
+
+    static ITEM_KEY: Template = Template::__new(
+        "item:<id>",
+        "item:<>",
+        &[Segment::Lit("item:"), Segment::Placeholder("id")],
+    );
+    static ITEM_SHELF: Template = Template::__new(
+        "shelf:<shelf_id>:items",
+        "shelf:<>:items",
+        &[
+            Segment::Lit("shelf:"),
+            Segment::Placeholder("shelf_id"),
+            Segment::Lit(":items"),
+        ],
+    );
+    static TAG_KEY: Template = Template::__new(
+        "tag:<name>:<active>",
+        "tag:<>:<>",
+        &[
+            Segment::Lit("tag:"),
+            Segment::Placeholder("name"),
+            Segment::Lit(":"),
+            Segment::Placeholder("active"),
+        ],
+    );
+
+    const ITEM_COLUMNS: &[Column] = &[
+        Column {
+            field: "id",
+            column: "id",
+            kind: PartKind::Int,
+        },
+        Column {
+            field: "shelf_id",
+            column: "shelf",
+            kind: PartKind::Int,
+        },
+    ];
+
+    static ITEM: EntityMeta = EntityMeta {
+        type_name: "Item",
+        table: "items",
+        key: &ITEM_KEY,
+        depends: &[&ITEM_SHELF],
+        ttl: Duration::from_secs(60),
+        columns: ITEM_COLUMNS,
+    };
+    static TAG: EntityMeta = EntityMeta {
+        type_name: "Tag",
+        table: "tags",
+        key: &TAG_KEY,
+        depends: &[],
+        ttl: Duration::from_secs(60),
+        columns: &[
+            Column {
+                field: "name",
+                column: "label",
+                kind: PartKind::Text,
+            },
+            Column {
+                field: "active",
+                column: "active",
+                kind: PartKind::Bool,
+            },
+        ],
+    };
+    /// `ITEM` under another type name and TTL: nothing the triggers are generated from.
+    static ITEM_RENAMED: EntityMeta = EntityMeta {
+        type_name: "Article",
+        ttl: Duration::from_secs(5),
+        ..ITEM
+    };
+    /// `ITEM` with its `shelf` column read as text: other triggers.
+    static ITEM_TEXT_SHELF: EntityMeta = EntityMeta {
+        columns: &[
+            Column {
+                field: "id",
+                column: "id",
+                kind: PartKind::Int,
+            },
+            Column {
+                field: "shelf_id",
+                column: "shelf",
+                kind: PartKind::Text,
+            },
+        ],
+        ..ITEM
+    };
+
+    #[test]
+    fn the_fingerprint_of_fixed_entities_is_pinned() {
+        // Snapshots, each checked once against FNV-1a 64 of the canonical text computed outside Rust.
+        // Changing one means every installed database must re-install its triggers: a deliberate change only.
+        assert_eq!(
+            Registry::new([&ITEM, &TAG]).fingerprint(),
+            "f992ae47e3aba0ae"
+        );
+        assert_eq!(
+            Registry::new([]).fingerprint(),
+            "cbf29ce484222325",
+            "FNV-1a offset basis"
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_covers_what_the_triggers_are_generated_from() {
+        let base = Registry::new([&ITEM, &TAG]).fingerprint();
+        assert_eq!(
+            Registry::new([&TAG, &ITEM]).fingerprint(),
+            base,
+            "order of registration"
+        );
+        assert_eq!(
+            Registry::new([&ITEM_RENAMED, &TAG]).fingerprint(),
+            base,
+            "type name and TTL are not in the triggers"
+        );
+        assert_ne!(
+            Registry::new([&ITEM_TEXT_SHELF, &TAG]).fingerprint(),
+            base,
+            "a column's kind is"
+        );
+        assert_ne!(Registry::new([&ITEM]).fingerprint(), base, "a table is");
+    }
 }
 
 #[test]
