@@ -29,10 +29,10 @@ pub(crate) fn template_tokens(t: &Template, krate: &syn::Path) -> TokenStream {
     let text = &t.text;
     let shape = t.shape();
     let segments = t.segments.iter().map(|s| match s {
-        Segment::Lit(text) => quote!(#krate::Segment::Lit(#text)),
-        Segment::Placeholder(name) => quote!(#krate::Segment::Placeholder(#name)),
+        Segment::Lit(text) => quote!(#krate::__private::Segment::Lit(#text)),
+        Segment::Placeholder(name) => quote!(#krate::__private::Segment::Placeholder(#name)),
     });
-    quote!(#krate::Template::__new(#text, #shape, &[#(#segments),*]))
+    quote!(#krate::__private::Template::__new(#text, #shape, &[#(#segments),*]))
 }
 
 /// Statements that render `t` into a `Key`, taking each placeholder's value from `value(name)`.
@@ -87,7 +87,7 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
         let column = &f.column;
         let ty = f.ty;
         let kind = quote_spanned!(ty.span()=> #krate::__private::kind_of::<#ty>());
-        quote!(#krate::Column { field: #field, column: #column, kind: #kind })
+        quote!(#krate::__private::Column { field: #field, column: #column, kind: #kind })
     });
 
     // Spanned on the field's type, so a type without a key rendering is reported once, there.
@@ -131,9 +131,9 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
     quote! {
         #[allow(non_upper_case_globals, clippy::all)]
         const _: () = {
-            static __KEY: #krate::Template = #key_tokens;
-            #(static #dep_idents: #krate::Template = #dep_tokens;)*
-            static __META: #krate::EntityMeta = #krate::EntityMeta {
+            static __KEY: #krate::__private::Template = #key_tokens;
+            #(static #dep_idents: #krate::__private::Template = #dep_tokens;)*
+            static __META: #krate::__private::EntityMeta = #krate::__private::EntityMeta {
                 type_name: #type_name,
                 table: #table,
                 key: &__KEY,
@@ -144,7 +144,7 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
 
             #[automatically_derived]
             impl #krate::CachedEntity for #ident {
-                const META: &'static #krate::EntityMeta = &__META;
+                const META: &'static #krate::__private::EntityMeta = &__META;
 
                 fn cache_key(&self) -> #krate::Key #render_key
 

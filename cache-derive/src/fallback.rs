@@ -11,7 +11,7 @@ pub(crate) fn stub(ident: &syn::Ident, generics: &syn::Generics, krate: &syn::Pa
         const _: () = {
             #[automatically_derived]
             impl #impl_generics #krate::CachedEntity for #ident #ty_generics #where_clause {
-                const META: &'static #krate::EntityMeta = #krate::__private::FALLBACK_META;
+                const META: &'static #krate::__private::EntityMeta = #krate::__private::FALLBACK_META;
                 fn cache_key(&self) -> #krate::Key {
                     ::core::unreachable!()
                 }

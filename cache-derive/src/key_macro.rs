@@ -139,7 +139,7 @@ pub(crate) fn expand(input: TokenStream) -> TokenStream {
     });
     quote! {{
         #check
-        static __TEMPLATE: ::cache_runtime::Template = #template;
+        static __TEMPLATE: ::cache_runtime::__private::Template = #template;
         #render
     }}
 }

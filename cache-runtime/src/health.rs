@@ -34,8 +34,8 @@
 //! A [`Cache`](crate::Cache) built on its own (not by a pool) has no outbox to drain: it has the breaker
 //! only, and reads use the store again as soon as it answers.
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;

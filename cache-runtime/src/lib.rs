@@ -52,6 +52,7 @@ pub mod store;
 /// ```
 pub use cache_derive::CachedEntity;
 
+pub use cache::{Cache, LoadOptions};
 /// Renders a [`Key`] from a template that some `#[derive(CachedEntity)]` declares.
 ///
 /// `key!("template", name = value, …)`: every placeholder gets exactly one value (`name` alone means
@@ -89,7 +90,6 @@ pub use cache_derive::CachedEntity;
 /// let k = key!("products:<id>", id = 7);
 /// ```
 pub use cache_derive::key;
-pub use cache::{Cache, LoadOptions};
 pub use entity::CachedEntity;
 pub use error::Error;
 pub use key::{Key, KeyPart};
@@ -99,16 +99,11 @@ pub use pool::{CachedPgPool, CachedPool, CachedPoolOptions, CachedTransaction, W
 pub use registry::{Registry, registry};
 pub use store::{MemoryStore, RedisStore, Store, StoreError};
 
-// The paths the derive's generated code uses today.
-#[doc(hidden)]
-pub use entity::{Column, EntityMeta};
-#[doc(hidden)]
-pub use key::{Segment, Template, is_value_char};
-
 /// Support for generated code; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::key::KeyBuilder;
+    pub use crate::entity::{Column, EntityMeta};
+    pub use crate::key::{KeyBuilder, Segment, Template};
     pub use crate::registry::Registration;
     pub use core;
     pub use inventory;

@@ -154,8 +154,8 @@ fn describe(entity: &EntityMeta) -> String {
         }
         for segment in template.segments() {
             match segment {
-                crate::Segment::Lit(text) => out.push_str(text),
-                crate::Segment::Placeholder(field) => {
+                crate::key::Segment::Lit(text) => out.push_str(text),
+                crate::key::Segment::Placeholder(field) => {
                     let column = entity.column(field).map_or(*field, |c| c.column);
                     let _ = write!(out, "<{column}>");
                 }

@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cache_runtime::store::BoxFuture;
 use cache_runtime::store::{LeaseRequest, Lookup, Peek, TagToken};
-use cache_runtime::{BoxFuture, Store, StoreError};
+use cache_runtime::{Store, StoreError};
 
 /// The shared record of one or more [`RecordingStore`]s.
 #[derive(Debug, Default)]

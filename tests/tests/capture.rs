@@ -12,10 +12,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cache_runtime::backend::TriggerMode;
+use cache_runtime::backend::postgres::PgSchema;
+use cache_runtime::error::{ColumnProblem, Problem};
+use cache_runtime::outbox::RelayConfig;
 use cache_runtime::store::{LeaseRequest, Slot};
 use cache_runtime::{
-    CachedEntity, CachedPgPool, CachedPool, CachedPoolOptions, CachedSqlitePool, ColumnProblem,
-    Error, MemoryStore, Problem, RedisStore, Registry, Schema, Store, TriggerMode,
+    CachedEntity, CachedPgPool, CachedPool, CachedPoolOptions, CachedSqlitePool, Error,
+    MemoryStore, RedisStore, Registry, Store,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor as _, Row as _};
@@ -144,7 +148,7 @@ impl Store for SlowStore {
     fn invalidate<'a>(
         &'a self,
         keys: &'a [String],
-    ) -> cache_runtime::BoxFuture<'a, Result<(), cache_runtime::StoreError>> {
+    ) -> cache_runtime::store::BoxFuture<'a, Result<(), cache_runtime::StoreError>> {
         Box::pin(async move {
             tokio::time::sleep(self.delay).await;
             self.inner.invalidate(keys).await
@@ -155,8 +159,10 @@ impl Store for SlowStore {
         &'a self,
         key: &'a str,
         tags: &'a [String],
-    ) -> cache_runtime::BoxFuture<'a, Result<cache_runtime::store::Peek, cache_runtime::StoreError>>
-    {
+    ) -> cache_runtime::store::BoxFuture<
+        'a,
+        Result<cache_runtime::store::Peek, cache_runtime::StoreError>,
+    > {
         self.inner.peek(key, tags)
     }
 
@@ -166,8 +172,10 @@ impl Store for SlowStore {
         lease: LeaseRequest<'a>,
         tags: &'a [String],
         tag_ttl: Duration,
-    ) -> cache_runtime::BoxFuture<'a, Result<cache_runtime::store::Lookup, cache_runtime::StoreError>>
-    {
+    ) -> cache_runtime::store::BoxFuture<
+        'a,
+        Result<cache_runtime::store::Lookup, cache_runtime::StoreError>,
+    > {
         self.inner.lookup(key, lease, tags, tag_ttl)
     }
 
@@ -175,7 +183,7 @@ impl Store for SlowStore {
         &'a self,
         tags: &'a [String],
         create: Option<Duration>,
-    ) -> cache_runtime::BoxFuture<
+    ) -> cache_runtime::store::BoxFuture<
         'a,
         Result<Vec<Option<cache_runtime::store::TagToken>>, cache_runtime::StoreError>,
     > {
@@ -188,7 +196,7 @@ impl Store for SlowStore {
         lease: &'a str,
         value: &'a [u8],
         ttl: Duration,
-    ) -> cache_runtime::BoxFuture<'a, Result<bool, cache_runtime::StoreError>> {
+    ) -> cache_runtime::store::BoxFuture<'a, Result<bool, cache_runtime::StoreError>> {
         self.inner.fill(key, lease, value, ttl)
     }
 
@@ -196,7 +204,7 @@ impl Store for SlowStore {
         &'a self,
         key: &'a str,
         lease: &'a str,
-    ) -> cache_runtime::BoxFuture<'a, Result<(), cache_runtime::StoreError>> {
+    ) -> cache_runtime::store::BoxFuture<'a, Result<(), cache_runtime::StoreError>> {
         self.inner.release(key, lease)
     }
 }
@@ -280,7 +288,7 @@ tests::on_both_backends! {
             let pool = options(
                 CachedPool::<Db>::options()
                     .registry(shop())
-                    .install_schema(true)
+                    .auto_install(true)
                     .pool_options(sqlx::pool::PoolOptions::<Db>::new().max_connections(4)),
             )
             .connect(&db.url, store.clone())
@@ -384,7 +392,7 @@ tests::on_both_backends! {
     /// period must keep it from delivering a wrapped write twice.
     fn counted(options: CachedPoolOptions<Db>) -> CachedPoolOptions<Db> {
         if BACKEND == "sqlite" {
-            options.relay(false)
+            options.run_relay(false)
         } else {
             options
         }
@@ -541,7 +549,7 @@ tests::on_both_backends! {
                 .unwrap();
         }
         // Give a (wrong) relay every chance to deliver something.
-        env.pool.sweep_outbox().await.unwrap();
+        env.pool.relay().deliver_pending().await.unwrap();
         assert!(env.store.calls().is_empty(), "{:?}", env.store.calls());
         env.assert_gone(&[]).await;
         assert_eq!(env.outbox_rows().await, 0);
@@ -587,11 +595,10 @@ tests::on_both_backends! {
     async fn read_your_writes_on(kind: StoreKind) {
         use cache_runtime::Cache;
         let env = Env::build("read_your_writes", kind, |o| {
-            o.wrapped_grace(Duration::from_millis(200))
-                .sweep_interval(Duration::from_millis(50))
+            o.relay_config(RelayConfig::new().wrapped_grace(Duration::from_millis(200)).sweep_interval(Duration::from_millis(50)))
         })
         .await;
-        let cache = Cache::shared(Arc::clone(env.pool.store()));
+        let cache = Cache::new(Arc::clone(env.pool.store()));
         let pool = &env.pool;
         let name = |id: i64| env.product_name(&cache, id);
         assert_eq!(name(1).await.as_deref(), Some("a"));
@@ -733,8 +740,8 @@ tests::on_both_backends! {
         });
         let pool = CachedPool::<Db>::options()
             .registry(shop())
-            .install_schema(true)
-            .sweep_interval(Duration::from_millis(20))
+            .auto_install(true)
+            .relay_config(RelayConfig::new().sweep_interval(Duration::from_millis(20)))
             .connect(&db.url, store.clone())
             .await
             .unwrap();
@@ -757,7 +764,7 @@ tests::on_both_backends! {
     /// and every commit invalidates the row's keys.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn read_then_write_transactions_with_begin_with() {
-        let env = Env::with("begin_with", |o| o.relay(false)).await;
+        let env = Env::with("begin_with", |o| o.run_relay(false)).await;
         let begin = if BACKEND == "sqlite" {
             "BEGIN IMMEDIATE"
         } else {
@@ -1005,9 +1012,7 @@ tests::on_both_backends! {
     #[tokio::test]
     async fn a_store_cut_off_after_commit_is_not_an_error_and_the_relay_catches_up() {
         let env = Env::with("cut_off", |o| {
-            o.wrapped_grace(Duration::from_millis(200))
-                .sweep_interval(Duration::from_millis(100))
-                .store_timeout(Duration::from_millis(200))
+            o.relay_config(RelayConfig::new().wrapped_grace(Duration::from_millis(200)).sweep_interval(Duration::from_millis(100)).store_timeout(Duration::from_millis(200)))
         })
         .await;
         env.store.cut_off(true);
@@ -1092,14 +1097,14 @@ tests::on_both_backends! {
 
     #[tokio::test]
     async fn install_is_idempotent() {
-        let env = Env::with("idempotent", |o| o.relay(false)).await;
+        let env = Env::with("idempotent", |o| o.run_relay(false)).await;
         env.pool.install_schema().await.unwrap();
         env.pool.install_schema().await.unwrap();
         // A second pool installing again on the same database.
         let again = CachedPool::<Db>::options()
             .registry(shop())
-            .install_schema(true)
-            .relay(false)
+            .auto_install(true)
+            .run_relay(false)
             .connect(&env.db.url, MemoryStore::new(100))
             .await
             .unwrap();
@@ -1123,7 +1128,7 @@ tests::on_both_backends! {
             .unwrap();
         assert_eq!(env.outbox_rows().await, 1);
         // Delivered by a drain, with exactly its keys.
-        env.pool.relay().drain_all().await.unwrap();
+        env.pool.relay().deliver_all().await.unwrap();
         assert_eq!(
             invalidated(&env.store),
             keys(&["product:1", "category:1:products"])
@@ -1139,7 +1144,7 @@ tests::on_both_backends! {
 
         let err = CachedPool::<Db>::options()
             .registry(shop())
-            .relay(false)
+            .run_relay(false)
             .connect(&db.url, MemoryStore::new(100))
             .await
             .unwrap_err();
@@ -1150,8 +1155,8 @@ tests::on_both_backends! {
         let products_only = Registry::new([Product::META]);
         CachedPool::<Db>::options()
             .registry(products_only.clone())
-            .install_schema(true)
-            .relay(false)
+            .auto_install(true)
+            .run_relay(false)
             .connect(&db.url, MemoryStore::new(100))
             .await
             .unwrap()
@@ -1159,7 +1164,7 @@ tests::on_both_backends! {
             .await;
         let err = CachedPool::<Db>::options()
             .registry(shop())
-            .relay(false)
+            .run_relay(false)
             .connect(&db.url, MemoryStore::new(100))
             .await
             .unwrap_err();
@@ -1177,15 +1182,15 @@ tests::on_both_backends! {
         // What to run, for either database.
         let message = err.to_string();
         assert!(
-            message.contains("install_schema(true)")
+            message.contains("auto_install(true)")
                 && message.contains(".sql()")
-                && message.contains(".sqlite_sql()"),
+                && message.contains("SqliteSchema::new(registry()).sql()"),
             "{message}"
         );
         // The installing pool's registry still connects.
         CachedPool::<Db>::options()
             .registry(products_only)
-            .relay(false)
+            .run_relay(false)
             .connect(&db.url, MemoryStore::new(100))
             .await
             .unwrap()
@@ -1203,8 +1208,8 @@ tests::on_both_backends! {
             .unwrap();
         let err = CachedPool::<Db>::options()
             .registry(Registry::new([Gadget::META, Nowhere::META]))
-            .install_schema(true)
-            .relay(false)
+            .auto_install(true)
+            .run_relay(false)
             .connect(&db.url, MemoryStore::new(100))
             .await
             .unwrap_err();
@@ -1337,8 +1342,11 @@ async fn truncate_invalidates_the_namespaces() {
 #[tokio::test]
 async fn function_that_writes_called_with_select() {
     let env = Env::with("function", |o| {
-        o.wrapped_grace(Duration::from_millis(100))
-            .sweep_interval(Duration::from_millis(50))
+        o.relay_config(
+            RelayConfig::new()
+                .wrapped_grace(Duration::from_millis(100))
+                .sweep_interval(Duration::from_millis(50)),
+        )
     })
     .await;
     sqlx::raw_sql(
@@ -1445,7 +1453,7 @@ async fn install_is_idempotent_and_replaces_old_triggers() {
     let admin = db.pool().await;
     sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
     let registry = shop();
-    let schema = Schema::new(&registry);
+    let schema = PgSchema::new(&registry);
     let mut conn = admin.acquire().await.unwrap();
     schema.install(&mut conn).await.unwrap();
     schema.install(&mut conn).await.unwrap();
@@ -1454,11 +1462,11 @@ async fn install_is_idempotent_and_replaces_old_triggers() {
     let (a, b) = tokio::join!(
         async {
             let mut c = admin.acquire().await.unwrap();
-            Schema::new(&registry).install(&mut c).await
+            PgSchema::new(&registry).install(&mut c).await
         },
         async {
             let mut c = admin.acquire().await.unwrap();
-            Schema::new(&registry).install(&mut c).await
+            PgSchema::new(&registry).install(&mut c).await
         }
     );
     a.unwrap();
@@ -1502,7 +1510,7 @@ async fn install_is_idempotent_and_replaces_old_triggers() {
     // switch to row triggers.
     let products_only = Registry::new([Product::META]);
     let mut conn = admin.acquire().await.unwrap();
-    Schema::new(&products_only)
+    PgSchema::new(&products_only)
         .trigger_mode(TriggerMode::Row)
         .install(&mut conn)
         .await
@@ -1513,21 +1521,24 @@ async fn install_is_idempotent_and_replaces_old_triggers() {
         triggers("products").await,
         ["cache_invalidation_row", "cache_invalidation_truncate"]
     );
-    Schema::new(&products_only).verify(&mut conn).await.unwrap();
+    PgSchema::new(&products_only)
+        .verify(&mut conn)
+        .await
+        .unwrap();
     assert!(matches!(
-        Schema::new(&registry).verify(&mut conn).await,
+        PgSchema::new(&registry).verify(&mut conn).await,
         Err(Error::FingerprintMismatch { .. })
     ));
 
     // The exported SQL is the same script, and applies on its own (as a migration would).
-    let sql = Schema::new(&registry).sql();
+    let sql = PgSchema::new(&registry).sql();
     let mut tx = sqlx::Acquire::begin(&mut *conn).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(&mut *tx)
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    Schema::new(&registry).verify(&mut conn).await.unwrap();
+    PgSchema::new(&registry).verify(&mut conn).await.unwrap();
     assert_eq!(triggers("reviews").await.len(), 4);
 }
 
@@ -1541,7 +1552,10 @@ async fn missing_or_mistyped_columns_are_install_errors() {
         .unwrap();
     let registry = Registry::new([Gadget::META, Nowhere::META]);
     let mut conn = admin.acquire().await.unwrap();
-    let err = Schema::new(&registry).install(&mut conn).await.unwrap_err();
+    let err = PgSchema::new(&registry)
+        .install(&mut conn)
+        .await
+        .unwrap_err();
     let Error::Columns(problems) = &err else {
         panic!("expected column problems, got {err}");
     };
@@ -1588,7 +1602,7 @@ async fn missing_or_mistyped_columns_are_install_errors() {
     assert_eq!(schema, None);
     // The exported SQL fails the same way when applied by a migration tool.
     let err = sqlx::raw_sql(sqlx::AssertSqlSafe(
-        Schema::new(&Registry::new([Gadget::META])).sql(),
+        PgSchema::new(&Registry::new([Gadget::META])).sql(),
     ))
     .execute(&admin)
     .await
@@ -1661,7 +1675,7 @@ async fn a_role_with_only_dml_rights_writes_normally() {
     plain.close().await;
     // Cache the keys again for the checks below (the relay has delivered that write).
     env.seed().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(Schema::grant_sql(&role.name)))
+    sqlx::raw_sql(sqlx::AssertSqlSafe(PgSchema::grant_sql(&role.name)))
         .execute(&env.admin)
         .await
         .unwrap();
@@ -1718,10 +1732,13 @@ async fn a_store_outage_after_commit_is_not_an_error_and_the_relay_catches_up() 
     let store = RedisStore::connect(&server.url(), "outage:").await.unwrap();
     let pool = CachedPgPool::options()
         .registry(shop())
-        .install_schema(true)
-        .wrapped_grace(Duration::from_millis(200))
-        .sweep_interval(Duration::from_millis(100))
-        .store_timeout(Duration::from_millis(200))
+        .auto_install(true)
+        .relay_config(
+            RelayConfig::new()
+                .wrapped_grace(Duration::from_millis(200))
+                .sweep_interval(Duration::from_millis(100))
+                .store_timeout(Duration::from_millis(200)),
+        )
         .connect(&db.url, store)
         .await
         .unwrap();
@@ -1824,7 +1841,7 @@ async fn write_detection_always_makes_writing_functions_synchronous() {
 async fn cache_reads_after_truncate_see_no_row() {
     use cache_runtime::Cache;
     let env = Env::new("read_truncate").await;
-    let cache = Cache::shared(Arc::clone(env.pool.store()));
+    let cache = Cache::new(Arc::clone(env.pool.store()));
     let pool = &env.pool;
     let name = |id: i64| env.product_name(&cache, id);
     assert_eq!(name(1).await.as_deref(), Some("a"));
@@ -1925,7 +1942,7 @@ async fn sqlite_insert_or_replace_invalidates_the_new_keys_synchronously() {
 
 #[tokio::test]
 async fn sqlite_replace_into_is_delivered_before_the_call_returns() {
-    let env = sqlite::Env::with("replace_into", |o| o.relay(false)).await;
+    let env = sqlite::Env::with("replace_into", |o| o.run_relay(false)).await;
     sqlx::query("REPLACE INTO products VALUES (4, 3, 'r', 1)")
         .execute(&env.pool)
         .await
@@ -1946,7 +1963,7 @@ async fn sqlite_replace_into_is_delivered_before_the_call_returns() {
 /// captures them before the insert, so the old row's keys (`category:<old>:products`) are invalidated too.
 #[tokio::test]
 async fn sqlite_replace_invalidates_the_old_row_keys() {
-    let env = sqlite::Env::with("replace_old", |o| o.relay(false)).await;
+    let env = sqlite::Env::with("replace_old", |o| o.run_relay(false)).await;
     sqlx::query("INSERT OR REPLACE INTO products VALUES (1, 3, 'r', 1)")
         .execute(&env.pool)
         .await
@@ -1970,7 +1987,7 @@ async fn sqlite_replace_invalidates_the_old_row_keys() {
         .execute(&env.admin)
         .await
         .unwrap();
-    env.pool.relay().drain_all().await.unwrap();
+    env.pool.relay().deliver_all().await.unwrap();
     let relayed: BTreeSet<String> = env
         .store
         .calls()
@@ -2003,7 +2020,7 @@ async fn sqlite_uuid_blob_and_text_with_separators_render_like_cache_keys() {
     let store = RecordingStore::new(MemoryStore::new(1000));
     let pool = CachedSqlitePool::options()
         .registry(Registry::new([Device::META]))
-        .install_schema(true)
+        .auto_install(true)
         .connect(&db.url, store.clone())
         .await
         .unwrap();

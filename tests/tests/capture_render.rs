@@ -12,9 +12,10 @@
 
 use std::collections::BTreeSet;
 
-use cache_runtime::{
-    CachedEntity, CachedSqlitePool, KeyValue, MemoryStore, Registry, Schema, TriggerMode,
-};
+use cache_runtime::backend::TriggerMode;
+use cache_runtime::backend::postgres::PgSchema;
+use cache_runtime::key::KeyValue;
+use cache_runtime::{CachedEntity, CachedSqlitePool, MemoryStore, Registry};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use sqlx::{Connection as _, PgConnection};
@@ -98,7 +99,7 @@ fn sql_and_rust_render_identical_keys() {
             let db = TestDb::create("render").await;
             let mut conn = PgConnection::connect(&db.url).await.unwrap();
             sqlx::raw_sql(TABLE).execute(&mut conn).await.unwrap();
-            Schema::new(&registry)
+            PgSchema::new(&registry)
                 .trigger_mode(mode)
                 .install(&mut conn)
                 .await
@@ -189,8 +190,8 @@ fn sqlite_keys_delivered_equal_cache_keys() {
             .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
         let pool = CachedSqlitePool::options()
             .registry(Registry::new([Prop::META]))
-            .install_schema(true)
-            .relay(false)
+            .auto_install(true)
+            .run_relay(false)
             .connect_with(options, store.clone())
             .await
             .unwrap();

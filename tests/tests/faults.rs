@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use cache_runtime::health::BreakerConfig;
+use cache_runtime::outbox::{Relay, RelayConfig};
 use cache_runtime::{
-    BreakerConfig, Cache, CachedEntity, CachedPool, CachedPoolOptions, RedisStore, Registry, Relay,
-    key,
+    Cache, CachedEntity, CachedPool, CachedPoolOptions, RedisStore, Registry, key,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::Pool;
@@ -51,8 +52,8 @@ pub(crate) async fn database(hint: &str, rows: i64) -> (TestDatabase, Pool<Db>) 
     // Install the triggers the way an application does, then leave.
     let installer = CachedPool::<Db>::options()
         .registry(registry())
-        .install_schema(true)
-        .relay(false)
+        .auto_install(true)
+        .run_relay(false)
         .connect(&db.url, cache_runtime::MemoryStore::new(16))
         .await
         .unwrap();
@@ -60,14 +61,20 @@ pub(crate) async fn database(hint: &str, rows: i64) -> (TestDatabase, Pool<Db>) 
     (db, admin)
 }
 
+/// Delivery settings for fault tests: short grace, sweeps and store timeout.
+pub(crate) fn relay() -> RelayConfig {
+    RelayConfig::new()
+        .wrapped_grace(Duration::from_millis(300))
+        .sweep_interval(Duration::from_millis(100))
+        .store_timeout(Duration::from_millis(200))
+}
+
 /// Options for fault tests: short grace, sweeps, store timeout and breaker backoff.
 pub(crate) fn options() -> CachedPoolOptions<Db> {
     CachedPool::<Db>::options()
         .registry(registry())
         .pool_options(PoolOptions::<Db>::new().max_connections(8))
-        .wrapped_grace(Duration::from_millis(300))
-        .sweep_interval(Duration::from_millis(100))
-        .store_timeout(Duration::from_millis(200))
+        .relay_config(relay())
         .breaker(
             BreakerConfig::default()
                 .failure_threshold(2)
@@ -301,7 +308,7 @@ async fn redis_killed_and_restarted_under_load_loses_nothing() {
         let grace = Duration::from_millis(300);
         // The crashing process: commits, never calls the store, runs no relay.
         let crashing = options()
-            .relay(false)
+            .run_relay(false)
             .crash_after_commit(true)
             .connect(
                 &db.url,
@@ -311,8 +318,7 @@ async fn redis_killed_and_restarted_under_load_loses_nothing() {
             .unwrap();
         // A healthy process with a relay.
         let healthy = options()
-            .wrapped_grace(grace)
-            .sweep_interval(Duration::from_millis(50))
+            .relay_config(relay().wrapped_grace(grace).sweep_interval(Duration::from_millis(50)))
             .connect(
                 &db.url,
                 RedisStore::connect(&server.url(), prefix).await.unwrap(),
@@ -373,7 +379,7 @@ async fn redis_killed_and_restarted_under_load_loses_nothing() {
 
 }
 
-use postgres::{audit, database, options, outbox_rows, read, version, wait_until, write};
+use postgres::{audit, database, options, outbox_rows, read, relay, version, wait_until, write};
 
 /// Redis frozen (SIGSTOP) keeps its data: entries cached before the outage survive it. Writes during the
 /// freeze lose their invalidation; the gate keeps them from being served until the outbox is delivered.
@@ -392,11 +398,11 @@ async fn a_frozen_redis_keeps_stale_entries_that_the_gate_never_serves() {
     for round in 0..ROUNDS {
         // Every row cached.
         for id in 1..=ROWS {
-            read(pool.cache(), pool.pg_pool(), id).await;
+            read(pool.cache(), pool.sqlx_pool(), id).await;
         }
         assert_eq!(
             pool.cache().breaker_state(),
-            cache_runtime::BreakerState::Closed
+            cache_runtime::health::BreakerState::Closed
         );
         server.pause();
         // Writes during the freeze: commit, return Ok, keys stay in the outbox.
@@ -407,7 +413,7 @@ async fn a_frozen_redis_keeps_stale_entries_that_the_gate_never_serves() {
         let writes_took = started.elapsed();
         // Reads during the freeze go to the database.
         for id in 1..=ROWS {
-            let got = read(pool.cache(), pool.pg_pool(), id).await;
+            let got = read(pool.cache(), pool.sqlx_pool(), id).await;
             reads_checked += 1;
             stale_reads += u64::from(got != version(&admin, id).await);
         }
@@ -436,7 +442,7 @@ async fn a_frozen_redis_keeps_stale_entries_that_the_gate_never_serves() {
         // ...and is stale, but this process never serves it while the gate is closed.
         for _ in 0..3 {
             for id in 1..=ROWS {
-                let got = read(pool.cache(), pool.pg_pool(), id).await;
+                let got = read(pool.cache(), pool.sqlx_pool(), id).await;
                 reads_checked += 1;
                 stale_reads += u64::from(got != version(&admin, id).await);
             }
@@ -449,12 +455,12 @@ async fn a_frozen_redis_keeps_stale_entries_that_the_gate_never_serves() {
         let sibling = pool.cache_builder().build();
         assert!(sibling.gate_closed());
         assert_eq!(
-            read(&sibling, pool.pg_pool(), ROWS).await,
+            read(&sibling, pool.sqlx_pool(), ROWS).await,
             version(&admin, ROWS).await
         );
         // Control: a cache without the gate (a process that saw no failure) is served the stale entry.
         let ungated = Cache::new(RedisStore::connect(&server.url(), prefix).await.unwrap());
-        let served = read(&ungated, pool.pg_pool(), ROWS).await;
+        let served = read(&ungated, pool.sqlx_pool(), ROWS).await;
         assert!(
             served < version(&admin, ROWS).await,
             "the surviving entry is stale: only the gate keeps it from being served"
@@ -465,7 +471,7 @@ async fn a_frozen_redis_keeps_stale_entries_that_the_gate_never_serves() {
         })
         .await;
         for id in 1..=ROWS {
-            let got = read(pool.cache(), pool.pg_pool(), id).await;
+            let got = read(pool.cache(), pool.sqlx_pool(), id).await;
             reads_checked += 1;
             stale_reads += u64::from(got != version(&admin, id).await);
         }
@@ -501,7 +507,7 @@ async fn a_backend_terminated_mid_transaction_publishes_nothing_and_loses_nothin
         .await
         .unwrap();
     for id in 1..=4 {
-        read(pool.cache(), pool.pg_pool(), id).await;
+        read(pool.cache(), pool.sqlx_pool(), id).await;
     }
     let raw = redis::Client::open(server.url().as_str()).unwrap();
     let mut raw = raw.get_multiplexed_async_connection().await.unwrap();
@@ -539,11 +545,11 @@ async fn a_backend_terminated_mid_transaction_publishes_nothing_and_loses_nothin
         .await
         .unwrap();
     assert!(cached, "nothing published for the rolled-back work");
-    assert_eq!(read(pool.cache(), pool.pg_pool(), 1).await, 0);
+    assert_eq!(read(pool.cache(), pool.sqlx_pool(), 1).await, 0);
 
     // Terminated right after COMMIT, before the keys were sent (a crashed writer): the relay delivers.
     let crashing = options()
-        .relay(false)
+        .run_relay(false)
         .crash_after_commit(true)
         .connect(
             &db.url,
@@ -580,7 +586,7 @@ async fn a_backend_terminated_mid_transaction_publishes_nothing_and_loses_nothin
     eprintln!(
         "terminated writer: rolled-back work published nothing; committed work delivered after {took:?}"
     );
-    assert_eq!(read(pool.cache(), pool.pg_pool(), 2).await, 7);
+    assert_eq!(read(pool.cache(), pool.sqlx_pool(), 2).await, 7);
     pool.close().await;
 }
 
@@ -600,9 +606,11 @@ async fn two_pools_and_two_relays_share_the_work_and_deliver_each_row_once() {
     };
     let grace = Duration::from_millis(400);
     let pool_options = || {
-        options()
-            .wrapped_grace(grace)
-            .sweep_interval(Duration::from_millis(50))
+        options().relay_config(
+            relay()
+                .wrapped_grace(grace)
+                .sweep_interval(Duration::from_millis(50)),
+        )
     };
     let p1 = pool_options()
         .connect(&db.url, counting().await)
@@ -613,8 +621,11 @@ async fn two_pools_and_two_relays_share_the_work_and_deliver_each_row_once() {
         .await
         .unwrap();
     let standalone = Relay::builder(db.pool().await, counting().await)
-        .wrapped_grace(grace)
-        .sweep_interval(Duration::from_millis(50))
+        .config(
+            RelayConfig::new()
+                .wrapped_grace(grace)
+                .sweep_interval(Duration::from_millis(50)),
+        )
         .build();
     let relay_task = {
         let relay = standalone.clone();
@@ -730,7 +741,7 @@ async fn the_listen_connection_reconnects_after_pg_terminate_backend() {
     let prefix = "listen:";
     // Sweeps almost never: only notifications can deliver quickly.
     let pool = options()
-        .sweep_interval(Duration::from_secs(60))
+        .relay_config(relay().sweep_interval(Duration::from_secs(60)))
         .connect(
             &db.url,
             RedisStore::connect(&server.url(), prefix).await.unwrap(),
@@ -743,7 +754,7 @@ async fn the_listen_connection_reconnects_after_pg_terminate_backend() {
         sqlx::query_scalar::<_, i32>(
             "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
         )
-        .bind(cache_runtime::LISTEN_APPLICATION_NAME)
+        .bind(cache_runtime::backend::postgres::LISTEN_APPLICATION_NAME)
         .fetch_optional(&admin)
         .await
         .unwrap()
@@ -751,7 +762,7 @@ async fn the_listen_connection_reconnects_after_pg_terminate_backend() {
     let foreign_write_is_relayed = |id: i64| {
         let (admin, pool, raw) = (admin.clone(), pool.clone(), raw.clone());
         async move {
-            read(pool.cache(), pool.pg_pool(), id).await;
+            read(pool.cache(), pool.sqlx_pool(), id).await;
             sqlx::query("UPDATE items SET version = version + 1 WHERE id = $1")
                 .bind(id)
                 .execute(&admin)
@@ -803,14 +814,17 @@ async fn a_writer_cut_off_from_redis_has_its_keys_delivered_by_another_process_a
     let partitioned =
         RecordingStore::new(RedisStore::connect(&server.url(), prefix).await.unwrap());
     let cut = options()
-        .relay(false)
+        .run_relay(false)
         .connect(&db.url, partitioned.clone())
         .await
         .unwrap();
     // The other process: a long grace period and rare sweeps, so only the drain request delivers quickly.
     let other = options()
-        .wrapped_grace(Duration::from_secs(30))
-        .sweep_interval(Duration::from_secs(30))
+        .relay_config(
+            relay()
+                .wrapped_grace(Duration::from_secs(30))
+                .sweep_interval(Duration::from_secs(30)),
+        )
         .connect(
             &db.url,
             RedisStore::connect(&server.url(), prefix).await.unwrap(),
@@ -821,7 +835,7 @@ async fn a_writer_cut_off_from_redis_has_its_keys_delivered_by_another_process_a
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
         )
-        .bind(cache_runtime::LISTEN_APPLICATION_NAME)
+        .bind(cache_runtime::backend::postgres::LISTEN_APPLICATION_NAME)
         .fetch_one(&admin)
         .await
         .unwrap()
@@ -829,7 +843,7 @@ async fn a_writer_cut_off_from_redis_has_its_keys_delivered_by_another_process_a
     })
     .await;
     for id in 1..=4 {
-        assert_eq!(read(other.cache(), other.pg_pool(), id).await, 0);
+        assert_eq!(read(other.cache(), other.sqlx_pool(), id).await, 0);
     }
     partitioned.cut_off(true);
     let started = Instant::now();
@@ -837,14 +851,14 @@ async fn a_writer_cut_off_from_redis_has_its_keys_delivered_by_another_process_a
     assert_eq!(write(&cut, 2).await, 1);
     assert!(cut.cache().gate_closed());
     // Reads of the cut-off process bypass the cache and see the writes.
-    assert_eq!(read(cut.cache(), cut.pg_pool(), 1).await, 1);
+    assert_eq!(read(cut.cache(), cut.sqlx_pool(), 1).await, 1);
     // The other process serves the new values well before its 30 s grace period.
     let took = wait_until(
         "delivered by the other process",
         Duration::from_secs(3),
         || async {
-            read(other.cache(), other.pg_pool(), 1).await == 1
-                && read(other.cache(), other.pg_pool(), 2).await == 1
+            read(other.cache(), other.sqlx_pool(), 1).await == 1
+                && read(other.cache(), other.sqlx_pool(), 2).await == 1
         },
     )
     .await;
@@ -859,7 +873,7 @@ async fn a_writer_cut_off_from_redis_has_its_keys_delivered_by_another_process_a
         "partition: keys of the cut-off writer delivered by the other process {took:?} after the writes; \
          gate of the cut-off process open {reopened:?} after it reconnected"
     );
-    assert_eq!(read(cut.cache(), cut.pg_pool(), 2).await, 1);
+    assert_eq!(read(cut.cache(), cut.sqlx_pool(), 2).await, 1);
     cut.close().await;
     other.close().await;
 }
@@ -915,11 +929,14 @@ async fn the_breaker_skips_a_dead_store_and_probes_it_with_backoff() {
         stats.bypassed >= u64::try_from(reads).unwrap() - 6,
         "{stats:?}"
     );
-    assert_eq!(cache.breaker_state(), cache_runtime::BreakerState::Open);
+    assert_eq!(
+        cache.breaker_state(),
+        cache_runtime::health::BreakerState::Open
+    );
     server.restart();
     wait_until("breaker closed", Duration::from_secs(5), || async {
         value(1).await;
-        cache.breaker_state() == cache_runtime::BreakerState::Closed
+        cache.breaker_state() == cache_runtime::health::BreakerState::Closed
     })
     .await;
     let fills = cache.stats().fills;
@@ -944,13 +961,13 @@ async fn drain_once_reports_rows_keys_and_batches() {
         db.pool().await,
         RedisStore::connect(&server.url(), "drain:").await.unwrap(),
     )
-    .batch_rows(5)
+    .config(RelayConfig::new().batch_rows(5))
     .build();
     let backlog = relay.backlog().await.unwrap();
     assert_eq!(backlog.depth, 12);
-    let drained = relay.drain_once().await.unwrap();
+    let drained = relay.deliver_pending().await.unwrap();
     eprintln!("drain_once: {drained:?}");
     assert_eq!((drained.rows, drained.keys, drained.batches), (12, 12, 3));
     assert_eq!(relay.backlog().await.unwrap().depth, 0);
-    assert_eq!(relay.drain_once().await.unwrap().rows, 0);
+    assert_eq!(relay.deliver_pending().await.unwrap().rows, 0);
 }

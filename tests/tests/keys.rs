@@ -1,6 +1,7 @@
 //! The derive and `key!` across crates: the entities live in the `tests` library crate, the reads here.
 
-use cache_runtime::{CachedEntity, KeyValue, PartKind, Segment, key, registry};
+use cache_runtime::key::{KeyValue, PartKind, Segment};
+use cache_runtime::{CachedEntity, key, registry};
 use tests::model::{Category, Product, User};
 
 #[test]
@@ -133,7 +134,9 @@ fn the_registry_lists_every_entity_and_validates() {
 mod fixed {
     use std::time::Duration;
 
-    use cache_runtime::{Column, EntityMeta, PartKind, Registry, Segment, Template};
+    use cache_runtime::Registry;
+    use cache_runtime::entity::{Column, EntityMeta};
+    use cache_runtime::key::{PartKind, Segment, Template};
 
     static ITEM_KEY: Template = Template::__new(
         "item:<id>",

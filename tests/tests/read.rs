@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use cache_runtime::outbox::RelayConfig;
 use cache_runtime::store::{LeaseRequest, Slot};
 use cache_runtime::{
     Cache, CachedEntity, CachedSqlitePool, LoadOptions, MemoryStore, RedisStore, Registry, Store,
@@ -72,7 +73,7 @@ impl Env {
     }
 
     fn cache(&self) -> Cache {
-        Cache::builder_shared(Arc::clone(&self.store)).build()
+        Cache::builder(Arc::clone(&self.store)).build()
     }
 
     /// A cache standing for another process: its own Redis connection (the in-process store can only be
@@ -501,7 +502,7 @@ async fn a_lease_whose_holder_vanished_delays_readers_only_boundedly(env: &Env) 
         .await
         .expect("lookup");
     assert!(matches!(got.slot, Slot::Acquired { .. }));
-    let cache = Cache::builder_shared(Arc::clone(&env.store))
+    let cache = Cache::builder(Arc::clone(&env.store))
         .lease_wait(Duration::from_millis(200))
         .build();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -1007,8 +1008,8 @@ mod sqlite_another_client {
     async fn cached_pool(env: &Env, db: &tests::TestSqlite) -> CachedSqlitePool {
         let options = CachedSqlitePool::options()
             .registry(Registry::new([Item::META]))
-            .install_schema(true)
-            .sweep_interval(SWEEP);
+            .auto_install(true)
+            .relay_config(RelayConfig::new().sweep_interval(SWEEP));
         match &env.prefix {
             Some(prefix) => {
                 let store = RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
@@ -1074,7 +1075,7 @@ mod sqlite_another_client {
         // client; a read that began more than BOUND after a write returned must see it.
         let caches = [
             cache.clone(),
-            Cache::builder_shared(Arc::clone(pool.store())).build(),
+            Cache::builder(Arc::clone(pool.store())).build(),
         ];
         let reader: checker::Read = {
             let plain = plain.clone();

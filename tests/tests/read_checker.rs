@@ -62,7 +62,7 @@ impl Env {
         for _ in 0..n {
             caches.push(match self {
                 Self::Redis(prefix) => Cache::new(Self::redis_store(prefix).await),
-                Self::Memory(store) => Cache::builder_shared(Arc::clone(store)).build(),
+                Self::Memory(store) => Cache::builder(Arc::clone(store)).build(),
             });
         }
         caches
@@ -92,14 +92,14 @@ macro_rules! on_both_stores {
 }
 
 /// The caches' counters, to print a run's own counters (the caches outlive runs).
-fn snapshot(caches: &[Cache]) -> Vec<cache_runtime::Stats> {
+fn snapshot(caches: &[Cache]) -> Vec<cache_runtime::cache::Stats> {
     caches.iter().map(Cache::stats).collect()
 }
 
 /// Prints a run's report and its caches' counters since `before` (a [`snapshot`]).
-fn print(what: &str, report: Report, caches: &[Cache], before: &[cache_runtime::Stats]) {
+fn print(what: &str, report: Report, caches: &[Cache], before: &[cache_runtime::cache::Stats]) {
     let stats: Vec<_> = caches.iter().map(Cache::stats).collect();
-    let sum = |f: fn(&cache_runtime::Stats) -> u64| {
+    let sum = |f: fn(&cache_runtime::cache::Stats) -> u64| {
         stats.iter().map(f).sum::<u64>() - before.iter().map(f).sum::<u64>()
     };
     eprintln!(
@@ -272,7 +272,7 @@ tests::on_both_backends! {
     async fn cached_pool(url: &str, env: &Env) -> CachedPool<Db> {
         let options = CachedPool::<Db>::options()
             .registry(Registry::new([Item::META]))
-            .install_schema(true)
+            .auto_install(true)
             .pool_options(sqlx::pool::PoolOptions::<Db>::new().max_connections(4));
         match env {
             Env::Redis(prefix) => options.connect(url, Env::redis_store(prefix).await).await,
@@ -287,7 +287,7 @@ tests::on_both_backends! {
         // Readers on the pool's cache and on a second handle (standing for another process).
         let other = match &env {
             Env::Redis(prefix) => Cache::new(Env::redis_store(prefix).await),
-            Env::Memory(_) => Cache::builder_shared(Arc::clone(cached.store())).build(),
+            Env::Memory(_) => Cache::builder(Arc::clone(cached.store())).build(),
         };
         let caches = vec![cached.cache().clone(), other];
         let config = config(Duration::from_millis(1000));

@@ -17,7 +17,10 @@
 use std::time::Duration;
 
 use futures_core::future::BoxFuture;
-use sqlx::Pool;
+use futures_core::stream::BoxStream;
+use sqlx::{Either, Execute, Pool};
+use sqlx_core::describe::Describe;
+use sqlx_core::sql_str::SqlStr;
 
 use crate::error::Error;
 use crate::registry::Registry;
@@ -29,6 +32,9 @@ pub mod sqlite;
 /// The connect options of a database.
 pub(crate) type ConnectOptions<DB> =
     <<DB as sqlx::Database>::Connection as sqlx::Connection>::Options;
+
+/// What `fetch_many` streams: statement results and rows.
+pub(crate) type Item<DB> = Either<<DB as sqlx::Database>::QueryResult, <DB as sqlx::Database>::Row>;
 
 /// Outbox rows as the runtime delivers them: row id and the row's keys.
 pub(crate) type Rows = Vec<(i64, Vec<String>)>;
@@ -173,6 +179,35 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn listen(listener: &mut Self::Listener) -> BoxFuture<'_, ()>;
 
+    /// `sqlx::Executor::fetch_many` on a connection.
+    #[doc(hidden)]
+    fn fetch_many<'e, 'q: 'e, E: 'q + Execute<'q, Self>>(
+        conn: &'e mut Self::Connection,
+        query: E,
+    ) -> BoxStream<'e, Result<Item<Self>, sqlx::Error>>;
+
+    /// `sqlx::Executor::fetch_optional` on a connection.
+    #[doc(hidden)]
+    fn fetch_optional<'e, 'q: 'e, E: 'q + Execute<'q, Self>>(
+        conn: &'e mut Self::Connection,
+        query: E,
+    ) -> BoxFuture<'e, Result<Option<Self::Row>, sqlx::Error>>;
+
+    /// `sqlx::Executor::prepare_with` on a connection.
+    #[doc(hidden)]
+    fn prepare_with<'e>(
+        conn: &'e mut Self::Connection,
+        sql: SqlStr,
+        parameters: &'e [Self::TypeInfo],
+    ) -> BoxFuture<'e, Result<Self::Statement, sqlx::Error>>;
+
+    /// `sqlx::Executor::describe` on a connection.
+    #[doc(hidden)]
+    fn describe<'e>(
+        conn: &'e mut Self::Connection,
+        sql: SqlStr,
+    ) -> BoxFuture<'e, Result<Describe<Self>, sqlx::Error>>;
+
     /// Waits for a notification or the next `tick`.
     #[doc(hidden)]
     fn wait<'a>(
@@ -180,6 +215,49 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         tick: &'a mut tokio::time::Interval,
     ) -> BoxFuture<'a, Wake>;
 }
+
+/// The four required `sqlx::Executor` methods of a backend's connection, for [`Backend`]'s impls: the
+/// wrapper's generic `Executor` impls call them instead of requiring `&mut DB::Connection: Executor` in a
+/// where clause (which makes generic user code over `CachedTransaction` overflow the trait solver).
+macro_rules! connection_executor {
+    () => {
+        fn fetch_many<'e, 'q: 'e, E: 'q + sqlx::Execute<'q, Self>>(
+            conn: &'e mut Self::Connection,
+            query: E,
+        ) -> futures_core::stream::BoxStream<
+            'e,
+            Result<sqlx::Either<Self::QueryResult, Self::Row>, sqlx::Error>,
+        > {
+            sqlx::Executor::fetch_many(conn, query)
+        }
+
+        fn fetch_optional<'e, 'q: 'e, E: 'q + sqlx::Execute<'q, Self>>(
+            conn: &'e mut Self::Connection,
+            query: E,
+        ) -> futures_core::future::BoxFuture<'e, Result<Option<Self::Row>, sqlx::Error>> {
+            sqlx::Executor::fetch_optional(conn, query)
+        }
+
+        fn prepare_with<'e>(
+            conn: &'e mut Self::Connection,
+            sql: sqlx_core::sql_str::SqlStr,
+            parameters: &'e [Self::TypeInfo],
+        ) -> futures_core::future::BoxFuture<'e, Result<Self::Statement, sqlx::Error>> {
+            sqlx::Executor::prepare_with(conn, sql, parameters)
+        }
+
+        fn describe<'e>(
+            conn: &'e mut Self::Connection,
+            sql: sqlx_core::sql_str::SqlStr,
+        ) -> futures_core::future::BoxFuture<
+            'e,
+            Result<sqlx_core::describe::Describe<Self>, sqlx::Error>,
+        > {
+            sqlx::Executor::describe(conn, sql)
+        }
+    };
+}
+use connection_executor;
 
 /// A quoted SQL identifier (PostgreSQL and SQLite).
 pub(crate) fn ident(name: &str) -> String {

@@ -219,7 +219,13 @@ impl Cache {
     /// The hit path: one read-only round trip. `Next` carries the invalid entry found, if any, for the
     /// lease to replace.
     async fn peek<V: DeserializeOwned>(&self, plan: &Plan<'_>) -> Step<V, Option<Vec<u8>>> {
-        let peek = match self.inner.guarded.store.peek(plan.key.as_str(), &plan.pre).await {
+        let peek = match self
+            .inner
+            .guarded
+            .store
+            .peek(plan.key.as_str(), &plan.pre)
+            .await
+        {
             Ok(peek) => peek,
             Err(e) => {
                 self.store_failed("peek", &e);
@@ -260,7 +266,10 @@ impl Cache {
                 ttl: config.lease_ttl,
                 replace: replace.as_deref(),
             };
-            let lookup = match store.lookup(plan.key.as_str(), lease, &plan.pre, plan.tag_ttl).await {
+            let lookup = match store
+                .lookup(plan.key.as_str(), lease, &plan.pre, plan.tag_ttl)
+                .await
+            {
                 Ok(lookup) => lookup,
                 Err(e) => {
                     self.store_failed("lookup", &e);
@@ -386,7 +395,13 @@ impl Cache {
         if late.is_empty() {
             return true;
         }
-        match self.inner.guarded.store.tags(&late, Some(plan.tag_ttl)).await {
+        match self
+            .inner
+            .guarded
+            .store
+            .tags(&late, Some(plan.tag_ttl))
+            .await
+        {
             Ok(tokens) => {
                 let mut storable = true;
                 for (name, token) in late.into_iter().zip(tokens) {

@@ -200,14 +200,9 @@ impl<DB: Backend> Relay<DB> {
     /// The relay's batches use `pool`; its `LISTEN` connection (PostgreSQL) is one more connection to the
     /// same database, outside `pool`.
     pub fn builder(pool: Pool<DB>, store: impl Store) -> RelayBuilder<DB> {
-        Self::builder_shared(pool, Arc::new(store))
-    }
-
-    /// [`builder`](Self::builder) on a shared store.
-    pub fn builder_shared(pool: Pool<DB>, store: Arc<dyn Store>) -> RelayBuilder<DB> {
         RelayBuilder {
             pool,
-            store,
+            store: Arc::new(store),
             config: RelayConfig::new(),
             breaker: BreakerConfig::default(),
             registry: None,

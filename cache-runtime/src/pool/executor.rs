@@ -1,4 +1,5 @@
-//! `sqlx::Executor` for `&mut CachedTransaction` (delegating to the transaction's connection) and for
+//! `sqlx::Executor` for `&mut CachedTransaction` (delegating to the transaction's connection through the
+//! [`Backend`]) and for
 //! `&CachedPool` (each statement an autocommit statement whose keys are delivered before it returns): one
 //! generic impl each, over every [`Backend`], as sqlx-core writes its own for `Transaction` and `Pool`.
 //!
@@ -11,21 +12,16 @@ use std::sync::Arc;
 use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
 use futures_util::{StreamExt as _, TryStreamExt as _};
-use sqlx::{Database, Either, Execute, Executor};
+use sqlx::{Execute, Executor};
 use sqlx_core::describe::Describe;
 use sqlx_core::ext::async_stream::TryAsyncStream;
 use sqlx_core::sql_str::SqlStr;
 
 use super::autocommit::Autocommit;
 use super::{CachedPool, CachedTransaction};
-use crate::backend::Backend;
+use crate::backend::{Backend, Item};
 
-type Item<DB> = Either<<DB as Database>::QueryResult, <DB as Database>::Row>;
-
-impl<'c, 't, DB: Backend> Executor<'c> for &'c mut CachedTransaction<'t, DB>
-where
-    for<'a> &'a mut DB::Connection: Executor<'a, Database = DB>,
-{
+impl<'c, 't, DB: Backend> Executor<'c> for &'c mut CachedTransaction<'t, DB> {
     type Database = DB;
 
     fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<Item<DB>, sqlx::Error>>
@@ -33,7 +29,7 @@ where
         'c: 'e,
         E: 'q + Execute<'q, DB>,
     {
-        (&mut *self.tx).fetch_many(query)
+        DB::fetch_many(&mut self.tx, query)
     }
 
     fn fetch_optional<'e, 'q: 'e, E>(
@@ -44,7 +40,7 @@ where
         'c: 'e,
         E: 'q + Execute<'q, DB>,
     {
-        (&mut *self.tx).fetch_optional(query)
+        DB::fetch_optional(&mut self.tx, query)
     }
 
     fn prepare_with<'e>(
@@ -55,21 +51,18 @@ where
     where
         'c: 'e,
     {
-        (&mut *self.tx).prepare_with(sql, parameters)
+        DB::prepare_with(&mut self.tx, sql, parameters)
     }
 
     fn describe<'e>(self, sql: SqlStr) -> BoxFuture<'e, Result<Describe<DB>, sqlx::Error>>
     where
         'c: 'e,
     {
-        (&mut *self.tx).describe(sql)
+        DB::describe(&mut self.tx, sql)
     }
 }
 
-impl<'c, DB: Backend> Executor<'c> for &'c CachedPool<DB>
-where
-    for<'a> &'a mut DB::Connection: Executor<'a, Database = DB>,
-{
+impl<'c, DB: Backend> Executor<'c> for &'c CachedPool<DB> {
     type Database = DB;
 
     fn fetch_many<'e, 'q: 'e, E>(self, query: E) -> BoxStream<'e, Result<Item<DB>, sqlx::Error>>
@@ -81,7 +74,7 @@ where
         TryAsyncStream::new(move |yielder| async move {
             let (mut statement, query) = Autocommit::start(core, query).await?;
             let result = async {
-                let mut stream = statement.conn()?.fetch_many(query);
+                let mut stream = DB::fetch_many(statement.conn()?, query);
                 while let Some(item) = stream.try_next().await? {
                     yielder.r#yield(item).await;
                 }
@@ -105,7 +98,10 @@ where
         let core = Arc::clone(&self.core);
         Box::pin(async move {
             let (mut statement, query) = Autocommit::start(core, query).await?;
-            let result = statement.conn()?.fetch_optional(query).await;
+            let result = match statement.conn() {
+                Ok(conn) => DB::fetch_optional(conn, query).await,
+                Err(error) => Err(error),
+            };
             statement.finish().await;
             result
         })
@@ -119,13 +115,21 @@ where
     where
         'c: 'e,
     {
-        self.sqlx_pool().prepare_with(sql, parameters)
+        let pool = self.sqlx_pool().clone();
+        Box::pin(async move {
+            let mut conn = pool.acquire().await?;
+            DB::prepare_with(&mut conn, sql, parameters).await
+        })
     }
 
     fn describe<'e>(self, sql: SqlStr) -> BoxFuture<'e, Result<Describe<DB>, sqlx::Error>>
     where
         'c: 'e,
     {
-        self.sqlx_pool().describe(sql)
+        let pool = self.sqlx_pool().clone();
+        Box::pin(async move {
+            let mut conn = pool.acquire().await?;
+            DB::describe(&mut conn, sql).await
+        })
     }
 }

@@ -342,7 +342,12 @@ impl<DB: Backend> CachedPool<DB> {
     /// All or nothing: the install is one transaction.
     pub async fn install_schema(&self) -> Result<(), Error> {
         let mut conn = self.sqlx_pool().acquire().await?;
-        DB::install(&self.core.registry, self.core.options.trigger_mode, &mut conn).await
+        DB::install(
+            &self.core.registry,
+            self.core.options.trigger_mode,
+            &mut conn,
+        )
+        .await
     }
 
     /// The pool's relay (whether or not its background task runs): [`Relay::deliver_pending`] delivers

@@ -137,4 +137,3 @@ impl<DB: Backend> DerefMut for CachedTransaction<'_, DB> {
         &mut self.tx
     }
 }
-

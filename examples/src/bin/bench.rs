@@ -29,8 +29,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use cache_runtime::backend::Backend;
 use cache_runtime::{
-    Backend, Cache, CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, CachedTransaction,
+    Cache, CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, CachedTransaction,
     MemoryStore, RedisStore, Registry,
 };
 use examples::{Report, Samples, Zipf};
@@ -554,7 +555,7 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
         })?;
     let pool = CachedPgPool::options()
         .registry(Registry::new([Product::META, L1Product::META]))
-        .install_schema(true)
+        .auto_install(true)
         .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
         .connect(url, store)
         .await?;
@@ -1017,9 +1018,9 @@ async fn foreign(env: &mut Env, report: &mut Report) -> Result<(), BoxError> {
 }
 
 /// How the backlog is drained. The relay has no public drain API on this branch: a `CachedPool` with the
-/// relay off calls `sweep_outbox` until nothing is left (one call delivers what is claimable, in batches).
+/// relay off calls `relay().deliver_pending()` until nothing is left (one call delivers what is claimable, in batches).
 async fn drain(pool: &CachedPool) -> Result<usize, BoxError> {
-    let drained = pool.relay().drain_all().await?;
+    let drained = pool.relay().deliver_all().await?;
     Ok(usize::try_from(drained.rows).unwrap_or(usize::MAX))
 }
 
@@ -1032,7 +1033,7 @@ async fn backlog(
     let store = RedisStore::connect(redis_url, env.prefix.clone()).await?;
     let drainer = CachedPgPool::options()
         .registry(Registry::new([Product::META, L1Product::META]))
-        .relay(false)
+        .run_relay(false)
         .pool_options(PgPoolOptions::new().max_connections(2))
         .connect(url, store)
         .await?;
@@ -1124,7 +1125,7 @@ async fn sqlite_section(sizes: Sizes, report: &mut Report) -> Result<(), BoxErro
         .await?;
         let pool = CachedSqlitePool::options()
             .registry(Registry::new([Product::META]))
-            .install_schema(true)
+            .auto_install(true)
             .pool_options(SqlitePoolOptions::new().max_connections(4))
             .connect_with(options.clone(), MemoryStore::default())
             .await?;

@@ -17,7 +17,8 @@
 
 use std::time::{Duration, Instant};
 
-use cache_runtime::{RedisStore, Relay};
+use cache_runtime::RedisStore;
+use cache_runtime::outbox::{Relay, RelayConfig};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -48,14 +49,17 @@ async fn main() -> Result<(), BoxError> {
         .await?;
     let store = RedisStore::connect(&redis_url, prefix).await?;
     let relay = Relay::builder(pool, store)
-        .sweep_interval(Duration::from_millis(env_u64("RELAY_SWEEP_MS", 500)?))
-        .wrapped_grace(Duration::from_millis(env_u64("RELAY_GRACE_MS", 2000)?))
-        .batch_rows(u32::try_from(env_u64("RELAY_BATCH_ROWS", 5000)?).unwrap_or(u32::MAX))
+        .config(
+            RelayConfig::new()
+                .sweep_interval(Duration::from_millis(env_u64("RELAY_SWEEP_MS", 500)?))
+                .wrapped_grace(Duration::from_millis(env_u64("RELAY_GRACE_MS", 2000)?))
+                .batch_rows(u32::try_from(env_u64("RELAY_BATCH_ROWS", 5000)?).unwrap_or(u32::MAX)),
+        )
         .build();
     match std::env::args().nth(1).as_deref() {
         Some("--drain") => {
             let start = Instant::now();
-            let drained = relay.drain_once().await?;
+            let drained = relay.deliver_pending().await?;
             let secs = start.elapsed().as_secs_f64();
             println!(
                 "delivered {} rows, {} keys in {} batches, {:.3} s ({:.0} keys/s)",

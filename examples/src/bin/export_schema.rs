@@ -5,7 +5,9 @@
 //! Regenerate it whenever an entity's table, templates or placeholder columns change: connecting with a
 //! build whose fingerprint differs from the installed one is an error.
 
-use cache_runtime::{CachedEntity, Schema, registry};
+use cache_runtime::backend::postgres::PgSchema;
+use cache_runtime::backend::sqlite::SqliteSchema;
+use cache_runtime::{CachedEntity, registry};
 
 /// A category row.
 #[derive(CachedEntity)]
@@ -27,10 +29,9 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(1);
     }
-    let schema = Schema::new(registry());
     if std::env::args().any(|a| a == "--sqlite") {
-        print!("{}", schema.sqlite_sql());
+        print!("{}", SqliteSchema::new(registry()).sql());
     } else {
-        print!("{}", schema.sql());
+        print!("{}", PgSchema::new(registry()).sql());
     }
 }

@@ -227,7 +227,7 @@ async fn run(
     let store = RedisStore::connect(redis_url, prefix).await?;
     let pool = CachedPgPool::options()
         .registry(Registry::new([Item::META]))
-        .install_schema(true)
+        .auto_install(true)
         .connect(url, store)
         .await?;
     let listener = tokio::net::TcpListener::bind(addr).await?;

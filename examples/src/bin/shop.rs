@@ -16,9 +16,10 @@
 use std::str::FromStr as _;
 use std::time::{Duration, Instant};
 
+use cache_runtime::backend::Backend;
 use cache_runtime::{
-    Backend, CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, CachedTransaction,
-    LoadOptions, MemoryStore, RedisStore, Registry, key,
+    CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, CachedTransaction, LoadOptions,
+    MemoryStore, RedisStore, Registry, key,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPoolOptions;
@@ -102,7 +103,7 @@ impl StoreChoice {
     ) -> Result<CachedPool<DB>, BoxError> {
         let pool = CachedPool::<DB>::options()
             .registry(Registry::new([Category::META, Product::META]))
-            .install_schema(true);
+            .auto_install(true);
         Ok(match self {
             StoreChoice::Memory => pool.connect_with(options, MemoryStore::default()).await?,
             StoreChoice::Redis { url, prefix } => {
@@ -453,7 +454,7 @@ where
     fn report<T: PartialEq + std::fmt::Debug>(
         &mut self,
         key: &str,
-        before: cache_runtime::Stats,
+        before: cache_runtime::cache::Stats,
         got: &T,
         fresh: &T,
     ) {

@@ -10,7 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use cache_runtime::{CachedEntity, Registry, Schema, TriggerMode};
+use cache_runtime::backend::TriggerMode;
+use cache_runtime::backend::postgres::PgSchema;
+use cache_runtime::{CachedEntity, Registry};
 use examples::{Report, database_url};
 use sqlx::{Connection as _, PgConnection};
 
@@ -117,7 +119,7 @@ async fn run(url: &str) -> Result<Vec<Measure>, BoxError> {
         ("row", Some(TriggerMode::Row)),
     ] {
         if let Some(mode) = mode {
-            Schema::new(&registry)
+            PgSchema::new(&registry)
                 .trigger_mode(mode)
                 .install(&mut conn)
                 .await?;

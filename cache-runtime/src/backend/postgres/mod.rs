@@ -67,6 +67,8 @@ impl Backend for Postgres {
     type Listener = Listener;
     type Claim = sqlx::Transaction<'static, Postgres>;
 
+    super::connection_executor!();
+
     fn state(_registry: &Registry) -> Self::State {}
 
     fn wrap(options: PgConnectOptions) -> PgConnectOptions {
@@ -78,7 +80,12 @@ impl Backend for Postgres {
         mode: TriggerMode,
         conn: &'a mut PgConnection,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { PgSchema::new(registry).trigger_mode(mode).install(conn).await })
+        Box::pin(async move {
+            PgSchema::new(registry)
+                .trigger_mode(mode)
+                .install(conn)
+                .await
+        })
     }
 
     fn verify<'a>(

@@ -44,19 +44,19 @@ use std::fmt::Write as _;
 
 use sqlx::PgConnection;
 
+use super::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, SEEN_SETTING, WRAPPED_SETTING, function};
+use crate::backend::{TriggerMode, ident, literal};
 use crate::entity::EntityMeta;
 use crate::error::{ColumnProblem, Error, Problem};
 use crate::key::{NULL_RENDERING, PartKind, Segment, Template};
 use crate::registry::{Registry, fnv1a64};
-use crate::backend::{TriggerMode, ident, literal};
-use super::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, SEEN_SETTING, WRAPPED_SETTING, function};
 
 /// Advisory lock key taken by the install (`hashtext`-free constant: "cacheinv" in ASCII).
 const INSTALL_LOCK: i64 = 0x6361_6368_6569_6e76;
 
 /// The regular-expression character class of the bytes that render as themselves (ASCII only, evaluated
-/// with the `C` collation).
-const UNRESERVED_CLASS: &str = "A-Za-z0-9_.-";
+/// with the `C` collation), from the one definition of the escaping rule.
+const UNRESERVED_CLASS: &str = cache_template::SQL_CLASS;
 
 /// The SQL generated from a [`Registry`]: install it, check it, or export it.
 ///
@@ -218,14 +218,20 @@ impl<'r> PgSchema<'r> {
     ///
     /// Read-only; dropping the future has no effect.
     pub async fn verify(&self, conn: &mut PgConnection) -> Result<(), Error> {
-        let exists: bool =
-            sqlx::query_scalar(concat!("SELECT to_regclass('", function!("installed"), "') IS NOT NULL"))
-                .fetch_one(&mut *conn)
-                .await?;
+        let exists: bool = sqlx::query_scalar(concat!(
+            "SELECT to_regclass('",
+            function!("installed"),
+            "') IS NOT NULL"
+        ))
+        .fetch_one(&mut *conn)
+        .await?;
         let row: Option<(String, i32)> = if exists {
-            sqlx::query_as(concat!("SELECT fingerprint, schema_version FROM ", function!("installed")))
-                .fetch_optional(&mut *conn)
-                .await?
+            sqlx::query_as(concat!(
+                "SELECT fingerprint, schema_version FROM ",
+                function!("installed")
+            ))
+            .fetch_optional(&mut *conn)
+            .await?
         } else {
             None
         };
@@ -625,10 +631,7 @@ fn kind_types(kind: PartKind) -> &'static str {
 
 /// `<schema>.<prefix>_<hash of the table>`: stable, short, collision-free in practice.
 fn function_name(prefix: &str, table: &str) -> String {
-    format!(
-        "{SCHEMA}.{prefix}_{:016x}",
-        fnv1a64(table.as_bytes())
-    )
+    format!("{SCHEMA}.{prefix}_{:016x}", fnv1a64(table.as_bytes()))
 }
 
 /// A table name as written in the entity (`products` or `shop.products`), quoted.

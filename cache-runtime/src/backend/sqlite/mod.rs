@@ -82,6 +82,8 @@ impl Backend for Sqlite {
     type Listener = ();
     type Claim = SqlitePool;
 
+    super::connection_executor!();
+
     fn state(registry: &Registry) -> SqliteState {
         SqliteState {
             renderer: Renderer::new(registry),
@@ -115,9 +117,11 @@ impl Backend for Sqlite {
         _in_transaction: bool,
     ) -> BoxFuture<'a, Result<Rows, sqlx::Error>> {
         Box::pin(async move {
-            let rows = sqlx::query_as(
-                concat!("SELECT id, tbl, image FROM ", outbox!(), " WHERE id > ?1 ORDER BY id"),
-            )
+            let rows = sqlx::query_as(concat!(
+                "SELECT id, tbl, image FROM ",
+                outbox!(),
+                " WHERE id > ?1 ORDER BY id"
+            ))
             .bind(state.delivered.load(Ordering::Acquire))
             .fetch_all(conn)
             .await?;
@@ -165,19 +169,20 @@ impl Backend for Sqlite {
             // A drain up to an id takes every row up to it (also rows this process invalidated but could
             // not delete).
             let settle = grace.min(SETTLE).as_secs_f64();
-            let rows: Vec<(i64, String, String, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT id, tbl, image, max({NOW} - created_at, 0.0) FROM {OUTBOX} \
+            let rows: Vec<(i64, String, String, f64)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT id, tbl, image, max({NOW} - created_at, 0.0) FROM {OUTBOX} \
                  WHERE CASE WHEN ?2 IS NULL THEN id > ?1 AND id < coalesce( \
                      (SELECT min(id) FROM {OUTBOX} WHERE id > ?1 AND created_at > {NOW} - ?4), \
                      9223372036854775807) \
                  ELSE id <= ?2 END ORDER BY id LIMIT ?3"
-            )))
-            .bind(state.delivered.load(Ordering::Acquire))
-            .bind(upto)
-            .bind(batch)
-            .bind(settle)
-            .fetch_all(pool)
-            .await?;
+                )))
+                .bind(state.delivered.load(Ordering::Acquire))
+                .bind(upto)
+                .bind(batch)
+                .bind(settle)
+                .fetch_all(pool)
+                .await?;
             let ages: Vec<f64> = rows.iter().map(|r| r.3).collect();
             let rendered = state.render(rows.into_iter().map(|(id, t, i, _)| (id, t, i)).collect());
             let claimed = rendered
@@ -220,12 +225,14 @@ impl Backend for Sqlite {
 
     fn pending_upto(pool: &SqlitePool, upto: i64) -> BoxFuture<'_, Result<i64, Error>> {
         Box::pin(async move {
-            Ok(
-                sqlx::query_scalar(concat!("SELECT count(*) FROM ", outbox!(), " WHERE id <= ?1"))
-                    .bind(upto)
-                    .fetch_one(pool)
-                    .await?,
-            )
+            Ok(sqlx::query_scalar(concat!(
+                "SELECT count(*) FROM ",
+                outbox!(),
+                " WHERE id <= ?1"
+            ))
+            .bind(upto)
+            .fetch_one(pool)
+            .await?)
         })
     }
 

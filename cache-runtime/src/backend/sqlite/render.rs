@@ -205,4 +205,3 @@ fn blob_text(hex: &str) -> Result<String, String> {
     }
     Ok(out)
 }
-

@@ -29,9 +29,9 @@ use std::fmt::Write as _;
 
 use sqlx::{Connection as _, SqliteConnection};
 
+use crate::backend::{ident, literal};
 use crate::entity::EntityMeta;
 use crate::error::{ColumnProblem, Error, Problem};
-use crate::backend::{ident, literal};
 use crate::key::PartKind;
 use crate::registry::Registry;
 
@@ -461,7 +461,7 @@ mod tests {
     use super::*;
     use crate::backend::sqlite::render::{RenderError, Renderer};
     use crate::entity::{Column, EntityMeta};
-    use crate::key::{Segment, Template};
+    use crate::key::{KeyValue, Segment, Template};
 
     // products: key `product:<id>`, depends `category:<category_id>:products` (nullable column).
     static PRODUCT_KEY: Template = Template::__new(
