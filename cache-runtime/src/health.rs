@@ -51,7 +51,7 @@ use crate::store::{BoxFuture, Store, StoreError};
 ///
 /// ```
 /// use std::time::Duration;
-/// let breaker = cache_runtime::BreakerConfig::default()
+/// let breaker = cache_runtime::health::BreakerConfig::default()
 ///     .failure_threshold(3)
 ///     .open_min(Duration::from_millis(100))
 ///     .open_max(Duration::from_secs(5));

@@ -30,7 +30,8 @@ pub enum Segment {
 /// # Examples
 ///
 /// ```
-/// use cache_runtime::{CachedEntity, Segment};
+/// use cache_runtime::CachedEntity;
+/// use cache_runtime::key::Segment;
 ///
 /// #[derive(CachedEntity)]
 /// #[cached_entity(key = "product:<id>", depends = ["category:<category_id>:products"])]
@@ -100,13 +101,14 @@ impl Template {
     /// # Examples
     ///
     /// ```
-    /// use cache_runtime::{key, CachedEntity, KeyValue};
+    /// use cache_runtime::CachedEntity;
+    /// use cache_runtime::key::KeyValue;
     /// # #[derive(CachedEntity)]
     /// # #[cached_entity(key = "user:<name>")]
     /// # struct User { name: String }
     /// let key = User::META.key.render(&[KeyValue::Text("a:b".into())])?;
     /// assert_eq!(key.as_str(), "user:a%3Ab");
-    /// # Ok::<(), cache_runtime::KeyError>(())
+    /// # Ok::<(), cache_runtime::key::KeyError>(())
     /// ```
     pub fn render(&'static self, values: &[KeyValue]) -> Result<Key, KeyError> {
         let wanted = self.placeholders().count();
@@ -178,8 +180,8 @@ impl fmt::Display for Template {
 /// # Examples
 ///
 /// ```
-/// assert!(cache_runtime::is_value_char('%'));
-/// assert!(!cache_runtime::is_value_char(':'));
+/// assert!(cache_runtime::key::is_value_char('%'));
+/// assert!(!cache_runtime::key::is_value_char(':'));
 /// ```
 pub use cache_template::is_value_char;
 
@@ -348,7 +350,8 @@ impl KeyWriter<'_> {
 /// # Examples
 ///
 /// ```
-/// use cache_runtime::{KeyPart, KeyWriter, PartKind};
+/// use cache_runtime::KeyPart;
+/// use cache_runtime::key::{KeyWriter, PartKind};
 ///
 /// struct ProductId(i64);
 ///

@@ -29,7 +29,7 @@ inventory::collect!(Registration);
 /// let registry = registry();
 /// assert!(registry.entities().iter().any(|e| e.table == "widgets"));
 /// registry.validate()?;
-/// # Ok::<(), cache_runtime::RegistryError>(())
+/// # Ok::<(), cache_runtime::registry::RegistryError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registry {

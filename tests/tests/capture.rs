@@ -1542,6 +1542,100 @@ async fn install_is_idempotent_and_replaces_old_triggers() {
     assert_eq!(triggers("reviews").await.len(), 4);
 }
 
+/// `CachedPool::install_schema` re-installs with the pool's trigger mode (it used to fall back to the
+/// default, statement triggers).
+#[tokio::test]
+async fn install_schema_keeps_the_pools_trigger_mode() {
+    let db = TestDb::create("install_mode").await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
+    let pool = CachedPgPool::options()
+        .registry(shop())
+        .trigger_mode(TriggerMode::Row)
+        .auto_install(true)
+        .run_relay(false)
+        .connect(&db.url, MemoryStore::default())
+        .await
+        .unwrap();
+    pool.install_schema().await.unwrap();
+    let mode: String = sqlx::query_scalar("SELECT trigger_mode FROM cache_invalidation.installed")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(mode, "row");
+    let triggers: Vec<String> = sqlx::query_scalar(
+        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'products'::regclass AND NOT tgisinternal \
+         ORDER BY 1",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        triggers,
+        ["cache_invalidation_row", "cache_invalidation_truncate"]
+    );
+}
+
+/// The install creates exactly the functions the runtime calls (and the renderers the property tests
+/// call), and drops `claim(integer, interval)`, which schema version 2 created and nothing called.
+#[tokio::test]
+async fn the_install_creates_only_functions_that_are_called() {
+    let db = TestDb::create("functions").await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE SCHEMA cache_invalidation;
+         CREATE FUNCTION cache_invalidation.claim(integer, interval) RETURNS void LANGUAGE sql AS 'SELECT';",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    let registry = shop();
+    let mut conn = admin.acquire().await.unwrap();
+    PgSchema::new(&registry).install(&mut conn).await.unwrap();
+    let functions: Vec<String> = sqlx::query_scalar(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = 'cache_invalidation' \
+           AND p.proname NOT LIKE 'capture\\_%' AND p.proname NOT LIKE 'truncate\\_%' ORDER BY 1",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        functions,
+        [
+            "cache_invalidation.backlog()",
+            "cache_invalidation.claim_rows(integer,interval,bigint)",
+            "cache_invalidation.delivered(bigint[])",
+            "cache_invalidation.escape_text(text)",
+            "cache_invalidation.max_id()",
+            "cache_invalidation.pending_upto(bigint)",
+            "cache_invalidation.render_bool(boolean)",
+            "cache_invalidation.render_int(bigint)",
+            "cache_invalidation.render_text(text)",
+            "cache_invalidation.session_keys()",
+            "cache_invalidation.transaction_keys()",
+        ]
+    );
+    // Every function a client calls is granted by `grant_sql`, and only those.
+    let grant = PgSchema::grant_sql("app");
+    for called in [
+        "backlog()",
+        "claim_rows(integer, interval, bigint)",
+        "delivered(bigint[])",
+        "max_id()",
+        "pending_upto(bigint)",
+        "session_keys()",
+        "transaction_keys()",
+    ] {
+        assert!(
+            grant.contains(&format!("cache_invalidation.{called}")),
+            "{grant}"
+        );
+    }
+    assert!(!grant.contains(".claim("), "{grant}");
+}
+
 #[tokio::test]
 async fn missing_or_mistyped_columns_are_install_errors() {
     let db = TestDb::create("columns").await;

@@ -279,3 +279,62 @@ fn uuids_render_as_lowercase_hyphenated_text() {
     assert_eq!(k.as_str(), "product:67e55044-10b1-426f-9247-bb680e5fe0c8");
     assert_eq!(<uuid::Uuid as cache_runtime::KeyPart>::KIND, PartKind::Text);
 }
+
+/// The generated install scripts, pinned: a change of the SQL (triggers, functions, object names, the
+/// rendering expressions) must be a deliberate one, seen in review as a diff of `tests/snapshots/`.
+/// Regenerate with `UPDATE_SNAPSHOTS=1 cargo test -p tests --test keys` and read the diff.
+mod schema_snapshots {
+    use cache_runtime::backend::postgres::PgSchema;
+    use cache_runtime::backend::sqlite::SqliteSchema;
+    use cache_runtime::registry;
+
+    fn check(name: &str, actual: &str) {
+        let path = format!("{}/snapshots/{name}", env!("CARGO_MANIFEST_DIR"));
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(&path, actual).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
+            return;
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("cannot read {path} ({e}); create it with UPDATE_SNAPSHOTS=1")
+        });
+        if expected != actual {
+            let line = expected
+                .lines()
+                .zip(actual.lines())
+                .position(|(a, b)| a != b)
+                .map_or_else(
+                    || expected.lines().count().min(actual.lines().count()),
+                    |i| i,
+                );
+            panic!(
+                "{name} differs from the generated SQL from line {} on:\n  snapshot:  {:?}\n  generated: {:?}\n\
+                 If the change is deliberate, regenerate with UPDATE_SNAPSHOTS=1 and review the diff.",
+                line + 1,
+                expected.lines().nth(line),
+                actual.lines().nth(line),
+            );
+        }
+    }
+
+    #[test]
+    fn postgres_statement_triggers() {
+        check("postgres_statement.sql", &PgSchema::new(registry()).sql());
+    }
+
+    #[test]
+    fn postgres_row_triggers() {
+        let schema =
+            PgSchema::new(registry()).trigger_mode(cache_runtime::backend::TriggerMode::Row);
+        check("postgres_row.sql", &schema.sql());
+    }
+
+    #[test]
+    fn sqlite_triggers() {
+        check("sqlite.sql", &SqliteSchema::new(registry()).sql());
+    }
+
+    #[test]
+    fn postgres_grants() {
+        check("postgres_grant.sql", &PgSchema::grant_sql("app role"));
+    }
+}

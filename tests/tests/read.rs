@@ -1135,3 +1135,63 @@ mod sqlite_another_client {
         pool.close().await;
     }
 }
+
+/// `Item`'s rows with a longer TTL: the same capture (table, template shape, columns), so the program's
+/// registry stays valid; its shortest TTL for `item:<>` is `Item`'s minute.
+#[derive(CachedEntity, sqlx::FromRow)]
+#[cached_entity(table = "items", key = "item:<item_id>", ttl = "1h")]
+#[allow(dead_code)] // only its metadata is used
+struct LongLivedItem {
+    #[sqlx(rename = "id")]
+    item_id: i64,
+}
+
+/// A pool's caches live by the pool's registry, not the program's.
+#[tokio::test]
+async fn a_pools_caches_take_ttls_from_the_pools_registry() {
+    let prefix = TestPrefix::create("pool_ttl").await;
+    let db = tests::TestSqlite::create("pool_ttl").await;
+    checker::create_items(&db.pool().await, 2).await;
+    let store = RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
+        .await
+        .expect("connect");
+    let pool = CachedSqlitePool::options()
+        .registry(Registry::new([LongLivedItem::META]))
+        .auto_install(true)
+        .run_relay(false)
+        .connect_with(db.options(), store)
+        .await
+        .expect("connect CachedSqlitePool");
+    let other = pool.cache_builder().build();
+    for (cache, id) in [(pool.cache(), 1), (&other, 2)] {
+        cache
+            .get_or_load(item_key(id), || async { Ok::<_, std::io::Error>(id) })
+            .await
+            .expect("load");
+        let ms: i64 = redis::cmd("PTTL")
+            .arg(format!("{}item:{id}", prefix.prefix))
+            .query_async(&mut prefix.conn.clone())
+            .await
+            .expect("PTTL");
+        assert!(
+            (3_240_000..=3_600_000).contains(&ms),
+            "the pool's registry says 1h (minus jitter); the program's shortest is 1m: {ms} ms"
+        );
+    }
+}
+
+/// The Redis store passes the store conformance suite the in-process store runs in its unit tests.
+#[tokio::test]
+async fn the_redis_store_conforms() {
+    let prefix = TestPrefix::create("conformance").await;
+    let store = RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
+        .await
+        .expect("connect");
+    cache_runtime::store::conformance::check(&store, "")
+        .await
+        .expect("RedisStore conforms");
+    let shared: Arc<dyn cache_runtime::Store> = Arc::new(store);
+    cache_runtime::store::conformance::check(&shared, "shared:")
+        .await
+        .expect("a shared store conforms");
+}

@@ -1,5 +1,4 @@
--- The schema, the tables and the functions that do not depend on the registry. `@name@` tokens are
--- replaced by `PgSchema::sql` (object names, the unreserved character class, the rendering expressions).
+-- The schema, the tables and the functions that do not depend on the registry.
 CREATE SCHEMA IF NOT EXISTS @schema@;
 GRANT USAGE ON SCHEMA @schema@ TO PUBLIC;
 CREATE TABLE IF NOT EXISTS @schema@.outbox (

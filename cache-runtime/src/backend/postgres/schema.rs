@@ -537,7 +537,8 @@ const CLIENT_FUNCTIONS: &[&str] = &[
     function!("delivered(bigint[])"),
 ];
 
-/// The schema, the tables and the functions that do not depend on the registry.
+/// The schema, the tables and the functions that do not depend on the registry: `base.sql`, whose `@name@`
+/// tokens stand for the object names, the unreserved character class and the rendering expressions.
 fn base_sql() -> String {
     fill(include_str!("base.sql"))
         .replace("@render_text@", &render_expr(PartKind::Text, "v"))
