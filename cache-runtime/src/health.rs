@@ -29,7 +29,7 @@
 //! nothing. The pool's recovery task then waits until a probe succeeds, reads the outbox's highest id `W`,
 //! delivers every row up to `W` (whatever its age and whoever wrote it), waits until no row up to `W`
 //! remains (other relays may hold some), and opens the gate, unless another failure happened meanwhile (then
-//! it starts over). See the [relay module](crate::relay) for the guarantee and its limits.
+//! it starts over). See the [`outbox::Relay`](crate::outbox::Relay) docs for the guarantee and its limits.
 //!
 //! A [`Cache`](crate::Cache) built on its own (not by a pool) has no outbox to drain: it has the breaker
 //! only, and reads use the store again as soon as it answers.
@@ -76,18 +76,21 @@ impl Default for BreakerConfig {
 
 impl BreakerConfig {
     /// Consecutive failures that open the breaker (at least 1; default 3).
+    #[must_use]
     pub fn failure_threshold(mut self, failures: u32) -> Self {
         self.threshold = failures.max(1);
         self
     }
 
     /// The first backoff after the breaker opens (default 100 ms).
+    #[must_use]
     pub fn open_min(mut self, backoff: Duration) -> Self {
         self.open_min = backoff;
         self
     }
 
     /// The longest backoff between two probes (default 5 s).
+    #[must_use]
     pub fn open_max(mut self, backoff: Duration) -> Self {
         self.open_max = backoff;
         self

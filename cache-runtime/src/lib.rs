@@ -27,7 +27,7 @@ pub mod store;
 /// A placeholder's type must implement [`KeyPart`]. Every mistake is a compile error with a span and a
 /// message that says what to do, all of them at once.
 ///
-/// Generated: `impl CachedEntity` (static [`EntityMeta`], `cache_key`, `cache_keys`), an inherent
+/// Generated: `impl CachedEntity` (static [`EntityMeta`](entity::EntityMeta), `cache_key`, `cache_keys`), an inherent
 /// `cache_key_for(&field, …) -> Key` taking the key's placeholder values in order, the declarations `key!`
 /// checks, and the registration in [`registry()`].
 ///
@@ -109,6 +109,7 @@ pub mod __private {
     pub use inventory;
 
     /// A key template, named by the FNV-1a hash of its text (computed by the macros).
+    #[derive(Debug)]
     pub struct TemplateId<const HASH: u64>;
 
     /// Implemented by the derive, for each template an entity declares, so that `key!` can check at compile

@@ -11,6 +11,7 @@ mod entities {
         key = "thing:<id>",
         depends = ["small:<small>", "u:<unsigned>", "flag:<flag>", "name:<name>", "opt:<maybe>", "kind:<type>"]
     )]
+    #[derive(Debug)]
     pub struct Thing {
         id: i64,
         small: i16,

@@ -302,10 +302,7 @@ mod schema_snapshots {
                 .lines()
                 .zip(actual.lines())
                 .position(|(a, b)| a != b)
-                .map_or_else(
-                    || expected.lines().count().min(actual.lines().count()),
-                    |i| i,
-                );
+                .unwrap_or_else(|| expected.lines().count().min(actual.lines().count()));
             panic!(
                 "{name} differs from the generated SQL from line {} on:\n  snapshot:  {:?}\n  generated: {:?}\n\
                  If the change is deliberate, regenerate with UPDATE_SNAPSHOTS=1 and review the diff.",

@@ -3,14 +3,14 @@
 use cache_runtime::{CachedEntity, Registry, registry};
 
 /// Maps `orders` with one set of templates...
-#[derive(CachedEntity)]
+#[derive(Debug, CachedEntity)]
 #[cached_entity(table = "orders", key = "order:<id>")]
 pub struct Order {
     id: i64,
 }
 
 /// ...and this one maps `orders` with another.
-#[derive(CachedEntity)]
+#[derive(Debug, CachedEntity)]
 #[cached_entity(table = "orders", key = "order:<id>", depends = ["customer:<customer_id>:orders"])]
 pub struct OrderSummary {
     id: i64,
@@ -18,21 +18,21 @@ pub struct OrderSummary {
 }
 
 /// Owns the key shape `invoice:<>`...
-#[derive(CachedEntity)]
+#[derive(Debug, CachedEntity)]
 #[cached_entity(table = "invoices", key = "invoice:<id>")]
 pub struct Invoice {
     id: i64,
 }
 
 /// ...which another table's entity claims too.
-#[derive(CachedEntity)]
+#[derive(Debug, CachedEntity)]
 #[cached_entity(table = "legacy_invoices", key = "invoice:<number>")]
 pub struct LegacyInvoice {
     number: String,
 }
 
 /// Same table and templates as `Invoice`: not a conflict.
-#[derive(CachedEntity)]
+#[derive(Debug, CachedEntity)]
 #[cached_entity(table = "invoices", key = "invoice:<id>")]
 pub struct InvoiceRow {
     id: i64,

@@ -118,7 +118,7 @@ impl Cache {
     }
 
     /// Whether reads currently bypass the store because of a store failure whose outbox rows are not yet
-    /// delivered (see the [`breaker`](crate::breaker) module). Always `false` for a cache not built by a
+    /// delivered (see the [`health`](crate::health) module). Always `false` for a cache not built by a
     /// [`CachedPool`](crate::CachedPool).
     pub fn gate_closed(&self) -> bool {
         self.inner.guarded.health.gated()

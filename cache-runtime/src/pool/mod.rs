@@ -27,7 +27,7 @@
 //! returned: the rows stay in the outbox and the relay delivers them. Before the call returns, the pool's
 //! read gate is closed (reads of [`CachedPool::cache`] go to the loader until those rows are delivered)
 //! and every relay is asked to deliver at once (see the [`health`](crate::health) module and
-//! [`Relay`](crate::outbox::Relay)). While the circuit breaker is open, commits do not call the store at
+//! [`crate::outbox::Relay`]). While the circuit breaker is open, commits do not call the store at
 //! all. Delivered rows are deleted by a background task in batches, with `synchronous_commit = off`: the
 //! caller's path has no extra WAL flush.
 //!
@@ -117,7 +117,7 @@ pub enum WriteDetection {
 /// delivers the statement's keys: the delivery is spawned as a task of its own when the statement completes
 /// or when the future/stream is dropped, whichever comes first, and it is not interrupted by the caller.
 /// A call that returns has awaited that delivery (bounded by
-/// [`store_timeout`](CachedPoolOptions::store_timeout)).
+/// [`store_timeout`](crate::outbox::RelayConfig::store_timeout)).
 ///
 /// # Examples
 ///

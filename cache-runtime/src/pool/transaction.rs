@@ -10,7 +10,7 @@ use tracing::Instrument as _;
 use super::Core;
 use crate::backend::Backend;
 
-/// A transaction (or savepoint) of a [`CachedPool`].
+/// A transaction (or savepoint) of a [`CachedPool`](super::CachedPool).
 ///
 /// `&mut CachedTransaction` is a [`sqlx::Executor`], and `&mut *tx` is the transaction's `PgConnection`:
 /// both work with every sqlx query function. Dropping it without `commit` rolls back and publishes nothing.

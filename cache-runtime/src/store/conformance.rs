@@ -1,6 +1,6 @@
 //! A conformance suite for [`Store`] implementations: the primitives the read protocol builds on, checked
-//! against a real store. [`MemoryStore`](super::MemoryStore) runs it in its unit tests, [`RedisStore`]
-//! (super::RedisStore) against a real server in the integration tests; run it on your own store too.
+//! against a real store. [`MemoryStore`](super::MemoryStore) runs it in its unit tests, [`RedisStore`](super::RedisStore)
+//! against a real server in the integration tests; run it on your own store too.
 //!
 //! # Examples
 //!

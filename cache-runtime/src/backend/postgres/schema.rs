@@ -94,6 +94,7 @@ impl<'r> PgSchema<'r> {
     }
 
     /// Chooses statement- or row-level triggers (they capture the same keys; statement is faster).
+    #[must_use]
     pub fn trigger_mode(mut self, mode: TriggerMode) -> Self {
         self.mode = mode;
         self
@@ -141,7 +142,7 @@ impl<'r> PgSchema<'r> {
     }
 
     /// The statement that lets `role` use the outbox as a [`CachedPool`](crate::CachedPool) or a
-    /// [`Relay`](crate::relay::Relay) does. The installing role has these rights already; any other role the
+    /// [`Relay`](crate::outbox::Relay) does. The installing role has these rights already; any other role the
     /// application connects as needs them (run it once, as the installing role, after [`install`](Self::install)).
     /// Other roles cannot read or delete outbox rows, so they cannot lose an invalidation.
     ///
