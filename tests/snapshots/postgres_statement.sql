@@ -81,18 +81,16 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $f
 CREATE OR REPLACE FUNCTION cache_invalidation.transaction_keys() RETURNS TABLE (id bigint, keys text[])
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
+  seen bigint := coalesce(nullif(current_setting('cache_invalidation.seen', true), ''), '0')::bigint;
   r record;
   last bigint;
 BEGIN
-  FOR r IN SELECT o.id, o.keys FROM cache_invalidation.outbox o
-           WHERE o.txid = pg_current_xact_id_if_assigned() ORDER BY o.id LOOP
+  FOR r IN SELECT o.id, o.keys FROM cache_invalidation.outbox o WHERE o.txid = pg_current_xact_id_if_assigned() ORDER BY o.id LOOP
     id := r.id;
     keys := r.keys;
     last := r.id;
     RETURN NEXT;
   END LOOP;
-  -- These rows are delivered by the commit: later autocommit statements of the session skip them
-  -- (the setting rolls back with the transaction).
   IF last IS NOT NULL THEN
     PERFORM set_config('cache_invalidation.seen', last::text, false);
   END IF;
@@ -105,9 +103,7 @@ DECLARE
   r record;
   last bigint;
 BEGIN
-  -- This backend's rows not returned before (rows of earlier statements may not be deleted yet).
-  FOR r IN SELECT o.id, o.keys FROM cache_invalidation.outbox o
-           WHERE o.pid = pg_backend_pid() AND o.id > seen ORDER BY o.id LOOP
+  FOR r IN SELECT o.id, o.keys FROM cache_invalidation.outbox o WHERE o.pid = pg_backend_pid() AND o.id > seen ORDER BY o.id LOOP
     id := r.id;
     keys := r.keys;
     last := r.id;

@@ -222,62 +222,10 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
-        self.read(key, &options, || async move {
+        self.get_or_load_tagged(key, options, || async move {
             loader().await.map(|v| (v, Vec::new()))
         })
         .await
-    }
-
-    /// [`get_or_load_with`](Self::get_or_load_with) for values built from several rows whose keys are known
-    /// only once loaded: the loader returns the value and the keys it was built from. Invalidating any of
-    /// them (before, during or after the load) makes the entry invalid.
-    ///
-    /// A tag whose token did not exist before the load (first use, or invalidated during the load) makes
-    /// this load return its value without storing it; tags known up front belong in
-    /// [`LoadOptions::tag`].
-    ///
-    /// # Errors
-    ///
-    /// As [`get_or_load`](Self::get_or_load).
-    ///
-    /// # Cancel safety
-    ///
-    /// As [`get_or_load`](Self::get_or_load).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use cache_runtime::{Cache, CachedEntity, LoadOptions, MemoryStore, key};
-    /// # #[derive(CachedEntity)]
-    /// # #[cached_entity(key = "article:<id>:page")]
-    /// # struct Page { id: i64 }
-    /// # #[derive(CachedEntity)]
-    /// # #[cached_entity(key = "user:<id>")]
-    /// # struct User { id: i64 }
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), std::sync::Arc<std::io::Error>> {
-    /// let cache = Cache::new(MemoryStore::default());
-    /// let page: String = cache
-    ///     .get_or_load_tagged(key!("article:<id>:page", id = 5), LoadOptions::new(), || async {
-    ///         let author_id = 3; // found by the query
-    ///         Ok::<_, std::io::Error>(("by Ada".to_owned(), vec![key!("user:<id>", id = author_id)]))
-    ///     })
-    ///     .await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn get_or_load_tagged<V, E, F, Fut>(
-        &self,
-        key: Key,
-        options: LoadOptions,
-        loader: F,
-    ) -> Result<V, Arc<E>>
-    where
-        V: Serialize + DeserializeOwned,
-        E: Send + Sync + 'static,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(V, Vec<Key>), E>>,
-    {
-        self.read(key, &options, loader).await
     }
 
     /// Reads the entity `T` stored under its own key, loading it with `loader` on a miss; the entry lives

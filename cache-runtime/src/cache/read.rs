@@ -110,11 +110,50 @@ impl Cache {
         tracing::warn!(op, %error, "cache store failed; reading from the loader");
     }
 
-    /// Reads `key`, sharing the load with the other reads of this process that may share it.
-    pub(super) async fn read<V, E, F, Fut>(
+    /// [`get_or_load_with`](Self::get_or_load_with) for values built from several rows whose keys are known
+    /// only once loaded: the loader returns the value and the keys it was built from. Invalidating any of
+    /// them (before, during or after the load) makes the entry invalid.
+    ///
+    /// A tag whose token did not exist before the load (first use, or invalidated during the load) makes
+    /// this load return its value without storing it; tags known up front belong in
+    /// [`LoadOptions::tag`].
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load`](Self::get_or_load).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_or_load`](Self::get_or_load).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use cache_runtime::{Cache, CachedEntity, LoadOptions, MemoryStore, key};
+    /// # #[derive(CachedEntity)]
+    /// # #[cached_entity(key = "article:<id>:page")]
+    /// # struct Page { id: i64 }
+    /// # #[derive(CachedEntity)]
+    /// # #[cached_entity(key = "user:<id>")]
+    /// # struct User { id: i64 }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), std::sync::Arc<std::io::Error>> {
+    /// let cache = Cache::new(MemoryStore::default());
+    /// let page: String = cache
+    ///     .get_or_load_tagged(key!("article:<id>:page", id = 5), LoadOptions::new(), || async {
+    ///         let author_id = 3; // found by the query
+    ///         Ok::<_, std::io::Error>(("by Ada".to_owned(), vec![key!("user:<id>", id = author_id)]))
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Every read of the cache ends here: it joins the key's single flight in this process and, as its
+    /// leader, runs the protocol below.
+    pub async fn get_or_load_tagged<V, E, F, Fut>(
         &self,
         key: Key,
-        options: &LoadOptions,
+        options: LoadOptions,
         loader: F,
     ) -> Result<V, Arc<E>>
     where
@@ -147,7 +186,7 @@ impl Cache {
         }
         leader.pass();
         let span = tracing::debug_span!("cache.load", key = %key);
-        let (result, outcome) = self.lead(&key, options, loader).instrument(span).await;
+        let (result, outcome) = self.lead(&key, &options, loader).instrument(span).await;
         leader.complete(outcome);
         result
     }

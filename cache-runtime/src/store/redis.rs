@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, Pipeline, Script, ServerErrorKind, Value};
+use redis::{ErrorKind, Pipeline, Script, ScriptInvocation, ServerErrorKind, Value};
 
 use super::{
     BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, nonce,
@@ -166,6 +166,17 @@ impl RedisStore {
         }
     }
 
+    /// Runs one script invocation (reloading the scripts if the server lost them); returns its answer.
+    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(invocation);
+        self.query(&pipe)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))
+    }
+
     fn push_tag(&self, pipe: &mut Pipeline, tag: &str, create: Option<Duration>) {
         let ttl_ms = create.map_or(0, |d| d.as_millis().max(1));
         pipe.invoke_script(
@@ -176,6 +187,14 @@ impl RedisStore {
                 .arg(u64::try_from(ttl_ms).unwrap_or(u64::MAX)),
         );
     }
+}
+
+/// What a value slot holds while `token` leases it.
+fn lease_value(token: &str) -> Vec<u8> {
+    let mut value = Vec::with_capacity(LEASE_MARK.len() + token.len());
+    value.extend_from_slice(LEASE_MARK);
+    value.extend_from_slice(token.as_bytes());
+    value
 }
 
 fn millis(d: Duration) -> u64 {
@@ -298,15 +317,12 @@ impl Store for RedisStore {
         tag_ttl: Duration,
     ) -> BoxFuture<'a, Result<Lookup, StoreError>> {
         Box::pin(async move {
-            let mut lease_value = Vec::with_capacity(LEASE_MARK.len() + lease.token.len());
-            lease_value.extend_from_slice(LEASE_MARK);
-            lease_value.extend_from_slice(lease.token.as_bytes());
             let mut pipe = redis::pipe();
             pipe.invoke_script(
                 self.scripts
                     .lookup
                     .key(self.redis_key(key))
-                    .arg(lease_value)
+                    .arg(lease_value(lease.token))
                     .arg(millis(lease.ttl))
                     .arg(lease.replace.unwrap_or_default())
                     .arg(if lease.replace.is_some() { "1" } else { "0" }),
@@ -357,19 +373,11 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let mut lease_value = LEASE_MARK.to_vec();
-            lease_value.extend_from_slice(lease.as_bytes());
-            let mut pipe = redis::pipe();
-            pipe.invoke_script(
-                self.scripts
-                    .fill
-                    .key(self.redis_key(key))
-                    .arg(lease_value)
-                    .arg(value)
-                    .arg(millis(ttl)),
-            );
-            let values = self.query(&pipe).await?;
-            Ok(values.first().and_then(int) == Some(1))
+            let mut fill = self.scripts.fill.key(self.redis_key(key));
+            let answer = self
+                .invoke(fill.arg(lease_value(lease)).arg(value).arg(millis(ttl)))
+                .await?;
+            Ok(int(&answer) == Some(1))
         })
     }
 
@@ -379,17 +387,8 @@ impl Store for RedisStore {
         lease: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let mut lease_value = LEASE_MARK.to_vec();
-            lease_value.extend_from_slice(lease.as_bytes());
-            let mut pipe = redis::pipe();
-            pipe.invoke_script(
-                self.scripts
-                    .release
-                    .key(self.redis_key(key))
-                    .arg(lease_value),
-            );
-            self.query(&pipe).await?;
-            Ok(())
+            let mut release = self.scripts.release.key(self.redis_key(key));
+            self.invoke(release.arg(lease_value(lease))).await.map(drop)
         })
     }
 }

@@ -37,47 +37,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $f
 CREATE OR REPLACE FUNCTION @schema@.render_bool(v boolean) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT @render_bool@ $fn$;
 
-CREATE OR REPLACE FUNCTION @schema@.transaction_keys() RETURNS TABLE (id bigint, keys text[])
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-  r record;
-  last bigint;
-BEGIN
-  FOR r IN SELECT o.id, o.keys FROM @schema@.outbox o
-           WHERE o.txid = pg_current_xact_id_if_assigned() ORDER BY o.id LOOP
-    id := r.id;
-    keys := r.keys;
-    last := r.id;
-    RETURN NEXT;
-  END LOOP;
-  -- These rows are delivered by the commit: later autocommit statements of the session skip them
-  -- (the setting rolls back with the transaction).
-  IF last IS NOT NULL THEN
-    PERFORM set_config('@seen@', last::text, false);
-  END IF;
-END
-$fn$;
-CREATE OR REPLACE FUNCTION @schema@.session_keys() RETURNS TABLE (id bigint, keys text[])
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-  seen bigint := coalesce(nullif(current_setting('@seen@', true), ''), '0')::bigint;
-  r record;
-  last bigint;
-BEGIN
-  -- This backend's rows not returned before (rows of earlier statements may not be deleted yet).
-  FOR r IN SELECT o.id, o.keys FROM @schema@.outbox o
-           WHERE o.pid = pg_backend_pid() AND o.id > seen ORDER BY o.id LOOP
-    id := r.id;
-    keys := r.keys;
-    last := r.id;
-    RETURN NEXT;
-  END LOOP;
-  IF last IS NOT NULL THEN
-    PERFORM set_config('@seen@', last::text, false);
-  END IF;
-END
-$fn$;
--- Schema version 2 installed this function, which nothing calls.
+@written_keys@-- Schema version 2 installed this function, which nothing calls.
 DROP FUNCTION IF EXISTS @schema@.claim(integer, interval);
 CREATE OR REPLACE FUNCTION @schema@.claim_rows(max_rows integer, wrapped_grace interval, upto bigint)
 RETURNS TABLE (id bigint, keys text[], age_seconds double precision)

@@ -45,7 +45,7 @@ use std::fmt::Write as _;
 use sqlx::PgConnection;
 
 use super::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, SEEN_SETTING, WRAPPED_SETTING, function};
-use crate::backend::{TriggerMode, ident, literal};
+use crate::backend::{TriggerMode, all_or_nothing, check_installed, ident, literal};
 use crate::entity::EntityMeta;
 use crate::error::{ColumnProblem, Error, Problem};
 use crate::key::{NULL_RENDERING, PartKind, Segment, Template};
@@ -179,26 +179,19 @@ impl<'r> PgSchema<'r> {
     pub async fn install(&self, conn: &mut PgConnection) -> Result<(), Error> {
         use sqlx::Connection as _;
         self.registry.validate()?;
-        let mut tx = conn.begin().await?;
-        let result = async {
+        all_or_nothing(conn.begin().await?, async |tx: &mut PgConnection| {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT pg_advisory_xact_lock({INSTALL_LOCK})"
             )))
             .execute(&mut *tx)
             .await?;
-            self.check_columns(&mut tx).await?;
+            self.check_columns(tx).await?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(self.sql()))
                 .execute(&mut *tx)
                 .await?;
-            Ok::<(), Error>(())
-        }
-        .await;
-        if let Err(error) = result {
-            // Roll back now: a dropped transaction would keep the install lock until the connection's next use.
-            let _ = tx.rollback().await;
-            return Err(error);
-        }
-        tx.commit().await?;
+            Ok(())
+        })
+        .await?;
         tracing::info!(
             fingerprint = %self.registry.fingerprint(),
             mode = self.mode.as_str(),
@@ -226,9 +219,9 @@ impl<'r> PgSchema<'r> {
         ))
         .fetch_one(&mut *conn)
         .await?;
-        let row: Option<(String, i32)> = if exists {
+        let row: Option<(String, i64)> = if exists {
             sqlx::query_as(concat!(
-                "SELECT fingerprint, schema_version FROM ",
+                "SELECT fingerprint, schema_version::bigint FROM ",
                 function!("installed")
             ))
             .fetch_optional(&mut *conn)
@@ -236,19 +229,7 @@ impl<'r> PgSchema<'r> {
         } else {
             None
         };
-        let expected = self.registry.fingerprint();
-        match row {
-            None => Err(Error::NotInstalled { expected }),
-            Some((_, version)) if version != SCHEMA_VERSION => Err(Error::SchemaVersionMismatch {
-                installed: version,
-                expected: SCHEMA_VERSION,
-            }),
-            Some((installed, _)) if installed != expected => Err(Error::FingerprintMismatch {
-                installed,
-                expected,
-            }),
-            Some(_) => Ok(()),
-        }
+        check_installed(row, self.registry, SCHEMA_VERSION)
     }
 
     /// Every table or placeholder column that is missing or has an incompatible type.
@@ -541,10 +522,50 @@ const CLIENT_FUNCTIONS: &[&str] = &[
 /// The schema, the tables and the functions that do not depend on the registry: `base.sql`, whose `@name@`
 /// tokens stand for the object names, the unreserved character class and the rendering expressions.
 fn base_sql() -> String {
-    fill(include_str!("base.sql"))
+    fill(&include_str!("base.sql").replace("@written_keys@", &written_keys_sql()))
         .replace("@render_text@", &render_expr(PartKind::Text, "v"))
         .replace("@render_int@", &render_expr(PartKind::Int, "v"))
         .replace("@render_bool@", &render_expr(PartKind::Bool, "v"))
+}
+
+/// The functions returning the outbox rows a writer delivers: `transaction_keys()` (the rows of the current
+/// transaction, read before its `COMMIT`) and `session_keys()` (the rows of this backend, read after an
+/// autocommit statement). One loop, two row predicates (each with its own index). Both record the highest id
+/// returned in the session setting `@seen@`, so that later statements of the session skip rows already
+/// delivered (the setting rolls back with the transaction that set it).
+fn written_keys_sql() -> String {
+    let rows = [
+        (
+            "transaction_keys",
+            "o.txid = pg_current_xact_id_if_assigned()",
+        ),
+        ("session_keys", "o.pid = pg_backend_pid() AND o.id > seen"),
+    ];
+    rows.iter()
+        .map(|(name, predicate)| {
+            format!(
+                "CREATE OR REPLACE FUNCTION @schema@.{name}() RETURNS TABLE (id bigint, keys text[])
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  seen bigint := coalesce(nullif(current_setting('@seen@', true), ''), '0')::bigint;
+  r record;
+  last bigint;
+BEGIN
+  FOR r IN SELECT o.id, o.keys FROM @schema@.outbox o WHERE {predicate} ORDER BY o.id LOOP
+    id := r.id;
+    keys := r.keys;
+    last := r.id;
+    RETURN NEXT;
+  END LOOP;
+  IF last IS NOT NULL THEN
+    PERFORM set_config('@seen@', last::text, false);
+  END IF;
+END
+$fn$;
+"
+            )
+        })
+        .collect()
 }
 
 /// Replaces the object-name tokens of generated SQL with the constants: `@schema@`, `@channel@`,

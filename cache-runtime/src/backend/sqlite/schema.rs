@@ -29,7 +29,7 @@ use std::fmt::Write as _;
 
 use sqlx::{Connection as _, SqliteConnection};
 
-use crate::backend::{ident, literal};
+use crate::backend::{all_or_nothing, check_installed, ident, literal};
 use crate::entity::EntityMeta;
 use crate::error::{ColumnProblem, Error, Problem};
 use crate::key::PartKind;
@@ -163,21 +163,16 @@ CREATE TABLE IF NOT EXISTS {INSTALLED} (
 /// [`Error::Registry`], [`Error::Columns`] or [`Error::Database`]; nothing is changed then.
 async fn install(registry: &Registry, conn: &mut SqliteConnection) -> Result<(), Error> {
     registry.validate()?;
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let result = async {
-        check_columns(registry, &mut tx).await?;
-        drop_stale_triggers(registry, &mut tx).await?;
+    let tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    all_or_nothing(tx, async |tx: &mut SqliteConnection| {
+        check_columns(registry, tx).await?;
+        drop_stale_triggers(registry, tx).await?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql(registry)))
             .execute(&mut *tx)
             .await?;
-        Ok::<(), Error>(())
-    }
-    .await;
-    if let Err(error) = result {
-        let _ = tx.rollback().await;
-        return Err(error);
-    }
-    tx.commit().await?;
+        Ok(())
+    })
+    .await?;
     tracing::info!(
         fingerprint = %registry.fingerprint(),
         "installed the SQLite cache invalidation triggers"
@@ -207,21 +202,7 @@ async fn verify(registry: &Registry, conn: &mut SqliteConnection) -> Result<(), 
     } else {
         None
     };
-    let expected = registry.fingerprint();
-    match row {
-        None => Err(Error::NotInstalled { expected }),
-        Some((_, version)) if version != i64::from(SQLITE_SCHEMA_VERSION) => {
-            Err(Error::SchemaVersionMismatch {
-                installed: i32::try_from(version).unwrap_or(i32::MAX),
-                expected: SQLITE_SCHEMA_VERSION,
-            })
-        }
-        Some((installed, _)) if installed != expected => Err(Error::FingerprintMismatch {
-            installed,
-            expected,
-        }),
-        Some(_) => Ok(()),
-    }
+    check_installed(row, registry, SQLITE_SCHEMA_VERSION)
 }
 
 /// Every missing table or placeholder column of every entity, in one [`Error::Columns`].
