@@ -24,6 +24,7 @@ impl Attrs {
         self.krate.clone().unwrap_or_else(default_crate)
     }
 
+    // Long on purpose: one match over the attribute keys, an arm each; split, the grammar would be scattered.
     pub(crate) fn parse(cx: &mut Ctxt, attrs: &[Attribute]) -> Self {
         let mut out = Self::default();
         let mut seen: Vec<String> = Vec::new();

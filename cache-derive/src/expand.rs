@@ -69,6 +69,8 @@ fn declares(t: &Template, ident: &syn::Ident, krate: &syn::Path) -> TokenStream 
     }
 }
 
+/// The generated items of a valid entity.
+// Long on purpose: the generated items are one `quote!` block, read top to bottom as `cargo expand` shows them.
 fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
     let ident = cont.ident;
     let krate = &cont.attrs.crate_path();

@@ -63,6 +63,7 @@ impl Parse for Arg {
     }
 }
 
+// Long on purpose: parsing, checking and the generated block of one `key!` call, in the order they happen.
 pub(crate) fn expand(input: TokenStream) -> TokenStream {
     let input: Input = match syn::parse2(input) {
         Ok(input) => input,

@@ -22,9 +22,32 @@ pub(crate) struct Checked<'a> {
 /// The default TTL when the attribute gives none.
 const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 
+/// Checks the attribute against the struct, reporting every problem to `cx`; `None` when there was one.
 pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checked<'a>> {
+    let table = check_table(cx, cont);
+    let key = check_key(cx, cont, &table);
+    let depends = check_depends(cx, cont);
+    let ttl = check_ttl(cx, cont);
+    let used = used_fields(cont, key.iter().chain(&depends));
+    for field in &used {
+        check_type(cx, field.ty, &unraw(field.ident));
+    }
+    if cx.has_errors() {
+        return None;
+    }
+    Some(Checked {
+        table,
+        key: key?,
+        depends,
+        ttl,
+        used,
+    })
+}
+
+/// The table: `table = "…"`, or the snake-case struct name plus `s`.
+fn check_table(cx: &mut Ctxt, cont: &Container<'_>) -> String {
     let attrs = &cont.attrs;
-    let table = match &attrs.table {
+    match &attrs.table {
         Some(lit) if lit.value().trim().is_empty() => {
             cx.error_spanned_by(
                 lit,
@@ -34,9 +57,13 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
         }
         Some(lit) => lit.value(),
         None => default_table(&cont.ident.to_string()),
-    };
+    }
+}
 
-    let key = match &attrs.key {
+/// The `key` template: required, with at least one placeholder.
+fn check_key(cx: &mut Ctxt, cont: &Container<'_>, table: &str) -> Option<Template> {
+    let attrs = &cont.attrs;
+    match &attrs.key {
         Some(lit) => {
             let parsed = parse_template(cx, cont, lit);
             if let Some(t) = &parsed
@@ -65,8 +92,12 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
             }
             None
         }
-    };
+    }
+}
 
+/// The `depends` templates: each once, none equal to the key.
+fn check_depends(cx: &mut Ctxt, cont: &Container<'_>) -> Vec<Template> {
+    let attrs = &cont.attrs;
     let mut depends = Vec::new();
     for (i, lit) in attrs.depends.iter().enumerate() {
         let text = lit.value();
@@ -91,17 +122,27 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
             depends.push(t);
         }
     }
+    depends
+}
 
-    let ttl = match &attrs.ttl {
+/// The `ttl`, or the default.
+fn check_ttl(cx: &mut Ctxt, cont: &Container<'_>) -> Duration {
+    match &cont.attrs.ttl {
         Some(lit) => parse_ttl(&lit.value()).unwrap_or_else(|message| {
             cx.error_spanned_by(lit, message);
             DEFAULT_TTL
         }),
         None => DEFAULT_TTL,
-    };
+    }
+}
 
+/// The fields the templates' placeholders name, each once, in order of first use.
+fn used_fields<'a, 't>(
+    cont: &'a Container<'a>,
+    templates: impl Iterator<Item = &'t Template>,
+) -> Vec<&'a crate::ast::Field<'a>> {
     let mut used = Vec::new();
-    for t in key.iter().chain(&depends) {
+    for t in templates {
         for name in t.placeholders() {
             if let Some(field) = cont.field(name)
                 && !used
@@ -112,20 +153,7 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
             }
         }
     }
-    for field in &used {
-        check_type(cx, field.ty, &unraw(field.ident));
-    }
-
-    if cx.has_errors() {
-        return None;
-    }
-    Some(Checked {
-        table,
-        key: key?,
-        depends,
-        ttl,
-        used,
-    })
+    used
 }
 
 /// Parses one template literal and checks its placeholders against the fields.

@@ -99,6 +99,7 @@ impl Template {
 /// assert!(parse("product:<id").is_err());
 /// # Ok::<(), String>(())
 /// ```
+// Long on purpose: one pass over the characters, whose state (segments, current literal) every branch shares.
 pub fn parse(text: &str) -> Result<Template, Vec<String>> {
     let mut errors = Vec::new();
     if text.is_empty() {

@@ -358,78 +358,17 @@ $guard$;
         )
     }
 
+    /// The capture function and triggers of one table, and its `TRUNCATE` trigger.
     fn table_sql(&self, entity: &'static EntityMeta) -> String {
         let table = qualified(entity.table);
         let capture = function_name("capture", entity.table);
-        let truncate = function_name("truncate", entity.table);
-        let templates: Vec<&'static Template> = entity.templates().collect();
-        let mut sql = String::new();
-        let _ = writeln!(
-            sql,
-            "\n-- table {}, entity {}",
-            entity.table, entity.type_name
-        );
-
-        // The capture statements for each event, and the triggers that call the function.
-        let (ins, upd, del, triggers) = match self.mode {
-            TriggerMode::Statement => {
-                let columns = used_columns(entity);
-                let project = if columns.is_empty() {
-                    "1 AS one".to_owned()
-                } else {
-                    columns.join(", ")
-                };
-                let values = templates
-                    .iter()
-                    .map(|t| format!("({})", template_expr(entity, t, "r.")))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let select = |source: &str| {
-                    format!(
-                        "SELECT array_agg(d.k) INTO keys FROM (SELECT DISTINCT t.k COLLATE \"C\" AS k \
-                         FROM ({source}) AS r CROSS JOIN LATERAL (VALUES {values}) AS t(k)) AS d;"
-                    )
-                };
-                (
-                    select(&format!("SELECT {project} FROM new_rows")),
-                    select(&format!(
-                        "SELECT {project} FROM old_rows UNION ALL SELECT {project} FROM new_rows"
-                    )),
-                    select(&format!("SELECT {project} FROM old_rows")),
-                    format!(
-                        "CREATE TRIGGER cache_invalidation_insert AFTER INSERT ON {table}
-  REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
-CREATE TRIGGER cache_invalidation_update AFTER UPDATE ON {table}
-  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
-CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON {table}
-  REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
-"
-                    ),
-                )
-            }
-            TriggerMode::Row => {
-                let array = |rows: &[&str]| {
-                    let exprs: Vec<String> = rows
-                        .iter()
-                        .flat_map(|r| templates.iter().map(move |t| template_expr(entity, t, r)))
-                        .collect();
-                    format!("keys := ARRAY[{}];", exprs.join(", "))
-                };
-                (
-                    array(&["NEW."]),
-                    array(&["OLD.", "NEW."]),
-                    array(&["OLD."]),
-                    format!(
-                        "CREATE TRIGGER cache_invalidation_row AFTER INSERT OR UPDATE OR DELETE ON {table}
-  FOR EACH ROW EXECUTE FUNCTION {capture}();
-"
-                    ),
-                )
-            }
+        let events = match self.mode {
+            TriggerMode::Statement => statement_events(entity, &table, &capture),
+            TriggerMode::Row => row_events(entity, &table, &capture),
         };
-        let _ = write!(
-            sql,
-            "CREATE OR REPLACE FUNCTION {capture}() RETURNS trigger
+        format!(
+            "\n-- table {}, entity {}
+CREATE OR REPLACE FUNCTION {capture}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   keys text[];
@@ -445,18 +384,96 @@ BEGIN
   RETURN NULL;
 END
 $fn$;
-{triggers}",
+{triggers}{truncate}",
+            entity.table,
+            entity.type_name,
+            ins = events.insert,
+            upd = events.update,
+            del = events.delete,
+            triggers = events.triggers,
             emit = fill(EMIT_SQL),
-        );
+            truncate = truncate_sql(entity, &table),
+        )
+    }
+}
 
-        let shapes = templates
+/// The key-collecting statement of a capture function for each event, and the triggers calling it.
+struct Events {
+    insert: String,
+    update: String,
+    delete: String,
+    triggers: String,
+}
+
+/// Statement triggers: one `SELECT DISTINCT` over the transition tables per statement.
+fn statement_events(entity: &EntityMeta, table: &str, capture: &str) -> Events {
+    let columns = used_columns(entity);
+    let project = if columns.is_empty() {
+        "1 AS one".to_owned()
+    } else {
+        columns.join(", ")
+    };
+    let values = entity
+        .templates()
+        .map(|t| format!("({})", template_expr(entity, t, "r.")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let select = |source: &str| {
+        format!(
+            "SELECT array_agg(d.k) INTO keys FROM (SELECT DISTINCT t.k COLLATE \"C\" AS k \
+             FROM ({source}) AS r CROSS JOIN LATERAL (VALUES {values}) AS t(k)) AS d;"
+        )
+    };
+    Events {
+        insert: select(&format!("SELECT {project} FROM new_rows")),
+        update: select(&format!(
+            "SELECT {project} FROM old_rows UNION ALL SELECT {project} FROM new_rows"
+        )),
+        delete: select(&format!("SELECT {project} FROM old_rows")),
+        triggers: format!(
+            "CREATE TRIGGER cache_invalidation_insert AFTER INSERT ON {table}
+  REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
+CREATE TRIGGER cache_invalidation_update AFTER UPDATE ON {table}
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
+CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON {table}
+  REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
+"
+        ),
+    }
+}
+
+/// Row triggers: the keys of `OLD` and `NEW` per row.
+fn row_events(entity: &EntityMeta, table: &str, capture: &str) -> Events {
+    let array = |rows: &[&str]| {
+        let exprs: Vec<String> = rows
             .iter()
-            .map(|t| literal(t.shape()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let _ = write!(
-            sql,
-            "CREATE OR REPLACE FUNCTION {truncate}() RETURNS trigger
+            .flat_map(|r| entity.templates().map(move |t| template_expr(entity, t, r)))
+            .collect();
+        format!("keys := ARRAY[{}];", exprs.join(", "))
+    };
+    Events {
+        insert: array(&["NEW."]),
+        update: array(&["OLD.", "NEW."]),
+        delete: array(&["OLD."]),
+        triggers: format!(
+            "CREATE TRIGGER cache_invalidation_row AFTER INSERT OR UPDATE OR DELETE ON {table}
+  FOR EACH ROW EXECUTE FUNCTION {capture}();
+"
+        ),
+    }
+}
+
+/// The `TRUNCATE` trigger of a table: it writes the shapes of the entity's templates (`product:<>`), so
+/// the store invalidates whole namespaces.
+fn truncate_sql(entity: &EntityMeta, table: &str) -> String {
+    let truncate = function_name("truncate", entity.table);
+    let shapes = entity
+        .templates()
+        .map(|t| literal(t.shape()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "CREATE OR REPLACE FUNCTION {truncate}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   keys text[] := ARRAY[{shapes}];
@@ -468,10 +485,8 @@ $fn$;
 CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON {table}
   FOR EACH STATEMENT EXECUTE FUNCTION {truncate}();
 ",
-            emit = fill(EMIT_SQL),
-        );
-        sql
-    }
+        emit = fill(EMIT_SQL),
+    )
 }
 
 /// Writes `keys` (when not empty) to the outbox; notifies the relay for sessions that are not wrapped.

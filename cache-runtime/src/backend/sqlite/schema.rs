@@ -390,30 +390,42 @@ END;
         new = insert("NEW"),
         old = insert("OLD"),
     );
-    if !keys.is_empty() {
-        let conflicts: Vec<String> = keys
-            .iter()
-            .map(|key| {
-                let equal: Vec<String> = key
-                    .iter()
-                    .map(|c| format!("existing.{0} = NEW.{0}", ident(c)))
-                    .collect();
-                format!("({})", equal.join(" AND "))
-            })
-            .collect();
-        let _ = write!(
-            sql,
-            "CREATE TRIGGER {rep} BEFORE INSERT ON {quoted} FOR EACH ROW BEGIN
+    sql.push_str(&replace_trigger(table, keys, &image));
+    sql
+}
+
+/// The `_replace` trigger (`BEFORE INSERT`) of `table`: captures, with `image`, an existing row whose
+/// own-key columns (one set per entity, `keys`) equal the new row's: the row a `REPLACE` deletes. Empty
+/// when no entity's key has a column.
+fn replace_trigger(
+    table: &str,
+    keys: &BTreeSet<Vec<&'static str>>,
+    image: &dyn Fn(&str) -> String,
+) -> String {
+    if keys.is_empty() {
+        return String::new();
+    }
+    let conflicts: Vec<String> = keys
+        .iter()
+        .map(|key| {
+            let equal: Vec<String> = key
+                .iter()
+                .map(|c| format!("existing.{0} = NEW.{0}", ident(c)))
+                .collect();
+            format!("({})", equal.join(" AND "))
+        })
+        .collect();
+    format!(
+        "CREATE TRIGGER {rep} BEFORE INSERT ON {quoted} FOR EACH ROW BEGIN
   INSERT INTO {OUTBOX} (tbl, image) SELECT {tbl}, {image} FROM {quoted} AS existing WHERE {conflicts};
 END;
 ",
-            rep = ident(&trigger_name(table, "replace")),
-            tbl = literal(table),
-            image = image("existing"),
-            conflicts = conflicts.join(" OR "),
-        );
-    }
-    sql
+        rep = ident(&trigger_name(table, "replace")),
+        quoted = ident(table),
+        tbl = literal(table),
+        image = image("existing"),
+        conflicts = conflicts.join(" OR "),
+    )
 }
 
 /// `cache_invalidation_<table>_<op>` (unquoted; quote it with [`ident`]).
