@@ -60,6 +60,31 @@ fn run_shop(env: &[(&str, &str)], needs: &str) -> String {
         "{stdout}"
     );
     assert!(step(6).contains("price_cents: 2499"), "{stdout}");
+    // Every read, checked here rather than by the example's own verdict: what the cache returned equals
+    // what the database held right after it, and the cache did serve hits (it is not bypassed).
+    let reads: Vec<(&str, &str, &str)> = stdout
+        .lines()
+        .filter_map(|line| line.strip_prefix("  read "))
+        .map(|read| {
+            let (head, rest) = read
+                .split_once(": ")
+                .expect("read line: `key how verdict: value`");
+            let (cached, database) = rest
+                .strip_suffix(')')
+                .and_then(|r| r.split_once(" (database: "))
+                .unwrap_or_else(|| panic!("read line without the database value: {read}"));
+            (head, cached, database)
+        })
+        .collect();
+    assert!(reads.len() >= 15, "{} reads:\n{stdout}", reads.len());
+    for (head, cached, database) in &reads {
+        assert_eq!(cached, database, "stale read ({head}):\n{stdout}");
+    }
+    let hits = reads
+        .iter()
+        .filter(|(head, ..)| head.contains("cache hit"))
+        .count();
+    assert!(hits >= 5, "{hits} cache hits:\n{stdout}");
     assert!(!stdout.contains("STALE"), "{stdout}");
     assert!(
         stdout.contains("every read after every write was fresh."),

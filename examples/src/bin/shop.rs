@@ -474,7 +474,7 @@ where
             self.stale += 1;
             "STALE"
         };
-        println!("  read {key:<20} {how:<28} {ok}: {got:?}");
+        println!("  read {key:<20} {how:<28} {ok}: {got:?} (database: {fresh:?})");
     }
 
     async fn read_product(&mut self, id: i64) -> Result<(), BoxError> {
