@@ -86,6 +86,33 @@ pub enum Error {
         .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n- ")
     )]
     Columns(Vec<ColumnProblem>),
+
+    /// The triggers are installed, but capture is broken on some table: a trigger is missing (the table
+    /// was dropped and created again, or swapped in with `RENAME`, or a partition or child was added after
+    /// the install), disabled (`ALTER TABLE … DISABLE TRIGGER`), or calls another function.
+    #[error(
+        "cache invalidation capture is broken, so writes would leave cached values stale:\n- {}\nRe-install the \
+         triggers from this build (`CachedPool::install_schema()`, `auto_install(true)` on the pool's options, or \
+         apply `PgSchema::new(registry()).sql()` as a migration) and find what removed them",
+        .0.join("\n- ")
+    )]
+    CaptureBroken(Vec<String>),
+
+    /// The connecting role may not use the outbox: its writes would commit, but their keys would never be
+    /// delivered.
+    #[error(
+        "role `{role}` may not use the cache invalidation outbox (missing: {}): its writes would commit but \
+         their keys would never reach the cache. As the role that installed the triggers, run:\n{grant}",
+        .missing.join(", ")
+    )]
+    MissingGrants {
+        /// The connecting role.
+        role: String,
+        /// The schema and functions it may not use.
+        missing: Vec<String>,
+        /// The statements that grant them ([`PgSchema::grant_sql`](crate::backend::postgres::PgSchema::grant_sql)).
+        grant: String,
+    },
 }
 
 /// A table or placeholder column that does not match its entity; see [`Error::Columns`].

@@ -13,6 +13,7 @@ use super::{Backend, ClaimedRows, Rows, TriggerMode, Wake};
 use crate::error::Error;
 use crate::registry::Registry;
 
+mod check;
 mod schema;
 
 pub use schema::PgSchema;
@@ -44,7 +45,7 @@ pub const WRAPPED_SETTING: &str = function!("wrapped");
 pub(crate) const SEEN_SETTING: &str = function!("seen");
 
 /// The version of the generated SQL; an installed schema of another version must be re-installed.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The application name of the relay's `LISTEN` connection (visible in `pg_stat_activity`).
 pub const LISTEN_APPLICATION_NAME: &str = "cache_invalidation_relay";

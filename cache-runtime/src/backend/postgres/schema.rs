@@ -201,12 +201,15 @@ impl<'r> PgSchema<'r> {
     }
 
     /// Checks that the installed schema was generated from this registry (same fingerprint and schema
-    /// version).
+    /// version), that capture is in place on every registered table and each of its partitions and
+    /// inheritance children (each trigger present, `ENABLE ALWAYS`, calling this install's function), and
+    /// that the connecting role may use the outbox. A pool runs it at every connect.
     ///
     /// # Errors
     ///
-    /// [`Error::NotInstalled`], [`Error::FingerprintMismatch`] or [`Error::SchemaVersionMismatch`], each
-    /// saying what to run; [`Error::Database`] when the query fails.
+    /// [`Error::NotInstalled`], [`Error::FingerprintMismatch`], [`Error::SchemaVersionMismatch`],
+    /// [`Error::CaptureBroken`] (naming each table and trigger) or [`Error::MissingGrants`] (with the
+    /// statements to run), each saying what to do; [`Error::Database`] when a query fails.
     ///
     /// # Cancel safety
     ///
@@ -219,9 +222,9 @@ impl<'r> PgSchema<'r> {
         ))
         .fetch_one(&mut *conn)
         .await?;
-        let row: Option<(String, i64)> = if exists {
+        let row: Option<(String, i64, String)> = if exists {
             sqlx::query_as(concat!(
-                "SELECT fingerprint, schema_version::bigint FROM ",
+                "SELECT fingerprint, schema_version::bigint, trigger_mode FROM ",
                 function!("installed")
             ))
             .fetch_optional(&mut *conn)
@@ -229,7 +232,13 @@ impl<'r> PgSchema<'r> {
         } else {
             None
         };
-        check_installed(row, self.registry, SCHEMA_VERSION)
+        let mode = match row.as_ref().map(|r| r.2.as_str()) {
+            Some("row") => TriggerMode::Row,
+            _ => TriggerMode::Statement,
+        };
+        check_installed(row.map(|(f, v, _)| (f, v)), self.registry, SCHEMA_VERSION)?;
+        self.check_triggers(conn, mode).await?;
+        Self::check_grants(conn).await
     }
 
     /// Every table or placeholder column that is missing or has an incompatible type.
@@ -277,7 +286,7 @@ impl<'r> PgSchema<'r> {
     }
 
     /// One entity per table (the registry guarantees entities of one table capture the same keys).
-    fn tables(&self) -> Vec<&'static EntityMeta> {
+    pub(super) fn tables(&self) -> Vec<&'static EntityMeta> {
         let mut out: Vec<&'static EntityMeta> = Vec::new();
         for entity in self.registry.entities() {
             if !out.iter().any(|e| e.table == entity.table) {
@@ -362,9 +371,10 @@ $guard$;
     fn table_sql(&self, entity: &'static EntityMeta) -> String {
         let table = qualified(entity.table);
         let capture = function_name("capture", entity.table);
+        let truncate = function_name("truncate", entity.table);
         let events = match self.mode {
-            TriggerMode::Statement => statement_events(entity, &table, &capture),
-            TriggerMode::Row => row_events(entity, &table, &capture),
+            TriggerMode::Statement => statement_events(entity, &capture),
+            TriggerMode::Row => row_events(entity, &capture),
         };
         format!(
             "\n-- table {}, entity {}
@@ -384,29 +394,111 @@ BEGIN
   RETURN NULL;
 END
 $fn$;
-{triggers}{truncate}",
+{truncate_fn}{triggers}",
             entity.table,
             entity.type_name,
             ins = events.insert,
             upd = events.update,
             del = events.delete,
-            triggers = events.triggers,
             emit = fill(EMIT_SQL),
-            truncate = truncate_sql(entity, &table),
+            truncate_fn = truncate_sql(entity, &truncate),
+            triggers = triggers_sql(&table, &events, &truncate),
         )
     }
 }
 
-/// The key-collecting statement of a capture function for each event, and the triggers calling it.
+/// The triggers of a registered table and of every partition and inheritance child it has now (capture
+/// must see writes addressed to them directly: statement triggers fire only on the table a statement
+/// names), each `ENABLE ALWAYS`, so that they also fire with `session_replication_role = replica`
+/// (`pg_restore`, migration tools, logical-replication apply). Row triggers of a partitioned table are
+/// cloned to its partitions (present and future) by PostgreSQL; inheritance children get their own.
+fn triggers_sql(table: &str, events: &Events, truncate: &str) -> String {
+    let every = format!(
+        "{}CREATE TRIGGER {TRUNCATE_TRIGGER} AFTER TRUNCATE ON @rel@ FOR EACH STATEMENT EXECUTE FUNCTION {truncate}();
+ALTER TABLE @rel@ {};
+",
+        events.statement_triggers,
+        enable_always(events.statement_names.iter().copied().chain([TRUNCATE_TRIGGER])),
+    );
+    let mut sql = every.replace("@rel@", table);
+    let mut not_partitions = String::new();
+    if let Some(row) = &events.row_trigger {
+        let row = format!("{row}ALTER TABLE @rel@ {};\n", enable_always([ROW_TRIGGER]));
+        sql.push_str(&row.replace("@rel@", table));
+        not_partitions = format!(
+            "    IF NOT d.relispartition THEN\n      EXECUTE replace({}, '@rel@', d.rel::text);\n    END IF;\n",
+            literal(&row)
+        );
+    }
+    let _ = write!(
+        sql,
+        "DO $children$
+DECLARE d record;
+BEGIN
+  FOR d IN WITH RECURSIVE tree(relid) AS (
+             SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = {root}::regclass
+             UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid)
+           SELECT tree.relid::regclass AS rel, c.relispartition
+           FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid LOOP
+    EXECUTE replace({every}, '@rel@', d.rel::text);
+{not_partitions}  END LOOP;
+END
+$children$;
+",
+        root = literal(table),
+        every = literal(&every),
+    );
+    sql
+}
+
+/// The triggers each captured relation has in `mode`, with the prefix of the function each calls.
+pub(super) fn trigger_names(mode: TriggerMode) -> Vec<(&'static str, &'static str)> {
+    let capture: &[&'static str] = match mode {
+        TriggerMode::Statement => &STATEMENT_TRIGGERS,
+        TriggerMode::Row => &[ROW_TRIGGER],
+    };
+    capture
+        .iter()
+        .map(|t| (*t, "capture"))
+        .chain([(TRUNCATE_TRIGGER, "truncate")])
+        .collect()
+}
+
+/// `ENABLE ALWAYS TRIGGER a, ENABLE ALWAYS TRIGGER b, …`.
+fn enable_always<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    names
+        .into_iter()
+        .map(|name| format!("ENABLE ALWAYS TRIGGER {name}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The statement triggers of statement mode.
+const STATEMENT_TRIGGERS: [&str; 3] = [
+    "cache_invalidation_insert",
+    "cache_invalidation_update",
+    "cache_invalidation_delete",
+];
+/// The row trigger of row mode.
+const ROW_TRIGGER: &str = "cache_invalidation_row";
+/// The `TRUNCATE` trigger of both modes.
+const TRUNCATE_TRIGGER: &str = "cache_invalidation_truncate";
+
+/// The key-collecting statement of a capture function for each event, and the triggers calling it (on
+/// the relation `@rel@`).
 struct Events {
     insert: String,
     update: String,
     delete: String,
-    triggers: String,
+    /// Statement triggers, created on the table and on each of its partitions and children.
+    statement_triggers: String,
+    statement_names: &'static [&'static str],
+    /// The row trigger, created on the table and its inheritance children (partitions get clones).
+    row_trigger: Option<String>,
 }
 
 /// Statement triggers: one `SELECT DISTINCT` over the transition tables per statement.
-fn statement_events(entity: &EntityMeta, table: &str, capture: &str) -> Events {
+fn statement_events(entity: &EntityMeta, capture: &str) -> Events {
     let columns = used_columns(entity);
     let project = if columns.is_empty() {
         "1 AS one".to_owned()
@@ -430,20 +522,22 @@ fn statement_events(entity: &EntityMeta, table: &str, capture: &str) -> Events {
             "SELECT {project} FROM old_rows UNION ALL SELECT {project} FROM new_rows"
         )),
         delete: select(&format!("SELECT {project} FROM old_rows")),
-        triggers: format!(
-            "CREATE TRIGGER cache_invalidation_insert AFTER INSERT ON {table}
+        statement_triggers: format!(
+            "CREATE TRIGGER cache_invalidation_insert AFTER INSERT ON @rel@
   REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
-CREATE TRIGGER cache_invalidation_update AFTER UPDATE ON {table}
+CREATE TRIGGER cache_invalidation_update AFTER UPDATE ON @rel@
   REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
-CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON {table}
+CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON @rel@
   REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
 "
         ),
+        statement_names: &STATEMENT_TRIGGERS,
+        row_trigger: None,
     }
 }
 
 /// Row triggers: the keys of `OLD` and `NEW` per row.
-fn row_events(entity: &EntityMeta, table: &str, capture: &str) -> Events {
+fn row_events(entity: &EntityMeta, capture: &str) -> Events {
     let array = |rows: &[&str]| {
         let exprs: Vec<String> = rows
             .iter()
@@ -455,18 +549,19 @@ fn row_events(entity: &EntityMeta, table: &str, capture: &str) -> Events {
         insert: array(&["NEW."]),
         update: array(&["OLD.", "NEW."]),
         delete: array(&["OLD."]),
-        triggers: format!(
-            "CREATE TRIGGER cache_invalidation_row AFTER INSERT OR UPDATE OR DELETE ON {table}
+        statement_triggers: String::new(),
+        statement_names: &[],
+        row_trigger: Some(format!(
+            "CREATE TRIGGER {ROW_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON @rel@
   FOR EACH ROW EXECUTE FUNCTION {capture}();
 "
-        ),
+        )),
     }
 }
 
-/// The `TRUNCATE` trigger of a table: it writes the shapes of the entity's templates (`product:<>`), so
-/// the store invalidates whole namespaces.
-fn truncate_sql(entity: &EntityMeta, table: &str) -> String {
-    let truncate = function_name("truncate", entity.table);
+/// The `TRUNCATE` capture function of a table: it writes the shapes of the entity's templates
+/// (`product:<>`), so the store invalidates whole namespaces.
+fn truncate_sql(entity: &EntityMeta, truncate: &str) -> String {
     let shapes = entity
         .templates()
         .map(|t| literal(t.shape()))
@@ -482,8 +577,6 @@ BEGIN
   RETURN NULL;
 END
 $fn$;
-CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON {table}
-  FOR EACH STATEMENT EXECUTE FUNCTION {truncate}();
 ",
         emit = fill(EMIT_SQL),
     )
@@ -509,7 +602,7 @@ BEGIN
            FROM pg_catalog.pg_trigger t
            JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
            JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = '@schema@' AND NOT t.tgisinternal LOOP
+           WHERE n.nspname = '@schema@' AND NOT t.tgisinternal AND t.tgparentid = 0 LOOP
     EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
   END LOOP;
   FOR r IN SELECT p.oid::regprocedure::text AS f
@@ -524,7 +617,7 @@ $drop$;
 /// The functions a client of the outbox calls (the commit path, the relay, the recovery after an outage).
 /// They are `SECURITY DEFINER` and can delete outbox rows, so only the installing role and the roles
 /// granted with [`PgSchema::grant_sql`] may execute them.
-const CLIENT_FUNCTIONS: &[&str] = &[
+pub(super) const CLIENT_FUNCTIONS: &[&str] = &[
     function!("transaction_keys()"),
     function!("session_keys()"),
     function!("claim_rows(integer, interval, bigint)"),
@@ -668,12 +761,12 @@ fn kind_types(kind: PartKind) -> &'static str {
 }
 
 /// `<schema>.<prefix>_<hash of the table>`: stable, short, collision-free in practice.
-fn function_name(prefix: &str, table: &str) -> String {
+pub(super) fn function_name(prefix: &str, table: &str) -> String {
     format!("{SCHEMA}.{prefix}_{:016x}", fnv1a64(table.as_bytes()))
 }
 
 /// A table name as written in the entity (`products` or `shop.products`), quoted.
-fn qualified(table: &str) -> String {
+pub(super) fn qualified(table: &str) -> String {
     match table.split_once('.') {
         Some((schema, name)) => format!("{}.{}", ident(schema), ident(name)),
         None => ident(table),
