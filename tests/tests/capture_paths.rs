@@ -1,0 +1,400 @@
+//! Every way PostgreSQL can write a registered row, tried as a deployment would: writes addressed to a
+//! partition or an inheritance child, writes in `session_replication_role = replica` (what `pg_restore` and
+//! logical-replication apply use), and the DDL that silently removes capture (`DISABLE TRIGGER`, a table
+//! dropped and created again, a partition attached after the install), which a pool must refuse at
+//! connect. Each write test asserts the next read through the cache returns the database's value: at once
+//! for writes through the pool, within the relay bound for other clients.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::time::{Duration, Instant};
+
+use cache_runtime::backend::postgres::PgSchema;
+use cache_runtime::{CachedEntity, CachedPgPool, Error, MemoryStore, Registry, key};
+use sqlx::PgPool;
+use tests::TestDb;
+use tests::model::Product;
+
+/// How long a write of another client may take to reach the cache (relay `NOTIFY`, with slack for a
+/// loaded two-core machine).
+const RELAY_BOUND: Duration = Duration::from_secs(3);
+
+fn registry() -> Registry {
+    Registry::new([Product::META])
+}
+
+/// `products` partitioned by id (partitions `products_low` and `products_high`), seeded.
+const PARTITIONED: &str = "
+CREATE TABLE products (id bigint, category_id bigint NOT NULL, name text NOT NULL, price_cents bigint NOT NULL)
+  PARTITION BY RANGE (id);
+CREATE TABLE products_low PARTITION OF products FOR VALUES FROM (0) TO (100);
+CREATE TABLE products_high PARTITION OF products FOR VALUES FROM (100) TO (200);
+INSERT INTO products VALUES (1, 1, 'lamp', 100), (150, 2, 'chair', 200);
+";
+
+/// `products` with an inheritance child `products_archive`, seeded in both.
+const INHERITED: &str = "
+CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+  price_cents bigint NOT NULL);
+CREATE TABLE products_archive (archived_at timestamptz) INHERITS (products);
+INSERT INTO products VALUES (1, 1, 'lamp', 100);
+INSERT INTO products_archive (id, category_id, name, price_cents) VALUES (150, 2, 'chair', 200);
+";
+
+struct Shop {
+    _db: TestDb,
+    admin: PgPool,
+    pool: CachedPgPool,
+}
+
+impl Shop {
+    /// A database with `tables`, capture installed by a pool (relay running, in-process store).
+    async fn new(hint: &str, tables: &str) -> Self {
+        let db = TestDb::create(hint).await;
+        let admin = db.pool().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(tables.to_owned()))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let pool = CachedPgPool::options()
+            .registry(registry())
+            .auto_install(true)
+            .connect(&db.url, MemoryStore::default())
+            .await
+            .unwrap();
+        Self {
+            _db: db,
+            admin,
+            pool,
+        }
+    }
+
+    /// The price of product `id`, read through the cache (loaded from the database on a miss).
+    async fn cached_price(&self, id: i64) -> Option<i64> {
+        let pool = self.pool.sqlx_pool();
+        self.pool
+            .cache()
+            .get_or_load(key!("product:<id>", id), || async {
+                sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await
+            })
+            .await
+            .unwrap()
+    }
+
+    /// The price in the database.
+    async fn price(&self, id: i64) -> Option<i64> {
+        sqlx::query_scalar("SELECT price_cents FROM products WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.admin)
+            .await
+            .unwrap()
+    }
+
+    /// Caches products `ids` and checks the cache then serves them (a write to the database alone would
+    /// not show).
+    async fn warm(&self, ids: &[i64]) {
+        for &id in ids {
+            let price = self.cached_price(id).await;
+            assert_eq!(price, self.price(id).await);
+            let hits = self.pool.cache().stats().hits;
+            assert_eq!(self.cached_price(id).await, price);
+            assert_eq!(
+                self.pool.cache().stats().hits,
+                hits + 1,
+                "product {id} is cached"
+            );
+        }
+    }
+
+    /// Asserts that a read through the cache returns the database's value now.
+    async fn fresh_now(&self, id: i64, what: &str) {
+        assert_eq!(
+            self.cached_price(id).await,
+            self.price(id).await,
+            "{what}: the write through the pool was not invalidated before it returned"
+        );
+    }
+
+    /// Asserts that a read through the cache returns the database's value within the relay bound.
+    async fn fresh_within_bound(&self, id: i64, what: &str) {
+        let start = Instant::now();
+        loop {
+            let (cached, stored) = (self.cached_price(id).await, self.price(id).await);
+            if cached == stored {
+                return;
+            }
+            assert!(
+                start.elapsed() < RELAY_BOUND,
+                "{what}: product {id} still reads {cached:?} from the cache, the database has {stored:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What connecting a new pool to this database says.
+    async fn connect_again(&self) -> Result<CachedPgPool, Error> {
+        let options = self.pool.sqlx_pool().connect_options();
+        CachedPgPool::options()
+            .registry(registry())
+            .run_relay(false)
+            .connect_with((*options).clone(), MemoryStore::default())
+            .await
+    }
+}
+
+#[tokio::test]
+async fn writes_addressed_to_a_partition_are_captured() {
+    let shop = Shop::new("partition", PARTITIONED).await;
+    shop.warm(&[1, 150]).await;
+    sqlx::query("UPDATE products_low SET price_cents = 101 WHERE id = 1")
+        .execute(&shop.pool)
+        .await
+        .unwrap();
+    shop.fresh_now(1, "UPDATE of a partition through the pool")
+        .await;
+    sqlx::query("UPDATE products_high SET price_cents = 201 WHERE id = 150")
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    shop.fresh_within_bound(150, "UPDATE of a partition by another client")
+        .await;
+    shop.warm(&[150]).await;
+    sqlx::query("DELETE FROM products_high WHERE id = 150")
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    shop.fresh_within_bound(150, "DELETE from a partition by another client")
+        .await;
+    shop.warm(&[1]).await;
+    sqlx::query("TRUNCATE products_low")
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    shop.fresh_within_bound(1, "TRUNCATE of a partition").await;
+}
+
+#[tokio::test]
+async fn a_partition_attached_after_the_install_is_refused_until_capture_is_reinstalled() {
+    let shop = Shop::new("late_partition", PARTITIONED).await;
+    sqlx::raw_sql(
+        "CREATE TABLE products_more PARTITION OF products FOR VALUES FROM (200) TO (300);
+         INSERT INTO products VALUES (250, 3, 'desk', 300);",
+    )
+    .execute(&shop.admin)
+    .await
+    .unwrap();
+    match shop.connect_again().await {
+        Err(Error::CaptureBroken(problems)) => assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("products_more has no trigger cache_invalidation_")),
+            "{problems:?}"
+        ),
+        other => panic!("expected CaptureBroken, got {other:?}"),
+    }
+    shop.pool.install_schema().await.unwrap();
+    shop.connect_again().await.unwrap();
+    shop.warm(&[250]).await;
+    sqlx::query("UPDATE products_more SET price_cents = 301 WHERE id = 250")
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    shop.fresh_within_bound(250, "UPDATE of the new partition")
+        .await;
+}
+
+#[tokio::test]
+async fn writes_to_an_inheritance_child_are_captured() {
+    let shop = Shop::new("inherit", INHERITED).await;
+    shop.warm(&[1, 150]).await;
+    sqlx::query("UPDATE products_archive SET price_cents = 201 WHERE id = 150")
+        .execute(&shop.pool)
+        .await
+        .unwrap();
+    shop.fresh_now(150, "UPDATE of an inheritance child through the pool")
+        .await;
+    shop.warm(&[150]).await;
+    sqlx::query("DELETE FROM products_archive WHERE id = 150")
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    shop.fresh_within_bound(150, "DELETE from an inheritance child by another client")
+        .await;
+    // Through the parent, the child's rows are captured by the parent's trigger.
+    sqlx::query(
+        "INSERT INTO products_archive (id, category_id, name, price_cents) VALUES (151, 2, 'x', 1)",
+    )
+    .execute(&shop.pool)
+    .await
+    .unwrap();
+    shop.warm(&[1, 151]).await;
+    sqlx::query("UPDATE products SET price_cents = price_cents + 1")
+        .execute(&shop.pool)
+        .await
+        .unwrap();
+    shop.fresh_now(1, "UPDATE of the parent").await;
+    shop.fresh_now(151, "UPDATE of the parent, row in the child")
+        .await;
+}
+
+#[tokio::test]
+async fn writes_in_replica_mode_are_captured() {
+    let shop = Shop::new("replica_role", INHERITED).await;
+    shop.warm(&[1]).await;
+    let mut conn = shop.admin.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "SET session_replication_role = replica;
+         UPDATE products SET price_cents = 111 WHERE id = 1;
+         RESET session_replication_role;",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    shop.fresh_within_bound(1, "UPDATE with session_replication_role = replica")
+        .await;
+    // Through the pool too (a migration tool run on the application's pool).
+    shop.warm(&[1]).await;
+    let mut tx = shop.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE products SET price_cents = 112 WHERE id = 1")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    shop.fresh_now(1, "a replica-mode transaction through the pool")
+        .await;
+}
+
+#[tokio::test]
+async fn disabled_triggers_are_refused_at_connect() {
+    let shop = Shop::new("disabled", PARTITIONED).await;
+    sqlx::query("ALTER TABLE products_low DISABLE TRIGGER ALL")
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    match shop.connect_again().await {
+        Err(Error::CaptureBroken(problems)) => {
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains("on products_low is disabled")),
+                "{problems:?}"
+            );
+            let message = Error::CaptureBroken(problems).to_string();
+            assert!(message.contains("install_schema()"), "{message}");
+        }
+        other => panic!("expected CaptureBroken, got {other:?}"),
+    }
+    // `ENABLE` (not `ENABLE ALWAYS`) would stop capture in replica mode: refused too.
+    sqlx::query("ALTER TABLE products_low ENABLE TRIGGER ALL")
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    match shop.connect_again().await {
+        Err(Error::CaptureBroken(problems)) => assert!(
+            problems.iter().any(|p| p.contains("not ENABLE ALWAYS")),
+            "{problems:?}"
+        ),
+        other => panic!("expected CaptureBroken, got {other:?}"),
+    }
+    shop.pool.install_schema().await.unwrap();
+    shop.connect_again().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_table_dropped_and_created_again_is_refused_at_connect() {
+    let shop = Shop::new("recreated", INHERITED).await;
+    sqlx::raw_sql(
+        "DROP TABLE products CASCADE;
+         CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+           price_cents bigint NOT NULL);",
+    )
+    .execute(&shop.admin)
+    .await
+    .unwrap();
+    match shop.connect_again().await {
+        Err(Error::CaptureBroken(problems)) => assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("products has no trigger cache_invalidation_update")),
+            "{problems:?}"
+        ),
+        other => panic!("expected CaptureBroken, got {other:?}"),
+    }
+    // A rebuilt table swapped in with RENAME is the same case.
+    shop.pool.install_schema().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE products_new (LIKE products INCLUDING ALL);
+         ALTER TABLE products RENAME TO products_old;
+         ALTER TABLE products_new RENAME TO products;",
+    )
+    .execute(&shop.admin)
+    .await
+    .unwrap();
+    assert!(
+        matches!(shop.connect_again().await, Err(Error::CaptureBroken(_))),
+        "a swapped-in table without triggers"
+    );
+}
+
+#[tokio::test]
+async fn a_role_without_the_outbox_grants_is_refused_at_connect() {
+    let shop = Shop::new("grants", INHERITED).await;
+    let role = format!("app_{}", std::process::id());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON products TO {role};"
+    )))
+    .execute(&shop.admin)
+    .await
+    .unwrap();
+    let options = (*shop.pool.sqlx_pool().connect_options())
+        .clone()
+        .username(&role);
+    let connect = || {
+        CachedPgPool::options()
+            .registry(registry())
+            .run_relay(false)
+            .connect_with(options.clone(), MemoryStore::default())
+    };
+    let result = connect().await;
+    let grant = PgSchema::grant_sql(&role);
+    match &result {
+        Err(Error::MissingGrants {
+            role: r,
+            missing,
+            grant: g,
+        }) => {
+            assert_eq!(r, &role);
+            assert!(
+                missing.contains(&"EXECUTE on cache_invalidation.transaction_keys()".to_owned()),
+                "{missing:?}"
+            );
+            assert_eq!(g, &grant);
+            assert!(result.as_ref().unwrap_err().to_string().contains(&grant));
+        }
+        other => panic!("expected MissingGrants, got {other:?}"),
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(grant))
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    let pool = connect().await.unwrap();
+    sqlx::query("UPDATE products SET price_cents = 5 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {role}; DROP ROLE {role};"
+    )))
+    .execute(&shop.admin)
+    .await
+    .unwrap();
+}
