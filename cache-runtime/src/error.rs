@@ -143,6 +143,12 @@ pub enum Problem {
         /// The SQL types that would fit.
         expected: &'static str,
     },
+    /// The column compares case-insensitively (`citext`, or a non-deterministic collation): equal values
+    /// can be spelled differently, and a key rendered from one spelling misses readers using another.
+    CaseInsensitive {
+        /// The column's SQL type and collation.
+        found: String,
+    },
 }
 
 impl fmt::Display for ColumnProblem {
@@ -164,6 +170,13 @@ impl fmt::Display for ColumnProblem {
                 f,
                 "column `{}.{column}` (entity `{}`) has type {found}, but its field renders as {expected}: change \
                  the column type or the field type",
+                self.table, self.entity
+            ),
+            Problem::CaseInsensitive { found } => write!(
+                f,
+                "column `{}.{column}` (entity `{}`) is {found}, which compares case-insensitively: a key rendered from \
+                 one spelling would miss readers of another, who would stay stale. Key on a text column with a \
+                 deterministic collation, e.g. a generated column `lower(...)`, and look it up lower-cased",
                 self.table, self.entity
             ),
         }

@@ -398,3 +398,56 @@ async fn a_role_without_the_outbox_grants_is_refused_at_connect() {
     .await
     .unwrap();
 }
+
+/// A placeholder on a case-insensitive column (`citext`, or a non-deterministic collation) is refused at
+/// install: a key rendered from one spelling would miss readers using another.
+#[tokio::test]
+async fn case_insensitive_placeholder_columns_are_refused_at_install() {
+    use cache_runtime::error::Problem;
+
+    #[derive(CachedEntity)]
+    #[cached_entity(table = "handles", key = "handle:<name>")]
+    #[allow(dead_code)] // only its metadata is used
+    struct Handle {
+        name: String,
+    }
+
+    for (hint, column) in [
+        ("citext", "name citext"),
+        ("nondeterministic", "name text COLLATE case_insensitive"),
+    ] {
+        let db = TestDb::create(hint).await;
+        let admin = db.pool().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE EXTENSION citext;
+             CREATE COLLATION case_insensitive (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+             CREATE TABLE handles ({column});"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("{hint}: needs the citext extension and ICU collations: {e}"));
+        let registry = Registry::new([Handle::META]);
+        let mut conn = admin.acquire().await.unwrap();
+        match PgSchema::new(&registry).install(&mut conn).await {
+            Err(Error::Columns(problems)) => {
+                assert!(
+                    matches!(&problems[0].problem, Problem::CaseInsensitive { .. }),
+                    "{hint}: {problems:?}"
+                );
+                let message = problems[0].to_string();
+                assert!(message.contains("case-insensitively"), "{message}");
+            }
+            other => panic!("{hint}: expected a column problem, got {other:?}"),
+        }
+        // The exported script refuses it too (a migration applied by hand).
+        let sql = PgSchema::new(&registry).sql();
+        let error = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .expect_err("the script refuses the column");
+        assert!(
+            error.to_string().contains("case-insensitive"),
+            "{hint}: {error}"
+        );
+    }
+}

@@ -259,6 +259,9 @@ impl<'r> PgSchema<'r> {
                 let problem = match found.as_str() {
                     "no table" => Problem::MissingTable,
                     "no column" => Problem::MissingColumn,
+                    _ if found.starts_with("case-insensitive ") => Problem::CaseInsensitive {
+                        found: found["case-insensitive ".len()..].to_owned(),
+                    },
                     _ => Problem::IncompatibleType {
                         found,
                         expected: self.kind_of(&entity, column.as_deref()),
@@ -325,6 +328,12 @@ impl<'r> PgSchema<'r> {
             "SELECT c.entity, c.tbl, c.col,
                     CASE WHEN to_regclass(c.tbl_q) IS NULL THEN 'no table'
                          WHEN a.attname IS NULL THEN 'no column'
+                         WHEN c.kind = 'text' AND (bt.typname = 'citext' OR NOT coalesce(
+                                (SELECT co.collisdeterministic FROM pg_catalog.pg_collation co
+                                 WHERE co.oid = a.attcollation), true))
+                           THEN 'case-insensitive ' || format_type(a.atttypid, a.atttypmod)
+                              || coalesce(' COLLATE ' || (SELECT quote_ident(co.collname) FROM pg_catalog.pg_collation co
+                                 WHERE co.oid = a.attcollation AND NOT co.collisdeterministic), '')
                          ELSE format_type(a.atttypid, a.atttypmod) END AS found
              FROM (VALUES {}) AS c(entity, tbl, tbl_q, col, kind)
              LEFT JOIN pg_catalog.pg_attribute a
@@ -336,7 +345,9 @@ impl<'r> PgSchema<'r> {
                 OR (to_regclass(c.tbl_q) IS NOT NULL AND c.col IS NOT NULL AND (a.attname IS NULL OR NOT (
                       (c.kind = 'int' AND bt.typname IN ('int2', 'int4', 'int8'))
                    OR (c.kind = 'bool' AND bt.typname = 'bool')
-                   OR (c.kind = 'text' AND bt.typname IN ('text', 'varchar', 'uuid', 'name', 'citext')))))
+                   OR (c.kind = 'text' AND bt.typname IN ('text', 'varchar', 'uuid', 'name')
+                       AND coalesce((SELECT co.collisdeterministic FROM pg_catalog.pg_collation co
+                                     WHERE co.oid = a.attcollation), true)))))
              ORDER BY c.tbl, c.col NULLS FIRST, c.entity",
             values.join(",\n")
         ))
@@ -357,6 +368,8 @@ BEGIN
       RAISE EXCEPTION 'cache invalidation: table % (entity %) does not exist; create it before installing the triggers, or fix `table = ...` of the entity', p.tbl, p.entity;
     ELSIF p.found = 'no column' THEN
       RAISE EXCEPTION 'cache invalidation: table % has no column % used by a key template of entity %; add the column or fix the placeholder / #[sqlx(rename)]', p.tbl, p.col, p.entity;
+    ELSIF p.found LIKE 'case-insensitive %' THEN
+      RAISE EXCEPTION 'cache invalidation: column %.% (entity %) is %: equal values can be spelled differently, so a key rendered from one spelling would miss readers of another; key on a text column with a deterministic collation (e.g. a generated column lower(...))', p.tbl, p.col, p.entity, p.found;
     ELSE
       RAISE EXCEPTION 'cache invalidation: column %.% (entity %) has type %, which cannot render like its Rust field; use an integer, boolean, text or uuid column', p.tbl, p.col, p.entity, p.found;
     END IF;
@@ -756,7 +769,7 @@ fn kind_types(kind: PartKind) -> &'static str {
     match kind {
         PartKind::Int => "smallint, integer or bigint",
         PartKind::Bool => "boolean",
-        PartKind::Text => "text, varchar, uuid, name or citext",
+        PartKind::Text => "text, varchar, uuid or name (with a deterministic collation)",
     }
 }
 
