@@ -451,3 +451,46 @@ async fn case_insensitive_placeholder_columns_are_refused_at_install() {
         );
     }
 }
+
+/// A write made by a `DEFERRABLE INITIALLY DEFERRED` constraint trigger runs during `COMMIT`: the keys a
+/// `CachedTransaction` reads before its `COMMIT` include it.
+#[tokio::test]
+async fn writes_of_deferred_constraint_triggers_are_delivered_by_the_commit() {
+    let shop = Shop::new("deferred", INHERITED).await;
+    sqlx::raw_sql(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, product_id bigint NOT NULL);
+         CREATE FUNCTION count_order() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           UPDATE products SET price_cents = price_cents + 1 WHERE id = NEW.product_id;
+           RETURN NULL;
+         END $$;
+         CREATE CONSTRAINT TRIGGER count_order AFTER INSERT ON orders DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION count_order();",
+    )
+    .execute(&shop.admin)
+    .await
+    .unwrap();
+    shop.warm(&[1]).await;
+    let mut tx = shop.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO orders VALUES (1, 1)")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    shop.fresh_now(1, "a write of a deferred constraint trigger").await;
+    // A deferred check that fails still fails the commit, and nothing is published.
+    sqlx::raw_sql(
+        "CREATE TABLE limits (id bigint PRIMARY KEY, product_id bigint NOT NULL REFERENCES products (id)
+           DEFERRABLE INITIALLY DEFERRED);",
+    )
+    .execute(&shop.admin)
+    .await
+    .unwrap();
+    let mut tx = shop.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO limits VALUES (1, 999)")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    let error = tx.commit().await.expect_err("the deferred foreign key fails");
+    assert!(error.to_string().contains("foreign key"), "{error}");
+}

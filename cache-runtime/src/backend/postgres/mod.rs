@@ -101,12 +101,23 @@ impl Backend for Postgres {
         _state: &'a (),
         in_transaction: bool,
     ) -> BoxFuture<'a, Result<Rows, sqlx::Error>> {
-        let sql = if in_transaction {
-            concat!("SELECT id, keys FROM ", function!("transaction_keys()"))
-        } else {
-            concat!("SELECT id, keys FROM ", function!("session_keys()"))
-        };
-        Box::pin(sqlx::query_as(sql).fetch_all(conn))
+        if !in_transaction {
+            let sql = concat!("SELECT id, keys FROM ", function!("session_keys()"));
+            return Box::pin(sqlx::query_as(sql).fetch_all(conn));
+        }
+        // Before `COMMIT`: fire the deferred constraint triggers now, so that the rows they write are read
+        // too (one simple-protocol round trip for both statements, as the read alone costs).
+        Box::pin(async move {
+            use sqlx::Row as _;
+            let sql = concat!(
+                "SET CONSTRAINTS ALL IMMEDIATE; SELECT id, keys FROM ",
+                function!("transaction_keys()")
+            );
+            let rows = sqlx::raw_sql(sql).fetch_all(conn).await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                .collect()
+        })
     }
 
     fn invalidated(_state: &(), _ids: &[i64]) {}
