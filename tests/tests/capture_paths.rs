@@ -477,7 +477,8 @@ async fn writes_of_deferred_constraint_triggers_are_delivered_by_the_commit() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    shop.fresh_now(1, "a write of a deferred constraint trigger").await;
+    shop.fresh_now(1, "a write of a deferred constraint trigger")
+        .await;
     // A deferred check that fails still fails the commit, and nothing is published.
     sqlx::raw_sql(
         "CREATE TABLE limits (id bigint PRIMARY KEY, product_id bigint NOT NULL REFERENCES products (id)
@@ -491,6 +492,81 @@ async fn writes_of_deferred_constraint_triggers_are_delivered_by_the_commit() {
         .execute(&mut tx)
         .await
         .unwrap();
-    let error = tx.commit().await.expect_err("the deferred foreign key fails");
+    let error = tx
+        .commit()
+        .await
+        .expect_err("the deferred foreign key fails");
     assert!(error.to_string().contains("foreign key"), "{error}");
+}
+
+/// One statement changing `rows` rows through the pool, on Redis: the call returns with every key
+/// invalidated (delivered in bounded chunks), the read gate open, the outbox drained.
+async fn huge_update(rows: i64) {
+    let db = TestDb::create("huge").await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+           price_cents bigint NOT NULL);
+         INSERT INTO products SELECT i, i % 10, 'p' || i, 100 FROM generate_series(1, {rows}) AS i;"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let prefix = tests::TestPrefix::create("huge").await;
+    let store = cache_runtime::RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
+        .await
+        .unwrap();
+    let pool = CachedPgPool::options()
+        .registry(registry())
+        .auto_install(true)
+        .connect(&db.url, store)
+        .await
+        .unwrap();
+    let sample = [1, rows / 2, rows];
+    for id in sample {
+        let price: Option<i64> = pool
+            .cache()
+            .get_or_load(key!("product:<id>", id), || async {
+                Ok::<_, std::io::Error>(Some(100))
+            })
+            .await
+            .unwrap();
+        assert_eq!(price, Some(100));
+        assert!(prefix.exists(&format!("product:{id}")).await);
+    }
+    let start = Instant::now();
+    sqlx::query("UPDATE products SET price_cents = price_cents + 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    eprintln!(
+        "UPDATE of {rows} rows through the pool, {} keys: {took:?}",
+        rows + 10
+    );
+    for id in sample {
+        assert!(
+            !prefix.exists(&format!("product:{id}")).await,
+            "product:{id} still cached after the call returned"
+        );
+    }
+    assert!(!pool.cache().gate_closed(), "the read gate stays open");
+    let start = Instant::now();
+    while pool.relay().backlog().await.unwrap().depth > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the outbox row is deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_statement_changing_100k_rows_is_delivered_when_it_returns() {
+    huge_update(100_000).await;
+}
+
+#[tokio::test]
+async fn a_statement_changing_1m_rows_is_delivered_when_it_returns() {
+    huge_update(1_000_000).await;
 }

@@ -97,6 +97,10 @@ impl RelayConfig {
     }
 }
 
+/// Keys per store call of a delivery: small enough for one call to fit in the store timeout on a loaded
+/// machine (10,000 keys: ~10 ms on loopback Redis), large enough for few round trips.
+const INVALIDATE_CHUNK: usize = 10_000;
+
 /// A database's outbox and the store it is delivered to: shared by a pool's commit path and its relay.
 pub(crate) struct Outbox<DB: Backend> {
     pub(crate) pool: Pool<DB>,
@@ -121,12 +125,14 @@ impl<DB: Backend> Outbox<DB> {
         let (ids, keys) = split(rows);
         tracing::Span::current().record("rows", ids.len());
         tracing::Span::current().record("keys", keys.len());
-        if !keys.is_empty() {
-            let span = tracing::debug_span!("cache.invalidate", path, keys = keys.len());
+        // In chunks, each bounded by the store timeout: one statement can change a million rows, and its
+        // keys must reach the store however long all of them take (a rejected chunk is retried whole).
+        for chunk in keys.chunks(INVALIDATE_CHUNK) {
+            let span = tracing::debug_span!("cache.invalidate", path, keys = chunk.len());
             let result = self
                 .guarded
                 .call("invalidate", self.config.store_timeout, |store| {
-                    store.invalidate(&keys)
+                    store.invalidate(chunk)
                 })
                 .instrument(span)
                 .await;
@@ -137,7 +143,7 @@ impl<DB: Backend> Outbox<DB> {
                 }
                 return Err(error);
             }
-            observe::invalidations_sent(path, keys.len());
+            observe::invalidations_sent(path, chunk.len());
         }
         DB::invalidated(&self.state, &ids);
         Ok((ids, keys.len()))
