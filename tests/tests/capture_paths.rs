@@ -570,3 +570,24 @@ async fn a_statement_changing_100k_rows_is_delivered_when_it_returns() {
 async fn a_statement_changing_1m_rows_is_delivered_when_it_returns() {
     huge_update(1_000_000).await;
 }
+
+/// An autocommit statement whose text the write classifier used to misread (the word before `UPDATE` is
+/// `key`, as in `FOR NO KEY UPDATE`) is delivered before the call returns.
+#[tokio::test]
+async fn a_cte_ending_in_key_before_update_is_delivered_when_it_returns() {
+    let shop = Shop::new("classifier", INHERITED).await;
+    sqlx::raw_sql("CREATE TABLE settings (key text PRIMARY KEY, v bigint); INSERT INTO settings VALUES ('price', 7);")
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    shop.warm(&[1]).await;
+    sqlx::query(
+        "WITH s AS (SELECT v FROM settings WHERE key = $1) UPDATE products SET price_cents = s.v FROM s WHERE id = 1",
+    )
+    .bind("price")
+    .execute(&shop.pool)
+    .await
+    .unwrap();
+    shop.fresh_now(1, "a CTE whose last word before UPDATE is `key`")
+        .await;
+}

@@ -44,7 +44,10 @@ pub(crate) fn may_write(sql: &str) -> bool {
                     }
                 }
             }
-            b'\'' => i = skip_string(b, i, false),
+            b'\'' => {
+                i = skip_string(b, i, false);
+                previous = None;
+            }
             b'"' => {
                 i += 1;
                 while i < b.len() {
@@ -58,8 +61,12 @@ pub(crate) fn may_write(sql: &str) -> bool {
                     i += 1;
                 }
                 i += 1;
+                previous = None;
             }
-            b'$' => i = skip_dollar(b, i),
+            b'$' => {
+                i = skip_dollar(b, i);
+                previous = None;
+            }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
                 while i < b.len()
@@ -87,7 +94,14 @@ pub(crate) fn may_write(sql: &str) -> bool {
                 }
                 previous = Some(word);
             }
-            _ => i += 1,
+            // Anything but white space between two words: `FOR`/`KEY` before `UPDATE` no longer make a
+            // locking clause (`… WHERE key = $1) UPDATE items …` writes).
+            c => {
+                if !c.is_ascii_whitespace() {
+                    previous = None;
+                }
+                i += 1;
+            }
         }
     }
     false
@@ -158,6 +172,11 @@ mod tests {
             "SELECT * FROM t FOR UPDATE; DELETE FROM t",
             "REPLACE INTO t (id) VALUES (1)",
             "INSERT OR REPLACE INTO t (id) VALUES (1)",
+            "WITH s AS (SELECT v FROM settings WHERE key = $1) UPDATE items SET v = s.v FROM s",
+            "WITH s AS (SELECT v FROM settings WHERE key = 'k') UPDATE items SET v = s.v FROM s",
+            "WITH s AS (SELECT key FROM settings) UPDATE items SET v = 1",
+            "WITH s AS (SELECT v FROM settings FOR UPDATE) UPDATE items SET v = 1",
+            "SELECT 1 AS \"for\"; UPDATE t SET a = 1",
         ] {
             assert!(may_write(sql), "{sql}");
         }
@@ -177,8 +196,127 @@ mod tests {
             "/* UPDATE */ VALUES (1)",
             "SELECT replace(name, 'a', 'b') FROM t",
             "SELECT REPLACE (name, 'a', 'b') FROM t",
+            "SELECT * FROM t FOR /* lock */ UPDATE",
+            "SELECT * FROM t FOR\n  NO KEY\tUPDATE",
         ] {
             assert!(!may_write(sql), "{sql}");
+        }
+    }
+
+    mod corpus {
+        use proptest::prelude::*;
+
+        use super::may_write;
+
+        /// Writing statements, as words and punctuation to be spelled oddly.
+        const WRITES: &[&[&str]] = &[
+            &["INSERT", "INTO", "t", "VALUES", "(", "1", ")"],
+            &["UPDATE", "t", "SET", "a", "=", "1"],
+            &["DELETE", "FROM", "t", "WHERE", "key", "=", "$1"],
+            &[
+                "WITH", "s", "AS", "(", "SELECT", "v", "FROM", "c", "WHERE", "key", "=", "$1", ")",
+                "UPDATE", "t", "SET", "a", "=", "s", ".", "v", "FROM", "s",
+            ],
+            &[
+                "WITH", "s", "AS", "(", "SELECT", "*", "FROM", "c", "FOR", "UPDATE", ")", "DELETE",
+                "FROM", "t",
+            ],
+            &[
+                "SELECT", "1", ";", "MERGE", "INTO", "t", "USING", "s", "ON", "true", "WHEN",
+                "MATCHED", "THEN", "DELETE",
+            ],
+            &[
+                "WITH",
+                "x",
+                "AS",
+                "(",
+                "UPDATE",
+                "t",
+                "SET",
+                "a",
+                "=",
+                "1",
+                "RETURNING",
+                "*",
+                ")",
+                "SELECT",
+                "*",
+                "FROM",
+                "x",
+            ],
+            &["TRUNCATE", "t"],
+            &["CALL", "p", "(", ")"],
+            &["COPY", "t", "FROM", "STDIN"],
+        ];
+
+        /// Reading statements, with writing words where they do not write.
+        const READS: &[&[&str]] = &[
+            &["SELECT", "'UPDATE t'", ",", "\"delete\"", "FROM", "t"],
+            &["SELECT", "*", "FROM", "t", "FOR", "UPDATE"],
+            &[
+                "SELECT", "*", "FROM", "t", "FOR", "NO", "KEY", "UPDATE", "SKIP", "LOCKED",
+            ],
+            &["SELECT", "$x$ INSERT $x$", "FROM", "t"],
+            &[
+                "SELECT",
+                "updated",
+                ",",
+                "inserted_at",
+                "FROM",
+                "t",
+                "WHERE",
+                "key",
+                "=",
+                "$1",
+            ],
+        ];
+
+        /// Joins `words` with random white space and comments, in random case (literals kept).
+        fn spell(words: &'static [&'static str]) -> impl Strategy<Value = String> {
+            let gaps = prop::collection::vec(
+                prop_oneof![
+                    Just(" ".to_owned()),
+                    Just("\n\t".to_owned()),
+                    Just(" /* c */ ".to_owned()),
+                    Just(" /* a /* nested */ b */ ".to_owned()),
+                    Just(" -- line\n".to_owned()),
+                ],
+                words.len(),
+            );
+            let cases = prop::collection::vec(any::<bool>(), words.len());
+            (gaps, cases).prop_map(move |(gaps, cases)| {
+                let mut sql = String::new();
+                for ((word, gap), upper) in words.iter().zip(gaps).zip(cases) {
+                    let quoted = word.starts_with(['\'', '"', '$']);
+                    match (quoted, upper) {
+                        (true, _) => sql.push_str(word),
+                        (false, true) => sql.push_str(&word.to_ascii_uppercase()),
+                        (false, false) => sql.push_str(&word.to_ascii_lowercase()),
+                    }
+                    sql.push_str(&gap);
+                }
+                sql
+            })
+        }
+
+        fn any_write() -> impl Strategy<Value = String> {
+            prop::sample::select(WRITES).prop_flat_map(spell)
+        }
+
+        fn any_read() -> impl Strategy<Value = String> {
+            prop::sample::select(READS).prop_flat_map(spell)
+        }
+
+        proptest! {
+            #[test]
+            fn writing_statements_are_writes_however_spelled(sql in any_write()) {
+                prop_assert!(may_write(&sql), "{}", sql);
+            }
+
+            #[test]
+            fn reading_statements_are_reads_however_spelled(sql in any_read()) {
+                prop_assert!(!may_write(&sql), "{}", sql);
+            }
         }
     }
 }
