@@ -7,6 +7,12 @@ BEGIN
   FOR p IN SELECT c.entity, c.tbl, c.col,
                     CASE WHEN to_regclass(c.tbl_q) IS NULL THEN 'no table'
                          WHEN a.attname IS NULL THEN 'no column'
+                         WHEN c.kind = 'text' AND (bt.typname = 'citext' OR NOT coalesce(
+                                (SELECT co.collisdeterministic FROM pg_catalog.pg_collation co
+                                 WHERE co.oid = a.attcollation), true))
+                           THEN 'case-insensitive ' || format_type(a.atttypid, a.atttypmod)
+                              || coalesce(' COLLATE ' || (SELECT quote_ident(co.collname) FROM pg_catalog.pg_collation co
+                                 WHERE co.oid = a.attcollation AND NOT co.collisdeterministic), '')
                          ELSE format_type(a.atttypid, a.atttypmod) END AS found
              FROM (VALUES ('User', 'app_users', '"app_users"', NULL::text, NULL::text),
 ('User', 'app_users', '"app_users"', 'tenant', 'text'),
@@ -27,12 +33,16 @@ BEGIN
                 OR (to_regclass(c.tbl_q) IS NOT NULL AND c.col IS NOT NULL AND (a.attname IS NULL OR NOT (
                       (c.kind = 'int' AND bt.typname IN ('int2', 'int4', 'int8'))
                    OR (c.kind = 'bool' AND bt.typname = 'bool')
-                   OR (c.kind = 'text' AND bt.typname IN ('text', 'varchar', 'uuid', 'name', 'citext')))))
+                   OR (c.kind = 'text' AND bt.typname IN ('text', 'varchar', 'uuid', 'name')
+                       AND coalesce((SELECT co.collisdeterministic FROM pg_catalog.pg_collation co
+                                     WHERE co.oid = a.attcollation), true)))))
              ORDER BY c.tbl, c.col NULLS FIRST, c.entity LOOP
     IF p.found = 'no table' THEN
       RAISE EXCEPTION 'cache invalidation: table % (entity %) does not exist; create it before installing the triggers, or fix `table = ...` of the entity', p.tbl, p.entity;
     ELSIF p.found = 'no column' THEN
       RAISE EXCEPTION 'cache invalidation: table % has no column % used by a key template of entity %; add the column or fix the placeholder / #[sqlx(rename)]', p.tbl, p.col, p.entity;
+    ELSIF p.found LIKE 'case-insensitive %' THEN
+      RAISE EXCEPTION 'cache invalidation: column %.% (entity %) is %: equal values can be spelled differently, so a key rendered from one spelling would miss readers of another; key on a text column with a deterministic collation (e.g. a generated column lower(...))', p.tbl, p.col, p.entity, p.found;
     ELSE
       RAISE EXCEPTION 'cache invalidation: column %.% (entity %) has type %, which cannot render like its Rust field; use an integer, boolean, text or uuid column', p.tbl, p.col, p.entity, p.found;
     END IF;
@@ -166,7 +176,7 @@ BEGIN
   END LOOP;
   FOR r IN SELECT p.oid::regprocedure::text AS f
            FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = 'cache_invalidation' AND (p.proname LIKE 'capture\_%' OR p.proname LIKE 'truncate\_%') LOOP
+           WHERE n.nspname = 'cache_invalidation' AND (p.proname LIKE 'capture\_%' OR p.proname LIKE 'replica\_%' OR p.proname LIKE 'truncate\_%') LOOP
     EXECUTE format('DROP FUNCTION %s', r.f);
   END LOOP;
 END
@@ -189,7 +199,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -205,7 +218,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -255,7 +271,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -271,7 +290,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -321,7 +343,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -337,7 +362,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;

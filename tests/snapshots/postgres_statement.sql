@@ -7,6 +7,12 @@ BEGIN
   FOR p IN SELECT c.entity, c.tbl, c.col,
                     CASE WHEN to_regclass(c.tbl_q) IS NULL THEN 'no table'
                          WHEN a.attname IS NULL THEN 'no column'
+                         WHEN c.kind = 'text' AND (bt.typname = 'citext' OR NOT coalesce(
+                                (SELECT co.collisdeterministic FROM pg_catalog.pg_collation co
+                                 WHERE co.oid = a.attcollation), true))
+                           THEN 'case-insensitive ' || format_type(a.atttypid, a.atttypmod)
+                              || coalesce(' COLLATE ' || (SELECT quote_ident(co.collname) FROM pg_catalog.pg_collation co
+                                 WHERE co.oid = a.attcollation AND NOT co.collisdeterministic), '')
                          ELSE format_type(a.atttypid, a.atttypmod) END AS found
              FROM (VALUES ('User', 'app_users', '"app_users"', NULL::text, NULL::text),
 ('User', 'app_users', '"app_users"', 'tenant', 'text'),
@@ -27,12 +33,16 @@ BEGIN
                 OR (to_regclass(c.tbl_q) IS NOT NULL AND c.col IS NOT NULL AND (a.attname IS NULL OR NOT (
                       (c.kind = 'int' AND bt.typname IN ('int2', 'int4', 'int8'))
                    OR (c.kind = 'bool' AND bt.typname = 'bool')
-                   OR (c.kind = 'text' AND bt.typname IN ('text', 'varchar', 'uuid', 'name', 'citext')))))
+                   OR (c.kind = 'text' AND bt.typname IN ('text', 'varchar', 'uuid', 'name')
+                       AND coalesce((SELECT co.collisdeterministic FROM pg_catalog.pg_collation co
+                                     WHERE co.oid = a.attcollation), true)))))
              ORDER BY c.tbl, c.col NULLS FIRST, c.entity LOOP
     IF p.found = 'no table' THEN
       RAISE EXCEPTION 'cache invalidation: table % (entity %) does not exist; create it before installing the triggers, or fix `table = ...` of the entity', p.tbl, p.entity;
     ELSIF p.found = 'no column' THEN
       RAISE EXCEPTION 'cache invalidation: table % has no column % used by a key template of entity %; add the column or fix the placeholder / #[sqlx(rename)]', p.tbl, p.col, p.entity;
+    ELSIF p.found LIKE 'case-insensitive %' THEN
+      RAISE EXCEPTION 'cache invalidation: column %.% (entity %) is %: equal values can be spelled differently, so a key rendered from one spelling would miss readers of another; key on a text column with a deterministic collation (e.g. a generated column lower(...))', p.tbl, p.col, p.entity, p.found;
     ELSE
       RAISE EXCEPTION 'cache invalidation: column %.% (entity %) has type %, which cannot render like its Rust field; use an integer, boolean, text or uuid column', p.tbl, p.col, p.entity, p.found;
     END IF;
@@ -166,13 +176,39 @@ BEGIN
   END LOOP;
   FOR r IN SELECT p.oid::regprocedure::text AS f
            FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = 'cache_invalidation' AND (p.proname LIKE 'capture\_%' OR p.proname LIKE 'truncate\_%') LOOP
+           WHERE n.nspname = 'cache_invalidation' AND (p.proname LIKE 'capture\_%' OR p.proname LIKE 'replica\_%' OR p.proname LIKE 'truncate\_%') LOOP
     EXECUTE format('DROP FUNCTION %s', r.f);
   END LOOP;
 END
 $drop$;
 
 -- table app_users, entity User
+CREATE OR REPLACE FUNCTION cache_invalidation.replica_4c5433fe3c4804ff() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  keys text[];
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    keys := ARRAY['tenant:' || CASE WHEN (NEW."tenant") IS NULL THEN '~' WHEN (NEW."tenant")::text COLLATE "C" ~ '^[A-Za-z0-9_.-]*$' THEN (NEW."tenant")::text ELSE cache_invalidation.escape_text((NEW."tenant")::text) END || ':user:' || CASE WHEN (NEW."handle") IS NULL THEN '~' WHEN (NEW."handle")::text COLLATE "C" ~ '^[A-Za-z0-9_.-]*$' THEN (NEW."handle")::text ELSE cache_invalidation.escape_text((NEW."handle")::text) END, 'team:' || coalesce((NEW."team")::text, '~') || ':members', 'admins:' || CASE WHEN (NEW."is_admin") THEN 'true' WHEN NOT (NEW."is_admin") THEN 'false' ELSE '~' END];
+  ELSIF TG_OP = 'UPDATE' THEN
+    keys := ARRAY['tenant:' || CASE WHEN (OLD."tenant") IS NULL THEN '~' WHEN (OLD."tenant")::text COLLATE "C" ~ '^[A-Za-z0-9_.-]*$' THEN (OLD."tenant")::text ELSE cache_invalidation.escape_text((OLD."tenant")::text) END || ':user:' || CASE WHEN (OLD."handle") IS NULL THEN '~' WHEN (OLD."handle")::text COLLATE "C" ~ '^[A-Za-z0-9_.-]*$' THEN (OLD."handle")::text ELSE cache_invalidation.escape_text((OLD."handle")::text) END, 'team:' || coalesce((OLD."team")::text, '~') || ':members', 'admins:' || CASE WHEN (OLD."is_admin") THEN 'true' WHEN NOT (OLD."is_admin") THEN 'false' ELSE '~' END, 'tenant:' || CASE WHEN (NEW."tenant") IS NULL THEN '~' WHEN (NEW."tenant")::text COLLATE "C" ~ '^[A-Za-z0-9_.-]*$' THEN (NEW."tenant")::text ELSE cache_invalidation.escape_text((NEW."tenant")::text) END || ':user:' || CASE WHEN (NEW."handle") IS NULL THEN '~' WHEN (NEW."handle")::text COLLATE "C" ~ '^[A-Za-z0-9_.-]*$' THEN (NEW."handle")::text ELSE cache_invalidation.escape_text((NEW."handle")::text) END, 'team:' || coalesce((NEW."team")::text, '~') || ':members', 'admins:' || CASE WHEN (NEW."is_admin") THEN 'true' WHEN NOT (NEW."is_admin") THEN 'false' ELSE '~' END];
+  ELSE
+    keys := ARRAY['tenant:' || CASE WHEN (OLD."tenant") IS NULL THEN '~' WHEN (OLD."tenant")::text COLLATE "C" ~ '^[A-Za-z0-9_.-]*$' THEN (OLD."tenant")::text ELSE cache_invalidation.escape_text((OLD."tenant")::text) END || ':user:' || CASE WHEN (OLD."handle") IS NULL THEN '~' WHEN (OLD."handle")::text COLLATE "C" ~ '^[A-Za-z0-9_.-]*$' THEN (OLD."handle")::text ELSE cache_invalidation.escape_text((OLD."handle")::text) END, 'team:' || coalesce((OLD."team")::text, '~') || ':members', 'admins:' || CASE WHEN (OLD."is_admin") THEN 'true' WHEN NOT (OLD."is_admin") THEN 'false' ELSE '~' END];
+  END IF;
+  IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
+    INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
+    VALUES (pg_current_xact_id(), pg_backend_pid(),
+            coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
+      PERFORM pg_notify('cache_invalidation', '');
+    END IF;
+  END IF;
+  RETURN NULL;
+END
+$fn$;
 CREATE OR REPLACE FUNCTION cache_invalidation.capture_4c5433fe3c4804ff() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -189,7 +225,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -205,7 +244,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -220,6 +262,9 @@ CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON "app_users"
   REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidation.capture_4c5433fe3c4804ff();
 CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON "app_users" FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidation.truncate_4c5433fe3c4804ff();
 ALTER TABLE "app_users" ENABLE ALWAYS TRIGGER cache_invalidation_insert, ENABLE ALWAYS TRIGGER cache_invalidation_update, ENABLE ALWAYS TRIGGER cache_invalidation_delete, ENABLE ALWAYS TRIGGER cache_invalidation_truncate;
+CREATE TRIGGER cache_invalidation_replica AFTER INSERT OR UPDATE OR DELETE ON "app_users"
+  FOR EACH ROW EXECUTE FUNCTION cache_invalidation.replica_4c5433fe3c4804ff();
+ALTER TABLE "app_users" ENABLE REPLICA TRIGGER cache_invalidation_replica;
 DO $children$
 DECLARE d record;
 BEGIN
@@ -237,11 +282,43 @@ CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON @rel@
 CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON @rel@ FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidation.truncate_4c5433fe3c4804ff();
 ALTER TABLE @rel@ ENABLE ALWAYS TRIGGER cache_invalidation_insert, ENABLE ALWAYS TRIGGER cache_invalidation_update, ENABLE ALWAYS TRIGGER cache_invalidation_delete, ENABLE ALWAYS TRIGGER cache_invalidation_truncate;
 ', '@rel@', d.rel::text);
+    IF NOT d.relispartition THEN
+      EXECUTE replace('CREATE TRIGGER cache_invalidation_replica AFTER INSERT OR UPDATE OR DELETE ON @rel@
+  FOR EACH ROW EXECUTE FUNCTION cache_invalidation.replica_4c5433fe3c4804ff();
+ALTER TABLE @rel@ ENABLE REPLICA TRIGGER cache_invalidation_replica;
+', '@rel@', d.rel::text);
+    END IF;
   END LOOP;
 END
 $children$;
 
 -- table categories, entity Category
+CREATE OR REPLACE FUNCTION cache_invalidation.replica_a9b45f49b577aded() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  keys text[];
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    keys := ARRAY['category:' || coalesce((NEW."id")::text, '~'), 'category:' || coalesce((NEW."id")::text, '~') || ':products'];
+  ELSIF TG_OP = 'UPDATE' THEN
+    keys := ARRAY['category:' || coalesce((OLD."id")::text, '~'), 'category:' || coalesce((OLD."id")::text, '~') || ':products', 'category:' || coalesce((NEW."id")::text, '~'), 'category:' || coalesce((NEW."id")::text, '~') || ':products'];
+  ELSE
+    keys := ARRAY['category:' || coalesce((OLD."id")::text, '~'), 'category:' || coalesce((OLD."id")::text, '~') || ':products'];
+  END IF;
+  IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
+    INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
+    VALUES (pg_current_xact_id(), pg_backend_pid(),
+            coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
+      PERFORM pg_notify('cache_invalidation', '');
+    END IF;
+  END IF;
+  RETURN NULL;
+END
+$fn$;
 CREATE OR REPLACE FUNCTION cache_invalidation.capture_a9b45f49b577aded() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -258,7 +335,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -274,7 +354,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -289,6 +372,9 @@ CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON "categories"
   REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidation.capture_a9b45f49b577aded();
 CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON "categories" FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidation.truncate_a9b45f49b577aded();
 ALTER TABLE "categories" ENABLE ALWAYS TRIGGER cache_invalidation_insert, ENABLE ALWAYS TRIGGER cache_invalidation_update, ENABLE ALWAYS TRIGGER cache_invalidation_delete, ENABLE ALWAYS TRIGGER cache_invalidation_truncate;
+CREATE TRIGGER cache_invalidation_replica AFTER INSERT OR UPDATE OR DELETE ON "categories"
+  FOR EACH ROW EXECUTE FUNCTION cache_invalidation.replica_a9b45f49b577aded();
+ALTER TABLE "categories" ENABLE REPLICA TRIGGER cache_invalidation_replica;
 DO $children$
 DECLARE d record;
 BEGIN
@@ -306,11 +392,43 @@ CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON @rel@
 CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON @rel@ FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidation.truncate_a9b45f49b577aded();
 ALTER TABLE @rel@ ENABLE ALWAYS TRIGGER cache_invalidation_insert, ENABLE ALWAYS TRIGGER cache_invalidation_update, ENABLE ALWAYS TRIGGER cache_invalidation_delete, ENABLE ALWAYS TRIGGER cache_invalidation_truncate;
 ', '@rel@', d.rel::text);
+    IF NOT d.relispartition THEN
+      EXECUTE replace('CREATE TRIGGER cache_invalidation_replica AFTER INSERT OR UPDATE OR DELETE ON @rel@
+  FOR EACH ROW EXECUTE FUNCTION cache_invalidation.replica_a9b45f49b577aded();
+ALTER TABLE @rel@ ENABLE REPLICA TRIGGER cache_invalidation_replica;
+', '@rel@', d.rel::text);
+    END IF;
   END LOOP;
 END
 $children$;
 
 -- table products, entity Product
+CREATE OR REPLACE FUNCTION cache_invalidation.replica_eea90aa769b1462d() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  keys text[];
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    keys := ARRAY['product:' || coalesce((NEW."id")::text, '~'), 'category:' || coalesce((NEW."category_id")::text, '~') || ':products'];
+  ELSIF TG_OP = 'UPDATE' THEN
+    keys := ARRAY['product:' || coalesce((OLD."id")::text, '~'), 'category:' || coalesce((OLD."category_id")::text, '~') || ':products', 'product:' || coalesce((NEW."id")::text, '~'), 'category:' || coalesce((NEW."category_id")::text, '~') || ':products'];
+  ELSE
+    keys := ARRAY['product:' || coalesce((OLD."id")::text, '~'), 'category:' || coalesce((OLD."category_id")::text, '~') || ':products'];
+  END IF;
+  IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
+    INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
+    VALUES (pg_current_xact_id(), pg_backend_pid(),
+            coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
+      PERFORM pg_notify('cache_invalidation', '');
+    END IF;
+  END IF;
+  RETURN NULL;
+END
+$fn$;
 CREATE OR REPLACE FUNCTION cache_invalidation.capture_eea90aa769b1462d() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -327,7 +445,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -343,7 +464,10 @@ BEGIN
     INSERT INTO cache_invalidation.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('cache_invalidation.wrapped', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('cache_invalidation', '');
     END IF;
   END IF;
@@ -358,6 +482,9 @@ CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON "products"
   REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidation.capture_eea90aa769b1462d();
 CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON "products" FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidation.truncate_eea90aa769b1462d();
 ALTER TABLE "products" ENABLE ALWAYS TRIGGER cache_invalidation_insert, ENABLE ALWAYS TRIGGER cache_invalidation_update, ENABLE ALWAYS TRIGGER cache_invalidation_delete, ENABLE ALWAYS TRIGGER cache_invalidation_truncate;
+CREATE TRIGGER cache_invalidation_replica AFTER INSERT OR UPDATE OR DELETE ON "products"
+  FOR EACH ROW EXECUTE FUNCTION cache_invalidation.replica_eea90aa769b1462d();
+ALTER TABLE "products" ENABLE REPLICA TRIGGER cache_invalidation_replica;
 DO $children$
 DECLARE d record;
 BEGIN
@@ -375,6 +502,12 @@ CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON @rel@
 CREATE TRIGGER cache_invalidation_truncate AFTER TRUNCATE ON @rel@ FOR EACH STATEMENT EXECUTE FUNCTION cache_invalidation.truncate_eea90aa769b1462d();
 ALTER TABLE @rel@ ENABLE ALWAYS TRIGGER cache_invalidation_insert, ENABLE ALWAYS TRIGGER cache_invalidation_update, ENABLE ALWAYS TRIGGER cache_invalidation_delete, ENABLE ALWAYS TRIGGER cache_invalidation_truncate;
 ', '@rel@', d.rel::text);
+    IF NOT d.relispartition THEN
+      EXECUTE replace('CREATE TRIGGER cache_invalidation_replica AFTER INSERT OR UPDATE OR DELETE ON @rel@
+  FOR EACH ROW EXECUTE FUNCTION cache_invalidation.replica_eea90aa769b1462d();
+ALTER TABLE @rel@ ENABLE REPLICA TRIGGER cache_invalidation_replica;
+', '@rel@', d.rel::text);
+    END IF;
   END LOOP;
 END
 $children$;

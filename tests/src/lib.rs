@@ -358,3 +358,162 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A PostgreSQL cluster of the test's own (`initdb` into a temporary directory, a free loopback port), for
+/// tests that need settings the shared server does not have (`wal_level = logical`,
+/// `max_prepared_transactions`). Stopped and removed when this guard drops.
+#[derive(Debug)]
+pub struct PgCluster {
+    /// The port it listens on.
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl PgCluster {
+    /// Creates and starts a cluster with `settings` (`name=value` for `postgres -c`), trust authentication
+    /// for the `postgres` user, and waits until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// When the PostgreSQL server binaries are missing or the cluster does not start, with a message that
+    /// says how to provide them.
+    pub fn start(settings: &[&str]) -> Self {
+        let bin = Self::bin_dir();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port for a test cluster: {e}"));
+        let dir = std::env::temp_dir().join(unique("pgcluster"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {dir:?}: {e}"));
+        let cluster = Self { port, dir, bin };
+        if Self::is_root() {
+            // The server runs as `postgres` (initdb refuses root): it must own the directory.
+            let chown = std::process::Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&cluster.dir)
+                .status();
+            assert!(
+                matches!(chown, Ok(s) if s.success()),
+                "chown {:?}: {chown:?}",
+                cluster.dir
+            );
+        }
+        let data = cluster.dir.join("data");
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+            ],
+        );
+        let mut options = format!(
+            "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            cluster.dir.to_string_lossy()
+        );
+        for setting in settings {
+            options.push_str(&format!(" -c {setting}"));
+        }
+        let log = cluster.dir.join("log");
+        cluster.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-o",
+                &options,
+                "-l",
+                &log.to_string_lossy(),
+                "-w",
+                "start",
+            ],
+        );
+        cluster
+    }
+
+    /// The URL of `database` in this cluster.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn bin_dir() -> std::path::PathBuf {
+        let from_env = std::env::var_os("PG_BIN").map(std::path::PathBuf::from);
+        let found = from_env.into_iter().chain(
+            ["17", "16", "15", "14", "13"]
+                .iter()
+                .map(|v| std::path::PathBuf::from(format!("/usr/lib/postgresql/{v}/bin"))),
+        );
+        found
+            .into_iter()
+            .find(|d| d.join("initdb").exists())
+            .unwrap_or_else(|| {
+                panic!(
+                    "this test starts a PostgreSQL cluster of its own and needs the server binaries (initdb, \
+                     pg_ctl): install them (Debian: apt-get install postgresql) or set PG_BIN to their directory"
+                )
+            })
+    }
+
+    /// Runs a server binary as the `postgres` user when this process is root (`initdb` refuses root).
+    fn run(&self, program: &str, args: &[&str]) {
+        let program = self.bin.join(program);
+        let mut command = vec![program.to_string_lossy().into_owned()];
+        command.extend(args.iter().map(|a| (*a).to_owned()));
+        let command: Vec<&str> = command.iter().map(String::as_str).collect();
+        self.as_postgres(&command);
+    }
+
+    fn is_root() -> bool {
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"))
+    }
+
+    /// `command`, run as the `postgres` user when this process is root.
+    fn command(command: &[&str]) -> std::process::Command {
+        if Self::is_root() {
+            let mut cmd = std::process::Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).args(command);
+            cmd
+        } else {
+            let mut cmd = std::process::Command::new(command[0]);
+            cmd.args(&command[1..]);
+            cmd
+        }
+    }
+
+    fn as_postgres(&self, command: &[&str]) {
+        let out = Self::command(command)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{command:?} failed:\n{}\n{}\nlog: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let (data, pg_ctl) = (self.dir.join("data"), self.bin.join("pg_ctl"));
+        let _ = Self::command(&[
+            &pg_ctl.to_string_lossy(),
+            "-D",
+            &data.to_string_lossy(),
+            "-m",
+            "immediate",
+            "stop",
+        ])
+        .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1118,9 +1118,9 @@ tests::on_both_backends! {
             .fetch_one(&env.admin)
             .await
             .unwrap();
-        // PostgreSQL: insert, update, delete and truncate statement triggers; SQLite: insert, update, delete
-        // and the `REPLACE` probe.
-        assert_eq!(triggers, 4);
+        // PostgreSQL: insert, update, delete and truncate statement triggers, and the row trigger of
+        // replica mode (logical-replication apply); SQLite: insert, update, delete and the `REPLACE` probe.
+        assert_eq!(triggers, if BACKEND == "postgres" { 5 } else { 4 });
         // One write by another client, one outbox row (no duplicate triggers).
         sqlx::query("UPDATE products SET name = 'z' WHERE id = 1")
             .execute(&env.admin)
@@ -1489,6 +1489,7 @@ async fn install_is_idempotent_and_replaces_old_triggers() {
         [
             "cache_invalidation_delete",
             "cache_invalidation_insert",
+            "cache_invalidation_replica",
             "cache_invalidation_truncate",
             "cache_invalidation_update"
         ]
@@ -1539,7 +1540,7 @@ async fn install_is_idempotent_and_replaces_old_triggers() {
         .unwrap();
     tx.commit().await.unwrap();
     PgSchema::new(&registry).verify(&mut conn).await.unwrap();
-    assert_eq!(triggers("reviews").await.len(), 4);
+    assert_eq!(triggers("reviews").await.len(), 5);
 }
 
 /// `CachedPool::install_schema` re-installs with the pool's trigger mode (it used to fall back to the
@@ -1596,7 +1597,8 @@ async fn the_install_creates_only_functions_that_are_called() {
     let functions: Vec<String> = sqlx::query_scalar(
         "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
          WHERE n.nspname = 'cache_invalidation' \
-           AND p.proname NOT LIKE 'capture\\_%' AND p.proname NOT LIKE 'truncate\\_%' ORDER BY 1",
+           AND p.proname NOT LIKE 'capture\\_%' AND p.proname NOT LIKE 'replica\\_%' \
+           AND p.proname NOT LIKE 'truncate\\_%' ORDER BY 1",
     )
     .fetch_all(&mut *conn)
     .await

@@ -35,16 +35,20 @@ impl PgSchema<'_> {
         let mut expected = Vec::new();
         for entity in self.tables() {
             let root = literal(&qualified(entity.table));
-            for (trigger, prefix) in trigger_names(mode) {
+            for (trigger, prefix, enabled) in trigger_names(mode) {
                 let function = literal(&format!("{}()", function_name(prefix, entity.table)));
-                expected.push(format!("({root}, {}, {function})", literal(trigger)));
+                expected.push(format!(
+                    "({root}, {}, {function}, {})",
+                    literal(trigger),
+                    literal(enabled)
+                ));
             }
         }
         if expected.is_empty() {
             return None;
         }
         Some(format!(
-            "WITH RECURSIVE expected(root, tgname, fn) AS (VALUES {}),
+            "WITH RECURSIVE expected(root, tgname, fn, enabled) AS (VALUES {}),
              tree(root, relid) AS (
                SELECT DISTINCT e.root, to_regclass(e.root)::oid FROM expected e WHERE to_regclass(e.root) IS NOT NULL
                UNION SELECT tree.root, i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid)
@@ -53,25 +57,29 @@ impl PgSchema<'_> {
              UNION ALL
              SELECT CASE WHEN t.oid IS NULL THEN format('%s has no trigger %s', tree.relid::regclass, e.tgname)
                          WHEN t.tgenabled = 'D' THEN format('trigger %s on %s is disabled', e.tgname, tree.relid::regclass)
-                         WHEN t.tgenabled <> 'A' THEN format(
+                         WHEN t.tgenabled::text <> e.enabled AND e.enabled = 'A' THEN format(
                            'trigger %s on %s is not ENABLE ALWAYS (it would not fire with session_replication_role = replica)',
+                           e.tgname, tree.relid::regclass)
+                         WHEN t.tgenabled::text <> e.enabled THEN format(
+                           'trigger %s on %s is not ENABLE REPLICA (logical-replication apply would not be captured)',
                            e.tgname, tree.relid::regclass)
                          ELSE format('trigger %s on %s calls %s instead of %s', e.tgname, tree.relid::regclass,
                                      t.tgfoid::regprocedure, e.fn) END
              FROM tree JOIN expected e ON e.root = tree.root
              LEFT JOIN pg_catalog.pg_trigger t ON t.tgrelid = tree.relid AND t.tgname = e.tgname
-             WHERE t.oid IS NULL OR t.tgenabled <> 'A' OR t.tgfoid IS DISTINCT FROM to_regprocedure(e.fn)
+             WHERE t.oid IS NULL OR t.tgenabled::text <> e.enabled OR t.tgfoid IS DISTINCT FROM to_regprocedure(e.fn)
              ORDER BY 1",
             expected.join(", ")
         ))
     }
 
     /// The connecting role's rights on the outbox: `USAGE` on the schema and `EXECUTE` on every function a
-    /// client calls.
+    /// client calls. Also warns when the server allows prepared transactions (the triggers then do not
+    /// `NOTIFY`).
     pub(super) async fn check_grants(conn: &mut PgConnection) -> Result<(), Error> {
         let functions: Vec<String> = CLIENT_FUNCTIONS.iter().map(|f| (*f).to_owned()).collect();
-        let (role, missing): (String, Vec<String>) = sqlx::query_as(
-            "SELECT current_user::text, array(
+        let (role, prepared, missing): (String, String, Vec<String>) = sqlx::query_as(
+            "SELECT current_user::text, current_setting('max_prepared_transactions'), array(
                SELECT 'USAGE on schema ' || $1 WHERE NOT has_schema_privilege($1, 'USAGE')
                UNION ALL
                SELECT 'EXECUTE on ' || f FROM unnest($2::text[]) AS f
@@ -81,6 +89,14 @@ impl PgSchema<'_> {
         .bind(&functions)
         .fetch_one(&mut *conn)
         .await?;
+        if prepared != "0" {
+            tracing::warn!(
+                max_prepared_transactions = %prepared,
+                "the server allows prepared transactions, so capture triggers do not NOTIFY (a NOTIFY would make \
+                 PREPARE TRANSACTION fail): writes of other clients reach the cache at the relay's next sweep \
+                 (RelayConfig::sweep_interval), not at once"
+            );
+        }
         if missing.is_empty() {
             return Ok(());
         }

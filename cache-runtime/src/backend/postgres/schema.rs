@@ -385,13 +385,32 @@ $guard$;
         let table = qualified(entity.table);
         let capture = function_name("capture", entity.table);
         let truncate = function_name("truncate", entity.table);
+        let mut sql = format!("\n-- table {}, entity {}\n", entity.table, entity.type_name);
         let events = match self.mode {
-            TriggerMode::Statement => statement_events(entity, &capture),
-            TriggerMode::Row => row_events(entity, &capture),
+            TriggerMode::Statement => {
+                // Logical-replication apply fires row triggers only: a row trigger enabled in replica mode
+                // only (no cost for ordinary writes) captures what a subscription applies.
+                let replica = function_name("replica", entity.table);
+                let rows = row_events(entity, &replica, REPLICA_TRIGGER, "REPLICA");
+                sql.push_str(&capture_function(&replica, &rows));
+                Events {
+                    row: rows.row,
+                    ..statement_events(entity, &capture)
+                }
+            }
+            TriggerMode::Row => row_events(entity, &capture, ROW_TRIGGER, "ALWAYS"),
         };
-        format!(
-            "\n-- table {}, entity {}
-CREATE OR REPLACE FUNCTION {capture}() RETURNS trigger
+        sql.push_str(&capture_function(&capture, &events));
+        sql.push_str(&truncate_sql(entity, &truncate));
+        sql.push_str(&triggers_sql(&table, &events, &truncate));
+        sql
+    }
+}
+
+/// A capture function: collects the keys of the changed rows by event, and writes them to the outbox.
+fn capture_function(name: &str, events: &Events) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   keys text[];
@@ -407,17 +426,12 @@ BEGIN
   RETURN NULL;
 END
 $fn$;
-{truncate_fn}{triggers}",
-            entity.table,
-            entity.type_name,
-            ins = events.insert,
-            upd = events.update,
-            del = events.delete,
-            emit = fill(EMIT_SQL),
-            truncate_fn = truncate_sql(entity, &truncate),
-            triggers = triggers_sql(&table, &events, &truncate),
-        )
-    }
+",
+        ins = events.insert,
+        upd = events.update,
+        del = events.delete,
+        emit = fill(EMIT_SQL),
+    )
 }
 
 /// The triggers of a registered table and of every partition and inheritance child it has now (capture
@@ -435,8 +449,11 @@ ALTER TABLE @rel@ {};
     );
     let mut sql = every.replace("@rel@", table);
     let mut not_partitions = String::new();
-    if let Some(row) = &events.row_trigger {
-        let row = format!("{row}ALTER TABLE @rel@ {};\n", enable_always([ROW_TRIGGER]));
+    if let Some(row) = &events.row {
+        let row = format!(
+            "{}ALTER TABLE @rel@ ENABLE {} TRIGGER {};\n",
+            row.ddl, row.enable, row.name
+        );
         sql.push_str(&row.replace("@rel@", table));
         not_partitions = format!(
             "    IF NOT d.relispartition THEN\n      EXECUTE replace({}, '@rel@', d.rel::text);\n    END IF;\n",
@@ -464,17 +481,19 @@ $children$;
     sql
 }
 
-/// The triggers each captured relation has in `mode`, with the prefix of the function each calls.
-pub(super) fn trigger_names(mode: TriggerMode) -> Vec<(&'static str, &'static str)> {
-    let capture: &[&'static str] = match mode {
-        TriggerMode::Statement => &STATEMENT_TRIGGERS,
-        TriggerMode::Row => &[ROW_TRIGGER],
+/// The triggers each captured relation has in `mode`: name, the prefix of the function it calls, and how
+/// it is enabled (`pg_trigger.tgenabled`: `A` always, `R` replica only).
+pub(super) fn trigger_names(mode: TriggerMode) -> Vec<(&'static str, &'static str, &'static str)> {
+    let mut triggers: Vec<_> = match mode {
+        TriggerMode::Statement => STATEMENT_TRIGGERS
+            .iter()
+            .map(|t| (*t, "capture", "A"))
+            .chain([(REPLICA_TRIGGER, "replica", "R")])
+            .collect(),
+        TriggerMode::Row => vec![(ROW_TRIGGER, "capture", "A")],
     };
-    capture
-        .iter()
-        .map(|t| (*t, "capture"))
-        .chain([(TRUNCATE_TRIGGER, "truncate")])
-        .collect()
+    triggers.push((TRUNCATE_TRIGGER, "truncate", "A"));
+    triggers
 }
 
 /// `ENABLE ALWAYS TRIGGER a, ENABLE ALWAYS TRIGGER b, …`.
@@ -494,6 +513,8 @@ const STATEMENT_TRIGGERS: [&str; 3] = [
 ];
 /// The row trigger of row mode.
 const ROW_TRIGGER: &str = "cache_invalidation_row";
+/// The row trigger of statement mode that fires in replica mode only (logical-replication apply).
+const REPLICA_TRIGGER: &str = "cache_invalidation_replica";
 /// The `TRUNCATE` trigger of both modes.
 const TRUNCATE_TRIGGER: &str = "cache_invalidation_truncate";
 
@@ -507,7 +528,15 @@ struct Events {
     statement_triggers: String,
     statement_names: &'static [&'static str],
     /// The row trigger, created on the table and its inheritance children (partitions get clones).
-    row_trigger: Option<String>,
+    row: Option<RowTrigger>,
+}
+
+/// A row trigger (on the relation `@rel@`) and how it is enabled (`ALWAYS`, or `REPLICA`: only with
+/// `session_replication_role = replica`).
+struct RowTrigger {
+    ddl: String,
+    name: &'static str,
+    enable: &'static str,
 }
 
 /// Statement triggers: one `SELECT DISTINCT` over the transition tables per statement.
@@ -545,12 +574,17 @@ CREATE TRIGGER cache_invalidation_delete AFTER DELETE ON @rel@
 "
         ),
         statement_names: &STATEMENT_TRIGGERS,
-        row_trigger: None,
+        row: None,
     }
 }
 
-/// Row triggers: the keys of `OLD` and `NEW` per row.
-fn row_events(entity: &EntityMeta, capture: &str) -> Events {
+/// Row triggers: the keys of `OLD` and `NEW` per row, by the trigger `name`, enabled `enable`.
+fn row_events(
+    entity: &EntityMeta,
+    capture: &str,
+    name: &'static str,
+    enable: &'static str,
+) -> Events {
     let array = |rows: &[&str]| {
         let exprs: Vec<String> = rows
             .iter()
@@ -564,11 +598,15 @@ fn row_events(entity: &EntityMeta, capture: &str) -> Events {
         delete: array(&["OLD."]),
         statement_triggers: String::new(),
         statement_names: &[],
-        row_trigger: Some(format!(
-            "CREATE TRIGGER {ROW_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON @rel@
+        row: Some(RowTrigger {
+            ddl: format!(
+                "CREATE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON @rel@
   FOR EACH ROW EXECUTE FUNCTION {capture}();
 "
-        )),
+            ),
+            name,
+            enable,
+        }),
     }
 }
 
@@ -600,7 +638,10 @@ const EMIT_SQL: &str = "IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
     INSERT INTO @schema@.outbox (txid, pid, wrapped, keys, created_at)
     VALUES (pg_current_xact_id(), pg_backend_pid(),
             coalesce(current_setting('@wrapped@', true), '') = 'on', keys, clock_timestamp());
-    IF coalesce(current_setting('@wrapped@', true), '') <> 'on' THEN
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('@wrapped@', true), '') <> 'on'
+       AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('@channel@', '');
     END IF;
   END IF;";
@@ -620,7 +661,7 @@ BEGIN
   END LOOP;
   FOR r IN SELECT p.oid::regprocedure::text AS f
            FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = '@schema@' AND (p.proname LIKE 'capture\\_%' OR p.proname LIKE 'truncate\\_%') LOOP
+           WHERE n.nspname = '@schema@' AND (p.proname LIKE 'capture\\_%' OR p.proname LIKE 'replica\\_%' OR p.proname LIKE 'truncate\\_%') LOOP
     EXECUTE format('DROP FUNCTION %s', r.f);
   END LOOP;
 END
