@@ -1610,13 +1610,19 @@ async fn the_install_creates_only_functions_that_are_called() {
             "cache_invalidation.claim_rows(integer,interval,bigint)",
             "cache_invalidation.delivered(bigint[])",
             "cache_invalidation.escape_text(text)",
+            "cache_invalidation.install_triggers(text)",
+            "cache_invalidation.invalidate_namespaces(text[])",
             "cache_invalidation.max_id()",
+            "cache_invalidation.on_ddl()",
+            "cache_invalidation.on_drop()",
+            "cache_invalidation.on_rewrite()",
             "cache_invalidation.pending_upto(bigint)",
             "cache_invalidation.render_bool(boolean)",
             "cache_invalidation.render_int(bigint)",
             "cache_invalidation.render_text(text)",
             "cache_invalidation.session_keys()",
             "cache_invalidation.transaction_keys()",
+            "cache_invalidation.tree(regclass)",
         ]
     );
     // Every function a client calls is granted by `grant_sql`, and only those.

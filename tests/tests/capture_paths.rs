@@ -134,6 +134,19 @@ impl Shop {
         }
     }
 
+    /// Turns the event triggers off, as on a server where the installing role is not a superuser: DDL
+    /// that breaks capture then goes through, and only the connect check notices.
+    async fn without_event_triggers(&self) {
+        sqlx::raw_sql(
+            "ALTER EVENT TRIGGER cache_invalidation_ddl DISABLE;
+             ALTER EVENT TRIGGER cache_invalidation_rewrite DISABLE;
+             ALTER EVENT TRIGGER cache_invalidation_drop DISABLE;",
+        )
+        .execute(&self.admin)
+        .await
+        .unwrap();
+    }
+
     /// What connecting a new pool to this database says.
     async fn connect_again(&self) -> Result<CachedPgPool, Error> {
         let options = self.pool.sqlx_pool().connect_options();
@@ -179,6 +192,7 @@ async fn writes_addressed_to_a_partition_are_captured() {
 #[tokio::test]
 async fn a_partition_attached_after_the_install_is_refused_until_capture_is_reinstalled() {
     let shop = Shop::new("late_partition", PARTITIONED).await;
+    shop.without_event_triggers().await;
     sqlx::raw_sql(
         "CREATE TABLE products_more PARTITION OF products FOR VALUES FROM (200) TO (300);
          INSERT INTO products VALUES (250, 3, 'desk', 300);",
@@ -274,6 +288,7 @@ async fn writes_in_replica_mode_are_captured() {
 #[tokio::test]
 async fn disabled_triggers_are_refused_at_connect() {
     let shop = Shop::new("disabled", PARTITIONED).await;
+    shop.without_event_triggers().await;
     sqlx::query("ALTER TABLE products_low DISABLE TRIGGER ALL")
         .execute(&shop.admin)
         .await
@@ -310,6 +325,7 @@ async fn disabled_triggers_are_refused_at_connect() {
 #[tokio::test]
 async fn a_table_dropped_and_created_again_is_refused_at_connect() {
     let shop = Shop::new("recreated", INHERITED).await;
+    shop.without_event_triggers().await;
     sqlx::raw_sql(
         "DROP TABLE products CASCADE;
          CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
@@ -329,6 +345,7 @@ async fn a_table_dropped_and_created_again_is_refused_at_connect() {
     }
     // A rebuilt table swapped in with RENAME is the same case.
     shop.pool.install_schema().await.unwrap();
+    shop.without_event_triggers().await;
     sqlx::raw_sql(
         "CREATE TABLE products_new (LIKE products INCLUDING ALL);
          ALTER TABLE products RENAME TO products_old;
@@ -590,4 +607,128 @@ async fn a_cte_ending_in_key_before_update_is_delivered_when_it_returns() {
     .unwrap();
     shop.fresh_now(1, "a CTE whose last word before UPDATE is `key`")
         .await;
+}
+
+/// With the event triggers (installed by a superuser), DDL on a registered table while the application
+/// runs is repaired or refused at once, and data it changes without DML is invalidated.
+mod ddl_while_running {
+    use super::*;
+
+    #[tokio::test]
+    async fn disabling_capture_is_refused() {
+        let shop = Shop::new("ddl_disable", PARTITIONED).await;
+        for sql in [
+            "ALTER TABLE products_low DISABLE TRIGGER ALL",
+            "ALTER TABLE products DISABLE TRIGGER cache_invalidation_replica",
+        ] {
+            let error = sqlx::query(sql).execute(&shop.admin).await.expect_err(sql);
+            assert!(error.to_string().contains("is disabled"), "{sql}: {error}");
+        }
+        // `ENABLE` (not ALWAYS) is switched back to ALWAYS: the pool still connects.
+        sqlx::query("ALTER TABLE products_low ENABLE TRIGGER ALL")
+            .execute(&shop.admin)
+            .await
+            .unwrap();
+        shop.connect_again().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_partition_created_later_is_captured_at_once() {
+        let shop = Shop::new("ddl_partition", PARTITIONED).await;
+        sqlx::raw_sql(
+            "CREATE TABLE products_more PARTITION OF products FOR VALUES FROM (200) TO (300);
+             INSERT INTO products VALUES (250, 3, 'desk', 300);",
+        )
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+        shop.connect_again().await.unwrap();
+        shop.warm(&[250]).await;
+        sqlx::query("UPDATE products_more SET price_cents = 301 WHERE id = 250")
+            .execute(&shop.pool)
+            .await
+            .unwrap();
+        shop.fresh_now(250, "UPDATE of a partition created after the install")
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_table_dropped_and_created_again_is_captured_at_once() {
+        let shop = Shop::new("ddl_recreate", INHERITED).await;
+        shop.warm(&[1]).await;
+        sqlx::raw_sql(
+            "DROP TABLE products CASCADE;
+             CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+               price_cents bigint NOT NULL);
+             INSERT INTO products VALUES (1, 1, 'lamp', 999);",
+        )
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+        shop.fresh_within_bound(1, "a row of a table dropped and created again")
+            .await;
+        shop.connect_again().await.unwrap();
+        shop.warm(&[1]).await;
+        sqlx::query("UPDATE products SET price_cents = 1000 WHERE id = 1")
+            .execute(&shop.pool)
+            .await
+            .unwrap();
+        shop.fresh_now(1, "UPDATE of the new table").await;
+    }
+
+    #[tokio::test]
+    async fn a_table_rewrite_invalidates_its_namespace() {
+        let shop = Shop::new("ddl_rewrite", INHERITED).await;
+        shop.warm(&[1]).await;
+        sqlx::query(
+            "ALTER TABLE products ALTER COLUMN price_cents TYPE numeric USING price_cents * 2",
+        )
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+        sqlx::query("ALTER TABLE products ALTER COLUMN price_cents TYPE bigint")
+            .execute(&shop.admin)
+            .await
+            .unwrap();
+        shop.fresh_within_bound(1, "a row rewritten by ALTER COLUMN … USING")
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_detached_partition_invalidates_the_tables_namespace() {
+        let shop = Shop::new("ddl_detach", PARTITIONED).await;
+        shop.warm(&[150]).await;
+        sqlx::query("ALTER TABLE products DETACH PARTITION products_high")
+            .execute(&shop.admin)
+            .await
+            .unwrap();
+        shop.fresh_within_bound(150, "a row of a detached partition")
+            .await;
+        assert_eq!(shop.cached_price(150).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_rebuilt_table_swapped_in_with_rename_is_captured_at_once() {
+        let shop = Shop::new("ddl_rename", INHERITED).await;
+        shop.warm(&[1]).await;
+        sqlx::raw_sql(
+            "CREATE TABLE products_new (LIKE products INCLUDING ALL);
+             INSERT INTO products_new SELECT id, category_id, name, price_cents * 10 FROM ONLY products;
+             ALTER TABLE products RENAME TO products_old;
+             ALTER TABLE products_new RENAME TO products;",
+        )
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+        shop.fresh_within_bound(1, "a row of the swapped-in table")
+            .await;
+        shop.connect_again().await.unwrap();
+        shop.warm(&[1]).await;
+        sqlx::query("UPDATE products SET price_cents = 7 WHERE id = 1")
+            .execute(&shop.admin)
+            .await
+            .unwrap();
+        shop.fresh_within_bound(1, "UPDATE of the swapped-in table")
+            .await;
+    }
 }
