@@ -12,12 +12,20 @@
 //!   so they commit or roll back (savepoints included) with the data.
 //! - `installed`: the [`Registry::fingerprint`] and [`SCHEMA_VERSION`] the triggers were generated from.
 //! - the rendering functions `escape_text(text)`, `render_text(text)`, `render_int(bigint)`,
-//!   `render_bool(boolean)`, equal byte for byte to the Rust rendering (see [`crate::KeyWriter`]).
+//!   `render_bool(boolean)`, equal byte for byte to the Rust rendering (see [`crate::key::KeyWriter`]).
 //! - per registered table, one `SECURITY DEFINER` capture function (with `search_path` pinned to
 //!   `pg_catalog, pg_temp`, so a role with only DML rights on its tables writes normally and cannot redirect
 //!   the function) and the triggers `cache_invalidation_insert` / `_update` / `_delete` (statement-level with
 //!   transition tables by default, see [`TriggerMode`]) and `cache_invalidation_truncate`, which writes the
 //!   *shapes* of the entity's templates (`product:<>`): the store invalidates the whole namespace.
+//!   The triggers are created on the table and on each of its partitions and inheritance children, `ENABLE
+//!   ALWAYS` (they fire with `session_replication_role = replica` too); in statement mode a row trigger
+//!   `cache_invalidation_replica`, `ENABLE REPLICA`, captures what logical-replication apply writes (it
+//!   fires row triggers only). The trigger DDL of each table is recorded in `captured`, from which
+//!   `install_triggers(table)` creates missing triggers, at install and when the DDL guard repairs.
+//! - the DDL guard (when the installing role is a superuser): event triggers that install capture on
+//!   tables and partitions that appear under a registered name, refuse `DISABLE TRIGGER` on capture, and
+//!   invalidate a table's namespaces on `DETACH`, rewrites and drops (see `ddl.sql`).
 //! - functions the runtime calls (all `SECURITY DEFINER`): `transaction_keys()`, `session_keys()`,
 //!   `claim_rows(int, interval, bigint)` (the same with row ages, or every row up to an id
 //!   whatever its age: the drain after a store outage), `delivered(bigint[])`, `backlog()` (depth, highest id, oldest row's age: the
@@ -26,7 +34,11 @@
 //!   may call them, so no other role can read or delete undelivered rows.
 //!
 //! Sessions that are not wrapped (psql, another service, a plain `PgPool`) also `pg_notify` the channel
-//! [`NOTIFY_CHANNEL`], on which the relay listens.
+//! [`NOTIFY_CHANNEL`], on which the relay listens, unless the server allows prepared transactions (a
+//! `NOTIFY` makes `PREPARE TRANSACTION` fail; relays then find the rows by their sweep).
+//!
+//! [`PgSchema::verify`], run by every pool at connect, checks the triggers of every table, partition and
+//! child and the connecting role's grants, and refuses broken capture with what to run.
 //!
 //! # Installing
 //!
