@@ -93,7 +93,8 @@ pub enum Error {
     #[error(
         "cache invalidation capture is broken, so writes would leave cached values stale:\n- {}\nRe-install the \
          triggers from this build (`CachedPool::install_schema()`, `auto_install(true)` on the pool's options, or \
-         apply `PgSchema::new(registry()).sql()` as a migration) and find what removed them",
+         apply `PgSchema::new(registry()).sql()` / `SqliteSchema::new(registry()).sql()` as a migration) and find \
+         what removed them",
         .0.join("\n- ")
     )]
     CaptureBroken(Vec<String>),

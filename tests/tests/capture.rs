@@ -2176,3 +2176,64 @@ async fn a_slow_store_gets_each_wrapped_write_once() {
 async fn sqlite_a_slow_store_gets_each_wrapped_write_once() {
     sqlite::a_slow_store_gets_each_wrapped_write_once().await;
 }
+
+/// SQLite drops a table's triggers with the table: a table dropped and created again (or a rebuilt table
+/// renamed into place, the usual SQLite migration) is refused at connect until capture is re-installed.
+#[tokio::test]
+async fn sqlite_a_table_dropped_and_created_again_is_refused_at_connect() {
+    let db = TestSqlite::create("sqlite_recreated").await;
+    let plain = db.pool().await;
+    sqlx::raw_sql(TABLES).execute(&plain).await.unwrap();
+    let connect = || {
+        CachedSqlitePool::options()
+            .registry(shop())
+            .run_relay(false)
+            .connect_with(db.options(), MemoryStore::new(100))
+    };
+    CachedSqlitePool::options()
+        .registry(shop())
+        .auto_install(true)
+        .run_relay(false)
+        .connect_with(db.options(), MemoryStore::new(100))
+        .await
+        .unwrap()
+        .close()
+        .await;
+    connect().await.unwrap().close().await;
+    sqlx::raw_sql(
+        "CREATE TABLE products_new (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+           price_cents bigint NOT NULL);
+         INSERT INTO products_new SELECT * FROM products;
+         DROP TABLE products;
+         ALTER TABLE products_new RENAME TO products;",
+    )
+    .execute(&plain)
+    .await
+    .unwrap();
+    match connect().await {
+        Err(Error::CaptureBroken(problems)) => {
+            assert!(
+                problems.contains(
+                    &"products has no trigger cache_invalidation_products_update".to_owned()
+                ),
+                "{problems:?}"
+            );
+            assert!(
+                Error::CaptureBroken(problems)
+                    .to_string()
+                    .contains("SqliteSchema::new(registry()).sql()")
+            );
+        }
+        other => panic!("expected CaptureBroken, got {other:?}"),
+    }
+    CachedSqlitePool::options()
+        .registry(shop())
+        .auto_install(true)
+        .run_relay(false)
+        .connect_with(db.options(), MemoryStore::new(100))
+        .await
+        .unwrap()
+        .close()
+        .await;
+    connect().await.unwrap().close().await;
+}

@@ -557,9 +557,16 @@ async fn huge_update(rows: i64) {
         .await
         .unwrap();
     let took = start.elapsed();
+    let bytes: Option<i64> = sqlx::query_scalar(
+        "SELECT sum(pg_column_size(keys))::bigint FROM cache_invalidation.outbox",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
     eprintln!(
-        "UPDATE of {rows} rows through the pool, {} keys: {took:?}",
-        rows + 10
+        "UPDATE of {rows} rows through the pool, {} keys: {took:?}; outbox: {} bytes",
+        rows + 10,
+        bytes.unwrap_or(0)
     );
     for id in sample {
         assert!(

@@ -202,7 +202,40 @@ async fn verify(registry: &Registry, conn: &mut SqliteConnection) -> Result<(), 
     } else {
         None
     };
-    check_installed(row, registry, SQLITE_SCHEMA_VERSION)
+    check_installed(row, registry, SQLITE_SCHEMA_VERSION)?;
+    check_triggers(registry, conn).await
+}
+
+/// Every registered table has its triggers (a table dropped and created again, or swapped in with
+/// `ALTER TABLE … RENAME`, has none: SQLite drops a table's triggers with it).
+async fn check_triggers(registry: &Registry, conn: &mut SqliteConnection) -> Result<(), Error> {
+    let present: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' \
+         AND name LIKE 'cache\\_invalidation\\_%' ESCAPE '\\'",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut problems = Vec::new();
+    for table in tables(registry).into_keys() {
+        let mut expected = vec!["insert", "update", "delete"];
+        if !key_columns(registry, table).is_empty() {
+            expected.push("replace");
+        }
+        for op in expected {
+            let name = trigger_name(table, op);
+            let on_table = present
+                .iter()
+                .any(|(n, t)| n == &name && t.eq_ignore_ascii_case(table));
+            if !on_table {
+                problems.push(format!("{table} has no trigger {name}"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::CaptureBroken(problems))
+    }
 }
 
 /// Every missing table or placeholder column of every entity, in one [`Error::Columns`].
