@@ -264,26 +264,20 @@ BEGIN
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION cache_invalidation.on_rewrite() RETURNS event_trigger
+-- A registered table rewritten (table_rewrite) or dropped (sql_drop): its rows changed without DML.
+CREATE OR REPLACE FUNCTION cache_invalidation.on_rewrite_or_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   cap record;
 BEGIN
   FOR cap IN SELECT c.* FROM cache_invalidation.captured c
-             WHERE to_regclass(c.qualified) IS NOT NULL AND EXISTS (
-               SELECT 1 FROM cache_invalidation.tree(to_regclass(c.qualified)) r WHERE r.rel = pg_event_trigger_table_rewrite_oid()) LOOP
-    PERFORM cache_invalidation.invalidate_namespaces(cap.shapes);
-  END LOOP;
-END
-$fn$;
-
-CREATE OR REPLACE FUNCTION cache_invalidation.on_drop() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-  cap record;
-BEGIN
-  FOR cap IN SELECT c.* FROM cache_invalidation.captured c JOIN pg_event_trigger_dropped_objects() d
-               ON d.object_type = 'table' AND d.schema_name = c.schema_name AND d.object_name = c.table_name LOOP
+             WHERE CASE WHEN TG_EVENT = 'table_rewrite' THEN to_regclass(c.qualified) IS NOT NULL AND EXISTS (
+                          SELECT 1 FROM cache_invalidation.tree(to_regclass(c.qualified)) r
+                          WHERE r.rel = pg_event_trigger_table_rewrite_oid())
+                        ELSE EXISTS (
+                          SELECT 1 FROM pg_event_trigger_dropped_objects() d
+                          WHERE d.object_type = 'table' AND d.schema_name = c.schema_name
+                            AND d.object_name = c.table_name) END LOOP
     PERFORM cache_invalidation.invalidate_namespaces(cap.shapes);
   END LOOP;
 END
@@ -301,9 +295,9 @@ BEGIN
   CREATE EVENT TRIGGER cache_invalidation_ddl ON ddl_command_end
     WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
     EXECUTE FUNCTION cache_invalidation.on_ddl();
-  CREATE EVENT TRIGGER cache_invalidation_rewrite ON table_rewrite EXECUTE FUNCTION cache_invalidation.on_rewrite();
+  CREATE EVENT TRIGGER cache_invalidation_rewrite ON table_rewrite EXECUTE FUNCTION cache_invalidation.on_rewrite_or_drop();
   CREATE EVENT TRIGGER cache_invalidation_drop ON sql_drop WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED')
-    EXECUTE FUNCTION cache_invalidation.on_drop();
+    EXECUTE FUNCTION cache_invalidation.on_rewrite_or_drop();
   ALTER EVENT TRIGGER cache_invalidation_ddl ENABLE ALWAYS;
   ALTER EVENT TRIGGER cache_invalidation_rewrite ENABLE ALWAYS;
   ALTER EVENT TRIGGER cache_invalidation_drop ENABLE ALWAYS;
