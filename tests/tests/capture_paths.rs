@@ -739,3 +739,63 @@ mod ddl_while_running {
             .await;
     }
 }
+
+/// The role that owns the tables but is not a superuser (managed PostgreSQL services) installs capture
+/// without the DDL guard (event triggers need a superuser): writes are captured, and a pool connects.
+#[tokio::test]
+async fn an_owner_that_is_not_a_superuser_installs_without_the_ddl_guard() {
+    let db = TestDb::create("owner").await;
+    let admin = db.pool().await;
+    let owner = format!("owner_{}", std::process::id());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {owner}; CREATE ROLE {owner} LOGIN;
+         GRANT CREATE ON DATABASE \"{}\" TO {owner}; GRANT CREATE ON SCHEMA public TO {owner};",
+        db.name
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let options = (*admin.connect_options()).clone().username(&owner);
+    let as_owner = PgPool::connect_with(options.clone()).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(INHERITED.to_owned()))
+        .execute(&as_owner)
+        .await
+        .unwrap();
+    let pool = CachedPgPool::options()
+        .registry(registry())
+        .auto_install(true)
+        .connect_with(options, MemoryStore::default())
+        .await
+        .unwrap();
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'cache\\_invalidation\\_%'",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(events, 0, "no DDL guard without a superuser");
+    let price = || async {
+        pool.cache()
+            .get_or_load(key!("product:<id>", id = 1_i64), || async {
+                sqlx::query_scalar::<_, i64>("SELECT price_cents FROM products WHERE id = 1")
+                    .fetch_optional(&as_owner)
+                    .await
+            })
+            .await
+            .unwrap()
+    };
+    assert_eq!(price().await, Some(100));
+    sqlx::query("UPDATE products SET price_cents = 5 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(price().await, Some(5));
+    pool.close().await;
+    as_owner.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {owner} CASCADE; DROP ROLE {owner};"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+}
