@@ -147,6 +147,20 @@ impl Shop {
         .unwrap();
     }
 
+    /// Asserts that a new pool is refused with a capture problem containing `needle`; returns the error.
+    async fn refused(&self, needle: &str) -> Error {
+        match self.connect_again().await {
+            Err(Error::CaptureBroken(problems)) => {
+                assert!(
+                    problems.iter().any(|p| p.contains(needle)),
+                    "{needle}: {problems:?}"
+                );
+                Error::CaptureBroken(problems)
+            }
+            other => panic!("expected CaptureBroken ({needle}), got {other:?}"),
+        }
+    }
+
     /// What connecting a new pool to this database says.
     async fn connect_again(&self) -> Result<CachedPgPool, Error> {
         let options = self.pool.sqlx_pool().connect_options();
@@ -200,15 +214,8 @@ async fn a_partition_attached_after_the_install_is_refused_until_capture_is_rein
     .execute(&shop.admin)
     .await
     .unwrap();
-    match shop.connect_again().await {
-        Err(Error::CaptureBroken(problems)) => assert!(
-            problems
-                .iter()
-                .any(|p| p.contains("products_more has no trigger cache_invalidation_")),
-            "{problems:?}"
-        ),
-        other => panic!("expected CaptureBroken, got {other:?}"),
-    }
+    shop.refused("products_more has no trigger cache_invalidation_")
+        .await;
     shop.pool.install_schema().await.unwrap();
     shop.connect_again().await.unwrap();
     shop.warm(&[250]).await;
@@ -293,31 +300,17 @@ async fn disabled_triggers_are_refused_at_connect() {
         .execute(&shop.admin)
         .await
         .unwrap();
-    match shop.connect_again().await {
-        Err(Error::CaptureBroken(problems)) => {
-            assert!(
-                problems
-                    .iter()
-                    .any(|p| p.contains("on products_low is disabled")),
-                "{problems:?}"
-            );
-            let message = Error::CaptureBroken(problems).to_string();
-            assert!(message.contains("install_schema()"), "{message}");
-        }
-        other => panic!("expected CaptureBroken, got {other:?}"),
-    }
+    let message = shop
+        .refused("on products_low is disabled")
+        .await
+        .to_string();
+    assert!(message.contains("install_schema()"), "{message}");
     // `ENABLE` (not `ENABLE ALWAYS`) would stop capture in replica mode: refused too.
     sqlx::query("ALTER TABLE products_low ENABLE TRIGGER ALL")
         .execute(&shop.admin)
         .await
         .unwrap();
-    match shop.connect_again().await {
-        Err(Error::CaptureBroken(problems)) => assert!(
-            problems.iter().any(|p| p.contains("not ENABLE ALWAYS")),
-            "{problems:?}"
-        ),
-        other => panic!("expected CaptureBroken, got {other:?}"),
-    }
+    shop.refused("not ENABLE ALWAYS").await;
     shop.pool.install_schema().await.unwrap();
     shop.connect_again().await.unwrap();
 }
@@ -334,15 +327,8 @@ async fn a_table_dropped_and_created_again_is_refused_at_connect() {
     .execute(&shop.admin)
     .await
     .unwrap();
-    match shop.connect_again().await {
-        Err(Error::CaptureBroken(problems)) => assert!(
-            problems
-                .iter()
-                .any(|p| p.contains("products has no trigger cache_invalidation_update")),
-            "{problems:?}"
-        ),
-        other => panic!("expected CaptureBroken, got {other:?}"),
-    }
+    shop.refused("products has no trigger cache_invalidation_update")
+        .await;
     // A rebuilt table swapped in with RENAME is the same case.
     shop.pool.install_schema().await.unwrap();
     shop.without_event_triggers().await;
