@@ -186,6 +186,18 @@ CREATE TABLE IF NOT EXISTS cache_invalidation.captured (
 );
 REVOKE ALL ON cache_invalidation.captured FROM PUBLIC;
 
+-- What each build (registry fingerprint) recorded of its entities per table: a table's capture renders the
+-- templates of all of them (see the Rust module `parts`).
+CREATE TABLE IF NOT EXISTS cache_invalidation.capture_parts (
+  tbl text NOT NULL,
+  installer text NOT NULL,
+  fingerprint text NOT NULL,
+  entities text NOT NULL,
+  installed_at timestamptz NOT NULL,
+  PRIMARY KEY (tbl, installer)
+);
+GRANT SELECT ON cache_invalidation.capture_parts TO PUBLIC;
+
 -- Writes the namespaces `shapes` to the outbox (as an unwrapped session: every relay is notified).
 CREATE OR REPLACE FUNCTION cache_invalidation.invalidate_namespaces(shapes text[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -304,25 +316,28 @@ BEGIN
 END
 $events$;
 REVOKE ALL ON FUNCTION cache_invalidation.transaction_keys(), cache_invalidation.session_keys(), cache_invalidation.claim_rows(integer, interval, bigint), cache_invalidation.backlog(), cache_invalidation.max_id(), cache_invalidation.pending_upto(bigint), cache_invalidation.delivered(bigint[]) FROM PUBLIC;
-
+DO $others$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT p.tbl, p.installer FROM cache_invalidation.capture_parts p
+           JOIN (VALUES ('app_users', '5a19ee474922e8d3'), ('categories', '44257159d43e1fff'), ('products', 'd38d438b66f5a4ee')) AS own(tbl, fingerprint) ON own.tbl = p.tbl
+           WHERE p.installer <> 'c7ad8b282b8f7b1e' AND p.fingerprint <> own.fingerprint LOOP
+    RAISE EXCEPTION 'cache invalidation: build % also captures table % with other templates; this script would drop its keys', r.installer, r.tbl
+      USING HINT = 'Install with PgSchema::install (auto_install), which keeps the keys of every build, or retire that build first (PgSchema::retire).';
+  END LOOP;
+END
+$others$;
 DO $drop$
 DECLARE r record;
 BEGIN
-  FOR r IN SELECT t.tgname, t.tgrelid::regclass::text AS rel
-           FROM pg_catalog.pg_trigger t
-           JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-           JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = 'cache_invalidation' AND NOT t.tgisinternal AND t.tgparentid = 0 LOOP
+  FOR r IN SELECT t.tgname, t.tgrelid::regclass::text AS rel FROM pg_catalog.pg_trigger t
+           WHERE t.tgfoid IN (to_regprocedure('cache_invalidation.capture_4c5433fe3c4804ff()'), to_regprocedure('cache_invalidation.replica_4c5433fe3c4804ff()'), to_regprocedure('cache_invalidation.truncate_4c5433fe3c4804ff()')) AND NOT t.tgisinternal AND t.tgparentid = 0 LOOP
     EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
   END LOOP;
-  FOR r IN SELECT p.oid::regprocedure::text AS f
-           FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = 'cache_invalidation' AND (p.proname LIKE 'capture\_%' OR p.proname LIKE 'replica\_%' OR p.proname LIKE 'truncate\_%') LOOP
-    EXECUTE format('DROP FUNCTION %s', r.f);
-  END LOOP;
-  DELETE FROM cache_invalidation.captured;
 END
 $drop$;
+DROP FUNCTION IF EXISTS cache_invalidation.capture_4c5433fe3c4804ff(), cache_invalidation.replica_4c5433fe3c4804ff(), cache_invalidation.truncate_4c5433fe3c4804ff();
+DELETE FROM cache_invalidation.captured WHERE tbl = '"app_users"';
 
 -- table app_users, entity User
 CREATE OR REPLACE FUNCTION cache_invalidation.capture_4c5433fe3c4804ff() RETURNS trigger
@@ -379,6 +394,29 @@ ALTER TABLE @rel@ ENABLE ALWAYS TRIGGER cache_invalidation_row;
 ', ARRAY['tenant:<>:user:<>', 'team:<>:members', 'admins:<>']
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = '"app_users"'::regclass;
 SELECT cache_invalidation.install_triggers('"app_users"');
+INSERT INTO cache_invalidation.capture_parts (tbl, installer, fingerprint, entities, installed_at)
+VALUES ('app_users', 'c7ad8b282b8f7b1e', '5a19ee474922e8d3', 'entity User app_users 5400000
+template tenant%3A%3Ctenant%3E%3Auser%3A%3Chandle%3E
+template team%3A%3Cteam_id%3E%3Amembers
+template admins%3A%3Cis_admin%3E
+column tenant tenant text
+column handle handle text
+column team_id team int
+column is_admin is_admin bool
+', now())
+ON CONFLICT (tbl, installer) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, entities = EXCLUDED.entities,
+  installed_at = EXCLUDED.installed_at;
+DO $drop$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT t.tgname, t.tgrelid::regclass::text AS rel FROM pg_catalog.pg_trigger t
+           WHERE t.tgfoid IN (to_regprocedure('cache_invalidation.capture_a9b45f49b577aded()'), to_regprocedure('cache_invalidation.replica_a9b45f49b577aded()'), to_regprocedure('cache_invalidation.truncate_a9b45f49b577aded()')) AND NOT t.tgisinternal AND t.tgparentid = 0 LOOP
+    EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
+  END LOOP;
+END
+$drop$;
+DROP FUNCTION IF EXISTS cache_invalidation.capture_a9b45f49b577aded(), cache_invalidation.replica_a9b45f49b577aded(), cache_invalidation.truncate_a9b45f49b577aded();
+DELETE FROM cache_invalidation.captured WHERE tbl = '"categories"';
 
 -- table categories, entity Category
 CREATE OR REPLACE FUNCTION cache_invalidation.capture_a9b45f49b577aded() RETURNS trigger
@@ -435,6 +473,25 @@ ALTER TABLE @rel@ ENABLE ALWAYS TRIGGER cache_invalidation_row;
 ', ARRAY['category:<>', 'category:<>:products']
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = '"categories"'::regclass;
 SELECT cache_invalidation.install_triggers('"categories"');
+INSERT INTO cache_invalidation.capture_parts (tbl, installer, fingerprint, entities, installed_at)
+VALUES ('categories', 'c7ad8b282b8f7b1e', '44257159d43e1fff', 'entity Category categories 3600000
+template category%3A%3Cid%3E
+template category%3A%3Cid%3E%3Aproducts
+column id id int
+', now())
+ON CONFLICT (tbl, installer) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, entities = EXCLUDED.entities,
+  installed_at = EXCLUDED.installed_at;
+DO $drop$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT t.tgname, t.tgrelid::regclass::text AS rel FROM pg_catalog.pg_trigger t
+           WHERE t.tgfoid IN (to_regprocedure('cache_invalidation.capture_eea90aa769b1462d()'), to_regprocedure('cache_invalidation.replica_eea90aa769b1462d()'), to_regprocedure('cache_invalidation.truncate_eea90aa769b1462d()')) AND NOT t.tgisinternal AND t.tgparentid = 0 LOOP
+    EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
+  END LOOP;
+END
+$drop$;
+DROP FUNCTION IF EXISTS cache_invalidation.capture_eea90aa769b1462d(), cache_invalidation.replica_eea90aa769b1462d(), cache_invalidation.truncate_eea90aa769b1462d();
+DELETE FROM cache_invalidation.captured WHERE tbl = '"products"';
 
 -- table products, entity Product
 CREATE OR REPLACE FUNCTION cache_invalidation.capture_eea90aa769b1462d() RETURNS trigger
@@ -491,6 +548,15 @@ ALTER TABLE @rel@ ENABLE ALWAYS TRIGGER cache_invalidation_row;
 ', ARRAY['product:<>', 'category:<>:products']
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = '"products"'::regclass;
 SELECT cache_invalidation.install_triggers('"products"');
+INSERT INTO cache_invalidation.capture_parts (tbl, installer, fingerprint, entities, installed_at)
+VALUES ('products', 'c7ad8b282b8f7b1e', 'd38d438b66f5a4ee', 'entity Product products 600000
+template product%3A%3Cid%3E
+template category%3A%3Ccategory_id%3E%3Aproducts
+column id id int
+column category_id category_id int
+', now())
+ON CONFLICT (tbl, installer) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, entities = EXCLUDED.entities,
+  installed_at = EXCLUDED.installed_at;
 INSERT INTO cache_invalidation.installed (singleton, fingerprint, schema_version, trigger_mode, installed_at)
 VALUES (true, 'c7ad8b282b8f7b1e', 3, 'row', now())
 ON CONFLICT (singleton) DO UPDATE SET fingerprint = EXCLUDED.fingerprint,

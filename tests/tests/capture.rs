@@ -1507,13 +1507,20 @@ async fn install_is_idempotent_and_replaces_old_triggers() {
     keys.iter_mut().for_each(|k| k.sort());
     assert_eq!(keys, [vec!["category:1:products", "product:1"]]);
 
-    // Re-installing with fewer entities removes the triggers of tables no longer registered, and can
-    // switch to row triggers.
+    // Installs are additive: installing fewer entities (another build) keeps the first build's capture
+    // of the other tables, and can switch to row triggers. Retiring the first build removes its capture
+    // of the tables no other build records.
     let products_only = Registry::new([Product::META]);
     let mut conn = admin.acquire().await.unwrap();
     PgSchema::new(&products_only)
         .trigger_mode(TriggerMode::Row)
         .install(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(triggers("reviews").await.len(), 5);
+    PgSchema::new(&products_only)
+        .trigger_mode(TriggerMode::Row)
+        .retire(&mut conn, &registry.fingerprint())
         .await
         .unwrap();
     assert!(triggers("categories").await.is_empty());

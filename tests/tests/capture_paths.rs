@@ -785,3 +785,175 @@ async fn an_owner_that_is_not_a_superuser_installs_without_the_ddl_guard() {
     .await
     .unwrap();
 }
+
+/// Several services and builds on one database: installs are additive and owned.
+mod shared_database {
+    use std::collections::BTreeSet;
+
+    use cache_runtime::backend::postgres::PgSchema;
+    use tests::RecordingStore;
+    use tests::model::Category;
+
+    use super::*;
+
+    /// The next build of the product entity: another dependent key (`shelf:<…>`), the same own key.
+    #[derive(CachedEntity, sqlx::FromRow)]
+    #[cached_entity(table = "products", key = "product:<pid>", depends = ["shelf:<category_id>"])]
+    #[allow(dead_code)] // only its metadata is used
+    struct ProductV2 {
+        #[sqlx(rename = "id")]
+        pid: i64,
+        category_id: i64,
+    }
+
+    const TABLES: &str = "
+CREATE TABLE categories (id bigint PRIMARY KEY, name text NOT NULL);
+CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+  price_cents bigint NOT NULL);
+INSERT INTO categories VALUES (1, 'lamps');
+INSERT INTO products VALUES (1, 1, 'lamp', 100);
+";
+
+    async fn database(hint: &str) -> (TestDb, PgPool) {
+        let db = TestDb::create(hint).await;
+        let admin = db.pool().await;
+        sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
+        (db, admin)
+    }
+
+    async fn pool(
+        db: &TestDb,
+        registry: Registry,
+        store: RecordingStore,
+    ) -> Result<CachedPgPool, Error> {
+        CachedPgPool::options()
+            .registry(registry)
+            .auto_install(true)
+            .connect(&db.url, store)
+            .await
+    }
+
+    /// The keys `store` saw invalidated once `sql` (by another client) was relayed.
+    async fn relayed(
+        admin: &PgPool,
+        pool: &CachedPgPool,
+        store: &RecordingStore,
+        sql: &str,
+    ) -> BTreeSet<String> {
+        let before = store.calls().len();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(admin)
+            .await
+            .unwrap();
+        let start = Instant::now();
+        while store.calls().len() == before {
+            assert!(start.elapsed() < RELAY_BOUND, "{sql}: not relayed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pool.relay().deliver_pending().await.unwrap();
+        store.calls()[before..].iter().flatten().cloned().collect()
+    }
+
+    #[tokio::test]
+    async fn two_services_with_disjoint_registries_keep_each_others_capture() {
+        let (db, admin) = database("services").await;
+        // One store for both (a row reaches the store of the relay that claims it: several stores on one
+        // database are not supported yet).
+        let a_store = RecordingStore::new(MemoryStore::default());
+        let b_store = a_store.clone();
+        let a = pool(&db, Registry::new([Product::META]), a_store.clone())
+            .await
+            .unwrap();
+        let b = pool(&db, Registry::new([Category::META]), b_store.clone())
+            .await
+            .unwrap();
+        // A installs again (a restart, a new pool): B's capture stays.
+        let a2 = pool(
+            &db,
+            Registry::new([Product::META]),
+            RecordingStore::new(MemoryStore::default()),
+        )
+        .await
+        .unwrap();
+        a2.close().await;
+        let keys = relayed(
+            &admin,
+            &b,
+            &b_store,
+            "UPDATE categories SET name = 'x' WHERE id = 1",
+        )
+        .await;
+        assert!(keys.contains("category:1"), "{keys:?}");
+        let keys = relayed(
+            &admin,
+            &a,
+            &a_store,
+            "UPDATE products SET price_cents = 1 WHERE id = 1",
+        )
+        .await;
+        assert!(keys.contains("product:1"), "{keys:?}");
+    }
+
+    #[tokio::test]
+    async fn a_rolling_deploy_invalidates_the_keys_of_both_builds_until_the_old_one_is_retired() {
+        let (db, admin) = database("rolling").await;
+        let v1 = Registry::new([Product::META]);
+        let v2 = Registry::new([ProductV2::META]);
+        let store = RecordingStore::new(MemoryStore::default());
+        let old = pool(&db, v1.clone(), store.clone()).await.unwrap();
+        let new = pool(&db, v2.clone(), store.clone()).await.unwrap();
+        // Both builds run: a write invalidates the keys each of them reads.
+        let keys = relayed(
+            &admin,
+            &new,
+            &store,
+            "UPDATE products SET price_cents = 2 WHERE id = 1",
+        )
+        .await;
+        for key in ["product:1", "category:1:products", "shelf:1"] {
+            assert!(keys.contains(key), "{key}: {keys:?}");
+        }
+        // Both builds still connect (a restart of an old process during the deploy).
+        pool(&db, v1.clone(), store.clone())
+            .await
+            .unwrap()
+            .close()
+            .await;
+        // The old build's exported script would drop the new build's keys: it refuses.
+        let error = sqlx::raw_sql(sqlx::AssertSqlSafe(PgSchema::new(&v1).sql()))
+            .execute(&admin)
+            .await
+            .expect_err("the exported script refuses to drop another build's keys");
+        assert!(
+            error.to_string().contains("also captures table products"),
+            "{error}"
+        );
+        // The old build is gone: retire it; only the new build's keys remain.
+        old.close().await;
+        let mut conn = admin.acquire().await.unwrap();
+        PgSchema::new(&v2)
+            .retire(&mut conn, &v1.fingerprint())
+            .await
+            .unwrap();
+        drop(conn);
+        let keys = relayed(
+            &admin,
+            &new,
+            &store,
+            "UPDATE products SET price_cents = 3 WHERE id = 1",
+        )
+        .await;
+        assert!(
+            keys.contains("shelf:1") && !keys.contains("category:1:products"),
+            "{keys:?}"
+        );
+        match pool(&db, v1, RecordingStore::new(MemoryStore::default()))
+            .await
+            .map(drop)
+        {
+            // A retired build reinstalls on connect (auto_install): it joins again.
+            Ok(()) => {}
+            Err(other) => panic!("a retired build installs again: {other}"),
+        }
+    }
+}

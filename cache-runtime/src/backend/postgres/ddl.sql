@@ -20,6 +20,18 @@ CREATE TABLE IF NOT EXISTS @schema@.captured (
 );
 REVOKE ALL ON @schema@.captured FROM PUBLIC;
 
+-- What each build (registry fingerprint) recorded of its entities per table: a table's capture renders the
+-- templates of all of them (see the Rust module `parts`).
+CREATE TABLE IF NOT EXISTS @schema@.capture_parts (
+  tbl text NOT NULL,
+  installer text NOT NULL,
+  fingerprint text NOT NULL,
+  entities text NOT NULL,
+  installed_at timestamptz NOT NULL,
+  PRIMARY KEY (tbl, installer)
+);
+GRANT SELECT ON @schema@.capture_parts TO PUBLIC;
+
 -- Writes the namespaces `shapes` to the outbox (as an unwrapped session: every relay is notified).
 CREATE OR REPLACE FUNCTION @schema@.invalidate_namespaces(shapes text[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$

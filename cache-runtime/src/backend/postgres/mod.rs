@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::registry::Registry;
 
 mod check;
+mod parts;
 mod schema;
 
 pub use schema::PgSchema;

@@ -42,10 +42,16 @@
 //!
 //! # Installing
 //!
-//! [`PgSchema::install`] runs [`PgSchema::sql`] in one transaction under an advisory lock; it is idempotent and
-//! replaces the triggers of a previous install (triggers of tables no longer registered are dropped). The same
-//! SQL can be applied by a migration tool (`sqlx migrate`): write [`PgSchema::sql`] into a migration file, and
-//! generate a new one whenever the fingerprint changes.
+//! [`PgSchema::install`] runs the install script in one transaction under an advisory lock; it is idempotent.
+//! Installs are **additive and owned**: an install replaces the capture of its registry's tables only, and
+//! each build (named by its registry's fingerprint) records its entities per table (`capture_parts`), so a
+//! table's capture renders the templates of every build that installed it. Two services with disjoint
+//! registries keep each other's capture; during a rolling deploy both builds' keys are invalidated until
+//! the old build is retired ([`PgSchema::retire`]); a table no build records any more loses its capture
+//! when the last one is retired. The same SQL can be applied by a migration tool (`sqlx migrate`): write
+//! [`PgSchema::sql`] into a migration file, and generate a new one whenever the fingerprint changes; that
+//! script holds this build's templates only, and refuses to run where another build captures one of its
+//! tables with other templates (use `install`, which keeps them).
 //!
 //! Requires PostgreSQL 13 or later (`xid8`, `pg_current_xact_id`); `MERGE` needs 15.
 //!
@@ -57,7 +63,7 @@ use std::fmt::Write as _;
 use sqlx::PgConnection;
 
 use super::{NOTIFY_CHANNEL, SCHEMA, SCHEMA_VERSION, SEEN_SETTING, WRAPPED_SETTING, function};
-use crate::backend::{TriggerMode, all_or_nothing, check_installed, ident, literal};
+use crate::backend::{TriggerMode, all_or_nothing, ident, literal};
 use crate::entity::EntityMeta;
 use crate::error::{ColumnProblem, Error, Problem};
 use crate::key::{NULL_RENDERING, PartKind, Segment, Template};
@@ -65,6 +71,11 @@ use crate::registry::{Registry, fnv1a64};
 
 /// Advisory lock key taken by the install (`hashtext`-free constant: "cacheinv" in ASCII).
 const INSTALL_LOCK: i64 = 0x6361_6368_6569_6e76;
+
+/// The statement taking the install lock (until the end of the transaction).
+pub(super) fn install_lock_sql() -> String {
+    format!("SELECT pg_advisory_xact_lock({INSTALL_LOCK})")
+}
 
 /// The regular-expression character class of the bytes that render as themselves (ASCII only, evaluated
 /// with the `C` collation), from the one definition of the escaping rule.
@@ -121,6 +132,13 @@ impl<'r> PgSchema<'r> {
     /// as `sqlx migrate` runs a migration). It checks the placeholder columns first and fails with a message
     /// naming table, column and entity.
     pub fn sql(&self) -> String {
+        self.script(&self.merged(&[]), true)
+    }
+
+    /// The install script for `tables` (one entity per table, standing for every build that installed
+    /// it). `exported`: a script applied without this crate (a migration), which refuses to drop another
+    /// build's differing capture of these tables instead of keeping it.
+    pub(super) fn script(&self, tables: &[&'static EntityMeta], exported: bool) -> String {
         let mut sql = String::with_capacity(16 * 1024);
         let _ = writeln!(
             sql,
@@ -138,9 +156,13 @@ impl<'r> PgSchema<'r> {
             "REVOKE ALL ON FUNCTION {} FROM PUBLIC;",
             CLIENT_FUNCTIONS.join(", ")
         );
-        sql.push_str(&fill(DROP_CAPTURE_SQL));
-        for entity in self.tables() {
+        if exported {
+            sql.push_str(&self.others_guard_sql());
+        }
+        for entity in tables {
+            sql.push_str(&drop_table_sql(entity.table));
             sql.push_str(&self.table_sql(entity));
+            sql.push_str(&self.part_sql(entity.table));
         }
         let _ = writeln!(
             sql,
@@ -153,6 +175,76 @@ impl<'r> PgSchema<'r> {
             literal(self.mode.as_str()),
         );
         sql
+    }
+
+    /// One entity per registered table, standing for this registry's entities of the table and for
+    /// `others` (entities other builds recorded for it).
+    pub(super) fn merged(&self, others: &[&'static EntityMeta]) -> Vec<&'static EntityMeta> {
+        self.tables()
+            .into_iter()
+            .filter_map(|first| {
+                let mut entities: Vec<&'static EntityMeta> =
+                    self.registry.for_table(first.table).collect();
+                entities.extend(others.iter().copied().filter(|e| e.table == first.table));
+                super::parts::merge(&entities)
+            })
+            .collect()
+    }
+
+    /// Records this build's entities of `table` (see the `parts` module).
+    fn part_sql(&self, table: &str) -> String {
+        let entities: Vec<&EntityMeta> = self.registry.for_table(table).collect();
+        format!(
+            "INSERT INTO {SCHEMA}.capture_parts (tbl, installer, fingerprint, entities, installed_at)
+VALUES ({}, {}, {}, {}, now())
+ON CONFLICT (tbl, installer) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, entities = EXCLUDED.entities,
+  installed_at = EXCLUDED.installed_at;
+",
+            literal(table),
+            literal(&self.registry.fingerprint()),
+            literal(&self.table_fingerprint(table)),
+            literal(&super::parts::encode(&entities)),
+        )
+    }
+
+    /// The fingerprint of this registry's capture of `table`.
+    pub(super) fn table_fingerprint(&self, table: &str) -> String {
+        Registry::new(self.registry.for_table(table)).fingerprint()
+    }
+
+    /// For exported scripts: fails when another build recorded a different capture of one of these
+    /// tables (the script would drop its keys; `install` keeps them).
+    fn others_guard_sql(&self) -> String {
+        let values: Vec<String> = self
+            .tables()
+            .iter()
+            .map(|e| {
+                format!(
+                    "({}, {})",
+                    literal(e.table),
+                    literal(&self.table_fingerprint(e.table))
+                )
+            })
+            .collect();
+        if values.is_empty() {
+            return String::new();
+        }
+        format!(
+            "DO $others$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT p.tbl, p.installer FROM {SCHEMA}.capture_parts p
+           JOIN (VALUES {}) AS own(tbl, fingerprint) ON own.tbl = p.tbl
+           WHERE p.installer <> {} AND p.fingerprint <> own.fingerprint LOOP
+    RAISE EXCEPTION 'cache invalidation: build % also captures table % with other templates; this script would drop its keys', r.installer, r.tbl
+      USING HINT = 'Install with PgSchema::install (auto_install), which keeps the keys of every build, or retire that build first (PgSchema::retire).';
+  END LOOP;
+END
+$others$;
+",
+            values.join(", "),
+            literal(&self.registry.fingerprint()),
+        )
     }
 
     /// The statement that lets `role` use the outbox as a [`CachedPool`](crate::CachedPool) or a
@@ -194,13 +286,13 @@ impl<'r> PgSchema<'r> {
         use sqlx::Connection as _;
         self.registry.validate()?;
         all_or_nothing(conn.begin().await?, async |tx: &mut PgConnection| {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT pg_advisory_xact_lock({INSTALL_LOCK})"
-            )))
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(sqlx::AssertSqlSafe(install_lock_sql()))
+                .execute(&mut *tx)
+                .await?;
             self.check_columns(tx).await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(self.sql()))
+            let others = self.others(tx).await?;
+            let script = self.script(&self.merged(&others), false);
+            sqlx::raw_sql(sqlx::AssertSqlSafe(script))
                 .execute(&mut *tx)
                 .await?;
             Ok(())
@@ -214,8 +306,8 @@ impl<'r> PgSchema<'r> {
         Ok(())
     }
 
-    /// Checks that the installed schema was generated from this registry (same fingerprint and schema
-    /// version), that capture is in place on every registered table and each of its partitions and
+    /// Checks that every table of this registry is captured with its templates (recorded by this build, or
+    /// identically by another) by this version of the crate, that capture is in place on every registered table and each of its partitions and
     /// inheritance children (each trigger present, `ENABLE ALWAYS`, calling this install's function), and
     /// that the connecting role may use the outbox. A pool runs it at every connect.
     ///
@@ -250,7 +342,21 @@ impl<'r> PgSchema<'r> {
             Some("row") => TriggerMode::Row,
             _ => TriggerMode::Statement,
         };
-        check_installed(row.map(|(f, v, _)| (f, v)), self.registry, SCHEMA_VERSION)?;
+        match row {
+            None => {
+                return Err(Error::NotInstalled {
+                    expected: self.registry.fingerprint(),
+                });
+            }
+            Some((_, version, _)) if version != i64::from(SCHEMA_VERSION) => {
+                return Err(Error::SchemaVersionMismatch {
+                    installed: i32::try_from(version).unwrap_or(i32::MAX),
+                    expected: SCHEMA_VERSION,
+                });
+            }
+            Some(_) => {}
+        }
+        self.check_parts(conn).await?;
         self.check_triggers(conn, mode).await?;
         Self::check_grants(conn).await
     }
@@ -395,7 +501,7 @@ $guard$;
     }
 
     /// The capture function and triggers of one table, and its `TRUNCATE` trigger.
-    fn table_sql(&self, entity: &'static EntityMeta) -> String {
+    pub(super) fn table_sql(&self, entity: &'static EntityMeta) -> String {
         let table = qualified(entity.table);
         let capture = function_name("capture", entity.table);
         let truncate = function_name("truncate", entity.table);
@@ -647,28 +753,36 @@ const EMIT_SQL: &str = "IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
     END IF;
   END IF;";
 
-/// Drops every trigger calling a function of the schema, then the capture functions: the install recreates
-/// the ones of the current registry.
-const DROP_CAPTURE_SQL: &str = "
-DO $drop$
+/// Drops the capture of `table`: every trigger calling one of its functions (on the table, its partitions
+/// and children, or a partition detached since), the functions and the recorded trigger DDL. Other tables
+/// keep theirs: installs are additive.
+pub(super) fn drop_table_sql(table: &str) -> String {
+    let functions: Vec<String> = ["capture", "replica", "truncate"]
+        .iter()
+        .map(|prefix| format!("{}()", function_name(prefix, table)))
+        .collect();
+    let oids: Vec<String> = functions
+        .iter()
+        .map(|f| format!("to_regprocedure({})", literal(f)))
+        .collect();
+    format!(
+        "DO $drop$
 DECLARE r record;
 BEGIN
-  FOR r IN SELECT t.tgname, t.tgrelid::regclass::text AS rel
-           FROM pg_catalog.pg_trigger t
-           JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-           JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = '@schema@' AND NOT t.tgisinternal AND t.tgparentid = 0 LOOP
+  FOR r IN SELECT t.tgname, t.tgrelid::regclass::text AS rel FROM pg_catalog.pg_trigger t
+           WHERE t.tgfoid IN ({oids}) AND NOT t.tgisinternal AND t.tgparentid = 0 LOOP
     EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
   END LOOP;
-  FOR r IN SELECT p.oid::regprocedure::text AS f
-           FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = '@schema@' AND (p.proname LIKE 'capture\\_%' OR p.proname LIKE 'replica\\_%' OR p.proname LIKE 'truncate\\_%') LOOP
-    EXECUTE format('DROP FUNCTION %s', r.f);
-  END LOOP;
-  DELETE FROM @schema@.captured;
 END
 $drop$;
-";
+DROP FUNCTION IF EXISTS {functions};
+DELETE FROM {SCHEMA}.captured WHERE tbl = {tbl};
+",
+        oids = oids.join(", "),
+        functions = functions.join(", "),
+        tbl = literal(&qualified(table)),
+    )
+}
 
 /// The functions a client of the outbox calls (the commit path, the relay, the recovery after an outage).
 /// They are `SECURITY DEFINER` and can delete outbox rows, so only the installing role and the roles
