@@ -259,34 +259,6 @@ macro_rules! connection_executor {
 }
 use connection_executor;
 
-/// Checks what an install recorded (`fingerprint`, `schema_version`; `None` when nothing is installed)
-/// against this build's `registry` and the backend's schema `version`.
-///
-/// # Errors
-///
-/// [`Error::NotInstalled`], [`Error::SchemaVersionMismatch`] or [`Error::FingerprintMismatch`].
-pub(crate) fn check_installed(
-    recorded: Option<(String, i64)>,
-    registry: &Registry,
-    version: i32,
-) -> Result<(), Error> {
-    let expected = registry.fingerprint();
-    match recorded {
-        None => Err(Error::NotInstalled { expected }),
-        Some((_, installed)) if installed != i64::from(version) => {
-            Err(Error::SchemaVersionMismatch {
-                installed: i32::try_from(installed).unwrap_or(i32::MAX),
-                expected: version,
-            })
-        }
-        Some((installed, _)) if installed != expected => Err(Error::FingerprintMismatch {
-            installed,
-            expected,
-        }),
-        Some(_) => Ok(()),
-    }
-}
-
 /// Runs `work` in `tx` and commits; when `work` fails, rolls back at once (a dropped transaction would keep
 /// its locks, e.g. the install lock, until the connection's next use) and returns its error.
 ///

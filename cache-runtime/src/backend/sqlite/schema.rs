@@ -29,7 +29,7 @@ use std::fmt::Write as _;
 
 use sqlx::{Connection as _, SqliteConnection};
 
-use crate::backend::{all_or_nothing, check_installed, ident, literal};
+use crate::backend::{all_or_nothing, ident, literal};
 use crate::entity::EntityMeta;
 use crate::error::{ColumnProblem, Error, Problem};
 use crate::key::PartKind;
@@ -235,6 +235,34 @@ async fn check_triggers(registry: &Registry, conn: &mut SqliteConnection) -> Res
         Ok(())
     } else {
         Err(Error::CaptureBroken(problems))
+    }
+}
+
+/// Checks what an install recorded (`fingerprint`, `schema_version`; `None` when nothing is installed)
+/// against this build's `registry` and the backend's schema `version`.
+///
+/// # Errors
+///
+/// [`Error::NotInstalled`], [`Error::SchemaVersionMismatch`] or [`Error::FingerprintMismatch`].
+fn check_installed(
+    recorded: Option<(String, i64)>,
+    registry: &Registry,
+    version: i32,
+) -> Result<(), Error> {
+    let expected = registry.fingerprint();
+    match recorded {
+        None => Err(Error::NotInstalled { expected }),
+        Some((_, installed)) if installed != i64::from(version) => {
+            Err(Error::SchemaVersionMismatch {
+                installed: i32::try_from(installed).unwrap_or(i32::MAX),
+                expected: version,
+            })
+        }
+        Some((installed, _)) if installed != expected => Err(Error::FingerprintMismatch {
+            installed,
+            expected,
+        }),
+        Some(_) => Ok(()),
     }
 }
 
