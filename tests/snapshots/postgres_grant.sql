@@ -1,2 +1,2 @@
 GRANT USAGE ON SCHEMA cache_invalidation TO "app role";
-GRANT EXECUTE ON FUNCTION cache_invalidation.transaction_keys(), cache_invalidation.session_keys(), cache_invalidation.claim_rows(integer, interval, bigint), cache_invalidation.backlog(), cache_invalidation.max_id(), cache_invalidation.pending_upto(bigint), cache_invalidation.delivered(bigint[]) TO "app role";
+GRANT EXECUTE ON FUNCTION cache_invalidation.transaction_keys(), cache_invalidation.session_keys(), cache_invalidation.claim_rows(integer, interval, bigint), cache_invalidation.backlog(), cache_invalidation.max_id(), cache_invalidation.pending_upto(bigint), cache_invalidation.delivered(bigint[]), cache_invalidation.alive(text) TO "app role";

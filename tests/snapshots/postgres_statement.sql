@@ -194,9 +194,18 @@ CREATE TABLE IF NOT EXISTS cache_invalidation.capture_parts (
   fingerprint text NOT NULL,
   entities text NOT NULL,
   installed_at timestamptz NOT NULL,
+  -- Refreshed by the running processes of the build (`alive`): an install retires builds unseen for long.
+  last_seen timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (tbl, installer)
 );
 GRANT SELECT ON cache_invalidation.capture_parts TO PUBLIC;
+
+-- A process of build `installer` runs (called about once a minute; writes at most once a minute).
+CREATE OR REPLACE FUNCTION cache_invalidation.alive(installer text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  UPDATE cache_invalidation.capture_parts p SET last_seen = now()
+  WHERE p.installer = alive.installer AND p.last_seen < now() - interval '1 minute'
+$fn$;
 
 -- Writes the namespaces `shapes` to the outbox (as an unwrapped session: every relay is notified).
 CREATE OR REPLACE FUNCTION cache_invalidation.invalidate_namespaces(shapes text[]) RETURNS void
@@ -315,7 +324,7 @@ BEGIN
   ALTER EVENT TRIGGER cache_invalidation_drop ENABLE ALWAYS;
 END
 $events$;
-REVOKE ALL ON FUNCTION cache_invalidation.transaction_keys(), cache_invalidation.session_keys(), cache_invalidation.claim_rows(integer, interval, bigint), cache_invalidation.backlog(), cache_invalidation.max_id(), cache_invalidation.pending_upto(bigint), cache_invalidation.delivered(bigint[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cache_invalidation.transaction_keys(), cache_invalidation.session_keys(), cache_invalidation.claim_rows(integer, interval, bigint), cache_invalidation.backlog(), cache_invalidation.max_id(), cache_invalidation.pending_upto(bigint), cache_invalidation.delivered(bigint[]), cache_invalidation.alive(text) FROM PUBLIC;
 DO $others$
 DECLARE r record;
 BEGIN
@@ -437,7 +446,7 @@ column team_id team int
 column is_admin is_admin bool
 ', now())
 ON CONFLICT (tbl, installer) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, entities = EXCLUDED.entities,
-  installed_at = EXCLUDED.installed_at;
+  installed_at = EXCLUDED.installed_at, last_seen = now();
 DO $drop$
 DECLARE r record;
 BEGIN
@@ -544,7 +553,7 @@ template category%3A%3Cid%3E%3Aproducts
 column id id int
 ', now())
 ON CONFLICT (tbl, installer) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, entities = EXCLUDED.entities,
-  installed_at = EXCLUDED.installed_at;
+  installed_at = EXCLUDED.installed_at, last_seen = now();
 DO $drop$
 DECLARE r record;
 BEGIN
@@ -652,7 +661,7 @@ column id id int
 column category_id category_id int
 ', now())
 ON CONFLICT (tbl, installer) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, entities = EXCLUDED.entities,
-  installed_at = EXCLUDED.installed_at;
+  installed_at = EXCLUDED.installed_at, last_seen = now();
 INSERT INTO cache_invalidation.installed (singleton, fingerprint, schema_version, trigger_mode, installed_at)
 VALUES (true, 'c7ad8b282b8f7b1e', 3, 'statement', now())
 ON CONFLICT (singleton) DO UPDATE SET fingerprint = EXCLUDED.fingerprint,

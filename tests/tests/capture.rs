@@ -1613,6 +1613,7 @@ async fn the_install_creates_only_functions_that_are_called() {
     assert_eq!(
         functions,
         [
+            "cache_invalidation.alive(text)",
             "cache_invalidation.backlog()",
             "cache_invalidation.claim_rows(integer,interval,bigint)",
             "cache_invalidation.delivered(bigint[])",
@@ -1634,6 +1635,7 @@ async fn the_install_creates_only_functions_that_are_called() {
     // Every function a client calls is granted by `grant_sql`, and only those.
     let grant = PgSchema::grant_sql("app");
     for called in [
+        "alive(text)",
         "backlog()",
         "claim_rows(integer, interval, bigint)",
         "delivered(bigint[])",

@@ -957,3 +957,66 @@ INSERT INTO products VALUES (1, 1, 'lamp', 100);
         }
     }
 }
+
+/// A build that no process has run for longer than the retention is retired by the next install.
+#[tokio::test]
+async fn an_install_retires_a_build_unseen_for_long() {
+    use cache_runtime::backend::postgres::PgSchema;
+
+    #[derive(CachedEntity, sqlx::FromRow)]
+    #[cached_entity(table = "products", key = "product:<pid>", depends = ["aisle:<category_id>"])]
+    #[allow(dead_code)] // only its metadata is used
+    struct ProductNext {
+        #[sqlx(rename = "id")]
+        pid: i64,
+        category_id: i64,
+    }
+
+    let shop = Shop::new("retire_unseen", INHERITED).await;
+    let (old, new) = (registry(), Registry::new([ProductNext::META]));
+    let install = || async {
+        let mut conn = shop.admin.acquire().await.unwrap();
+        PgSchema::new(&new).install(&mut conn).await.unwrap();
+    };
+    let installers = || async {
+        let sql = "SELECT DISTINCT installer FROM cache_invalidation.capture_parts ORDER BY 1";
+        sqlx::query_scalar::<_, String>(sql)
+            .fetch_all(&shop.admin)
+            .await
+            .unwrap()
+    };
+    install().await;
+    let mut both = vec![old.fingerprint(), new.fingerprint()];
+    both.sort();
+    assert_eq!(installers().await, both, "both builds recorded");
+    // The old build's processes stopped two days ago.
+    shop.pool.close().await;
+    sqlx::query(
+        "UPDATE cache_invalidation.capture_parts SET last_seen = now() - interval '2 days' WHERE installer = $1",
+    )
+    .bind(old.fingerprint())
+    .execute(&shop.admin)
+    .await
+    .unwrap();
+    install().await;
+    assert_eq!(
+        installers().await,
+        [new.fingerprint()],
+        "the old build retired"
+    );
+    sqlx::query("UPDATE products SET price_cents = 9 WHERE id = 1")
+        .execute(&shop.admin)
+        .await
+        .unwrap();
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT unnest(keys) FROM cache_invalidation.outbox ORDER BY 1",
+    )
+    .fetch_all(&shop.admin)
+    .await
+    .unwrap();
+    assert!(keys.contains(&"aisle:1".to_owned()), "{keys:?}");
+    assert!(
+        !keys.contains(&"category:1:products".to_owned()),
+        "{keys:?}"
+    );
+}

@@ -166,6 +166,11 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn backlog(pool: &Pool<Self>) -> BoxFuture<'_, Result<(i64, i64, f64), Error>>;
 
+    /// Tells the database that a process of the build `installer` (a registry fingerprint) runs
+    /// (PostgreSQL: an install does not retire its capture while it is seen).
+    #[doc(hidden)]
+    fn alive<'a>(pool: &'a Pool<Self>, installer: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+
     /// Rows up to `upto` still in the outbox.
     #[doc(hidden)]
     fn pending_upto(pool: &Pool<Self>, upto: i64) -> BoxFuture<'_, Result<i64, Error>>;

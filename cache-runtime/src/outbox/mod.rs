@@ -104,6 +104,8 @@ const INVALIDATE_CHUNK: usize = 10_000;
 /// A database's outbox and the store it is delivered to: shared by a pool's commit path and its relay.
 pub(crate) struct Outbox<DB: Backend> {
     pub(crate) pool: Pool<DB>,
+    /// The fingerprint of the registry this process captures with (its build).
+    pub(crate) installer: String,
     pub(crate) state: DB::State,
     pub(crate) guarded: Arc<Guarded>,
     pub(crate) config: RelayConfig,
@@ -175,6 +177,27 @@ impl<DB: Backend> Outbox<DB> {
                 None
             }
         }
+    }
+}
+
+/// Tells the database once a minute that this build runs, so that no install retires its capture while
+/// a process of it runs (see `PgSchema::retire_unseen_after`). Runs until dropped.
+pub(crate) async fn heartbeat<DB: Backend>(outbox: Arc<Outbox<DB>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if let Err(error) = DB::alive(&outbox.pool, &outbox.installer).await {
+            tracing::debug!(%error, "could not tell the database that this build runs; retrying in a minute");
+        }
+    }
+}
+
+/// Aborts a heartbeat task when dropped (with the future that started it).
+pub(crate) struct HeartbeatTask(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for HeartbeatTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

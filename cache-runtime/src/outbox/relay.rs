@@ -162,6 +162,7 @@ impl<DB: Backend> RelayBuilder<DB> {
         let registry = self.registry.as_ref().unwrap_or_else(|| registry());
         Relay::new(Outbox {
             state: DB::state(registry),
+            installer: registry.fingerprint(),
             pool: self.pool,
             guarded: Arc::new(Guarded::new(self.store, self.breaker, false)),
             config: self.config,
@@ -223,6 +224,8 @@ impl<DB: Backend> Relay<DB> {
     /// Dropping the future stops the relay. A batch in flight rolls back (its rows stay in the outbox) or
     /// has committed; either way nothing is lost, at worst a batch is delivered again.
     pub async fn run(&self) {
+        // A standalone relay keeps its build's capture from being retired, as a pool does.
+        let _alive = super::HeartbeatTask(tokio::spawn(super::heartbeat(Arc::clone(&self.outbox))));
         let mut listener = DB::listener(&self.outbox.pool);
         let mut tick = tokio::time::interval(self.outbox.config.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -62,7 +62,7 @@ use crate::backend::{Backend, Rows};
 use crate::cache::{Cache, CacheBuilder, SharedHealth};
 use crate::error::Error;
 use crate::health::Guarded;
-use crate::outbox::{Outbox, Relay, cleanup};
+use crate::outbox::{Outbox, Relay, cleanup, heartbeat};
 use crate::registry::Registry;
 use crate::store::Store;
 
@@ -206,6 +206,7 @@ impl<DB: Backend> CachedPool<DB> {
         let guarded = Arc::new(Guarded::new(store, options.breaker, true));
         let relay = Relay::new(Outbox {
             state: DB::state(&registry),
+            installer: registry.fingerprint(),
             pool: pool.clone(),
             guarded: Arc::clone(&guarded),
             config: options.relay,
@@ -214,6 +215,7 @@ impl<DB: Backend> CachedPool<DB> {
         let mut tasks = vec![tokio::spawn(cleanup::delete_delivered(pool, receiver))];
         let recovering = relay.clone();
         tasks.push(tokio::spawn(async move { recovering.recover().await }));
+        tasks.push(tokio::spawn(heartbeat(Arc::clone(&relay.outbox))));
         if options.run_relay {
             let running = relay.clone();
             tasks.push(tokio::spawn(async move { running.run().await }));

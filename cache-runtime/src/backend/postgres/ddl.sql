@@ -28,9 +28,18 @@ CREATE TABLE IF NOT EXISTS @schema@.capture_parts (
   fingerprint text NOT NULL,
   entities text NOT NULL,
   installed_at timestamptz NOT NULL,
+  -- Refreshed by the running processes of the build (`alive`): an install retires builds unseen for long.
+  last_seen timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (tbl, installer)
 );
 GRANT SELECT ON @schema@.capture_parts TO PUBLIC;
+
+-- A process of build `installer` runs (called about once a minute; writes at most once a minute).
+CREATE OR REPLACE FUNCTION @schema@.alive(installer text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  UPDATE @schema@.capture_parts p SET last_seen = now()
+  WHERE p.installer = alive.installer AND p.last_seen < now() - interval '1 minute'
+$fn$;
 
 -- Writes the namespaces `shapes` to the outbox (as an unwrapped session: every relay is notified).
 CREATE OR REPLACE FUNCTION @schema@.invalidate_namespaces(shapes text[]) RETURNS void

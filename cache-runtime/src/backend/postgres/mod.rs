@@ -195,6 +195,16 @@ impl Backend for Postgres {
         })
     }
 
+    fn alive<'a>(pool: &'a PgPool, installer: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            sqlx::query(concat!("SELECT ", function!("alive($1)")))
+                .bind(installer)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+    }
+
     fn pending_upto(pool: &PgPool, upto: i64) -> BoxFuture<'_, Result<i64, Error>> {
         Box::pin(async move {
             Ok(

@@ -113,39 +113,78 @@ impl PgSchema<'_> {
             sqlx::query(sqlx::AssertSqlSafe(lock))
                 .execute(&mut *tx)
                 .await?;
-            let tables: Vec<String> = sqlx::query_scalar(concat!(
-                "DELETE FROM ",
-                function!("capture_parts"),
-                " WHERE installer = $1 RETURNING tbl"
-            ))
-            .bind(installer)
-            .fetch_all(&mut *tx)
-            .await?;
-            for table in tables {
-                let records: Vec<String> = sqlx::query_scalar(concat!(
-                    "SELECT entities FROM ",
-                    function!("capture_parts"),
-                    " WHERE tbl = $1"
-                ))
-                .bind(&table)
-                .fetch_all(&mut *tx)
-                .await?;
-                let mut entities = Vec::new();
-                for record in records {
-                    entities.extend(decode(&record).map_err(|p| Error::CaptureBroken(vec![p]))?);
-                }
-                let mut sql = drop_table_sql(&table);
-                if let Some(merged) = merge(&entities) {
-                    sql.push_str(&self.table_sql(merged));
-                }
-                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Ok(())
+            self.retire_in(tx, installer).await
         })
         .await?;
         tracing::info!(installer, "retired a build's cache invalidation capture");
+        Ok(())
+    }
+
+    /// Retires (in the install's transaction) the builds unseen for longer than the retention.
+    pub(super) async fn retire_unseen(&self, tx: &mut PgConnection) -> Result<(), Error> {
+        let installed: bool = sqlx::query_scalar(concat!(
+            "SELECT to_regclass('",
+            function!("capture_parts"),
+            "') IS NOT NULL"
+        ))
+        .fetch_one(&mut *tx)
+        .await?;
+        if !installed {
+            return Ok(());
+        }
+        let unseen: Vec<String> = sqlx::query_scalar(concat!(
+            "SELECT DISTINCT installer FROM ",
+            function!("capture_parts"),
+            " WHERE installer <> $1 AND last_seen < now() - $2::interval"
+        ))
+        .bind(self.registry().fingerprint())
+        .bind(self.unseen_interval())
+        .fetch_all(&mut *tx)
+        .await?;
+        for installer in unseen {
+            tracing::info!(%installer, "retiring a build no process has run for a long time");
+            self.retire_in(tx, &installer).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the records of `installer` and captures its tables again from the remaining builds.
+    async fn retire_in(&self, tx: &mut PgConnection, installer: &str) -> Result<(), Error> {
+        let tables: Vec<String> = sqlx::query_scalar(concat!(
+            "DELETE FROM ",
+            function!("capture_parts"),
+            " WHERE installer = $1 RETURNING tbl"
+        ))
+        .bind(installer)
+        .fetch_all(&mut *tx)
+        .await?;
+        for table in tables {
+            let records: Vec<String> = sqlx::query_scalar(concat!(
+                "SELECT entities FROM ",
+                function!("capture_parts"),
+                " WHERE tbl = $1"
+            ))
+            .bind(&table)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut entities = Vec::new();
+            for record in records {
+                entities.extend(decode(&record).map_err(|p| Error::CaptureBroken(vec![p]))?);
+            }
+            let mut sql = concat!(
+                "SELECT set_config('",
+                function!("repairing"),
+                "', 'on', true);\n"
+            )
+            .to_owned();
+            sql.push_str(&drop_table_sql(&table));
+            if let Some(merged) = merge(&entities) {
+                sql.push_str(&self.table_sql(merged));
+            }
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(())
     }
 }

@@ -47,8 +47,10 @@
 //! each build (named by its registry's fingerprint) records its entities per table (`capture_parts`), so a
 //! table's capture renders the templates of every build that installed it. Two services with disjoint
 //! registries keep each other's capture; during a rolling deploy both builds' keys are invalidated until
-//! the old build is retired ([`PgSchema::retire`]); a table no build records any more loses its capture
-//! when the last one is retired. The same SQL can be applied by a migration tool (`sqlx migrate`): write
+//! the old build is retired: explicitly ([`PgSchema::retire`]), or by the first install after no process
+//! of it ran for a day (pools and relays tell the database once a minute; see
+//! [`PgSchema::retire_unseen_after`]). A table no build records any more loses its capture when the last
+//! one is retired. The same SQL can be applied by a migration tool (`sqlx migrate`): write
 //! [`PgSchema::sql`] into a migration file, and generate a new one whenever the fingerprint changes; that
 //! script holds this build's templates only, and refuses to run where another build captures one of its
 //! tables with other templates (use `install`, which keeps them).
@@ -105,6 +107,7 @@ const UNRESERVED_CLASS: &str = cache_template::SQL_CLASS;
 pub struct PgSchema<'r> {
     registry: &'r Registry,
     mode: TriggerMode,
+    unseen: std::time::Duration,
 }
 
 impl<'r> PgSchema<'r> {
@@ -113,7 +116,17 @@ impl<'r> PgSchema<'r> {
         Self {
             registry,
             mode: TriggerMode::default(),
+            unseen: std::time::Duration::from_secs(24 * 3600),
         }
+    }
+
+    /// How long a build may go unseen (no running pool or relay of it) before an install retires it
+    /// (default 24 hours): during a rolling deploy both builds' keys are invalidated, and the old build's
+    /// templates go with the first install after its last process stopped this long ago.
+    #[must_use]
+    pub fn retire_unseen_after(mut self, unseen: std::time::Duration) -> Self {
+        self.unseen = unseen;
+        self
     }
 
     /// Chooses statement- or row-level triggers (they capture the same keys; statement is faster).
@@ -121,6 +134,11 @@ impl<'r> PgSchema<'r> {
     pub fn trigger_mode(mut self, mode: TriggerMode) -> Self {
         self.mode = mode;
         self
+    }
+
+    /// How long a build may go unseen before an install retires it.
+    pub(super) fn unseen_interval(&self) -> std::time::Duration {
+        self.unseen
     }
 
     /// The registry this schema is generated from.
@@ -198,7 +216,7 @@ impl<'r> PgSchema<'r> {
             "INSERT INTO {SCHEMA}.capture_parts (tbl, installer, fingerprint, entities, installed_at)
 VALUES ({}, {}, {}, {}, now())
 ON CONFLICT (tbl, installer) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, entities = EXCLUDED.entities,
-  installed_at = EXCLUDED.installed_at;
+  installed_at = EXCLUDED.installed_at, last_seen = now();
 ",
             literal(table),
             literal(&self.registry.fingerprint()),
@@ -290,6 +308,7 @@ $others$;
                 .execute(&mut *tx)
                 .await?;
             self.check_columns(tx).await?;
+            self.retire_unseen(tx).await?;
             let others = self.others(tx).await?;
             let script = self.script(&self.merged(&others), false);
             sqlx::raw_sql(sqlx::AssertSqlSafe(script))
@@ -795,6 +814,7 @@ pub(super) const CLIENT_FUNCTIONS: &[&str] = &[
     function!("max_id()"),
     function!("pending_upto(bigint)"),
     function!("delivered(bigint[])"),
+    function!("alive(text)"),
 ];
 
 /// The schema, the tables and the functions that do not depend on the registry: `base.sql`, whose `@name@`

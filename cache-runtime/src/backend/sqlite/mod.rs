@@ -223,6 +223,11 @@ impl Backend for Sqlite {
         })
     }
 
+    fn alive<'a>(_pool: &'a SqlitePool, _installer: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        // One install per database: nothing to keep alive.
+        Box::pin(async { Ok(()) })
+    }
+
     fn pending_upto(pool: &SqlitePool, upto: i64) -> BoxFuture<'_, Result<i64, Error>> {
         Box::pin(async move {
             Ok(sqlx::query_scalar(concat!(
