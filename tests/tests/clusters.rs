@@ -152,8 +152,3 @@ async fn two_phase_commits_of_registered_tables_work_and_are_delivered() {
     )
     .await;
 }
-
-/// Keeps `CachedEntity` in use for `Product::META`.
-const _: fn() = || {
-    let _ = Product::META;
-};
