@@ -895,6 +895,38 @@ INSERT INTO products VALUES (1, 1, 'lamp', 100);
     }
 
     #[tokio::test]
+    async fn services_may_choose_different_trigger_modes() {
+        let (db, _admin) = database("modes").await;
+        let store = RecordingStore::new(MemoryStore::default());
+        let statement = pool(&db, Registry::new([Product::META]), store.clone())
+            .await
+            .unwrap();
+        let row = CachedPgPool::options()
+            .registry(Registry::new([Category::META]))
+            .trigger_mode(cache_runtime::backend::TriggerMode::Row)
+            .auto_install(true)
+            .connect(&db.url, store.clone())
+            .await
+            .unwrap();
+        // Each service's next pool connects: its tables are checked against the mode they were installed in.
+        for registry in [
+            Registry::new([Product::META]),
+            Registry::new([Category::META]),
+        ] {
+            CachedPgPool::options()
+                .registry(registry)
+                .run_relay(false)
+                .connect(&db.url, store.clone())
+                .await
+                .unwrap()
+                .close()
+                .await;
+        }
+        statement.close().await;
+        row.close().await;
+    }
+
+    #[tokio::test]
     async fn a_rolling_deploy_invalidates_the_keys_of_both_builds_until_the_old_one_is_retired() {
         let (db, admin) = database("rolling").await;
         let v1 = Registry::new([Product::META]);

@@ -12,12 +12,8 @@ use crate::error::Error;
 impl PgSchema<'_> {
     /// Every capture problem: a registered table that is missing, or a table, partition or child whose
     /// trigger is missing, disabled or calls another function.
-    pub(super) async fn check_triggers(
-        &self,
-        conn: &mut PgConnection,
-        mode: TriggerMode,
-    ) -> Result<(), Error> {
-        let Some(query) = self.triggers_query(mode) else {
+    pub(super) async fn check_triggers(&self, conn: &mut PgConnection) -> Result<(), Error> {
+        let Some(query) = self.triggers_query() else {
             return Ok(());
         };
         let problems: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(query))
@@ -31,24 +27,36 @@ impl PgSchema<'_> {
     }
 
     /// A query returning one sentence per problem, or `None` without entities.
-    fn triggers_query(&self, mode: TriggerMode) -> Option<String> {
+    ///
+    /// A table's mode is the one its last install chose (builds sharing a database may differ): row mode
+    /// where the table has the row trigger, statement mode otherwise.
+    fn triggers_query(&self) -> Option<String> {
         let mut expected = Vec::new();
         for entity in self.tables() {
             let root = literal(&qualified(entity.table));
-            for (trigger, prefix, enabled) in trigger_names(mode) {
-                let function = literal(&format!("{}()", function_name(prefix, entity.table)));
-                expected.push(format!(
-                    "({root}, {}, {function}, {})",
-                    literal(trigger),
-                    literal(enabled)
-                ));
+            for mode in [TriggerMode::Statement, TriggerMode::Row] {
+                for (trigger, prefix, enabled) in trigger_names(mode) {
+                    let function = literal(&format!("{}()", function_name(prefix, entity.table)));
+                    expected.push(format!(
+                        "({root}, {}, {}, {function}, {})",
+                        literal(mode.as_str()),
+                        literal(trigger),
+                        literal(enabled)
+                    ));
+                }
             }
         }
         if expected.is_empty() {
             return None;
         }
         Some(format!(
-            "WITH RECURSIVE expected(root, tgname, fn, enabled) AS (VALUES {}),
+            "WITH RECURSIVE candidates(root, mode, tgname, fn, enabled) AS (VALUES {}),
+             expected AS (
+               SELECT c.root, c.tgname, c.fn, c.enabled FROM candidates c
+               WHERE c.mode = CASE WHEN EXISTS (
+                         SELECT 1 FROM pg_catalog.pg_trigger t
+                         WHERE t.tgrelid = to_regclass(c.root) AND t.tgname = 'cache_invalidation_row')
+                       THEN 'row' ELSE 'statement' END),
              tree(root, relid) AS (
                SELECT DISTINCT e.root, to_regclass(e.root)::oid FROM expected e WHERE to_regclass(e.root) IS NOT NULL
                UNION SELECT tree.root, i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid)

@@ -357,10 +357,6 @@ $others$;
         } else {
             None
         };
-        let mode = match row.as_ref().map(|r| r.2.as_str()) {
-            Some("row") => TriggerMode::Row,
-            _ => TriggerMode::Statement,
-        };
         match row {
             None => {
                 return Err(Error::NotInstalled {
@@ -376,7 +372,7 @@ $others$;
             Some(_) => {}
         }
         self.check_parts(conn).await?;
-        self.check_triggers(conn, mode).await?;
+        self.check_triggers(conn).await?;
         Self::check_grants(conn).await
     }
 
