@@ -16,6 +16,30 @@ pub enum PartKind {
     Text,
 }
 
+impl PartKind {
+    const NAMES: [(Self, &'static str); 3] = [
+        (Self::Int, "int"),
+        (Self::Bool, "bool"),
+        (Self::Text, "text"),
+    ];
+
+    /// The kind's name (`int`, `bool`, `text`), as the generated SQL and the install records spell it.
+    pub(crate) fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(kind, _)| *kind == self)
+            .map_or("text", |(_, name)| name)
+    }
+
+    /// The kind named `name` (see [`name`](Self::name)).
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(kind, _)| *kind)
+    }
+}
+
 /// One piece of a parsed template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Segment {

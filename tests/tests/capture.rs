@@ -2192,22 +2192,15 @@ async fn sqlite_a_table_dropped_and_created_again_is_refused_at_connect() {
     let db = TestSqlite::create("sqlite_recreated").await;
     let plain = db.pool().await;
     sqlx::raw_sql(TABLES).execute(&plain).await.unwrap();
-    let connect = || {
+    let connect = |install: bool| {
         CachedSqlitePool::options()
             .registry(shop())
+            .auto_install(install)
             .run_relay(false)
             .connect_with(db.options(), MemoryStore::new(100))
     };
-    CachedSqlitePool::options()
-        .registry(shop())
-        .auto_install(true)
-        .run_relay(false)
-        .connect_with(db.options(), MemoryStore::new(100))
-        .await
-        .unwrap()
-        .close()
-        .await;
-    connect().await.unwrap().close().await;
+    connect(true).await.unwrap().close().await;
+    connect(false).await.unwrap().close().await;
     sqlx::raw_sql(
         "CREATE TABLE products_new (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
            price_cents bigint NOT NULL);
@@ -2218,7 +2211,7 @@ async fn sqlite_a_table_dropped_and_created_again_is_refused_at_connect() {
     .execute(&plain)
     .await
     .unwrap();
-    match connect().await {
+    match connect(false).await {
         Err(Error::CaptureBroken(problems)) => {
             assert!(
                 problems.contains(
@@ -2234,14 +2227,6 @@ async fn sqlite_a_table_dropped_and_created_again_is_refused_at_connect() {
         }
         other => panic!("expected CaptureBroken, got {other:?}"),
     }
-    CachedSqlitePool::options()
-        .registry(shop())
-        .auto_install(true)
-        .run_relay(false)
-        .connect_with(db.options(), MemoryStore::new(100))
-        .await
-        .unwrap()
-        .close()
-        .await;
-    connect().await.unwrap().close().await;
+    connect(true).await.unwrap().close().await;
+    connect(false).await.unwrap().close().await;
 }

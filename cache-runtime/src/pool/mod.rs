@@ -215,10 +215,12 @@ impl<DB: Backend> CachedPool<DB> {
         let mut tasks = vec![tokio::spawn(cleanup::delete_delivered(pool, receiver))];
         let recovering = relay.clone();
         tasks.push(tokio::spawn(async move { recovering.recover().await }));
-        tasks.push(tokio::spawn(heartbeat(Arc::clone(&relay.outbox))));
         if options.run_relay {
+            // The relay tells the database that this build runs (see `Relay::run`).
             let running = relay.clone();
             tasks.push(tokio::spawn(async move { running.run().await }));
+        } else {
+            tasks.push(tokio::spawn(heartbeat(Arc::clone(&relay.outbox))));
         }
         let cache = CacheBuilder::on_pool(guarded, registry.clone()).build();
         Self {

@@ -20,22 +20,23 @@ use crate::error::Error;
 use crate::key::{PartKind, Segment, Template};
 
 impl PgSchema<'_> {
+    /// Whether builds' records exist yet (not before the first install of this schema version).
+    pub(super) async fn parts_installed(conn: &mut PgConnection) -> Result<bool, Error> {
+        Ok(sqlx::query_scalar(concat!(
+            "SELECT to_regclass('",
+            function!("capture_parts"),
+            "') IS NOT NULL"
+        ))
+        .fetch_one(&mut *conn)
+        .await?)
+    }
+
     /// The entities other builds recorded for this registry's tables.
     pub(super) async fn others(
         &self,
         conn: &mut PgConnection,
     ) -> Result<Vec<&'static EntityMeta>, Error> {
         let tables: Vec<&str> = self.tables().iter().map(|e| e.table).collect();
-        let installed: bool = sqlx::query_scalar(concat!(
-            "SELECT to_regclass('",
-            function!("capture_parts"),
-            "') IS NOT NULL"
-        ))
-        .fetch_one(&mut *conn)
-        .await?;
-        if !installed {
-            return Ok(Vec::new());
-        }
         let records: Vec<(String, String, String)> = sqlx::query_as(concat!(
             "SELECT tbl, installer, entities FROM ",
             function!("capture_parts"),
@@ -122,16 +123,6 @@ impl PgSchema<'_> {
 
     /// Retires (in the install's transaction) the builds unseen for longer than the retention.
     pub(super) async fn retire_unseen(&self, tx: &mut PgConnection) -> Result<(), Error> {
-        let installed: bool = sqlx::query_scalar(concat!(
-            "SELECT to_regclass('",
-            function!("capture_parts"),
-            "') IS NOT NULL"
-        ))
-        .fetch_one(&mut *tx)
-        .await?;
-        if !installed {
-            return Ok(());
-        }
         let unseen: Vec<String> = sqlx::query_scalar(concat!(
             "SELECT DISTINCT installer FROM ",
             function!("capture_parts"),
@@ -211,12 +202,7 @@ pub(super) fn encode(entities: &[&EntityMeta]) -> String {
             line(&["template", template.text()]);
         }
         for column in entity.columns {
-            line(&[
-                "column",
-                column.field,
-                column.column,
-                kind_name(column.kind),
-            ]);
+            line(&["column", column.field, column.column, column.kind.name()]);
         }
     }
     out
@@ -248,7 +234,8 @@ pub(super) fn decode(record: &str) -> Result<Vec<&'static EntityMeta>, String> {
             (Some("column"), Some(entity)) if fields.len() == 4 => entity.2.push(Column {
                 field: leak(&fields[1]),
                 column: leak(&fields[2]),
-                kind: kind(&fields[3])?,
+                kind: PartKind::from_name(&fields[3])
+                    .ok_or_else(|| format!("bad kind {:?}", fields[3]))?,
             }),
             _ => return Err(format!("bad line {line:?}")),
         }
@@ -361,21 +348,4 @@ fn template(text: &str) -> Result<&'static Template, String> {
 
 fn leak(text: &str) -> &'static str {
     Box::leak(text.to_owned().into_boxed_str())
-}
-
-fn kind_name(kind: PartKind) -> &'static str {
-    match kind {
-        PartKind::Int => "int",
-        PartKind::Bool => "bool",
-        PartKind::Text => "text",
-    }
-}
-
-fn kind(name: &str) -> Result<PartKind, String> {
-    match name {
-        "int" => Ok(PartKind::Int),
-        "bool" => Ok(PartKind::Bool),
-        "text" => Ok(PartKind::Text),
-        other => Err(format!("bad kind {other:?}")),
-    }
 }

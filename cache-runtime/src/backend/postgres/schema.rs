@@ -308,8 +308,12 @@ $others$;
                 .execute(&mut *tx)
                 .await?;
             self.check_columns(tx).await?;
-            self.retire_unseen(tx).await?;
-            let others = self.others(tx).await?;
+            let others = if Self::parts_installed(tx).await? {
+                self.retire_unseen(tx).await?;
+                self.others(tx).await?
+            } else {
+                Vec::new()
+            };
             let script = self.script(&self.merged(&others), false);
             sqlx::raw_sql(sqlx::AssertSqlSafe(script))
                 .execute(&mut *tx)
@@ -347,9 +351,11 @@ $others$;
         ))
         .fetch_one(&mut *conn)
         .await?;
-        let row: Option<(String, i64, String)> = if exists {
-            sqlx::query_as(concat!(
-                "SELECT fingerprint, schema_version::bigint, trigger_mode FROM ",
+        // What each build installed is checked per table (`check_parts`); the singleton row only says which
+        // version of this crate's SQL is in place.
+        let version: Option<i32> = if exists {
+            sqlx::query_scalar(concat!(
+                "SELECT schema_version FROM ",
                 function!("installed")
             ))
             .fetch_optional(&mut *conn)
@@ -357,15 +363,15 @@ $others$;
         } else {
             None
         };
-        match row {
+        match version {
             None => {
                 return Err(Error::NotInstalled {
                     expected: self.registry.fingerprint(),
                 });
             }
-            Some((_, version, _)) if version != i64::from(SCHEMA_VERSION) => {
+            Some(installed) if installed != SCHEMA_VERSION => {
                 return Err(Error::SchemaVersionMismatch {
-                    installed: i32::try_from(version).unwrap_or(i32::MAX),
+                    installed,
                     expected: SCHEMA_VERSION,
                 });
             }
@@ -452,7 +458,7 @@ $others$;
                     literal(entity.table),
                     literal(&table),
                     literal(column.column),
-                    literal(kind_name(column.kind)),
+                    literal(column.kind.name()),
                 ));
             }
         }
@@ -929,14 +935,6 @@ fn used_columns(entity: &EntityMeta) -> Vec<String> {
         }
     }
     out
-}
-
-fn kind_name(kind: PartKind) -> &'static str {
-    match kind {
-        PartKind::Int => "int",
-        PartKind::Bool => "bool",
-        PartKind::Text => "text",
-    }
 }
 
 fn kind_types(kind: PartKind) -> &'static str {
