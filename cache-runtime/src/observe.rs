@@ -12,13 +12,15 @@
 //! | `cache_store_errors_total` | counter | `op` | failed store operations (`peek`, `lookup`, `tags`, `fill`, `invalidate`, `probe`) |
 //! | `cache_breaker_state` | gauge | | 0 closed, 1 half-open (probing), 2 open |
 //! | `cache_gate_closed` | gauge | | 1 while reads bypass the cache after a store failure, until the outbox rows of the outage are delivered |
-//! | `cache_invalidations_sent_total` | counter | `path` = `commit` \| `relay` | keys invalidated in the store |
+//! | `cache_invalidations_sent_total` | counter | `path` = `commit` \| `relay` \| `lapsed` | keys invalidated in the store |
 //! | `cache_invalidation_failures_total` | counter | `path` | invalidations that failed or were skipped (breaker open); the rows stay in the outbox |
 //! | `cache_relay_rows_total` | counter | | outbox rows delivered by a relay |
 //! | `cache_relay_batches_total` | counter | | relay batches (one claim, one store pipeline, one delete) |
 //! | `cache_relay_lag_seconds` | histogram | | per relay batch: age of its oldest row when delivered (commit → invalidation for writes the relay delivers) |
-//! | `cache_outbox_depth` | gauge | | outbox rows, measured by the relay when idle |
-//! | `cache_outbox_oldest_age_seconds` | gauge | | age of the oldest outbox row, measured by the relay when idle |
+//! | `cache_outbox_depth` | gauge | | outbox rows the relay's consumer has not delivered, measured by the relay when idle |
+//! | `cache_outbox_oldest_age_seconds` | gauge | | age of the oldest of those rows |
+//! | `cache_outbox_rows` | gauge | | every outbox row, including those other consumers still need (a consumer that is gone holds rows back until its expiry) |
+//! | `cache_outbox_consumers` | gauge | | live consumers of the outbox (see [`Consumer`](crate::outbox::Consumer)) |
 //!
 //! Every series is process-wide (several caches or relays in one process add up).
 
@@ -74,7 +76,9 @@ pub(crate) fn relay_batch(rows: usize, oldest_age_seconds: f64) {
     histogram!("cache_relay_lag_seconds").record(oldest_age_seconds);
 }
 
-pub(crate) fn backlog(depth: i64, oldest_age_seconds: f64) {
-    gauge!("cache_outbox_depth").set(depth as f64);
-    gauge!("cache_outbox_oldest_age_seconds").set(oldest_age_seconds);
+pub(crate) fn backlog(backlog: &crate::outbox::Backlog) {
+    gauge!("cache_outbox_depth").set(backlog.depth as f64);
+    gauge!("cache_outbox_oldest_age_seconds").set(backlog.oldest_age.as_secs_f64());
+    gauge!("cache_outbox_rows").set(backlog.total as f64);
+    gauge!("cache_outbox_consumers").set(f64::from(backlog.consumers));
 }

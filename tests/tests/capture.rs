@@ -1614,33 +1614,39 @@ async fn the_install_creates_only_functions_that_are_called() {
         functions,
         [
             "cache_invalidation.alive(text)",
-            "cache_invalidation.backlog()",
-            "cache_invalidation.claim_rows(integer,interval,bigint)",
-            "cache_invalidation.delivered(bigint[])",
+            "cache_invalidation.backlog(text)",
+            "cache_invalidation.claim_rows(integer,interval,bigint,text)",
+            "cache_invalidation.delivered(bigint[],text)",
             "cache_invalidation.escape_text(text)",
+            "cache_invalidation.forget(bigint[],text[],boolean)",
             "cache_invalidation.install_triggers(text)",
             "cache_invalidation.invalidate_namespaces(text[])",
+            "cache_invalidation.live_consumers()",
             "cache_invalidation.max_id()",
             "cache_invalidation.on_ddl()",
             "cache_invalidation.on_rewrite_or_drop()",
-            "cache_invalidation.pending_upto(bigint)",
+            "cache_invalidation.pending_upto(bigint,text)",
+            "cache_invalidation.register(text,text,interval,text)",
             "cache_invalidation.render_bool(boolean)",
             "cache_invalidation.render_int(bigint)",
             "cache_invalidation.render_text(text)",
             "cache_invalidation.session_keys()",
             "cache_invalidation.transaction_keys()",
             "cache_invalidation.tree(regclass)",
+            "cache_invalidation.unregister(text,text)",
         ]
     );
     // Every function a client calls is granted by `grant_sql`, and only those.
     let grant = PgSchema::grant_sql("app");
     for called in [
         "alive(text)",
-        "backlog()",
-        "claim_rows(integer, interval, bigint)",
-        "delivered(bigint[])",
+        "backlog(text)",
+        "claim_rows(integer, interval, bigint, text)",
+        "delivered(bigint[], text)",
         "max_id()",
-        "pending_upto(bigint)",
+        "pending_upto(bigint, text)",
+        "register(text, text, interval, text)",
+        "unregister(text, text)",
         "session_keys()",
         "transaction_keys()",
     ] {
@@ -1772,7 +1778,7 @@ async fn a_role_with_only_dml_rights_writes_normally() {
         .connect_with(options.clone().username(&role.name))
         .await
         .unwrap();
-    let err = sqlx::query("SELECT cache_invalidation.delivered(ARRAY[1::bigint])")
+    let err = sqlx::query("SELECT cache_invalidation.delivered(ARRAY[1::bigint], 'x')")
         .execute(&plain)
         .await
         .unwrap_err();

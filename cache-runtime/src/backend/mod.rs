@@ -23,6 +23,7 @@ use sqlx_core::describe::Describe;
 use sqlx_core::sql_str::SqlStr;
 
 use crate::error::Error;
+use crate::outbox::Consumer;
 use crate::registry::Registry;
 
 pub mod postgres;
@@ -41,6 +42,10 @@ pub(crate) type Rows = Vec<(i64, Vec<String>)>;
 
 /// Outbox rows claimed by a relay: row id, keys and the row's age in seconds.
 pub(crate) type ClaimedRows = Vec<(i64, Vec<String>, f64)>;
+
+/// The outbox as a consumer sees it: its undelivered rows, the highest id, the age of its oldest
+/// undelivered row in seconds, every row, the live consumers.
+pub(crate) type BacklogRow = (i64, i64, f64, i64, i32);
 
 /// How the capture triggers fire (PostgreSQL; SQLite has row triggers only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -99,9 +104,9 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn state(registry: &Registry) -> Self::State;
 
-    /// Marks the connections of a [`CachedPool`](crate::CachedPool).
+    /// Marks the connections of a [`CachedPool`](crate::CachedPool) delivering to `consumer`.
     #[doc(hidden)]
-    fn wrap(options: ConnectOptions<Self>) -> ConnectOptions<Self>;
+    fn wrap(options: ConnectOptions<Self>, consumer: &Consumer) -> ConnectOptions<Self>;
 
     /// Installs (or updates) the triggers.
     #[doc(hidden)]
@@ -131,30 +136,38 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn invalidated(state: &Self::State, ids: &[i64]);
 
-    /// Deletes delivered rows.
+    /// Records that a writer delivered the rows `ids` to `consumer` (deleting those every live consumer
+    /// delivered) and wakes the relays of other consumers.
     #[doc(hidden)]
-    fn delete<'a>(pool: &'a Pool<Self>, ids: &'a [i64]) -> BoxFuture<'a, Result<(), sqlx::Error>>;
+    fn delete<'a>(
+        pool: &'a Pool<Self>,
+        consumer: &'a Consumer,
+        ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>>;
 
     /// Asks every relay to deliver every row now.
     #[doc(hidden)]
     fn notify_drain(pool: &Pool<Self>) -> BoxFuture<'_, Result<(), sqlx::Error>>;
 
-    /// Claims up to `batch` rows for a relay batch: rows of unwrapped sessions and rows older than `grace`,
-    /// or, with `upto`, every row up to that id.
+    /// Claims up to `batch` rows `consumer` has not delivered for a relay batch: rows of other writers and
+    /// rows older than `grace`, or, with `upto`, every such row up to that id.
     #[doc(hidden)]
     fn claim<'a>(
         pool: &'a Pool<Self>,
         state: &'a Self::State,
+        consumer: &'a Consumer,
         batch: i32,
         grace: Duration,
         upto: Option<i64>,
     ) -> BoxFuture<'a, Result<(Self::Claim, ClaimedRows), Error>>;
 
-    /// Deletes the claimed rows `ids`, whose keys were invalidated, and releases the claim.
+    /// Records the claimed rows `ids`, whose keys were invalidated, as delivered to `consumer`, and
+    /// releases the claim.
     #[doc(hidden)]
     fn complete<'a>(
         claim: Self::Claim,
         state: &'a Self::State,
+        consumer: &'a Consumer,
         ids: &'a [i64],
     ) -> BoxFuture<'a, Result<(), Error>>;
 
@@ -162,18 +175,43 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn max_id(pool: &Pool<Self>) -> BoxFuture<'_, Result<i64, Error>>;
 
-    /// The outbox's depth, highest id and oldest row's age in seconds.
+    /// The outbox as `consumer` sees it.
     #[doc(hidden)]
-    fn backlog(pool: &Pool<Self>) -> BoxFuture<'_, Result<(i64, i64, f64), Error>>;
+    fn backlog<'a>(
+        pool: &'a Pool<Self>,
+        consumer: &'a Consumer,
+    ) -> BoxFuture<'a, Result<BacklogRow, Error>>;
+
+    /// Registers the process `process` of `consumer` (live for `expiry` from now); returns whether the
+    /// consumer missed rows while it was not live.
+    #[doc(hidden)]
+    fn register<'a>(
+        pool: &'a Pool<Self>,
+        consumer: &'a Consumer,
+        expiry: Duration,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<bool, Error>>;
+
+    /// The process `process` of `consumer` stops.
+    #[doc(hidden)]
+    fn unregister<'a>(
+        pool: &'a Pool<Self>,
+        consumer: &'a Consumer,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), Error>>;
 
     /// Tells the database that a process of the build `installer` (a registry fingerprint) runs
     /// (PostgreSQL: an install does not retire its capture while it is seen).
     #[doc(hidden)]
     fn alive<'a>(pool: &'a Pool<Self>, installer: &'a str) -> BoxFuture<'a, Result<(), Error>>;
 
-    /// Rows up to `upto` still in the outbox.
+    /// Rows up to `upto` that `consumer` has not delivered.
     #[doc(hidden)]
-    fn pending_upto(pool: &Pool<Self>, upto: i64) -> BoxFuture<'_, Result<i64, Error>>;
+    fn pending_upto<'a>(
+        pool: &'a Pool<Self>,
+        consumer: &'a Consumer,
+        upto: i64,
+    ) -> BoxFuture<'a, Result<i64, Error>>;
 
     /// A relay's listener for `pool` (PostgreSQL: a `LISTEN` connection of its own, opened lazily).
     #[doc(hidden)]

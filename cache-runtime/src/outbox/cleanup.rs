@@ -5,6 +5,7 @@ use std::time::Duration;
 use sqlx::Pool;
 use tokio::sync::mpsc;
 
+use super::Consumer;
 use crate::backend::Backend;
 
 /// Rows per delete.
@@ -18,6 +19,7 @@ const COLLECT: Duration = Duration::from_millis(50);
 /// delivers those rows again after the grace period (harmless).
 pub(crate) async fn delete_delivered<DB: Backend>(
     pool: Pool<DB>,
+    consumer: Consumer,
     mut receiver: mpsc::UnboundedReceiver<Vec<i64>>,
 ) {
     while let Some(mut ids) = receiver.recv().await {
@@ -28,7 +30,7 @@ pub(crate) async fn delete_delivered<DB: Backend>(
                 Err(_) => break,
             }
         }
-        if let Err(error) = DB::delete(&pool, &ids).await {
+        if let Err(error) = DB::delete(&pool, &consumer, &ids).await {
             tracing::debug!(%error, rows = ids.len(), "could not delete delivered outbox rows; the relay will deliver them again");
         }
     }

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::Pool;
@@ -18,11 +19,14 @@ use crate::backend::{Backend, Rows};
 use crate::error::Error;
 use crate::health::Guarded;
 use crate::observe;
+use crate::registry::Registry;
 
 pub(crate) mod cleanup;
+pub(crate) mod consumer;
 pub(crate) mod recovery;
 mod relay;
 
+pub use consumer::Consumer;
 pub use relay::{Backlog, Drained, Relay, RelayBuilder};
 
 /// How outbox rows are delivered: by the relay (grace period, sweeps, batches) and by writers (the store
@@ -45,6 +49,7 @@ pub struct RelayConfig {
     pub(crate) sweep_interval: Duration,
     pub(crate) batch: i32,
     pub(crate) store_timeout: Duration,
+    pub(crate) consumer_expiry: Duration,
 }
 
 impl Default for RelayConfig {
@@ -54,14 +59,25 @@ impl Default for RelayConfig {
 }
 
 impl RelayConfig {
-    /// Defaults: grace 2 s, sweep every 500 ms, 5,000 rows per batch, store timeout 500 ms.
+    /// Defaults: grace 2 s, sweep every 500 ms, 5,000 rows per batch, store timeout 500 ms, consumer
+    /// expiry 5 minutes.
     pub const fn new() -> Self {
         Self {
             wrapped_grace: Duration::from_secs(2),
             sweep_interval: Duration::from_millis(500),
             batch: 5_000,
             store_timeout: Duration::from_millis(500),
+            consumer_expiry: Duration::from_secs(300),
         }
+    }
+
+    /// How long this process's [consumer](Consumer) stays live without a heartbeat (default 5 minutes;
+    /// PostgreSQL): outbox rows are kept until every live consumer delivered them, so a consumer that is
+    /// gone holds rows back this long. Its processes register every quarter of it (at most every minute).
+    #[must_use]
+    pub const fn consumer_expiry(mut self, expiry: Duration) -> Self {
+        self.consumer_expiry = expiry;
+        self
     }
 
     /// Age after which the relay delivers rows written through a [`CachedPool`](crate::CachedPool)
@@ -106,12 +122,83 @@ pub(crate) struct Outbox<DB: Backend> {
     pub(crate) pool: Pool<DB>,
     /// The fingerprint of the registry this process captures with (its build).
     pub(crate) installer: String,
+    /// The namespaces of the registry's entities: what the store drops after its consumer lapsed.
+    pub(crate) shapes: Vec<String>,
     pub(crate) state: DB::State,
     pub(crate) guarded: Arc<Guarded>,
     pub(crate) config: RelayConfig,
+    pub(crate) consumer: Consumer,
+    /// This pool's or relay's registration as a process of the consumer.
+    pub(crate) process: String,
+    /// The consumer missed rows and its store has not dropped the namespaces yet.
+    pub(crate) lapsed: AtomicBool,
+    /// Registered at least once.
+    pub(crate) registered: AtomicBool,
 }
 
 impl<DB: Backend> Outbox<DB> {
+    /// The outbox of `pool` delivered to `store` as `consumer`, for `registry`'s entities.
+    pub(crate) fn new(
+        pool: Pool<DB>,
+        registry: &Registry,
+        guarded: Arc<Guarded>,
+        config: RelayConfig,
+        consumer: Consumer,
+    ) -> Self {
+        let shapes = registry
+            .entities()
+            .iter()
+            .flat_map(|entity| entity.templates().map(|t| t.shape().to_owned()))
+            .collect::<BTreeSet<_>>();
+        Self {
+            pool,
+            installer: registry.fingerprint(),
+            shapes: shapes.into_iter().collect(),
+            state: DB::state(registry),
+            guarded,
+            config,
+            consumer,
+            process: crate::store::nonce(),
+            lapsed: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
+        }
+    }
+
+    /// Registers the consumer; when it had lapsed, drops the registry's namespaces from the store (on a
+    /// store failure, the read gate is closed and the recovery drops them before it opens again).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] when the registration fails.
+    pub(crate) async fn register(&self) -> Result<(), Error> {
+        let expiry = self.config.consumer_expiry;
+        if DB::register(&self.pool, &self.consumer, expiry, &self.process).await? {
+            tracing::warn!(
+                consumer = self.consumer.name(),
+                "outbox rows were deleted while this cache consumer was not live (no process of it ran \
+                 or its heartbeats lapsed): dropping every namespace of the registry from its store"
+            );
+            self.lapsed.store(true, Ordering::Release);
+        }
+        self.registered.store(true, Ordering::Release);
+        let _ = self.drop_lost_namespaces().await;
+        Ok(())
+    }
+
+    /// Drops the registry's namespaces from the store if the consumer lapsed.
+    ///
+    /// # Errors
+    ///
+    /// As [`invalidate`](Self::invalidate); the namespaces stay to drop.
+    pub(crate) async fn drop_lost_namespaces(&self) -> Result<(), Error> {
+        if self.lapsed.load(Ordering::Acquire) {
+            self.invalidate([(0, self.shapes.clone())], "lapsed")
+                .await?;
+            self.lapsed.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Invalidates the distinct keys of `rows` through the breaker, bounded by the store timeout, and marks
     /// the rows invalidated; `path` (`commit`, `relay`) labels the metrics. Returns the rows' ids and the
     /// number of distinct keys.
@@ -180,14 +267,22 @@ impl<DB: Backend> Outbox<DB> {
     }
 }
 
-/// Tells the database once a minute that this build runs, so that no install retires its capture while
-/// a process of it runs (see `PgSchema::retire_unseen_after`). Runs until dropped.
+/// Tells the database that this build runs, so that no install retires its capture while a process of it
+/// runs (see `PgSchema::retire_unseen_after`), and that its consumer is live (see [`consumer`]). Runs until
+/// dropped.
 pub(crate) async fn heartbeat<DB: Backend>(outbox: Arc<Outbox<DB>>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    // Registered at connect (pools) or at the start of `Relay::run`: the first beat is a period later.
+    let period = consumer::heartbeat_interval(outbox.config.consumer_expiry);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(error) = DB::alive(&outbox.pool, &outbox.installer).await {
-            tracing::debug!(%error, "could not tell the database that this build runs; retrying in a minute");
+        let result = async {
+            DB::alive(&outbox.pool, &outbox.installer).await?;
+            outbox.register().await
+        };
+        if let Err(error) = result.await {
+            tracing::debug!(%error, "could not tell the database that this build and consumer run; retrying");
         }
     }
 }

@@ -46,12 +46,14 @@ impl<DB: Backend> Relay<DB> {
                 store.tags(&probe, None)
             })
             .await?;
+        // A consumer that lapsed drops its namespaces before its reads use the store again.
+        outbox.drop_lost_namespaces().await?;
         let upto = DB::max_id(&outbox.pool).await?;
         self.drain(Some(upto)).await?;
         // Rows up to `upto` claimed by other relays: wait until they are delivered too.
         let mut wait = Duration::from_millis(5);
         loop {
-            if DB::pending_upto(&outbox.pool, upto).await? == 0 {
+            if DB::pending_upto(&outbox.pool, &outbox.consumer, upto).await? == 0 {
                 return Ok(());
             }
             tokio::time::sleep(wait).await;

@@ -34,9 +34,12 @@
 //!
 //! # One batch
 //!
-//! A batch is one transaction: claim up to [`RelayConfig::batch_rows`](super::RelayConfig::batch_rows) rows with `FOR UPDATE SKIP LOCKED`
-//! (several relays share the work, each row is held by one of them), invalidate their distinct keys in one
-//! store pipeline (bounded by [`RelayConfig::store_timeout`](super::RelayConfig::store_timeout)), delete the rows and commit with
+//! A batch is one transaction: claim up to [`RelayConfig::batch_rows`](super::RelayConfig::batch_rows) rows its [`Consumer`] has not
+//! delivered, with `FOR UPDATE SKIP LOCKED` (several relays share the work, each row is held by one of
+//! them; a relay of another consumer that skipped a held row is notified again when the batch leaves the
+//! row to others), invalidate their distinct keys in one
+//! store pipeline (bounded by [`RelayConfig::store_timeout`](super::RelayConfig::store_timeout)), record them as delivered (deleting those
+//! every live consumer delivered) and commit with
 //! `synchronous_commit = off` (no WAL flush: losing the delete in a database crash only means a second,
 //! harmless delivery). When the store fails, the transaction rolls back and the rows stay for the next sweep:
 //! delivery is at least once. A backlog drains batch after batch ([`Relay::deliver_pending`]).
@@ -75,7 +78,7 @@ use std::time::Duration;
 use sqlx::{Pool, Postgres};
 use tracing::Instrument as _;
 
-use super::{Outbox, RelayConfig};
+use super::{Consumer, Outbox, RelayConfig};
 use crate::backend::{Backend, Wake};
 use crate::error::Error;
 use crate::health::{BreakerConfig, Guarded};
@@ -99,12 +102,17 @@ pub struct Drained {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Backlog {
-    /// Rows in the outbox (delivered or not yet deleted).
+    /// Rows this relay's consumer has not delivered (or delivered and not yet deleted, for rows a writer
+    /// delivered).
     pub depth: u64,
     /// The highest row id (0 when empty).
     pub max_id: i64,
-    /// Age of the oldest row.
+    /// Age of the oldest of those rows.
     pub oldest_age: Duration,
+    /// Every row in the outbox, including those other consumers still need.
+    pub total: u64,
+    /// Live consumers (see [`Consumer`](super::Consumer)).
+    pub consumers: u32,
 }
 
 /// Builder of a standalone [`Relay`].
@@ -132,9 +140,18 @@ pub struct RelayBuilder<DB: Backend = Postgres> {
     config: RelayConfig,
     breaker: BreakerConfig,
     registry: Option<Registry>,
+    consumer: Option<Consumer>,
 }
 
 impl<DB: Backend> RelayBuilder<DB> {
+    /// The consumer this relay delivers to (default: the store's [`Store::consumer`] name): relays and
+    /// pools of one consumer share the delivery of each row (see [`Consumer`]).
+    #[must_use]
+    pub fn consumer(mut self, consumer: Consumer) -> Self {
+        self.consumer = Some(consumer);
+        self
+    }
+
     /// The delivery settings (default [`RelayConfig::new`]).
     #[must_use]
     pub fn config(mut self, config: RelayConfig) -> Self {
@@ -160,13 +177,16 @@ impl<DB: Backend> RelayBuilder<DB> {
     /// The relay (nothing runs until [`Relay::run`] or a delivery is called).
     pub fn build(self) -> Relay<DB> {
         let registry = self.registry.as_ref().unwrap_or_else(|| registry());
-        Relay::new(Outbox {
-            state: DB::state(registry),
-            installer: registry.fingerprint(),
-            pool: self.pool,
-            guarded: Arc::new(Guarded::new(self.store, self.breaker, false)),
-            config: self.config,
-        })
+        let consumer = self
+            .consumer
+            .unwrap_or_else(|| Consumer::new(self.store.consumer()));
+        Relay::new(Outbox::new(
+            self.pool,
+            registry,
+            Arc::new(Guarded::new(self.store, self.breaker, false)),
+            self.config,
+            consumer,
+        ))
     }
 }
 
@@ -207,6 +227,7 @@ impl<DB: Backend> Relay<DB> {
             config: RelayConfig::new(),
             breaker: BreakerConfig::default(),
             registry: None,
+            consumer: None,
         }
     }
 
@@ -225,6 +246,16 @@ impl<DB: Backend> Relay<DB> {
     /// has committed; either way nothing is lost, at worst a batch is delivered again.
     pub async fn run(&self) {
         // A standalone relay keeps its build's capture from being retired, as a pool does.
+        if !self
+            .outbox
+            .registered
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // A standalone relay: its consumer is live from now on.
+            if let Err(error) = self.outbox.register().await {
+                tracing::warn!(%error, "cache invalidation relay: could not register its consumer; retrying");
+            }
+        }
         let _alive = super::HeartbeatTask(tokio::spawn(super::heartbeat(Arc::clone(&self.outbox))));
         let mut listener = DB::listener(&self.outbox.pool);
         let mut tick = tokio::time::interval(self.outbox.config.sweep_interval);
@@ -308,20 +339,25 @@ impl<DB: Backend> Relay<DB> {
     ///
     /// Read only: dropping the future has no effect.
     pub async fn backlog(&self) -> Result<Backlog, Error> {
-        let (depth, max_id, age) = DB::backlog(&self.outbox.pool).await?;
+        let (depth, max_id, age, total, consumers) =
+            DB::backlog(&self.outbox.pool, &self.outbox.consumer).await?;
         Ok(Backlog {
             depth: u64::try_from(depth).unwrap_or(0),
             max_id,
             oldest_age: Duration::try_from_secs_f64(age).unwrap_or_default(),
+            total: u64::try_from(total).unwrap_or(0),
+            consumers: u32::try_from(consumers).unwrap_or(0),
         })
+    }
+
+    /// The consumer this relay delivers to.
+    pub fn consumer(&self) -> &Consumer {
+        &self.outbox.consumer
     }
 
     async fn report_backlog(&self) {
         if let Ok(backlog) = self.backlog().await {
-            observe::backlog(
-                i64::try_from(backlog.depth).unwrap_or(i64::MAX),
-                backlog.oldest_age.as_secs_f64(),
-            );
+            observe::backlog(&backlog);
         }
     }
 
@@ -359,6 +395,7 @@ impl<DB: Backend> Relay<DB> {
             let (claim, rows) = DB::claim(
                 &outbox.pool,
                 &outbox.state,
+                &outbox.consumer,
                 config.batch,
                 config.wrapped_grace,
                 upto,
@@ -370,7 +407,7 @@ impl<DB: Backend> Relay<DB> {
             let (ids, keys) = outbox
                 .invalidate(rows.into_iter().map(|(id, keys, _)| (id, keys)), "relay")
                 .await?;
-            DB::complete(claim, &outbox.state, &ids).await?;
+            DB::complete(claim, &outbox.state, &outbox.consumer, &ids).await?;
             if !ids.is_empty() {
                 observe::relay_batch(ids.len(), oldest);
             }

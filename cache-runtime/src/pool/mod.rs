@@ -62,7 +62,7 @@ use crate::backend::{Backend, Rows};
 use crate::cache::{Cache, CacheBuilder, SharedHealth};
 use crate::error::Error;
 use crate::health::Guarded;
-use crate::outbox::{Outbox, Relay, cleanup, heartbeat};
+use crate::outbox::{Consumer, Outbox, Relay, cleanup, heartbeat};
 use crate::registry::Registry;
 use crate::store::Store;
 
@@ -162,6 +162,14 @@ struct Core<DB: Backend> {
 impl<DB: Backend> Drop for Core<DB> {
     fn drop(&mut self) {
         self.tasks.iter().for_each(JoinHandle::abort);
+        // This pool no longer delivers: let the consumer's other processes (if any) keep it live, else let
+        // the outbox stop keeping rows for it (best effort; otherwise it expires).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let outbox = Arc::clone(&self.relay.outbox);
+            runtime.spawn(async move {
+                let _ = DB::unregister(&outbox.pool, &outbox.consumer, &outbox.process).await;
+            });
+        }
     }
 }
 
@@ -201,18 +209,21 @@ impl<DB: Backend> CachedPool<DB> {
         pool: Pool<DB>,
         store: Arc<dyn Store>,
         registry: Registry,
+        consumer: Consumer,
         options: &CachedPoolOptions<DB>,
     ) -> Self {
         let guarded = Arc::new(Guarded::new(store, options.breaker, true));
-        let relay = Relay::new(Outbox {
-            state: DB::state(&registry),
-            installer: registry.fingerprint(),
-            pool: pool.clone(),
-            guarded: Arc::clone(&guarded),
-            config: options.relay,
-        });
+        let relay = Relay::new(Outbox::new(
+            pool.clone(),
+            &registry,
+            Arc::clone(&guarded),
+            options.relay,
+            consumer.clone(),
+        ));
         let (delivered, receiver) = mpsc::unbounded_channel();
-        let mut tasks = vec![tokio::spawn(cleanup::delete_delivered(pool, receiver))];
+        let mut tasks = vec![tokio::spawn(cleanup::delete_delivered(
+            pool, consumer, receiver,
+        ))];
         let recovering = relay.clone();
         tasks.push(tokio::spawn(async move { recovering.recover().await }));
         if options.run_relay {
@@ -367,6 +378,10 @@ impl<DB: Backend> CachedPool<DB> {
     /// Dropping the future leaves the pool closed (as [`sqlx::Pool::close`]).
     pub async fn close(&self) {
         self.core.tasks.iter().for_each(JoinHandle::abort);
+        let outbox = &self.core.relay.outbox;
+        if let Err(error) = DB::unregister(&outbox.pool, &outbox.consumer, &outbox.process).await {
+            tracing::debug!(%error, "could not unregister the cache consumer; it expires on its own");
+        }
         self.sqlx_pool().close().await;
     }
 }

@@ -9,7 +9,7 @@ use super::{CachedPool, WriteDetection};
 use crate::backend::{Backend, ConnectOptions, TriggerMode};
 use crate::error::Error;
 use crate::health::BreakerConfig;
-use crate::outbox::RelayConfig;
+use crate::outbox::{Consumer, RelayConfig};
 use crate::registry::{Registry, registry};
 use crate::store::Store;
 
@@ -38,6 +38,7 @@ pub struct CachedPoolOptions<DB: Backend = Postgres> {
     pub(super) relay: RelayConfig,
     pub(super) breaker: BreakerConfig,
     pub(super) detection: WriteDetection,
+    pub(super) consumer: Option<Consumer>,
     #[cfg(feature = "fault-injection")]
     pub(super) crash_after_commit: bool,
 }
@@ -47,6 +48,7 @@ impl<DB: Backend> Clone for CachedPoolOptions<DB> {
         Self {
             registry: self.registry.clone(),
             pool_options: self.pool_options.clone(),
+            consumer: self.consumer.clone(),
             ..*self
         }
     }
@@ -71,9 +73,19 @@ impl<DB: Backend> CachedPoolOptions<DB> {
             relay: RelayConfig::new(),
             breaker: BreakerConfig::default(),
             detection: WriteDetection::default(),
+            consumer: None,
             #[cfg(feature = "fault-injection")]
             crash_after_commit: false,
         }
+    }
+
+    /// The consumer the pool delivers to (default: the store's [`Store::consumer`] name). Pools and relays
+    /// of one consumer share the delivery of each outbox row; every consumer receives every row (see
+    /// [`Consumer`]).
+    #[must_use]
+    pub fn consumer(mut self, consumer: Consumer) -> Self {
+        self.consumer = Some(consumer);
+        self
     }
 
     /// Uses `registry` instead of every entity linked into the program (capture, the relay's rendering and
@@ -182,10 +194,14 @@ impl<DB: Backend> CachedPoolOptions<DB> {
     ) -> Result<CachedPool<DB>, Error> {
         let registry = self.registry.take().unwrap_or_else(|| registry().clone());
         registry.validate()?;
+        let consumer = self
+            .consumer
+            .take()
+            .unwrap_or_else(|| Consumer::new(store.consumer()));
         let pool = self
             .pool_options
             .clone()
-            .connect_with(DB::wrap(options))
+            .connect_with(DB::wrap(options, &consumer))
             .await?;
         {
             let mut conn = pool.acquire().await?;
@@ -194,6 +210,9 @@ impl<DB: Backend> CachedPoolOptions<DB> {
             }
             DB::verify(&registry, &mut conn).await?;
         }
-        Ok(CachedPool::start(pool, Arc::new(store), registry, &self))
+        let pool = CachedPool::start(pool, Arc::new(store), registry, consumer, &self);
+        // Live before the first write: from now on no row is deleted before this consumer delivered it.
+        pool.relay().outbox.register().await?;
+        Ok(pool)
     }
 }

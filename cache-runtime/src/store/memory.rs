@@ -14,7 +14,8 @@ use moka::ops::compute::Op;
 use moka::sync::Cache as Moka;
 
 use super::{
-    BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, tag_slot,
+    BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, nonce,
+    tag_slot,
 };
 
 #[derive(Debug, Clone)]
@@ -67,6 +68,7 @@ impl Expiry<String, Entry> for EntryExpiry {
 pub struct MemoryStore {
     slots: Moka<String, Entry>,
     clock: Arc<AtomicU64>,
+    consumer: String,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -93,6 +95,7 @@ impl MemoryStore {
                 .expire_after(EntryExpiry)
                 .build(),
             clock: Arc::new(AtomicU64::new(1)),
+            consumer: format!("memory {}", nonce()),
         }
     }
 
@@ -135,6 +138,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn consumer(&self) -> String {
+        self.consumer.clone()
+    }
+
     fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
         // Through the per-key lock (not `Cache::invalidate`, which does not serialize with
         // `and_compute_with`), so that a fill's compare-and-set and an invalidation are ordered.

@@ -139,10 +139,24 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError`] when the backend cannot be reached; the lease then expires on its own.
     fn release<'a>(&'a self, key: &'a str, lease: &'a str)
     -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The name of the data this store holds, as an outbox [consumer](crate::outbox::Consumer): pools and
+    /// relays whose stores have the same name share the delivery of each outbox row (one of them delivers
+    /// it); stores with different names each receive every row. [`RedisStore`]: the
+    /// server and the prefix; [`MemoryStore`]: unique to the instance. The default, the
+    /// type's name, suits a store type of which one dataset exists; override it otherwise (or name the
+    /// consumer in [`CachedPoolOptions::consumer`](crate::CachedPoolOptions::consumer)).
+    fn consumer(&self) -> String {
+        std::any::type_name::<Self>().to_owned()
+    }
 }
 
 /// A shared store is a store: `Arc<dyn Store>` (or `Arc<S>`) can be handed wherever a `Store` is taken.
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn consumer(&self) -> String {
+        (**self).consumer()
+    }
+
     fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
         (**self).invalidate(keys)
     }

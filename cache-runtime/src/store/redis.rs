@@ -2,7 +2,8 @@
 //!
 //! Layout, under the store's prefix: the value slot of key `K` is `prefix + K` (an entry, or a lease
 //! `"\0L" + token`); the tag token of `K` is `prefix + "<tag>" + K`, and that of a shape `S` is
-//! `prefix + "<tag>" + S`. Every script touches exactly one key, so the store stays compatible with Redis
+//! `prefix + "<tag>" + S`; `prefix + "<consumer>"` holds the id that names the prefix's data as an outbox
+//! consumer ([`Store::consumer`](crate::Store::consumer)). Every script touches exactly one key, so the store stays compatible with Redis
 //! Cluster; a lookup pipelines one script per key (one round trip on a standalone server).
 
 use std::sync::Arc;
@@ -74,6 +75,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
     scripts: Arc<Scripts>,
+    consumer: String,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -125,13 +127,33 @@ impl RedisStore {
         conn: ConnectionManager,
         prefix: impl Into<String>,
     ) -> Result<Self, StoreError> {
-        let store = Self {
+        let mut store = Self {
             conn,
             prefix: prefix.into(),
             scripts: Arc::new(Scripts::new()),
+            consumer: String::new(),
         };
         store.load_scripts().await?;
+        store.consumer = store.dataset_id().await?;
         Ok(store)
+    }
+
+    /// The consumer name of the data under this prefix on this server: a random id kept in the slot
+    /// `prefix + "<consumer>"` (created by the first store to connect, without expiry), so that every store
+    /// on the same server and prefix has the same name, however it was connected.
+    async fn dataset_id(&self) -> Result<String, StoreError> {
+        let slot = self.redis_key(CONSUMER_SLOT);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&slot)
+            .arg(nonce())
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&slot);
+        let mut conn = self.conn.clone();
+        let (id,): (String,) = pipe.query_async(&mut conn).await?;
+        Ok(format!("redis {} {id}", self.prefix))
     }
 
     /// The key prefix.
@@ -188,6 +210,9 @@ impl RedisStore {
         );
     }
 }
+
+/// The slot (under the prefix) of the id naming this prefix's data as an outbox consumer.
+const CONSUMER_SLOT: &str = "<consumer>";
 
 /// Slots per `UNLINK` command of an invalidation.
 const UNLINK_KEYS: usize = 500;
@@ -268,6 +293,10 @@ pub(crate) fn parse_token(v: &Value) -> Result<Option<TagToken>, StoreError> {
 }
 
 impl Store for RedisStore {
+    fn consumer(&self) -> String {
+        self.consumer.clone()
+    }
+
     fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             if keys.is_empty() {

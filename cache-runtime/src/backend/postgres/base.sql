@@ -5,13 +5,45 @@ CREATE TABLE IF NOT EXISTS @schema@.outbox (
   id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   txid xid8 NOT NULL,
   pid integer NOT NULL,
-  wrapped boolean NOT NULL,
+  -- The consumer tag of the wrapped session that wrote the row (it delivers the row itself); NULL for others.
+  writer text,
+  -- The consumers (tags) that delivered the row: it is deleted once every live consumer has.
+  delivered_to text[] NOT NULL DEFAULT '{}',
   keys text[] NOT NULL,
   created_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- From schema version 3 (`wrapped boolean` instead of `writer`; capture functions of version 3 still in
+-- place write `wrapped`, and their rows count as other clients': delivered at once).
+ALTER TABLE @schema@.outbox ADD COLUMN IF NOT EXISTS writer text;
+ALTER TABLE @schema@.outbox ADD COLUMN IF NOT EXISTS delivered_to text[] NOT NULL DEFAULT '{}';
+DO $up$ BEGIN
+  IF EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid = '@schema@.outbox'::regclass
+             AND attname = 'wrapped' AND NOT attisdropped) THEN
+    ALTER TABLE @schema@.outbox ALTER COLUMN wrapped SET DEFAULT false;
+  END IF;
+END $up$;
 CREATE INDEX IF NOT EXISTS outbox_txid ON @schema@.outbox (txid);
 CREATE INDEX IF NOT EXISTS outbox_pid ON @schema@.outbox (pid, id);
 REVOKE ALL ON @schema@.outbox FROM PUBLIC;
+-- The stores the outbox is delivered to, by tag (a hash of the name): every live consumer receives every
+-- row. A consumer is live while one of its processes (pools, relays) is: registered (`register`, every
+-- heartbeat) less than `expires_after` ago and not closed (`unregister`). `missed`: rows were deleted while
+-- the consumer was not live; its store must drop what it holds of the registered tables when it returns.
+CREATE TABLE IF NOT EXISTS @schema@.consumers (
+  tag text PRIMARY KEY,
+  name text NOT NULL,
+  expires_after interval NOT NULL,
+  missed boolean NOT NULL DEFAULT false
+);
+CREATE INDEX IF NOT EXISTS consumers_not_missed ON @schema@.consumers (tag) WHERE NOT missed;
+REVOKE ALL ON @schema@.consumers FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS @schema@.consumer_processes (
+  tag text NOT NULL REFERENCES @schema@.consumers ON DELETE CASCADE,
+  process text NOT NULL,
+  last_seen timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (tag, process)
+);
+REVOKE ALL ON @schema@.consumer_processes FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS @schema@.installed (
   singleton boolean PRIMARY KEY CHECK (singleton),
   fingerprint text NOT NULL,
@@ -37,41 +69,119 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $f
 CREATE OR REPLACE FUNCTION @schema@.render_bool(v boolean) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$ SELECT @render_bool@ $fn$;
 
-@written_keys@-- Schema version 2 installed this function, which nothing calls.
+@written_keys@-- Schema version 2 installed this function, which nothing calls; version 3 those without a consumer.
 DROP FUNCTION IF EXISTS @schema@.claim(integer, interval);
-CREATE OR REPLACE FUNCTION @schema@.claim_rows(max_rows integer, wrapped_grace interval, upto bigint)
+DROP FUNCTION IF EXISTS @schema@.claim_rows(integer, interval, bigint);
+DROP FUNCTION IF EXISTS @schema@.backlog();
+DROP FUNCTION IF EXISTS @schema@.pending_upto(bigint);
+DROP FUNCTION IF EXISTS @schema@.delivered(bigint[]);
+DROP FUNCTION IF EXISTS @schema@.delivered(bigint[], text, boolean);
+CREATE OR REPLACE FUNCTION @schema@.live_consumers() RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT coalesce(array_agg(DISTINCT c.tag), '{}')
+  FROM @schema@.consumers c JOIN @schema@.consumer_processes p ON p.tag = c.tag
+  WHERE p.last_seen > now() - c.expires_after
+$fn$;
+-- Deletes the rows `ids` (all of them with `every`, else those every live consumer delivered); consumers
+-- that are not live missed them.
+CREATE OR REPLACE FUNCTION @schema@.forget(ids bigint[], live text[], every boolean) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+  IF ids IS NULL THEN
+    DELETE FROM @schema@.outbox o WHERE cardinality(o.delivered_to) > 0 AND live <@ o.delivered_to;
+  ELSIF every THEN
+    DELETE FROM @schema@.outbox o WHERE o.id = ANY (ids);
+  ELSE
+    DELETE FROM @schema@.outbox o WHERE o.id = ANY (ids) AND live <@ o.delivered_to;
+  END IF;
+  IF FOUND THEN
+    UPDATE @schema@.consumers c SET missed = true WHERE NOT c.missed AND NOT c.tag = ANY (live);
+  END IF;
+END
+$fn$;
+REVOKE ALL ON FUNCTION @schema@.live_consumers() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @schema@.forget(bigint[], text[], boolean) FROM PUBLIC;
+-- Registers (or refreshes) a process of a consumer; true when the consumer missed rows (see `consumers`):
+-- its store must drop what it holds of the registered tables.
+CREATE OR REPLACE FUNCTION @schema@.register(consumer text, consumer_name text, expiry interval,
+                                             process_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  lost boolean;
+BEGIN
+  INSERT INTO @schema@.consumers AS c (tag, name, expires_after) VALUES (consumer, consumer_name, expiry)
+  ON CONFLICT ON CONSTRAINT consumers_pkey DO UPDATE SET name = EXCLUDED.name, expires_after = EXCLUDED.expires_after
+  RETURNING c.missed INTO lost;
+  INSERT INTO @schema@.consumer_processes AS p (tag, process) VALUES (consumer, process_id)
+  ON CONFLICT ON CONSTRAINT consumer_processes_pkey DO UPDATE SET last_seen = now();
+  IF lost THEN
+    UPDATE @schema@.consumers c SET missed = false WHERE c.tag = consumer;
+  END IF;
+  -- Processes gone for a day, and rows every live consumer delivered while another expired.
+  DELETE FROM @schema@.consumer_processes p WHERE p.last_seen < now() - interval '1 day';
+  PERFORM @schema@.forget(NULL, @schema@.live_consumers(), false);
+  RETURN lost;
+END
+$fn$;
+-- A process of a consumer closed: the consumer is live while another of its processes is.
+CREATE OR REPLACE FUNCTION @schema@.unregister(consumer text, process text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  DELETE FROM @schema@.consumer_processes p WHERE p.tag = consumer AND p.process = unregister.process
+$fn$;
+CREATE OR REPLACE FUNCTION @schema@.claim_rows(max_rows integer, wrapped_grace interval, upto bigint, consumer text)
 RETURNS TABLE (id bigint, keys text[], age_seconds double precision)
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  -- With `upto`: every row up to that id, whatever its age (the drain after a store outage). Without:
-  -- rows of unwrapped sessions, and rows of wrapped sessions older than the grace period.
+  -- Rows this consumer has not delivered. With `upto`: every such row up to that id, whatever its age (the
+  -- drain after a store outage). Without: rows of other writers, and this consumer's wrapped writers' rows
+  -- older than the grace period. A row held by another relay's batch is skipped; when that batch leaves
+  -- the row to other consumers, its `delivered` notifies the relays again.
   SELECT o.id, o.keys, extract(epoch FROM clock_timestamp() - o.created_at)::double precision
   FROM @schema@.outbox o
-  WHERE CASE WHEN upto IS NULL
-             THEN NOT o.wrapped OR o.created_at < clock_timestamp() - wrapped_grace
+  WHERE NOT consumer = ANY (o.delivered_to)
+    AND CASE WHEN upto IS NULL
+             THEN o.writer IS DISTINCT FROM consumer OR o.created_at < clock_timestamp() - wrapped_grace
              ELSE o.id <= upto END
   ORDER BY o.id LIMIT max_rows
   FOR UPDATE SKIP LOCKED
 $fn$;
-CREATE OR REPLACE FUNCTION @schema@.backlog()
-RETURNS TABLE (depth bigint, max_id bigint, oldest_age_seconds double precision)
+CREATE OR REPLACE FUNCTION @schema@.backlog(consumer text)
+RETURNS TABLE (depth bigint, max_id bigint, oldest_age_seconds double precision, total bigint,
+               consumers integer)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  SELECT count(*), coalesce(max(o.id), 0),
-         coalesce(extract(epoch FROM clock_timestamp() - min(o.created_at))::double precision, 0)
+  SELECT count(*) FILTER (WHERE NOT consumer = ANY (o.delivered_to)), coalesce(max(o.id), 0),
+         coalesce(extract(epoch FROM clock_timestamp()
+                  - min(o.created_at) FILTER (WHERE NOT consumer = ANY (o.delivered_to)))::double precision, 0),
+         count(*), cardinality(@schema@.live_consumers())
   FROM @schema@.outbox o
 $fn$;
 CREATE OR REPLACE FUNCTION @schema@.max_id() RETURNS bigint
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
   SELECT coalesce(max(o.id), 0) FROM @schema@.outbox o
 $fn$;
-CREATE OR REPLACE FUNCTION @schema@.pending_upto(upto bigint) RETURNS bigint
+CREATE OR REPLACE FUNCTION @schema@.pending_upto(upto bigint, consumer text) RETURNS bigint
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  SELECT count(*) FROM @schema@.outbox o WHERE o.id <= upto
+  SELECT count(*) FROM @schema@.outbox o WHERE o.id <= upto AND NOT consumer = ANY (o.delivered_to)
 $fn$;
-CREATE OR REPLACE FUNCTION @schema@.delivered(ids bigint[]) RETURNS void
+-- `consumer` delivered the rows `ids`: deleted when no other consumer is live, else marked (and deleted
+-- once every live consumer has). Rows left to other consumers notify the relays (a wrapped writer's rows
+-- send no NOTIFY of their own, and a relay may have skipped rows this batch held).
+CREATE OR REPLACE FUNCTION @schema@.delivered(ids bigint[], consumer text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  live text[] := @schema@.live_consumers();
 BEGIN
   -- Losing this delete in a crash only means a second (harmless) delivery: do not wait for the WAL flush.
   PERFORM set_config('synchronous_commit', 'off', true);
-  DELETE FROM @schema@.outbox WHERE id = ANY (ids);
+  IF live <@ ARRAY[consumer] THEN
+    PERFORM @schema@.forget(ids, live, true);
+    RETURN;
+  END IF;
+  UPDATE @schema@.outbox o SET delivered_to = o.delivered_to || consumer
+  WHERE o.id = ANY (ids) AND NOT consumer = ANY (o.delivered_to);
+  PERFORM @schema@.forget(ids, live, false);
+  IF EXISTS (SELECT FROM @schema@.outbox o WHERE o.id = ANY (ids)) THEN
+    PERFORM pg_notify('@channel@', '');
+  END IF;
 END
 $fn$;

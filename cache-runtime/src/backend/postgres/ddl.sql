@@ -45,8 +45,8 @@ $fn$;
 CREATE OR REPLACE FUNCTION @schema@.invalidate_namespaces(shapes text[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
-  INSERT INTO @schema@.outbox (txid, pid, wrapped, keys, created_at)
-  VALUES (pg_current_xact_id(), pg_backend_pid(), false, shapes, clock_timestamp());
+  INSERT INTO @schema@.outbox (txid, pid, keys, created_at)
+  VALUES (pg_current_xact_id(), pg_backend_pid(), shapes, clock_timestamp());
   IF current_setting('max_prepared_transactions') = '0' THEN
     PERFORM pg_notify('@channel@', '');
   END IF;

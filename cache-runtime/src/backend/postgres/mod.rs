@@ -9,8 +9,9 @@ use futures_core::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Postgres};
 
-use super::{Backend, ClaimedRows, Rows, TriggerMode, Wake};
+use super::{Backend, BacklogRow, ClaimedRows, Rows, TriggerMode, Wake};
 use crate::error::Error;
+use crate::outbox::Consumer;
 use crate::registry::Registry;
 
 mod check;
@@ -46,7 +47,7 @@ pub const WRAPPED_SETTING: &str = function!("wrapped");
 pub(crate) const SEEN_SETTING: &str = function!("seen");
 
 /// The version of the generated SQL; an installed schema of another version must be re-installed.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The application name of the relay's `LISTEN` connection (visible in `pg_stat_activity`).
 pub const LISTEN_APPLICATION_NAME: &str = "cache_invalidation_relay";
@@ -73,8 +74,8 @@ impl Backend for Postgres {
 
     fn state(_registry: &Registry) -> Self::State {}
 
-    fn wrap(options: PgConnectOptions) -> PgConnectOptions {
-        options.options([(WRAPPED_SETTING, "on")])
+    fn wrap(options: PgConnectOptions, consumer: &Consumer) -> PgConnectOptions {
+        options.options([(WRAPPED_SETTING, consumer.tag())])
     }
 
     fn install<'a>(
@@ -123,8 +124,12 @@ impl Backend for Postgres {
 
     fn invalidated(_state: &(), _ids: &[i64]) {}
 
-    fn delete<'a>(pool: &'a PgPool, ids: &'a [i64]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-        Box::pin(async move { delivered(pool, ids).await })
+    fn delete<'a>(
+        pool: &'a PgPool,
+        consumer: &'a Consumer,
+        ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move { delivered(pool, consumer, ids).await })
     }
 
     fn notify_drain(pool: &PgPool) -> BoxFuture<'_, Result<(), sqlx::Error>> {
@@ -141,6 +146,7 @@ impl Backend for Postgres {
     fn claim<'a>(
         pool: &'a PgPool,
         _state: &'a (),
+        consumer: &'a Consumer,
         batch: i32,
         grace: Duration,
         upto: Option<i64>,
@@ -149,11 +155,12 @@ impl Backend for Postgres {
             let mut tx = pool.begin().await?;
             let rows = sqlx::query_as(concat!(
                 "SELECT id, keys, age_seconds FROM ",
-                function!("claim_rows($1, $2, $3)")
+                function!("claim_rows($1, $2, $3, $4)")
             ))
             .bind(batch)
             .bind(grace)
             .bind(upto)
+            .bind(consumer.tag())
             .fetch_all(&mut *tx)
             .await?;
             Ok((tx, rows))
@@ -163,11 +170,12 @@ impl Backend for Postgres {
     fn complete<'a>(
         mut claim: Self::Claim,
         _state: &'a (),
+        consumer: &'a Consumer,
         ids: &'a [i64],
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             if !ids.is_empty() {
-                delivered(&mut *claim, ids).await?;
+                delivered(&mut *claim, consumer, ids).await?;
             }
             claim.commit().await?;
             Ok(())
@@ -184,14 +192,52 @@ impl Backend for Postgres {
         })
     }
 
-    fn backlog(pool: &PgPool) -> BoxFuture<'_, Result<(i64, i64, f64), Error>> {
+    fn backlog<'a>(
+        pool: &'a PgPool,
+        consumer: &'a Consumer,
+    ) -> BoxFuture<'a, Result<BacklogRow, Error>> {
         Box::pin(async move {
             Ok(sqlx::query_as(concat!(
-                "SELECT depth, max_id, oldest_age_seconds FROM ",
-                function!("backlog()")
+                "SELECT depth, max_id, oldest_age_seconds, total, consumers FROM ",
+                function!("backlog($1)")
             ))
+            .bind(consumer.tag())
             .fetch_one(pool)
             .await?)
+        })
+    }
+
+    fn register<'a>(
+        pool: &'a PgPool,
+        consumer: &'a Consumer,
+        expiry: Duration,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(async move {
+            Ok(
+                sqlx::query_scalar(concat!("SELECT ", function!("register($1, $2, $3, $4)")))
+                    .bind(consumer.tag())
+                    .bind(consumer.name())
+                    .bind(expiry)
+                    .bind(process)
+                    .fetch_one(pool)
+                    .await?,
+            )
+        })
+    }
+
+    fn unregister<'a>(
+        pool: &'a PgPool,
+        consumer: &'a Consumer,
+        process: &'a str,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            sqlx::query(concat!("SELECT ", function!("unregister($1, $2)")))
+                .bind(consumer.tag())
+                .bind(process)
+                .execute(pool)
+                .await?;
+            Ok(())
         })
     }
 
@@ -205,11 +251,16 @@ impl Backend for Postgres {
         })
     }
 
-    fn pending_upto(pool: &PgPool, upto: i64) -> BoxFuture<'_, Result<i64, Error>> {
+    fn pending_upto<'a>(
+        pool: &'a PgPool,
+        consumer: &'a Consumer,
+        upto: i64,
+    ) -> BoxFuture<'a, Result<i64, Error>> {
         Box::pin(async move {
             Ok(
-                sqlx::query_scalar(concat!("SELECT ", function!("pending_upto($1)")))
+                sqlx::query_scalar(concat!("SELECT ", function!("pending_upto($1, $2)")))
                     .bind(upto)
+                    .bind(consumer.tag())
                     .fetch_one(pool)
                     .await?,
             )
@@ -273,13 +324,16 @@ impl Backend for Postgres {
     }
 }
 
-/// Deletes delivered rows (`synchronous_commit = off`: see the function's SQL).
+/// Records rows as delivered to `consumer`, deleting those every live consumer delivered
+/// (`synchronous_commit = off`: see the function's SQL).
 async fn delivered<'e>(
     executor: impl sqlx::PgExecutor<'e>,
+    consumer: &Consumer,
     ids: &[i64],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(concat!("SELECT ", function!("delivered($1)")))
+    sqlx::query(concat!("SELECT ", function!("delivered($1, $2)")))
         .bind(ids)
+        .bind(consumer.tag())
         .execute(executor)
         .await
         .map(drop)

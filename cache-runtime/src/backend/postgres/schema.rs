@@ -5,11 +5,14 @@
 //!
 //! Everything lives in the schema [`SCHEMA`] (`cache_invalidation`):
 //!
-//! - `outbox (id, txid, pid, wrapped, keys text[], created_at)`: one row per writing *statement* (statement
-//!   triggers) holding the distinct keys it invalidates, tagged with the writing transaction
-//!   (`pg_current_xact_id()`), the backend and whether the session went through [`CachedPool`](crate::CachedPool)
-//!   (the session setting `cache_invalidation.wrapped = on`). The rows are written in the writing transaction,
-//!   so they commit or roll back (savepoints included) with the data.
+//! - `outbox (id, txid, pid, writer, delivered_to, keys text[], created_at)`: one row per writing
+//!   *statement* (statement triggers) holding the distinct keys it invalidates, tagged with the writing
+//!   transaction (`pg_current_xact_id()`), the backend and, when the session went through
+//!   [`CachedPool`](crate::CachedPool), its consumer's tag (the session setting `cache_invalidation.wrapped`).
+//!   The rows are written in the writing transaction, so they commit or roll back (savepoints included) with
+//!   the data. `delivered_to` lists the consumers that delivered the row.
+//! - `consumers`: the stores the outbox is delivered to (see [`Consumer`](crate::outbox::Consumer)): a
+//!   row is deleted once every live consumer delivered it.
 //! - `installed`: the [`Registry::fingerprint`] and [`SCHEMA_VERSION`] the triggers were generated from.
 //! - the rendering functions `escape_text(text)`, `render_text(text)`, `render_int(bigint)`,
 //!   `render_bool(boolean)`, equal byte for byte to the Rust rendering (see [`crate::key::KeyWriter`]).
@@ -27,9 +30,12 @@
 //!   tables and partitions that appear under a registered name, refuse `DISABLE TRIGGER` on capture, and
 //!   invalidate a table's namespaces on `DETACH`, rewrites and drops (see `ddl.sql`).
 //! - functions the runtime calls (all `SECURITY DEFINER`): `transaction_keys()`, `session_keys()`,
-//!   `claim_rows(int, interval, bigint)` (the same with row ages, or every row up to an id
-//!   whatever its age: the drain after a store outage), `delivered(bigint[])`, `backlog()` (depth, highest id, oldest row's age: the
-//!   relay's gauges), `max_id()` (the post-outage watermark, an index lookup) and `pending_upto(bigint)` (rows up to an id still there).
+//!   `claim_rows(int, interval, bigint, text)` (a consumer's undelivered rows with their ages, or every
+//!   such row up to an id whatever its age: the drain after a store outage), `delivered(bigint[],
+//!   text)`, `register(text, text, interval)` (a consumer's heartbeat), `backlog(text)` (a consumer's
+//!   depth, the highest id, its oldest row's age, the outbox's size and the live consumers: the relay's
+//!   gauges), `max_id()` (the post-outage watermark, an index lookup) and `pending_upto(bigint, text)` (a
+//!   consumer's rows up to an id still undelivered).
 //!   They are revoked from `PUBLIC`: only the installing role and roles granted with [`PgSchema::grant_sql`]
 //!   may call them, so no other role can read or delete undelivered rows.
 //!
@@ -763,12 +769,12 @@ $fn$;
 
 /// Writes `keys` (when not empty) to the outbox; notifies the relay for sessions that are not wrapped.
 const EMIT_SQL: &str = "IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
-    INSERT INTO @schema@.outbox (txid, pid, wrapped, keys, created_at)
-    VALUES (pg_current_xact_id(), pg_backend_pid(),
-            coalesce(current_setting('@wrapped@', true), '') = 'on', keys, clock_timestamp());
+    INSERT INTO @schema@.outbox (txid, pid, writer, keys, created_at)
+    VALUES (pg_current_xact_id(), pg_backend_pid(), nullif(current_setting('@wrapped@', true), ''), keys,
+            clock_timestamp());
     -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
     -- these rows by their sweep instead.
-    IF coalesce(current_setting('@wrapped@', true), '') <> 'on'
+    IF coalesce(current_setting('@wrapped@', true), '') = ''
        AND current_setting('max_prepared_transactions') = '0' THEN
       PERFORM pg_notify('@channel@', '');
     END IF;
@@ -811,11 +817,13 @@ DELETE FROM {SCHEMA}.captured WHERE tbl = {tbl};
 pub(super) const CLIENT_FUNCTIONS: &[&str] = &[
     function!("transaction_keys()"),
     function!("session_keys()"),
-    function!("claim_rows(integer, interval, bigint)"),
-    function!("backlog()"),
+    function!("claim_rows(integer, interval, bigint, text)"),
+    function!("backlog(text)"),
     function!("max_id()"),
-    function!("pending_upto(bigint)"),
-    function!("delivered(bigint[])"),
+    function!("pending_upto(bigint, text)"),
+    function!("delivered(bigint[], text)"),
+    function!("register(text, text, interval, text)"),
+    function!("unregister(text, text)"),
     function!("alive(text)"),
 ];
 

@@ -19,8 +19,9 @@ use futures_core::future::BoxFuture;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
-use super::{Backend, ClaimedRows, Rows, TriggerMode, Wake};
+use super::{Backend, BacklogRow, ClaimedRows, Rows, TriggerMode, Wake};
 use crate::error::Error;
+use crate::outbox::Consumer;
 use crate::registry::Registry;
 
 /// Names the outbox table: every use, in Rust and in the generated SQL, goes through this macro or
@@ -91,7 +92,7 @@ impl Backend for Sqlite {
         }
     }
 
-    fn wrap(options: SqliteConnectOptions) -> SqliteConnectOptions {
+    fn wrap(options: SqliteConnectOptions, _consumer: &Consumer) -> SqliteConnectOptions {
         // Delete triggers fire for the rows a `REPLACE` conflict deletes only with recursive triggers on.
         options.pragma("recursive_triggers", "ON")
     }
@@ -135,7 +136,11 @@ impl Backend for Sqlite {
         }
     }
 
-    fn delete<'a>(pool: &'a SqlitePool, ids: &'a [i64]) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    fn delete<'a>(
+        pool: &'a SqlitePool,
+        _consumer: &'a Consumer,
+        ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
             let Some(&max) = ids.iter().max() else {
                 return Ok(());
@@ -156,6 +161,7 @@ impl Backend for Sqlite {
     fn claim<'a>(
         pool: &'a SqlitePool,
         state: &'a SqliteState,
+        _consumer: &'a Consumer,
         batch: i32,
         grace: Duration,
         upto: Option<i64>,
@@ -197,9 +203,10 @@ impl Backend for Sqlite {
     fn complete<'a>(
         pool: SqlitePool,
         _state: &'a SqliteState,
+        consumer: &'a Consumer,
         ids: &'a [i64],
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Ok(Self::delete(&pool, ids).await?) })
+        Box::pin(async move { Ok(Self::delete(&pool, consumer, ids).await?) })
     }
 
     fn max_id(pool: &SqlitePool) -> BoxFuture<'_, Result<i64, Error>> {
@@ -212,15 +219,37 @@ impl Backend for Sqlite {
         })
     }
 
-    fn backlog(pool: &SqlitePool) -> BoxFuture<'_, Result<(i64, i64, f64), Error>> {
+    fn backlog<'a>(
+        pool: &'a SqlitePool,
+        _consumer: &'a Consumer,
+    ) -> BoxFuture<'a, Result<BacklogRow, Error>> {
         Box::pin(async move {
-            Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            let (depth, max_id, age): (i64, i64, f64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT count(*), coalesce(max(id), 0), coalesce(max({NOW} - min(created_at), 0.0), 0.0) \
                  FROM {OUTBOX}"
             )))
             .fetch_one(pool)
-            .await?)
+            .await?;
+            Ok((depth, max_id, age, depth, 1))
         })
+    }
+
+    fn register<'a>(
+        _pool: &'a SqlitePool,
+        _consumer: &'a Consumer,
+        _expiry: Duration,
+        _process: &'a str,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        // One consumer per database: nothing to register.
+        Box::pin(async { Ok(false) })
+    }
+
+    fn unregister<'a>(
+        _pool: &'a SqlitePool,
+        _consumer: &'a Consumer,
+        _process: &'a str,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
     }
 
     fn alive<'a>(_pool: &'a SqlitePool, _installer: &'a str) -> BoxFuture<'a, Result<(), Error>> {
@@ -228,7 +257,11 @@ impl Backend for Sqlite {
         Box::pin(async { Ok(()) })
     }
 
-    fn pending_upto(pool: &SqlitePool, upto: i64) -> BoxFuture<'_, Result<i64, Error>> {
+    fn pending_upto<'a>(
+        pool: &'a SqlitePool,
+        _consumer: &'a Consumer,
+        upto: i64,
+    ) -> BoxFuture<'a, Result<i64, Error>> {
         Box::pin(async move {
             Ok(sqlx::query_scalar(concat!(
                 "SELECT count(*) FROM ",
