@@ -114,6 +114,17 @@ pub enum Error {
         /// The statements that grant them ([`PgSchema::grant_sql`](crate::backend::postgres::PgSchema::grant_sql)).
         grant: String,
     },
+
+    /// The server refused the pool's `options` startup parameter: a connection pooler (pgbouncer) between
+    /// the pool and PostgreSQL.
+    #[error(
+        "the server refused the pool's `options` startup parameter ({0}); a connection pooler such as \
+         pgbouncer answers this. Behind a transaction-mode pooler, connect with \
+         `CachedPoolOptions::transaction_pooler(true)` (and `direct(…)` with options that bypass the pooler, \
+         for the relay's LISTEN); behind pgbouncer in session mode, connect to PostgreSQL directly or add \
+         `options` to pgbouncer's `ignore_startup_parameters` and use `transaction_pooler(true)` too"
+    )]
+    PoolerRefusedOptions(#[source] sqlx::Error),
 }
 
 /// A table or placeholder column that does not match its entity; see [`Error::Columns`].

@@ -517,3 +517,115 @@ impl Drop for PgCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A `pgbouncer` process of the test's own in transaction mode, on a free loopback port, in front of the
+/// PostgreSQL at [`database_url`] (trust authentication, 2 server connections per database so that
+/// clients share sessions). Killed when this guard drops.
+#[derive(Debug)]
+pub struct PgBouncer {
+    /// The port it listens on.
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl PgBouncer {
+    /// Starts pgbouncer and waits until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// When pgbouncer is not installed or does not start, with a message that says how to provide it.
+    pub fn start() -> Self {
+        let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| {
+                panic!(
+                    "this test runs a real pgbouncer in transaction mode: install it (Debian: `apt-get install \
+                     pgbouncer`; the README's test command does)"
+                )
+            });
+        let server: sqlx::postgres::PgConnectOptions = database_url()
+            .parse()
+            .unwrap_or_else(|e| panic!("DATABASE_URL: {e}"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port for a test pgbouncer: {e}"));
+        let dir = std::env::temp_dir().join(unique("pgbouncer"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {dir:?}: {e}"));
+        let config = format!(
+            "[databases]\n* = host={} port={}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = trust\nauth_file = {auth}\npool_mode = transaction\n\
+             default_pool_size = 2\nmax_client_conn = 200\n\
+             ignore_startup_parameters = extra_float_digits\nlogfile = {log}\npidfile = {pid}\n",
+            server.get_host(),
+            server.get_port(),
+            auth = dir.join("users.txt").display(),
+            log = dir.join("log").display(),
+            pid = dir.join("pid").display(),
+        );
+        let user = server.get_username();
+        std::fs::write(dir.join("users.txt"), format!("\"{user}\" \"\"\n"))
+            .and_then(|()| std::fs::write(dir.join("pgbouncer.ini"), config))
+            .unwrap_or_else(|e| panic!("cannot write the pgbouncer config: {e}"));
+        let ini = dir.join("pgbouncer.ini");
+        // pgbouncer refuses to run as root.
+        let mut command = if PgCluster::is_root() {
+            let chown = std::process::Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&dir)
+                .status();
+            assert!(
+                matches!(chown, Ok(s) if s.success()),
+                "chown {dir:?}: {chown:?}"
+            );
+            let mut cmd = std::process::Command::new("runuser");
+            cmd.args(["-u", "postgres", "--", binary]);
+            cmd
+        } else {
+            std::process::Command::new(binary)
+        };
+        let child = command
+            .arg(&ini)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        let bouncer = Self { port, dir, child };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "pgbouncer did not start: {}",
+                std::fs::read_to_string(bouncer.dir.join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        bouncer
+    }
+
+    /// The URL of `database` through this pgbouncer.
+    pub fn url(&self, database: &str) -> String {
+        let server: sqlx::postgres::PgConnectOptions = database_url()
+            .parse()
+            .unwrap_or_else(|e| panic!("DATABASE_URL: {e}"));
+        format!(
+            "postgres://{}@127.0.0.1:{}/{database}",
+            server.get_username(),
+            self.port
+        )
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        // The process runs under `runuser`, which a kill of the child alone would leave behind.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

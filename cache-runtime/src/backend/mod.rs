@@ -104,9 +104,19 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn state(registry: &Registry) -> Self::State;
 
-    /// Marks the connections of a [`CachedPool`](crate::CachedPool) delivering to `consumer`.
+    /// Marks the connections of a [`CachedPool`](crate::CachedPool) delivering to `consumer`; behind a
+    /// transaction-mode `pooler`, the mark is set per transaction instead ([`begin_sql`](Self::begin_sql)).
     #[doc(hidden)]
-    fn wrap(options: ConnectOptions<Self>, consumer: &Consumer) -> ConnectOptions<Self>;
+    fn wrap(
+        options: ConnectOptions<Self>,
+        consumer: &Consumer,
+        pooler: bool,
+    ) -> ConnectOptions<Self>;
+
+    /// `statement` (a `BEGIN`), followed by what marks the transaction as `consumer`'s (behind a
+    /// transaction-mode pooler): one simple-protocol message.
+    #[doc(hidden)]
+    fn begin_sql(statement: &str, consumer: &Consumer) -> String;
 
     /// Installs (or updates) the triggers.
     #[doc(hidden)]
@@ -213,9 +223,10 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         upto: i64,
     ) -> BoxFuture<'a, Result<i64, Error>>;
 
-    /// A relay's listener for `pool` (PostgreSQL: a `LISTEN` connection of its own, opened lazily).
+    /// A relay's listener for `pool` (PostgreSQL: a `LISTEN` connection of its own, opened lazily); one
+    /// that never listens when not `enabled` (behind a transaction pooler).
     #[doc(hidden)]
-    fn listener(pool: &Pool<Self>) -> Self::Listener;
+    fn listener(pool: &Pool<Self>, enabled: bool) -> Self::Listener;
 
     /// Makes sure `listener` listens; called before each sweep, so that no notification sent after the
     /// sweep's query is missed.

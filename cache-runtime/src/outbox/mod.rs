@@ -134,6 +134,8 @@ pub(crate) struct Outbox<DB: Backend> {
     pub(crate) lapsed: AtomicBool,
     /// Registered at least once.
     pub(crate) registered: AtomicBool,
+    /// Whether the relay may `LISTEN` on `pool` (not through a transaction pooler).
+    pub(crate) listen: bool,
 }
 
 impl<DB: Backend> Outbox<DB> {
@@ -161,6 +163,7 @@ impl<DB: Backend> Outbox<DB> {
             process: crate::store::nonce(),
             lapsed: AtomicBool::new(false),
             registered: AtomicBool::new(false),
+            listen: true,
         }
     }
 

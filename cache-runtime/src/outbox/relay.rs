@@ -257,7 +257,7 @@ impl<DB: Backend> Relay<DB> {
             }
         }
         let _alive = super::HeartbeatTask(tokio::spawn(super::heartbeat(Arc::clone(&self.outbox))));
-        let mut listener = DB::listener(&self.outbox.pool);
+        let mut listener = DB::listener(&self.outbox.pool, self.outbox.listen);
         let mut tick = tokio::time::interval(self.outbox.config.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges_at: Option<tokio::time::Instant> = None;

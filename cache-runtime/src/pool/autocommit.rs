@@ -1,9 +1,10 @@
 //! Autocommit statements on `&CachedPool`: a statement that may write is followed, on its connection, by the
-//! query for the rows it wrote, whose keys are invalidated before the call returns.
+//! query for the rows it wrote, whose keys are invalidated before the call returns. Behind a transaction
+//! pooler, such a statement runs in a transaction of its own, whose rows are read before its `COMMIT`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use sqlx::error::BoxDynError;
 use sqlx::pool::PoolConnection;
 use sqlx::{Database, Execute};
 use sqlx_core::sql_str::SqlStr;
@@ -13,73 +14,100 @@ use super::classify::may_write;
 use super::{Core, WriteDetection};
 use crate::backend::Backend;
 
-/// An [`Execute`] that records whether its SQL may write when the connection reads it.
-pub(super) struct Classified<E> {
-    inner: E,
-    detection: WriteDetection,
-    wrote: Arc<AtomicBool>,
+/// A statement taken apart before it runs (SQL, prepared statement, arguments), so that whether it may
+/// write is known before it is sent: behind a transaction pooler, a write runs in a transaction of its own.
+pub(super) struct Materialized<DB: Database> {
+    sql: SqlStr,
+    statement: Option<DB::Statement>,
+    arguments: Option<Result<Option<DB::Arguments>, BoxDynError>>,
+    persistent: bool,
 }
 
-impl<'q, DB: Database, E: Execute<'q, DB>> Execute<'q, DB> for Classified<E> {
+impl<DB: Database> Materialized<DB> {
+    fn new<'q>(mut query: impl Execute<'q, DB>) -> Self {
+        let arguments = Some(query.take_arguments());
+        let statement = query.statement().cloned();
+        let persistent = query.persistent();
+        Self {
+            sql: query.sql(),
+            statement,
+            arguments,
+            persistent,
+        }
+    }
+}
+
+impl<DB: Database> Execute<'_, DB> for Materialized<DB> {
     fn sql(self) -> SqlStr {
-        let sql = self.inner.sql();
-        let writes = match self.detection {
-            WriteDetection::Always => true,
-            WriteDetection::Keywords => may_write(sql.as_str()),
-        };
-        self.wrote.store(writes, Ordering::Release);
-        sql
+        self.sql
     }
 
     fn statement(&self) -> Option<&DB::Statement> {
-        self.inner.statement()
+        self.statement.as_ref()
     }
 
-    fn take_arguments(&mut self) -> Result<Option<DB::Arguments>, sqlx::error::BoxDynError> {
-        self.inner.take_arguments()
+    fn take_arguments(&mut self) -> Result<Option<DB::Arguments>, BoxDynError> {
+        self.arguments.take().unwrap_or(Ok(None))
     }
 
     fn persistent(&self) -> bool {
-        self.inner.persistent()
+        self.persistent
     }
+}
+
+/// The connection of an autocommit statement: a pool connection, or (a write behind a transaction pooler)
+/// a transaction of its own.
+enum Conn<DB: Backend> {
+    Plain(PoolConnection<DB>),
+    Own(sqlx::Transaction<'static, DB>),
 }
 
 /// One autocommit statement on a pool connection: after it (or when dropped), delivers the rows the
 /// statement wrote if it may have written.
 pub(super) struct Autocommit<DB: Backend> {
     core: Arc<Core<DB>>,
-    conn: Option<PoolConnection<DB>>,
-    wrote: Arc<AtomicBool>,
+    conn: Option<Conn<DB>>,
+    wrote: bool,
 }
 
 impl<DB: Backend> Autocommit<DB> {
     pub(super) async fn start<'q, E: Execute<'q, DB>>(
         core: Arc<Core<DB>>,
         query: E,
-    ) -> Result<(Self, Classified<E>), sqlx::Error> {
-        let conn = core.relay.outbox.pool.acquire().await?;
-        let wrote = Arc::new(AtomicBool::new(false));
-        let query = Classified {
-            inner: query,
-            detection: core.options.detection,
-            wrote: Arc::clone(&wrote),
+    ) -> Result<(Self, Materialized<DB>), sqlx::Error> {
+        let query = Materialized::new(query);
+        let wrote = match core.options.detection {
+            WriteDetection::Always => true,
+            WriteDetection::Keywords => may_write(query.sql.as_str()),
         };
-        Ok((
-            Self {
-                core,
-                conn: Some(conn),
-                wrote,
-            },
-            query,
-        ))
+        let conn = if wrote && core.options.pooler {
+            Conn::Own(core.begin_marked("BEGIN").await?)
+        } else {
+            Conn::Plain(core.pool.acquire().await?)
+        };
+        let statement = Self {
+            core,
+            conn: Some(conn),
+            wrote,
+        };
+        Ok((statement, query))
     }
 
     pub(super) fn conn(&mut self) -> Result<&mut DB::Connection, sqlx::Error> {
-        self.conn.as_deref_mut().ok_or(sqlx::Error::PoolClosed)
+        match self.conn.as_mut() {
+            Some(Conn::Plain(conn)) => Ok(conn),
+            Some(Conn::Own(tx)) => Ok(tx),
+            None => Err(sqlx::Error::PoolClosed),
+        }
     }
 
     /// Delivers the statement's keys (when it may have written) and returns the connection to the pool.
-    pub(super) async fn finish(mut self) {
+    /// A failed statement in a transaction of its own rolls it back and delivers nothing.
+    pub(super) async fn finish(mut self, succeeded: bool) {
+        if !succeeded && matches!(self.conn, Some(Conn::Own(_))) {
+            self.conn = None;
+            return;
+        }
         if let Some(task) = self.spawn_delivery() {
             let _ = task.await;
         }
@@ -87,13 +115,13 @@ impl<DB: Backend> Autocommit<DB> {
 
     /// Spawns the delivery, so that it completes even if the caller's future is dropped.
     fn spawn_delivery(&mut self) -> Option<JoinHandle<()>> {
-        if !self.wrote.load(Ordering::Acquire) {
+        if !self.wrote {
             return None;
         }
         let conn = self.conn.take()?;
         let core = Arc::clone(&self.core);
         let handle = tokio::runtime::Handle::try_current().ok()?;
-        Some(handle.spawn(deliver_session(core, conn)))
+        Some(handle.spawn(deliver(core, conn)))
     }
 }
 
@@ -104,10 +132,17 @@ impl<DB: Backend> Drop for Autocommit<DB> {
     }
 }
 
-/// Reads the rows written by the statement, releases the connection, and delivers them.
-async fn deliver_session<DB: Backend>(core: Arc<Core<DB>>, mut conn: PoolConnection<DB>) {
-    let rows = DB::written_rows(&mut conn, &core.relay.outbox.state, false).await;
-    drop(conn);
+/// Reads the rows written by the statement (and commits its own transaction), releases the connection,
+/// and delivers them.
+async fn deliver<DB: Backend>(core: Arc<Core<DB>>, conn: Conn<DB>) {
+    let state = &core.relay.outbox.state;
+    let rows = match conn {
+        Conn::Plain(mut conn) => DB::written_rows(&mut conn, state, false).await,
+        Conn::Own(mut tx) => match DB::written_rows(&mut tx, state, true).await {
+            Ok(rows) => tx.commit().await.map(|()| rows),
+            Err(error) => Err(error),
+        },
+    };
     match rows {
         Ok(rows) => core.deliver(rows).await,
         Err(error) => tracing::warn!(

@@ -81,7 +81,7 @@ impl<'c, DB: Backend> Executor<'c> for &'c CachedPool<DB> {
                 Ok(())
             }
             .await;
-            statement.finish().await;
+            statement.finish(result.is_ok()).await;
             result
         })
         .boxed()
@@ -102,7 +102,7 @@ impl<'c, DB: Backend> Executor<'c> for &'c CachedPool<DB> {
                 Ok(conn) => DB::fetch_optional(conn, query).await,
                 Err(error) => Err(error),
             };
-            statement.finish().await;
+            statement.finish(result.is_ok()).await;
             result
         })
     }

@@ -151,6 +151,8 @@ impl<DB: Backend> Clone for CachedPool<DB> {
 /// The state of a pool, shared by its clones and tasks: it owns the outbox (pool, backend state, the
 /// guarded store, the delivery settings) through its relay; the cache borrows the same guarded store.
 struct Core<DB: Backend> {
+    /// The application's pool (through the pooler, if any); the outbox's pool may be a direct one.
+    pool: Pool<DB>,
     relay: Relay<DB>,
     cache: Cache,
     registry: Registry,
@@ -207,22 +209,26 @@ impl<DB: Backend> CachedPool<DB> {
     /// The pool's state and tasks, on a connected and verified `pool`.
     fn start(
         pool: Pool<DB>,
+        direct: Pool<DB>,
         store: Arc<dyn Store>,
         registry: Registry,
         consumer: Consumer,
         options: &CachedPoolOptions<DB>,
     ) -> Self {
         let guarded = Arc::new(Guarded::new(store, options.breaker, true));
-        let relay = Relay::new(Outbox::new(
-            pool.clone(),
+        let mut outbox = Outbox::new(
+            direct.clone(),
             &registry,
             Arc::clone(&guarded),
             options.relay,
             consumer.clone(),
-        ));
+        );
+        // Notifications through a transaction pooler are lost: listen only on a direct connection.
+        outbox.listen = !options.pooler || options.direct.is_some();
+        let relay = Relay::new(outbox);
         let (delivered, receiver) = mpsc::unbounded_channel();
         let mut tasks = vec![tokio::spawn(cleanup::delete_delivered(
-            pool, consumer, receiver,
+            direct, consumer, receiver,
         ))];
         let recovering = relay.clone();
         tasks.push(tokio::spawn(async move { recovering.recover().await }));
@@ -236,6 +242,7 @@ impl<DB: Backend> CachedPool<DB> {
         let cache = CacheBuilder::on_pool(guarded, registry.clone()).build();
         Self {
             core: Arc::new(Core {
+                pool,
                 relay,
                 cache,
                 registry,
@@ -257,7 +264,11 @@ impl<DB: Backend> CachedPool<DB> {
     ///
     /// Dropping the future returns the connection to the pool (rolling back a started transaction).
     pub async fn begin(&self) -> Result<CachedTransaction<'static, DB>, sqlx::Error> {
-        let tx = self.sqlx_pool().begin().await?;
+        let tx = if self.core.options.pooler {
+            self.core.begin_marked("BEGIN").await?
+        } else {
+            self.sqlx_pool().begin().await?
+        };
         Ok(CachedTransaction::outermost(tx, Arc::clone(&self.core)))
     }
 
@@ -277,7 +288,12 @@ impl<DB: Backend> CachedPool<DB> {
         &self,
         statement: impl sqlx::SqlSafeStr,
     ) -> Result<CachedTransaction<'static, DB>, sqlx::Error> {
-        let tx = self.sqlx_pool().begin_with(statement).await?;
+        let tx = if self.core.options.pooler {
+            let statement = statement.into_sql_str();
+            self.core.begin_marked(statement.as_str()).await?
+        } else {
+            self.sqlx_pool().begin_with(statement).await?
+        };
         Ok(CachedTransaction::outermost(tx, Arc::clone(&self.core)))
     }
 
@@ -286,7 +302,7 @@ impl<DB: Backend> CachedPool<DB> {
     /// at the next sweep or the next write through the wrapper). Use it for things the wrapper does not
     /// offer (listeners, `acquire` for session-level work), not for writes.
     pub fn sqlx_pool(&self) -> &Pool<DB> {
-        &self.core.relay.outbox.pool
+        &self.core.pool
     }
 
     /// The store invalidated after writes.
@@ -356,7 +372,7 @@ impl<DB: Backend> CachedPool<DB> {
     ///
     /// All or nothing: the install is one transaction.
     pub async fn install_schema(&self) -> Result<(), Error> {
-        let mut conn = self.sqlx_pool().acquire().await?;
+        let mut conn = self.core.relay.outbox.pool.acquire().await?;
         DB::install(
             &self.core.registry,
             self.core.options.trigger_mode,
@@ -383,10 +399,20 @@ impl<DB: Backend> CachedPool<DB> {
             tracing::debug!(%error, "could not unregister the cache consumer; it expires on its own");
         }
         self.sqlx_pool().close().await;
+        outbox.pool.close().await;
     }
 }
 
 impl<DB: Backend> Core<DB> {
+    /// A transaction begun with `statement` and marked as this pool's (behind a transaction pooler).
+    async fn begin_marked(
+        &self,
+        statement: &str,
+    ) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
+        let sql = DB::begin_sql(statement, &self.relay.outbox.consumer);
+        self.pool.begin_with(sqlx::AssertSqlSafe(sql)).await
+    }
+
     /// Invalidates the keys of a writer's outbox rows and queues the rows for deletion; a store failure is
     /// logged and left to the relay (see [`Outbox::deliver`]).
     async fn deliver(&self, rows: Rows) {

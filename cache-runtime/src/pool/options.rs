@@ -39,6 +39,8 @@ pub struct CachedPoolOptions<DB: Backend = Postgres> {
     pub(super) breaker: BreakerConfig,
     pub(super) detection: WriteDetection,
     pub(super) consumer: Option<Consumer>,
+    pub(super) pooler: bool,
+    pub(super) direct: Option<ConnectOptions<DB>>,
     #[cfg(feature = "fault-injection")]
     pub(super) crash_after_commit: bool,
 }
@@ -49,6 +51,7 @@ impl<DB: Backend> Clone for CachedPoolOptions<DB> {
             registry: self.registry.clone(),
             pool_options: self.pool_options.clone(),
             consumer: self.consumer.clone(),
+            direct: self.direct.clone(),
             ..*self
         }
     }
@@ -74,9 +77,44 @@ impl<DB: Backend> CachedPoolOptions<DB> {
             breaker: BreakerConfig::default(),
             detection: WriteDetection::default(),
             consumer: None,
+            pooler: false,
+            direct: None,
             #[cfg(feature = "fault-injection")]
             crash_after_commit: false,
         }
+    }
+
+    /// The pool's connections go through a transaction-mode pooler (pgbouncer with `pool_mode =
+    /// transaction`, PgCat, Supavisor), which hands a server session to another client after each
+    /// transaction (PostgreSQL; default `false`). Then:
+    ///
+    /// - no `options` startup parameter is sent (pgbouncer refuses it): the pool's mark is set in each
+    ///   transaction it begins (`BEGIN; SELECT set_config(…, true)`, one round trip);
+    /// - an autocommit statement that may write runs in a transaction of its own (`BEGIN`, the statement,
+    ///   the outbox read, `COMMIT`: two round trips more than without a pooler), since the next statement
+    ///   may reach another session;
+    /// - the relay `LISTEN`s only on a [`direct`](Self::direct) connection (notifications through a
+    ///   transaction pooler are lost); without one, it finds other clients' writes by its sweep
+    ///   ([`RelayConfig::sweep_interval`]).
+    ///
+    /// Your own statements must suit the pooler: sqlx prepares named statements, which pgbouncer supports
+    /// in transaction mode from version 1.21 with `max_prepared_statements` above 0. With an older
+    /// pgbouncer, use `.persistent(false)` statements inside transactions (an autocommit write through
+    /// this pool is one), and give the pool a [`direct`](Self::direct) connection for its own queries.
+    #[must_use]
+    pub fn transaction_pooler(mut self, pooler: bool) -> Self {
+        self.pooler = pooler;
+        self
+    }
+
+    /// A connection that bypasses the pooler (see [`transaction_pooler`](Self::transaction_pooler)), for
+    /// the pool's own session-level work: the relay's `LISTEN` and batches, the delete of delivered rows,
+    /// the heartbeat, and the install and check at connect. At most 2 connections of its own, plus the
+    /// `LISTEN` connection.
+    #[must_use]
+    pub fn direct(mut self, options: ConnectOptions<DB>) -> Self {
+        self.direct = Some(options);
+        self
     }
 
     /// The consumer the pool delivers to (default: the store's [`Store::consumer`] name). Pools and relays
@@ -201,18 +239,39 @@ impl<DB: Backend> CachedPoolOptions<DB> {
         let pool = self
             .pool_options
             .clone()
-            .connect_with(DB::wrap(options, &consumer))
-            .await?;
+            .connect_with(DB::wrap(options, &consumer, self.pooler))
+            .await
+            .map_err(refused_options)?;
+        let direct = match self.direct.clone() {
+            Some(direct) => {
+                PoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(direct)
+                    .await?
+            }
+            None => pool.clone(),
+        };
         {
-            let mut conn = pool.acquire().await?;
+            let mut conn = direct.acquire().await?;
             if self.auto_install {
                 DB::install(&registry, self.trigger_mode, &mut conn).await?;
             }
             DB::verify(&registry, &mut conn).await?;
         }
-        let pool = CachedPool::start(pool, Arc::new(store), registry, consumer, &self);
+        let pool = CachedPool::start(pool, direct, Arc::new(store), registry, consumer, &self);
         // Live before the first write: from now on no row is deleted before this consumer delivered it.
         pool.relay().outbox.register().await?;
         Ok(pool)
+    }
+}
+
+/// A connect refused because of the `options` startup parameter (a pooler: pgbouncer answers
+/// `unsupported startup parameter: options`) becomes [`Error::PoolerRefusedOptions`], which says what to
+/// configure.
+fn refused_options(error: sqlx::Error) -> Error {
+    if error.to_string().contains("unsupported startup parameter") {
+        Error::PoolerRefusedOptions(error)
+    } else {
+        Error::Database(error)
     }
 }

@@ -63,6 +63,7 @@ pub(crate) const DRAIN_PAYLOAD: &str = "drain";
 pub struct Listener {
     pool: PgPool,
     pg: Option<PgListener>,
+    enabled: bool,
 }
 
 impl Backend for Postgres {
@@ -74,8 +75,21 @@ impl Backend for Postgres {
 
     fn state(_registry: &Registry) -> Self::State {}
 
-    fn wrap(options: PgConnectOptions, consumer: &Consumer) -> PgConnectOptions {
+    fn wrap(options: PgConnectOptions, consumer: &Consumer, pooler: bool) -> PgConnectOptions {
+        if pooler {
+            // A pooler rejects (pgbouncer) or drops the `options` startup parameter, and would hand the
+            // session to other clients: `begin_sql` marks each transaction instead.
+            return options;
+        }
         options.options([(WRAPPED_SETTING, consumer.tag())])
+    }
+
+    fn begin_sql(statement: &str, consumer: &Consumer) -> String {
+        format!(
+            "{statement}; SELECT pg_catalog.set_config({}, {}, true)",
+            super::literal(WRAPPED_SETTING),
+            super::literal(consumer.tag())
+        )
     }
 
     fn install<'a>(
@@ -267,7 +281,7 @@ impl Backend for Postgres {
         })
     }
 
-    fn listener(pool: &PgPool) -> Listener {
+    fn listener(pool: &PgPool, enabled: bool) -> Listener {
         let options = (*pool.connect_options())
             .clone()
             .application_name(LISTEN_APPLICATION_NAME);
@@ -276,12 +290,13 @@ impl Backend for Postgres {
                 .max_connections(1)
                 .connect_lazy_with(options),
             pg: None,
+            enabled,
         }
     }
 
     fn listen(listener: &mut Listener) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if listener.pg.is_none() {
+            if listener.enabled && listener.pg.is_none() {
                 listener.pg = pg_listen(&listener.pool).await;
             }
         })

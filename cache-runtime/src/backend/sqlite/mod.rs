@@ -92,7 +92,15 @@ impl Backend for Sqlite {
         }
     }
 
-    fn wrap(options: SqliteConnectOptions, _consumer: &Consumer) -> SqliteConnectOptions {
+    fn begin_sql(statement: &str, _consumer: &Consumer) -> String {
+        statement.to_owned()
+    }
+
+    fn wrap(
+        options: SqliteConnectOptions,
+        _consumer: &Consumer,
+        _pooler: bool,
+    ) -> SqliteConnectOptions {
         // Delete triggers fire for the rows a `REPLACE` conflict deletes only with recursive triggers on.
         options.pragma("recursive_triggers", "ON")
     }
@@ -274,7 +282,7 @@ impl Backend for Sqlite {
         })
     }
 
-    fn listener(_pool: &SqlitePool) {}
+    fn listener(_pool: &SqlitePool, _enabled: bool) {}
 
     fn listen(_listener: &mut ()) -> BoxFuture<'_, ()> {
         Box::pin(async {})
