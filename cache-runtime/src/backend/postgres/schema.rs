@@ -673,31 +673,43 @@ struct RowTrigger {
     enable: &'static str,
 }
 
-/// Statement triggers: one `SELECT DISTINCT` over the transition tables per statement.
+/// Statement triggers: per template, the distinct values of its columns in the transition tables (typed,
+/// deduplicated before any key is rendered: a 10k-row update renders each distinct key once), rendered.
 fn statement_events(entity: &EntityMeta, capture: &str) -> Events {
-    let columns = used_columns(entity);
-    let project = if columns.is_empty() {
-        "1 AS one".to_owned()
-    } else {
-        columns.join(", ")
-    };
-    let values = entity
-        .templates()
-        .map(|t| format!("({})", template_expr(entity, t, "r.")))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let select = |source: &str| {
+    let mut renders: Vec<(String, String)> = Vec::new();
+    for template in entity.templates() {
+        let render = (
+            template_columns(entity, template),
+            template_expr(entity, template, "r."),
+        );
+        if !renders.contains(&render) {
+            renders.push(render);
+        }
+    }
+    let select = |sources: &[&str]| {
+        let parts: Vec<String> = renders
+            .iter()
+            .map(|(columns, expr)| {
+                let from = match sources {
+                    [one] => format!("SELECT DISTINCT {columns} FROM {one}"),
+                    many => many
+                        .iter()
+                        .map(|source| format!("SELECT {columns} FROM {source}"))
+                        .collect::<Vec<_>>()
+                        .join(" UNION "),
+                };
+                format!("SELECT {expr} AS k FROM ({from}) AS r")
+            })
+            .collect();
         format!(
-            "SELECT array_agg(d.k) INTO keys FROM (SELECT DISTINCT t.k COLLATE \"C\" AS k \
-             FROM ({source}) AS r CROSS JOIN LATERAL (VALUES {values}) AS t(k)) AS d;"
+            "SELECT array_agg(d.k) INTO keys FROM ({}) AS d;",
+            parts.join(" UNION ALL ")
         )
     };
     Events {
-        insert: select(&format!("SELECT {project} FROM new_rows")),
-        update: select(&format!(
-            "SELECT {project} FROM old_rows UNION ALL SELECT {project} FROM new_rows"
-        )),
-        delete: select(&format!("SELECT {project} FROM old_rows")),
+        insert: select(&["new_rows"]),
+        update: select(&["old_rows", "new_rows"]),
+        delete: select(&["old_rows"]),
         statement_triggers: format!(
             "CREATE TRIGGER cache_invalidation_insert AFTER INSERT ON @rel@
   REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture}();
@@ -929,20 +941,28 @@ fn template_expr(entity: &EntityMeta, template: &Template, row: &str) -> String 
     }
 }
 
-/// The quoted columns the templates of `entity` read.
-fn used_columns(entity: &EntityMeta) -> Vec<String> {
+/// The projection of the columns `template` reads, for deduplication: text columns compared byte for byte
+/// (`COLLATE "C"`, as the keys they render); `1 AS one` for a template without placeholders (one key
+/// whenever a row changed).
+fn template_columns(entity: &EntityMeta, template: &Template) -> String {
     let mut out: Vec<String> = Vec::new();
-    for template in entity.templates() {
-        for field in template.placeholders() {
-            if let Some(column) = entity.column(field) {
-                let quoted = ident(column.column);
-                if !out.contains(&quoted) {
-                    out.push(quoted);
-                }
+    for field in template.placeholders() {
+        if let Some(column) = entity.column(field) {
+            let quoted = ident(column.column);
+            let projected = match column.kind {
+                PartKind::Text => format!("({quoted})::text COLLATE \"C\" AS {quoted}"),
+                PartKind::Int | PartKind::Bool => quoted,
+            };
+            if !out.contains(&projected) {
+                out.push(projected);
             }
         }
     }
-    out
+    if out.is_empty() {
+        "1 AS one".to_owned()
+    } else {
+        out.join(", ")
+    }
 }
 
 fn kind_types(kind: PartKind) -> &'static str {

@@ -40,6 +40,8 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection as _, PgConnection, PgPool, Pool, Postgres, Sqlite};
 
+mod load;
+
 /// The benchmarked entity and the cached value.
 #[derive(Debug, Clone, PartialEq, CachedEntity, Serialize, Deserialize, sqlx::FromRow)]
 #[cached_entity(table = "products", key = "product:<id>", depends = ["category:<category_id>:products"], ttl = "10m")]
@@ -541,20 +543,25 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
          CREATE TABLE plain_products (LIKE products INCLUDING ALL);
          INSERT INTO plain_products SELECT * FROM products;
          CREATE TABLE l1_products (LIKE products INCLUDING ALL);
-         INSERT INTO l1_products SELECT * FROM products;"
+         INSERT INTO l1_products SELECT * FROM products;
+         {}",
+        load::TABLES
     )))
     .execute(&raw)
     .await?;
-    sqlx::raw_sql("VACUUM ANALYZE products, plain_products, l1_products")
-        .execute(&raw)
-        .await?;
+    sqlx::raw_sql("VACUUM ANALYZE").execute(&raw).await?;
     let store = RedisStore::connect(redis_url, prefix.to_owned())
         .await
         .map_err(|e| {
             format!("Redis is not reachable at {redis_url} ({e}); start it or set REDIS_URL")
         })?;
     let pool = CachedPgPool::options()
-        .registry(Registry::new([Product::META, L1Product::META]))
+        .registry(Registry::new([
+            Product::META,
+            L1Product::META,
+            load::D5Product::META,
+            load::D20Product::META,
+        ]))
         .auto_install(true)
         .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
         .connect(url, store)
@@ -585,6 +592,9 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
     write_breakdown(&mut env, &mut report).await?;
     env.write_tx(&mut report).await?;
     env.write_bulk(&mut report).await?;
+    load::wide_depends(&mut env, &mut report).await?;
+    eprintln!("write throughput…");
+    load::throughput(&mut env, &mut report).await?;
     eprintln!("read path…");
     let hits = [
         ("raw GET + decode, Redis (baseline)", Hit::RawGet),
@@ -593,6 +603,8 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
     ];
     let select = "SELECT by primary key (baseline)";
     env.reads(&env.pool, &hits, select, &mut report).await?;
+    eprintln!("memory…");
+    load::memory(&env, url, redis_url, &mut report).await?;
     eprintln!("stampede…");
     stampede(&mut env, &mut report).await?;
     eprintln!("mixed workload…");
@@ -824,7 +836,12 @@ async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxE
     let ours_floor = Arc::new(Floors::new());
     let l1_floor = Arc::new(Floors::new());
     let l1 = CachedPgPool::options()
-        .registry(Registry::new([Product::META, L1Product::META]))
+        .registry(Registry::new([
+            Product::META,
+            L1Product::META,
+            load::D5Product::META,
+            load::D20Product::META,
+        ]))
         .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
         .connect(url, MemoryStore::default())
         .await?;
@@ -1032,7 +1049,12 @@ async fn backlog(
 ) -> Result<(), BoxError> {
     let store = RedisStore::connect(redis_url, env.prefix.clone()).await?;
     let drainer = CachedPgPool::options()
-        .registry(Registry::new([Product::META, L1Product::META]))
+        .registry(Registry::new([
+            Product::META,
+            L1Product::META,
+            load::D5Product::META,
+            load::D20Product::META,
+        ]))
         .run_relay(false)
         .pool_options(PgPoolOptions::new().max_connections(2))
         .connect(url, store)
