@@ -3,8 +3,9 @@
 //! Layout, under the store's prefix: the value slot of key `K` is `prefix + K` (an entry, or a lease
 //! `"\0L" + token`); the tag token of `K` is `prefix + "<tag>" + K`, and that of a shape `S` is
 //! `prefix + "<tag>" + S`; `prefix + "<consumer>"` holds the id that names the prefix's data as an outbox
-//! consumer ([`Store::consumer`](crate::Store::consumer)). Every script touches exactly one key, so the store stays compatible with Redis
-//! Cluster; a lookup pipelines one script per key (one round trip on a standalone server).
+//! consumer ([`Store::consumer`](crate::Store::consumer)). Every script touches exactly one key; a lookup pipelines one script per key
+//! (one round trip on a standalone server). A peek (the hit path) is one `MGET` of the value slot and its
+//! tag tokens, so on a Redis Cluster those slots would need one hash slot.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -326,12 +327,15 @@ impl Store for RedisStore {
         tags: &'a [String],
     ) -> BoxFuture<'a, Result<Peek, StoreError>> {
         Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.get(self.redis_key(key));
+            // One `MGET` of the value slot and the tag tokens: one command for the server to parse and
+            // answer, where a pipeline of `GET`s costs one per slot.
+            let mut mget = redis::cmd("MGET");
+            mget.arg(self.redis_key(key));
             for tag in tags {
-                pipe.get(self.redis_key(&tag_slot(tag)));
+                mget.arg(self.redis_key(&tag_slot(tag)));
             }
-            let values = self.query(&pipe).await?;
+            let mut conn = self.conn.clone();
+            let values: Vec<Value> = mget.query_async(&mut conn).await?;
             let (first, rest) = values
                 .split_first()
                 .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))?;

@@ -235,6 +235,8 @@ enum Hit {
     Cache,
     /// `get_or_load` on a cache of its own on an in-process store.
     Memory,
+    /// `get` of the same MessagePack bytes from a raw moka cache, and their decode.
+    RawMoka,
 }
 
 impl<DB: Backend> BenchEnv<DB> {
@@ -447,6 +449,8 @@ where
                 .query_async::<()>(redis)
                 .await?;
         }
+        let moka: moka::sync::Cache<String, Vec<u8>> = moka::sync::Cache::new(10_000);
+        moka.insert("product:1".to_owned(), rmp_serde::to_vec(&value)?);
         let key = || Product::cache_key_for(&1);
         let load = || Self::select(executor, 1);
         cache
@@ -474,6 +478,10 @@ where
                         rmp_serde::from_slice(&bytes)?
                     }
                     Hit::Select => Self::select(executor, 1).await?,
+                    Hit::RawMoka => {
+                        let bytes = moka.get("product:1").ok_or("raw moka entry gone")?;
+                        rmp_serde::from_slice(&bytes)?
+                    }
                     hit => {
                         let cache = if hit == Hit::Memory { &memory } else { &cache };
                         cache
@@ -497,26 +505,45 @@ where
             report.latency(&group, name, s.stats(), Some(base.median_us));
         }
 
-        let mut s: [Samples; 2] = Default::default();
+        // With Redis, a third variant: the naive miss (`GET` finds nothing, `SELECT`, `SET … EX`).
+        let variants = if redis.is_some() { 3 } else { 2 };
+        let mut s: [Samples; 3] = Default::default();
         for i in 0..self.sizes.misses {
             let id = 2 + (i as i64 * 31) % (ROWS - 1);
             cache
                 .invalidate(&[Product::cache_key_for(&id).into_string()])
                 .await?;
-            for v in 0..2 {
+            let naive_key = format!("{}naive-miss:product:{id}:{i}", self.prefix);
+            for v in 0..variants {
+                let variant = (i + v) % variants;
                 let start = Instant::now();
-                match (i + v) % 2 {
+                match variant {
                     0 => {
                         Self::select(executor, id).await?;
                     }
-                    _ => {
+                    1 => {
                         cache
                             .get_or_load(Product::cache_key_for(&id), || Self::select(executor, id))
                             .await
                             .map_err(|e| e.to_string())?;
                     }
+                    _ => {
+                        let redis = redis.as_mut().ok_or("no Redis")?;
+                        let cached: Option<Vec<u8>> =
+                            redis::cmd("GET").arg(&naive_key).query_async(redis).await?;
+                        if cached.is_none() {
+                            let row = Self::select(executor, id).await?;
+                            redis::cmd("SET")
+                                .arg(&naive_key)
+                                .arg(rmp_serde::to_vec(&row)?)
+                                .arg("EX")
+                                .arg(600)
+                                .query_async::<()>(redis)
+                                .await?;
+                        }
+                    }
                 }
-                s[(i + v) % 2].push(start.elapsed());
+                s[variant].push(start.elapsed());
             }
         }
         let (group, base) = (format!("{}read: miss", self.db), s[0].stats());
@@ -526,6 +553,17 @@ where
             self.store_name
         );
         report.latency(&group, &miss, s[1].stats(), Some(base.median_us));
+        if variants == 3 {
+            let naive = s[2].stats();
+            report.latency(
+                &group,
+                "naive miss: GET, SELECT, SET EX",
+                naive,
+                Some(base.median_us),
+            );
+            let vs = "get_or_load miss vs the naive miss (median ratio)";
+            report.value_vs(&group, vs, s[1].stats().median_us, "µs", naive.median_us);
+        }
         Ok(())
     }
 }
@@ -600,6 +638,7 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
         ("raw GET + decode, Redis (baseline)", Hit::RawGet),
         ("get_or_load, Redis", Hit::Cache),
         ("get_or_load, in-process store", Hit::Memory),
+        ("raw moka get + decode", Hit::RawMoka),
     ];
     let select = "SELECT by primary key (baseline)";
     env.reads(&env.pool, &hits, select, &mut report).await?;
