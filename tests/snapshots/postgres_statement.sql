@@ -602,11 +602,11 @@ DECLARE
   keys text[];
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    SELECT array_agg(d.k) INTO keys FROM (SELECT 'category:' || coalesce((r."id")::text, '~') AS k FROM (SELECT DISTINCT "id" FROM new_rows) AS r UNION ALL SELECT 'category:' || coalesce((r."id")::text, '~') || ':products' AS k FROM (SELECT DISTINCT "id" FROM new_rows) AS r) AS d;
+    SELECT array_agg(d.k) INTO keys FROM (SELECT unnest(ARRAY['category:' || coalesce((r."id")::text, '~'), 'category:' || coalesce((r."id")::text, '~') || ':products']) AS k FROM (SELECT DISTINCT "id" FROM new_rows) AS r) AS d;
   ELSIF TG_OP = 'UPDATE' THEN
-    SELECT array_agg(d.k) INTO keys FROM (SELECT 'category:' || coalesce((r."id")::text, '~') AS k FROM (SELECT "id" FROM old_rows UNION SELECT "id" FROM new_rows) AS r UNION ALL SELECT 'category:' || coalesce((r."id")::text, '~') || ':products' AS k FROM (SELECT "id" FROM old_rows UNION SELECT "id" FROM new_rows) AS r) AS d;
+    SELECT array_agg(d.k) INTO keys FROM (SELECT unnest(ARRAY['category:' || coalesce((r."id")::text, '~'), 'category:' || coalesce((r."id")::text, '~') || ':products']) AS k FROM (SELECT "id" FROM old_rows UNION SELECT "id" FROM new_rows) AS r) AS d;
   ELSE
-    SELECT array_agg(d.k) INTO keys FROM (SELECT 'category:' || coalesce((r."id")::text, '~') AS k FROM (SELECT DISTINCT "id" FROM old_rows) AS r UNION ALL SELECT 'category:' || coalesce((r."id")::text, '~') || ':products' AS k FROM (SELECT DISTINCT "id" FROM old_rows) AS r) AS d;
+    SELECT array_agg(d.k) INTO keys FROM (SELECT unnest(ARRAY['category:' || coalesce((r."id")::text, '~'), 'category:' || coalesce((r."id")::text, '~') || ':products']) AS k FROM (SELECT DISTINCT "id" FROM old_rows) AS r) AS d;
   END IF;
   IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
     INSERT INTO cache_invalidation.outbox (txid, pid, writer, keys, created_at)

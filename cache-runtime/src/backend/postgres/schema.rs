@@ -676,20 +676,25 @@ struct RowTrigger {
 /// Statement triggers: per template, the distinct values of its columns in the transition tables (typed,
 /// deduplicated before any key is rendered: a 10k-row update renders each distinct key once), rendered.
 fn statement_events(entity: &EntityMeta, capture: &str) -> Events {
-    let mut renders: Vec<(String, String)> = Vec::new();
+    // Templates reading the same columns share one deduplication (20 per-category lists: one pass).
+    let mut renders: Vec<(String, Vec<String>)> = Vec::new();
     for template in entity.templates() {
-        let render = (
-            template_columns(entity, template),
-            template_expr(entity, template, "r."),
-        );
-        if !renders.contains(&render) {
-            renders.push(render);
+        let columns = template_columns(entity, template);
+        let expr = template_expr(entity, template, "r.");
+        match renders.iter_mut().find(|(c, _)| *c == columns) {
+            Some((_, exprs)) if exprs.contains(&expr) => {}
+            Some((_, exprs)) => exprs.push(expr),
+            None => renders.push((columns, vec![expr])),
         }
     }
     let select = |sources: &[&str]| {
         let parts: Vec<String> = renders
             .iter()
-            .map(|(columns, expr)| {
+            .map(|(columns, exprs)| {
+                let expr = match exprs.as_slice() {
+                    [one] => one.clone(),
+                    many => format!("unnest(ARRAY[{}])", many.join(", ")),
+                };
                 let from = match sources {
                     [one] => format!("SELECT DISTINCT {columns} FROM {one}"),
                     many => many
