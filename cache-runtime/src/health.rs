@@ -323,6 +323,8 @@ pub(crate) struct Guarded {
     pub(crate) store: Arc<dyn Store>,
     /// Its breaker and read gate.
     pub(crate) health: Health,
+    /// The keys this process invalidated recently (reads of them skip the peek).
+    pub(crate) recent: crate::recent::Recent,
 }
 
 impl Guarded {
@@ -332,6 +334,7 @@ impl Guarded {
         Self {
             store,
             health: Health::new(config, gate),
+            recent: crate::recent::Recent::default(),
         }
     }
 

@@ -9,6 +9,7 @@ pub mod key;
 pub mod observe;
 pub mod outbox;
 pub mod pool;
+mod recent;
 pub mod registry;
 pub mod store;
 

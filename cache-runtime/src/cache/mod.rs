@@ -144,6 +144,7 @@ impl Cache {
         match self.inner.guarded.store.invalidate(keys).await {
             Ok(()) => {
                 self.inner.guarded.health.success();
+                self.inner.guarded.recent.note(keys);
                 Ok(())
             }
             Err(e) => {

@@ -230,10 +230,16 @@ impl Cache {
             tag_ttl: ttl.saturating_add(Duration::from_secs(60)),
             epoch: self.inner.guarded.health.epoch(),
         };
-        let replace = match self.peek::<V>(&plan).await {
-            Step::Hit(value, payload) => return (Ok(value), Outcome::Value(payload)),
-            Step::Unstored => return self.load_unstored(loader).await,
-            Step::Next(replace) => replace,
+        // A key this process just invalidated is most likely empty: straight to the lease, which also
+        // returns a value if one was filled meanwhile.
+        let replace = if self.inner.guarded.recent.take(key.as_str()) {
+            None
+        } else {
+            match self.peek::<V>(&plan).await {
+                Step::Hit(value, payload) => return (Ok(value), Outcome::Value(payload)),
+                Step::Unstored => return self.load_unstored(loader).await,
+                Step::Next(replace) => replace,
+            }
         };
         self.inner.stats.record(Event::Miss);
         match self.acquire::<V>(&plan, replace).await {

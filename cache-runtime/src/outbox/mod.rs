@@ -236,6 +236,7 @@ impl<DB: Backend> Outbox<DB> {
                 return Err(error);
             }
             observe::invalidations_sent(path, chunk.len());
+            self.guarded.recent.note(chunk);
         }
         DB::invalidated(&self.state, &ids);
         Ok((ids, keys.len()))
