@@ -79,6 +79,11 @@ impl Flights {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether `key` has a flight (open or passed): a reader then joins it rather than reading alone.
+    pub(crate) fn busy(&self, key: &str) -> bool {
+        self.lock().contains_key(key)
+    }
+
     /// Joins the open flight of `key`, or starts one.
     pub(crate) fn join(&self, key: &str) -> Join<'_> {
         use std::sync::atomic::Ordering::Relaxed;

@@ -1,4 +1,5 @@
-//! One read: join the key's single flight, then (as its leader) peek → lease → load → fill.
+//! One read: peek (when no flight of the key is in progress: a hit needs none); on a miss, join the key's
+//! single flight, then (as its leader) lease → load → fill.
 //!
 //! See the [module docs](super) for the protocol; each step is one function here:
 //!
@@ -162,6 +163,26 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(V, Vec<Key>), E>>,
     {
+        // The hit path needs no flight: with none in progress for the key, peek first (a valid entry is
+        // returned as the leader's peek would); a miss then joins a flight and asks for the lease at once.
+        let mut peeked = None;
+        if self.bypass().is_none() && !self.inner.flights.busy(key.as_str()) {
+            let plan = self.plan(&key, &options);
+            if !self.inner.guarded.recent.take(key.as_str()) {
+                match self.peek::<V>(&plan).await {
+                    Step::Hit(value, _) => {
+                        // An in-process hit never waits: let a loop of them yield to other tasks now
+                        // and then (as tokio's own resources do), or it starves the runtime.
+                        tokio::task::consume_budget().await;
+                        return Ok(value);
+                    }
+                    Step::Unstored => {}
+                    Step::Next(replace) => peeked = Some(replace),
+                }
+            } else {
+                peeked = Some(None);
+            }
+        }
         let (leader, after) = loop {
             match self.inner.flights.join(key.as_str()) {
                 Join::Leader(leader, after) => break (leader, after),
@@ -186,7 +207,10 @@ impl Cache {
         }
         leader.pass();
         let span = tracing::debug_span!("cache.load", key = %key);
-        let (result, outcome) = self.lead(&key, &options, loader).instrument(span).await;
+        let (result, outcome) = self
+            .lead(&key, &options, loader, peeked)
+            .instrument(span)
+            .await;
         leader.complete(outcome);
         result
     }
@@ -209,8 +233,29 @@ impl Cache {
         Some(result)
     }
 
-    /// The leader's read: peek, lease, load and fill.
-    async fn lead<V, E, F, Fut>(&self, key: &Key, options: &LoadOptions, loader: F) -> Read<V, E>
+    /// The plan of a read of `key`.
+    fn plan<'k>(&self, key: &'k Key, options: &LoadOptions) -> Plan<'k> {
+        let ttl = options.ttl.unwrap_or_else(|| self.ttl_for(key));
+        Plan {
+            key,
+            pre: tag_names(key, &options.tags),
+            // Drawn when a lease is asked for: a hit needs none.
+            token: String::new(),
+            ttl,
+            tag_ttl: ttl.saturating_add(Duration::from_secs(60)),
+            epoch: self.inner.guarded.health.epoch(),
+        }
+    }
+
+    /// The leader's read: peek (unless the caller `peeked` already, finding no valid entry), lease, load
+    /// and fill.
+    async fn lead<V, E, F, Fut>(
+        &self,
+        key: &Key,
+        options: &LoadOptions,
+        loader: F,
+        peeked: Option<Option<Vec<u8>>>,
+    ) -> Read<V, E>
     where
         V: Serialize + DeserializeOwned,
         E: Send + Sync + 'static,
@@ -221,27 +266,20 @@ impl Cache {
             self.inner.stats.record(Event::Bypassed(reason));
             return self.load_unstored(loader).await;
         }
-        let ttl = options.ttl.unwrap_or_else(|| self.ttl_for(key));
-        let plan = Plan {
-            key,
-            pre: tag_names(key, &options.tags),
-            token: nonce(),
-            ttl,
-            tag_ttl: ttl.saturating_add(Duration::from_secs(60)),
-            epoch: self.inner.guarded.health.epoch(),
-        };
+        let mut plan = self.plan(key, options);
         // A key this process just invalidated is most likely empty: straight to the lease, which also
         // returns a value if one was filled meanwhile.
-        let replace = if self.inner.guarded.recent.take(key.as_str()) {
-            None
-        } else {
-            match self.peek::<V>(&plan).await {
+        let replace = match peeked {
+            Some(replace) => replace,
+            None if self.inner.guarded.recent.take(key.as_str()) => None,
+            None => match self.peek::<V>(&plan).await {
                 Step::Hit(value, payload) => return (Ok(value), Outcome::Value(payload)),
                 Step::Unstored => return self.load_unstored(loader).await,
                 Step::Next(replace) => replace,
-            }
+            },
         };
         self.inner.stats.record(Event::Miss);
+        plan.token = nonce();
         match self.acquire::<V>(&plan, replace).await {
             Step::Hit(value, payload) => (Ok(value), Outcome::Value(payload)),
             Step::Unstored => self.load_unstored(loader).await,

@@ -104,6 +104,14 @@ impl MemoryStore {
     }
 
     fn tag(&self, tag: &str, create: Option<Duration>) -> Option<TagToken> {
+        let Some(ttl) = create else {
+            // Read only: no per-key lock needed (a read racing an invalidation sees either side of it).
+            return match self.slots.get(&tag_slot(tag)).map(|e| e.held) {
+                Some(Held::Tag(token)) => Some(token),
+                _ => None,
+            };
+        };
+        let create = Some(ttl);
         let mut out = None;
         self.slots
             .entry(tag_slot(tag))
