@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod cache;
+mod consumer;
 pub mod entity;
 pub mod error;
 pub mod health;

@@ -76,9 +76,9 @@ pub(crate) fn relay_batch(rows: usize, oldest_age_seconds: f64) {
     histogram!("cache_relay_lag_seconds").record(oldest_age_seconds);
 }
 
-pub(crate) fn backlog(backlog: &crate::outbox::Backlog) {
-    gauge!("cache_outbox_depth").set(backlog.depth as f64);
-    gauge!("cache_outbox_oldest_age_seconds").set(backlog.oldest_age.as_secs_f64());
-    gauge!("cache_outbox_rows").set(backlog.total as f64);
-    gauge!("cache_outbox_consumers").set(f64::from(backlog.consumers));
+pub(crate) fn backlog(depth: u64, oldest_age_seconds: f64, total: u64, consumers: u32) {
+    gauge!("cache_outbox_depth").set(depth as f64);
+    gauge!("cache_outbox_oldest_age_seconds").set(oldest_age_seconds);
+    gauge!("cache_outbox_rows").set(total as f64);
+    gauge!("cache_outbox_consumers").set(f64::from(consumers));
 }

@@ -22,8 +22,8 @@ use sqlx::{Either, Execute, Pool};
 use sqlx_core::describe::Describe;
 use sqlx_core::sql_str::SqlStr;
 
+use crate::consumer::Consumer;
 use crate::error::Error;
-use crate::outbox::Consumer;
 use crate::registry::Registry;
 
 pub mod postgres;

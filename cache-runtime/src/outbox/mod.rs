@@ -22,11 +22,10 @@ use crate::observe;
 use crate::registry::Registry;
 
 pub(crate) mod cleanup;
-pub(crate) mod consumer;
 pub(crate) mod recovery;
 mod relay;
 
-pub use consumer::Consumer;
+pub use crate::consumer::Consumer;
 pub use relay::{Backlog, Drained, Relay, RelayBuilder};
 
 /// How outbox rows are delivered: by the relay (grace period, sweeps, batches) and by writers (the store
@@ -272,11 +271,11 @@ impl<DB: Backend> Outbox<DB> {
 }
 
 /// Tells the database that this build runs, so that no install retires its capture while a process of it
-/// runs (see `PgSchema::retire_unseen_after`), and that its consumer is live (see [`consumer`]). Runs until
+/// runs (see `PgSchema::retire_unseen_after`), and that its consumer is live (see [`Consumer`]). Runs until
 /// dropped.
 pub(crate) async fn heartbeat<DB: Backend>(outbox: Arc<Outbox<DB>>) {
     // Registered at connect (pools) or at the start of `Relay::run`: the first beat is a period later.
-    let period = consumer::heartbeat_interval(outbox.config.consumer_expiry);
+    let period = crate::consumer::heartbeat_interval(outbox.config.consumer_expiry);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

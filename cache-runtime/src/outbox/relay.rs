@@ -357,7 +357,12 @@ impl<DB: Backend> Relay<DB> {
 
     async fn report_backlog(&self) {
         if let Ok(backlog) = self.backlog().await {
-            observe::backlog(&backlog);
+            observe::backlog(
+                backlog.depth,
+                backlog.oldest_age.as_secs_f64(),
+                backlog.total,
+                backlog.consumers,
+            );
         }
     }
 

@@ -10,12 +10,13 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Postgres};
 
 use super::{Backend, BacklogRow, ClaimedRows, Rows, TriggerMode, Wake};
+use crate::consumer::Consumer;
 use crate::error::Error;
-use crate::outbox::Consumer;
 use crate::registry::Registry;
 
 mod check;
 mod parts;
+mod records;
 mod schema;
 
 pub use schema::PgSchema;

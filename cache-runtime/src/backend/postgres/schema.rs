@@ -210,7 +210,7 @@ impl<'r> PgSchema<'r> {
                 let mut entities: Vec<&'static EntityMeta> =
                     self.registry.for_table(first.table).collect();
                 entities.extend(others.iter().copied().filter(|e| e.table == first.table));
-                super::parts::merge(&entities)
+                super::records::merge(&entities)
             })
             .collect()
     }
@@ -227,7 +227,7 @@ ON CONFLICT (tbl, installer) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, e
             literal(table),
             literal(&self.registry.fingerprint()),
             literal(&self.table_fingerprint(table)),
-            literal(&super::parts::encode(&entities)),
+            literal(&super::records::encode(&entities)),
         )
     }
 

@@ -20,8 +20,8 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
 use super::{Backend, BacklogRow, ClaimedRows, Rows, TriggerMode, Wake};
+use crate::consumer::Consumer;
 use crate::error::Error;
-use crate::outbox::Consumer;
 use crate::registry::Registry;
 
 /// Names the outbox table: every use, in Rust and in the generated SQL, goes through this macro or

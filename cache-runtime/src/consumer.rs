@@ -9,7 +9,7 @@ use crate::registry::fnv1a64;
 ///
 /// Every pool and relay delivers the outbox to its store under the store's consumer name
 /// ([`Store::consumer`](crate::Store::consumer), or [`CachedPoolOptions::consumer`](crate::CachedPoolOptions::consumer) /
-/// [`RelayBuilder::consumer`](super::RelayBuilder::consumer)). On PostgreSQL:
+/// [`RelayBuilder::consumer`](crate::outbox::RelayBuilder::consumer)). On PostgreSQL:
 ///
 /// - **Every live consumer receives every row.** Processes with the same consumer share the work (each row
 ///   is delivered by one of them); two services with different Redis servers or prefixes, or processes with
@@ -18,7 +18,7 @@ use crate::registry::fnv1a64;
 ///   `COMMIT`, wakes the relays).
 /// - **A row is deleted once every live consumer delivered it.** A consumer is live while one of its
 ///   processes (pools, relays) is: registered at connect (a relay: when it starts), again at every heartbeat
-///   (a quarter of [`RelayConfig::consumer_expiry`](super::RelayConfig::consumer_expiry), at most a minute),
+///   (a quarter of [`RelayConfig::consumer_expiry`](crate::outbox::RelayConfig::consumer_expiry), at most a minute),
 ///   until [`CachedPool::close`](crate::CachedPool::close) or drop, or for the expiry after its last
 ///   heartbeat (a crash). So a consumer that is gone holds rows back for at most its expiry (default 5
 ///   minutes). The relay's gauges show it: `cache_outbox_rows` (every row) against `cache_outbox_depth` (the
