@@ -94,8 +94,12 @@ CREATE TABLE IF NOT EXISTS cache_invalidation.consumer_processes (
   tag text NOT NULL REFERENCES cache_invalidation.consumers ON DELETE CASCADE,
   process text NOT NULL,
   last_seen timestamptz NOT NULL DEFAULT now(),
+  -- Closed by `unregister`: a registration that reaches the server later (a heartbeat in flight at close)
+  -- does not bring it back.
+  closed boolean NOT NULL DEFAULT false,
   PRIMARY KEY (tag, process)
 );
+ALTER TABLE cache_invalidation.consumer_processes ADD COLUMN IF NOT EXISTS closed boolean NOT NULL DEFAULT false;
 REVOKE ALL ON cache_invalidation.consumer_processes FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS cache_invalidation.installed (
   singleton boolean PRIMARY KEY CHECK (singleton),
@@ -169,7 +173,7 @@ CREATE OR REPLACE FUNCTION cache_invalidation.live_consumers() RETURNS text[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
   SELECT coalesce(array_agg(DISTINCT c.tag), '{}')
   FROM cache_invalidation.consumers c JOIN cache_invalidation.consumer_processes p ON p.tag = c.tag
-  WHERE p.last_seen > now() - c.expires_after
+  WHERE p.last_seen > now() - c.expires_after AND NOT p.closed
 $fn$;
 -- Deletes the rows `ids` (all of them with `every`, else those every live consumer delivered); consumers
 -- that are not live missed them.
@@ -203,20 +207,30 @@ BEGIN
   ON CONFLICT ON CONSTRAINT consumers_pkey DO UPDATE SET name = EXCLUDED.name, expires_after = EXCLUDED.expires_after
   RETURNING c.missed INTO lost;
   INSERT INTO cache_invalidation.consumer_processes AS p (tag, process) VALUES (consumer, process_id)
-  ON CONFLICT ON CONSTRAINT consumer_processes_pkey DO UPDATE SET last_seen = now();
+  ON CONFLICT ON CONSTRAINT consumer_processes_pkey DO UPDATE SET last_seen = now() WHERE NOT p.closed;
   IF lost THEN
     UPDATE cache_invalidation.consumers c SET missed = false WHERE c.tag = consumer;
   END IF;
-  -- Processes gone for a day, and rows every live consumer delivered while another expired.
+  -- Processes gone for a day.
   DELETE FROM cache_invalidation.consumer_processes p WHERE p.last_seen < now() - interval '1 day';
-  PERFORM cache_invalidation.forget(NULL, cache_invalidation.live_consumers(), false);
   RETURN lost;
+END
+$fn$;
+-- Deletes the rows every live consumer delivered while another expired (nobody else deletes them). A
+-- statement of its own, after `register`: like `delivered`, it locks outbox rows before consumer rows, and
+-- `register` locks no outbox row, so the three cannot deadlock.
+CREATE OR REPLACE FUNCTION cache_invalidation.prune() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+  PERFORM set_config('synchronous_commit', 'off', true);
+  PERFORM cache_invalidation.forget(NULL, cache_invalidation.live_consumers(), false);
 END
 $fn$;
 -- A process of a consumer closed: the consumer is live while another of its processes is.
 CREATE OR REPLACE FUNCTION cache_invalidation.unregister(consumer text, process text) RETURNS void
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  DELETE FROM cache_invalidation.consumer_processes p WHERE p.tag = consumer AND p.process = unregister.process
+  INSERT INTO cache_invalidation.consumer_processes AS p (tag, process, closed) VALUES (consumer, unregister.process, true)
+  ON CONFLICT ON CONSTRAINT consumer_processes_pkey DO UPDATE SET closed = true
 $fn$;
 CREATE OR REPLACE FUNCTION cache_invalidation.claim_rows(max_rows integer, wrapped_grace interval, upto bigint, consumer text)
 RETURNS TABLE (id bigint, keys text[], age_seconds double precision)
@@ -434,7 +448,7 @@ BEGIN
   ALTER EVENT TRIGGER cache_invalidation_drop ENABLE ALWAYS;
 END
 $events$;
-REVOKE ALL ON FUNCTION cache_invalidation.transaction_keys(), cache_invalidation.session_keys(), cache_invalidation.claim_rows(integer, interval, bigint, text), cache_invalidation.backlog(text), cache_invalidation.max_id(), cache_invalidation.pending_upto(bigint, text), cache_invalidation.delivered(bigint[], text), cache_invalidation.register(text, text, interval, text), cache_invalidation.unregister(text, text), cache_invalidation.alive(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cache_invalidation.transaction_keys(), cache_invalidation.session_keys(), cache_invalidation.claim_rows(integer, interval, bigint, text), cache_invalidation.backlog(text), cache_invalidation.max_id(), cache_invalidation.pending_upto(bigint, text), cache_invalidation.delivered(bigint[], text), cache_invalidation.register(text, text, interval, text), cache_invalidation.unregister(text, text), cache_invalidation.prune(), cache_invalidation.alive(text) FROM PUBLIC;
 DO $others$
 DECLARE r record;
 BEGIN

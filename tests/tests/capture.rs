@@ -1626,6 +1626,7 @@ async fn the_install_creates_only_functions_that_are_called() {
             "cache_invalidation.on_ddl()",
             "cache_invalidation.on_rewrite_or_drop()",
             "cache_invalidation.pending_upto(bigint,text)",
+            "cache_invalidation.prune()",
             "cache_invalidation.register(text,text,interval,text)",
             "cache_invalidation.render_bool(boolean)",
             "cache_invalidation.render_int(bigint)",
@@ -1647,6 +1648,7 @@ async fn the_install_creates_only_functions_that_are_called() {
         "pending_upto(bigint, text)",
         "register(text, text, interval, text)",
         "unregister(text, text)",
+        "prune()",
         "session_keys()",
         "transaction_keys()",
     ] {

@@ -325,3 +325,37 @@ async fn a_consumer_that_is_gone_stops_holding_rows_and_drops_its_namespaces_whe
     writer.close().await;
     back.close().await;
 }
+
+#[tokio::test]
+async fn a_registration_reaching_the_server_after_close_does_not_revive_the_process() {
+    let (db, admin) = database("consumers_closed").await;
+    let pool = pool(&db, MemoryStore::default(), true, RelayConfig::new()).await;
+    let tag = pool.relay().consumer().tag().to_owned();
+    let live = || async {
+        sqlx::query_scalar::<_, Vec<String>>("SELECT cache_invalidation.live_consumers()")
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+    assert!(live().await.contains(&tag));
+    pool.close().await;
+    assert!(!live().await.contains(&tag), "closed: no longer live");
+    // A heartbeat that was in flight at close reaches the server afterwards.
+    let process: String = sqlx::query_scalar(
+        "SELECT process FROM cache_invalidation.consumer_processes WHERE tag = $1",
+    )
+    .bind(&tag)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    sqlx::query("SELECT cache_invalidation.register($1, 'late', interval '5 minutes', $2)")
+        .bind(&tag)
+        .bind(&process)
+        .execute(&admin)
+        .await
+        .unwrap();
+    assert!(
+        !live().await.contains(&tag),
+        "a late registration does not revive a closed process"
+    );
+}

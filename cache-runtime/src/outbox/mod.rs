@@ -274,9 +274,12 @@ impl<DB: Backend> Outbox<DB> {
 /// runs (see `PgSchema::retire_unseen_after`), and that its consumer is live (see [`Consumer`]). Runs until
 /// dropped.
 pub(crate) async fn heartbeat<DB: Backend>(outbox: Arc<Outbox<DB>>) {
-    // Registered at connect (pools) or at the start of `Relay::run`: the first beat is a period later.
+    // Registered at connect (pools) or at the start of `Relay::run`. The first beat comes within a second:
+    // a delete that ran concurrently with that registration, still counting this consumer as gone, marks
+    // it as having missed rows only after the registration answered.
     let period = crate::consumer::heartbeat_interval(outbox.config.consumer_expiry);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let first = tokio::time::Instant::now() + period.min(std::time::Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(first, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -229,15 +229,19 @@ impl Backend for Postgres {
         process: &'a str,
     ) -> BoxFuture<'a, Result<bool, Error>> {
         Box::pin(async move {
-            Ok(
+            let lost =
                 sqlx::query_scalar(concat!("SELECT ", function!("register($1, $2, $3, $4)")))
                     .bind(consumer.tag())
                     .bind(consumer.name())
                     .bind(expiry)
                     .bind(process)
                     .fetch_one(pool)
-                    .await?,
-            )
+                    .await?;
+            // A transaction of its own (see the function's SQL).
+            sqlx::query(concat!("SELECT ", function!("prune()")))
+                .execute(pool)
+                .await?;
+            Ok(lost)
         })
     }
 

@@ -32,7 +32,7 @@
 //! - functions the runtime calls (all `SECURITY DEFINER`): `transaction_keys()`, `session_keys()`,
 //!   `claim_rows(int, interval, bigint, text)` (a consumer's undelivered rows with their ages, or every
 //!   such row up to an id whatever its age: the drain after a store outage), `delivered(bigint[],
-//!   text)`, `register(text, text, interval)` (a consumer's heartbeat), `backlog(text)` (a consumer's
+//!   text)`, `register(text, text, interval, text)` and `prune()` (a consumer's heartbeat), `backlog(text)` (a consumer's
 //!   depth, the highest id, its oldest row's age, the outbox's size and the live consumers: the relay's
 //!   gauges), `max_id()` (the post-outage watermark, an index lookup) and `pending_upto(bigint, text)` (a
 //!   consumer's rows up to an id still undelivered).
@@ -841,6 +841,7 @@ pub(super) const CLIENT_FUNCTIONS: &[&str] = &[
     function!("delivered(bigint[], text)"),
     function!("register(text, text, interval, text)"),
     function!("unregister(text, text)"),
+    function!("prune()"),
     function!("alive(text)"),
 ];
 
