@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::registry::fnv1a64;
 use crate::store::is_shape;
@@ -16,9 +17,13 @@ const CAPACITY: usize = 4096;
 /// and remembering them would cost more than the round trips it saves).
 const LARGEST: usize = 64;
 
-/// The recently invalidated keys, by hash.
+/// The recently invalidated keys, by hash; `any` lets a read skip the lock while none is remembered (the
+/// hit path of a process that does not write).
 #[derive(Debug, Default)]
-pub(crate) struct Recent(Mutex<HashSet<u64>>);
+pub(crate) struct Recent {
+    keys: Mutex<HashSet<u64>>,
+    any: AtomicBool,
+}
 
 impl Recent {
     /// Remembers `keys` (shapes are not keys; large sets are skipped).
@@ -26,7 +31,9 @@ impl Recent {
         if keys.len() > LARGEST {
             return;
         }
-        let Ok(mut set) = self.0.lock() else { return };
+        let Ok(mut set) = self.keys.lock() else {
+            return;
+        };
         if set.len() + keys.len() > CAPACITY {
             set.clear();
         }
@@ -35,13 +42,20 @@ impl Recent {
                 .filter(|k| !is_shape(k))
                 .map(|k| fnv1a64(k.as_bytes())),
         );
+        self.any.store(!set.is_empty(), Ordering::Release);
     }
 
     /// Whether `key` was invalidated recently; forgets it.
     pub(crate) fn take(&self, key: &str) -> bool {
-        self.0
-            .lock()
-            .is_ok_and(|mut set| set.remove(&fnv1a64(key.as_bytes())))
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(mut set) = self.keys.lock() else {
+            return false;
+        };
+        let taken = set.remove(&fnv1a64(key.as_bytes()));
+        self.any.store(!set.is_empty(), Ordering::Release);
+        taken
     }
 }
 

@@ -542,7 +542,7 @@ impl PgBouncer {
             .unwrap_or_else(|| {
                 panic!(
                     "this test runs a real pgbouncer in transaction mode: install it (Debian: `apt-get install \
-                     pgbouncer`; the README's test command does)"
+                     pgbouncer`, or run `tests/setup.sh`)"
                 )
             });
         let server: sqlx::postgres::PgConnectOptions = database_url()

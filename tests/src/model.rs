@@ -46,3 +46,20 @@ pub struct User {
     /// Whether the user is an administrator.
     pub is_admin: bool,
 }
+
+/// The price of [`Product`] `id` read through `cache`, loaded from `db` on a miss (the row must exist).
+///
+/// # Panics
+///
+/// When the row is missing or the database fails.
+pub async fn cached_price(cache: &cache_runtime::Cache, db: &sqlx::PgPool, id: i64) -> i64 {
+    cache
+        .get_or_load(cache_runtime::key!("product:<id>", id), || async {
+            sqlx::query_scalar::<_, i64>("SELECT price_cents FROM products WHERE id = $1")
+                .bind(id)
+                .fetch_one(db)
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| panic!("reading product {id}: {e}"))
+}

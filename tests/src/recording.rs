@@ -1,4 +1,5 @@
-//! A real store (Redis or in-process) that records what it was asked to invalidate, and can be cut off on demand.
+//! A real store (Redis or in-process) that records what it was asked to invalidate (and counts its peeks
+//! and lookups), and can be cut off on demand.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,9 @@ struct Record {
     calls: Vec<Vec<String>>,
     /// How many times each key was invalidated successfully.
     delivered: BTreeMap<String, u32>,
+    /// `peek` and `lookup` calls.
+    peeks: usize,
+    lookups: usize,
 }
 
 /// A real store (Redis or in-process), recording every `invalidate` call (attempted) and every key invalidated
@@ -76,9 +80,19 @@ impl RecordingStore {
     pub fn delivered(&self) -> BTreeMap<String, u32> {
         self.record().delivered.clone()
     }
+
+    /// The `peek` and `lookup` calls so far.
+    pub fn reads(&self) -> (usize, usize) {
+        let record = self.record();
+        (record.peeks, record.lookups)
+    }
 }
 
 impl Store for RecordingStore {
+    fn consumer(&self) -> String {
+        self.inner.consumer()
+    }
+
     fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
         self.record().calls.push(keys.to_vec());
         Box::pin(async move {
@@ -97,6 +111,7 @@ impl Store for RecordingStore {
         key: &'a str,
         tags: &'a [String],
     ) -> BoxFuture<'a, Result<Peek, StoreError>> {
+        self.record().peeks += 1;
         Box::pin(async move {
             self.check()?;
             self.inner.peek(key, tags).await
@@ -110,6 +125,7 @@ impl Store for RecordingStore {
         tags: &'a [String],
         tag_ttl: Duration,
     ) -> BoxFuture<'a, Result<Lookup, StoreError>> {
+        self.record().lookups += 1;
         Box::pin(async move {
             self.check()?;
             self.inner.lookup(key, lease, tags, tag_ttl).await

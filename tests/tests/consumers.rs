@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use cache_runtime::outbox::{Consumer, RelayConfig};
 use cache_runtime::{CachedEntity, CachedPgPool, MemoryStore, RedisStore, Registry, Store, key};
 use sqlx::PgPool;
-use tests::model::Product;
+use tests::model::{Product, cached_price};
 use tests::{TestDb, TestPrefix, redis_url};
 
 /// How long another consumer's relay may take (a `NOTIFY` and a batch, with slack for a loaded machine).
@@ -43,16 +43,7 @@ async fn pool(db: &TestDb, store: impl Store, relay: bool, config: RelayConfig) 
 
 /// The price of product `id` read through `pool`'s cache.
 async fn cached(pool: &CachedPgPool, id: i64) -> i64 {
-    let db = pool.sqlx_pool();
-    pool.cache()
-        .get_or_load(key!("product:<id>", id), || async {
-            sqlx::query_scalar::<_, i64>("SELECT price_cents FROM products WHERE id = $1")
-                .bind(id)
-                .fetch_one(db)
-                .await
-        })
-        .await
-        .unwrap()
+    cached_price(pool.cache(), pool.sqlx_pool(), id).await
 }
 
 async fn price(admin: &PgPool, id: i64) -> i64 {

@@ -168,7 +168,9 @@ impl Cache {
         let mut peeked = None;
         if self.bypass().is_none() && !self.inner.flights.busy(key.as_str()) {
             let plan = self.plan(&key, &options);
-            if !self.inner.guarded.recent.take(key.as_str()) {
+            let replace = if self.inner.guarded.recent.take(key.as_str()) {
+                Some(None)
+            } else {
                 match self.peek::<V>(&plan).await {
                     Step::Hit(value, _) => {
                         // An in-process hit never waits: let a loop of them yield to other tasks now
@@ -176,12 +178,11 @@ impl Cache {
                         tokio::task::consume_budget().await;
                         return Ok(value);
                     }
-                    Step::Unstored => {}
-                    Step::Next(replace) => peeked = Some(replace),
+                    Step::Unstored => None,
+                    Step::Next(replace) => Some(replace),
                 }
-            } else {
-                peeked = Some(None);
-            }
+            };
+            peeked = replace.map(|replace| (plan, replace));
         }
         let (leader, after) = loop {
             match self.inner.flights.join(key.as_str()) {
@@ -254,7 +255,7 @@ impl Cache {
         key: &Key,
         options: &LoadOptions,
         loader: F,
-        peeked: Option<Option<Vec<u8>>>,
+        peeked: Option<(Plan<'_>, Option<Vec<u8>>)>,
     ) -> Read<V, E>
     where
         V: Serialize + DeserializeOwned,
@@ -266,17 +267,22 @@ impl Cache {
             self.inner.stats.record(Event::Bypassed(reason));
             return self.load_unstored(loader).await;
         }
-        let mut plan = self.plan(key, options);
         // A key this process just invalidated is most likely empty: straight to the lease, which also
         // returns a value if one was filled meanwhile.
-        let replace = match peeked {
-            Some(replace) => replace,
-            None if self.inner.guarded.recent.take(key.as_str()) => None,
-            None => match self.peek::<V>(&plan).await {
-                Step::Hit(value, payload) => return (Ok(value), Outcome::Value(payload)),
-                Step::Unstored => return self.load_unstored(loader).await,
-                Step::Next(replace) => replace,
-            },
+        let (mut plan, replace) = match peeked {
+            Some(peeked) => peeked,
+            None => {
+                let plan = self.plan(key, options);
+                if self.inner.guarded.recent.take(key.as_str()) {
+                    (plan, None)
+                } else {
+                    match self.peek::<V>(&plan).await {
+                        Step::Hit(value, payload) => return (Ok(value), Outcome::Value(payload)),
+                        Step::Unstored => return self.load_unstored(loader).await,
+                        Step::Next(replace) => (plan, replace),
+                    }
+                }
+            }
         };
         self.inner.stats.record(Event::Miss);
         plan.token = nonce();

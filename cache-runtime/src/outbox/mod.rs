@@ -216,8 +216,19 @@ impl<DB: Backend> Outbox<DB> {
         let (ids, keys) = split(rows);
         tracing::Span::current().record("rows", ids.len());
         tracing::Span::current().record("keys", keys.len());
-        // In chunks, each bounded by the store timeout: one statement can change a million rows, and its
-        // keys must reach the store however long all of them take (a rejected chunk is retried whole).
+        self.invalidate_keys(&keys, path).await?;
+        DB::invalidated(&self.state, &ids);
+        Ok((ids, keys.len()))
+    }
+
+    /// Invalidates `keys` through the breaker, in chunks each bounded by the store timeout: one statement
+    /// can change a million rows, and its keys must reach the store however long all of them take (a
+    /// rejected chunk is retried whole).
+    ///
+    /// # Errors
+    ///
+    /// As [`invalidate`](Self::invalidate).
+    async fn invalidate_keys(&self, keys: &[String], path: &'static str) -> Result<(), Error> {
         for chunk in keys.chunks(INVALIDATE_CHUNK) {
             let span = tracing::debug_span!("cache.invalidate", path, keys = chunk.len());
             let result = self
@@ -237,8 +248,7 @@ impl<DB: Backend> Outbox<DB> {
             observe::invalidations_sent(path, chunk.len());
             self.guarded.recent.note(chunk);
         }
-        DB::invalidated(&self.state, &ids);
-        Ok((ids, keys.len()))
+        Ok(())
     }
 
     /// Delivers the rows a writer read after its statement or before its `COMMIT`; returns the ids to

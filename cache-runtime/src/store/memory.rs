@@ -103,31 +103,42 @@ impl MemoryStore {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The token of `tag`, or `create` it (living at least `create`).
     fn tag(&self, tag: &str, create: Option<Duration>) -> Option<TagToken> {
-        let Some(ttl) = create else {
-            // Read only: no per-key lock needed (a read racing an invalidation sees either side of it).
-            return match self.slots.get(&tag_slot(tag)).map(|e| e.held) {
-                Some(Held::Tag(token)) => Some(token),
-                _ => None,
-            };
-        };
-        let create = Some(ttl);
+        match create {
+            None => self.current_tag(tag),
+            Some(ttl) => self.created_tag(tag, ttl),
+        }
+    }
+
+    /// The token of `tag`, read only: no per-key lock (a read racing an invalidation sees either side).
+    fn current_tag(&self, tag: &str) -> Option<TagToken> {
+        match self.slots.get(&tag_slot(tag)).map(|e| e.held) {
+            Some(Held::Tag(token)) => Some(token),
+            _ => None,
+        }
+    }
+
+    /// The token of `tag`, created if missing (it lives at least `ttl`); `None` when the slot holds
+    /// something else.
+    fn created_tag(&self, tag: &str, ttl: Duration) -> Option<TagToken> {
         let mut out = None;
         self.slots
             .entry(tag_slot(tag))
-            .and_compute_with(|current| match (current, create) {
-                (Some(e), _) if !matches!(e.value().held, Held::Tag(_)) => Op::Nop,
-                (Some(e), create) => {
+            .and_compute_with(|current| match current {
+                Some(e) => {
                     let entry = e.into_value();
-                    if let Held::Tag(token) = &entry.held {
-                        out = Some(token.clone());
-                    }
-                    match create {
-                        Some(ttl) if ttl > entry.ttl => Op::Put(Entry { ttl, ..entry }),
-                        _ => Op::Nop,
+                    let Held::Tag(token) = &entry.held else {
+                        return Op::Nop;
+                    };
+                    out = Some(token.clone());
+                    if ttl > entry.ttl {
+                        Op::Put(Entry { ttl, ..entry })
+                    } else {
+                        Op::Nop
                     }
                 }
-                (None, Some(ttl)) => {
+                None => {
                     let now = self.tick();
                     let token = TagToken {
                         id: now.to_string(),
@@ -139,7 +150,6 @@ impl MemoryStore {
                         ttl,
                     })
                 }
-                (None, None) => Op::Nop,
             });
         out
     }
@@ -174,7 +184,7 @@ impl Store for MemoryStore {
             Some(Held::Value(v)) => Some(v.to_vec()),
             _ => None,
         };
-        let tags = tags.iter().map(|t| self.tag(t, None)).collect();
+        let tags = tags.iter().map(|t| self.current_tag(t)).collect();
         Box::pin(std::future::ready(Ok(Peek { value, tags })))
     }
 
@@ -212,7 +222,7 @@ impl Store for MemoryStore {
             });
         let tags = tags
             .iter()
-            .map(|t| self.tag(t, Some(tag_ttl)))
+            .map(|t| self.created_tag(t, tag_ttl))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| StoreError::Protocol("a tag slot holds a value".into()));
         Box::pin(std::future::ready(tags.map(|tags| Lookup { slot, tags })))
