@@ -49,6 +49,7 @@ mod builder;
 mod codec;
 mod flight;
 mod read;
+pub(crate) mod scope;
 mod stats;
 
 pub use builder::{CacheBuilder, LoadOptions, OwnBreaker, SharedHealth};

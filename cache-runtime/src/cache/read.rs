@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use super::flight::{self, Join, Outcome};
-use super::{Cache, Event, LoadOptions, codec};
+use super::{Cache, Event, LoadOptions, codec, scope};
 use crate::key::Key;
 use crate::store::{LeaseRequest, Slot, Store, StoreError, TagToken, nonce};
 
@@ -425,7 +425,8 @@ impl Cache {
     {
         let stats = &self.inner.stats;
         stats.record(Event::Load);
-        let (value, found_tags) = match loader().await {
+        let (loaded, uncommitted) = scope::load(loader()).await;
+        let (value, found_tags) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
                 stats.record(Event::LoadError);
@@ -433,6 +434,12 @@ impl Cache {
                 return shared_error(e);
             }
         };
+        if uncommitted {
+            stats.record(Event::FillSkipped);
+            tracing::debug!(key = %plan.key, "loaded through a transaction that may hold uncommitted writes; not stored");
+            lease.guard.release().await;
+            return (Ok(value), Outcome::Unshared);
+        }
         let payload = match codec::encode(&value) {
             Ok(payload) => payload,
             Err(e) => {
@@ -553,13 +560,14 @@ impl Cache {
         Fut: Future<Output = Result<(V, Vec<Key>), E>>,
     {
         self.inner.stats.record(Event::Load);
-        match loader().await {
-            Ok((value, _)) => {
+        match scope::load(loader()).await {
+            (Ok((value, _)), true) => (Ok(value), Outcome::Unshared),
+            (Ok((value, _)), false) => {
                 let outcome =
                     codec::encode(&value).map_or(Outcome::Unshared, |p| Outcome::Value(p.into()));
                 (Ok(value), outcome)
             }
-            Err(e) => {
+            (Err(e), _) => {
                 self.inner.stats.record(Event::LoadError);
                 shared_error(e)
             }

@@ -24,7 +24,7 @@ pub(super) struct Materialized<DB: Database> {
 }
 
 impl<DB: Database> Materialized<DB> {
-    fn new<'q>(mut query: impl Execute<'q, DB>) -> Self {
+    pub(super) fn new<'q>(mut query: impl Execute<'q, DB>) -> Self {
         let arguments = Some(query.take_arguments());
         let statement = query.statement().cloned();
         let persistent = query.persistent();
@@ -33,6 +33,16 @@ impl<DB: Database> Materialized<DB> {
             statement,
             arguments,
             persistent,
+        }
+    }
+}
+
+impl<DB: Database> Materialized<DB> {
+    /// Whether the statement may write, as `detection` tells.
+    pub(super) fn may_write(&self, detection: WriteDetection) -> bool {
+        match detection {
+            WriteDetection::Always => true,
+            WriteDetection::Keywords => may_write(self.sql.as_str()),
         }
     }
 }
@@ -76,10 +86,7 @@ impl<DB: Backend> Autocommit<DB> {
         query: E,
     ) -> Result<(Self, Materialized<DB>), sqlx::Error> {
         let query = Materialized::new(query);
-        let wrote = match core.options.detection {
-            WriteDetection::Always => true,
-            WriteDetection::Keywords => may_write(query.sql.as_str()),
-        };
+        let wrote = query.may_write(core.options.detection);
         let conn = if wrote && core.options.pooler {
             Conn::Own(core.begin_marked("BEGIN").await?)
         } else {

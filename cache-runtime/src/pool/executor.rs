@@ -17,7 +17,7 @@ use sqlx_core::describe::Describe;
 use sqlx_core::ext::async_stream::TryAsyncStream;
 use sqlx_core::sql_str::SqlStr;
 
-use super::autocommit::Autocommit;
+use super::autocommit::{Autocommit, Materialized};
 use super::{CachedPool, CachedTransaction};
 use crate::backend::{Backend, Item};
 
@@ -29,6 +29,8 @@ impl<'c, 't, DB: Backend> Executor<'c> for &'c mut CachedTransaction<'t, DB> {
         'c: 'e,
         E: 'q + Execute<'q, DB>,
     {
+        let query = Materialized::new(query);
+        self.before_statement(query.may_write(self.core.options.detection));
         DB::fetch_many(&mut self.tx, query)
     }
 
@@ -40,6 +42,8 @@ impl<'c, 't, DB: Backend> Executor<'c> for &'c mut CachedTransaction<'t, DB> {
         'c: 'e,
         E: 'q + Execute<'q, DB>,
     {
+        let query = Materialized::new(query);
+        self.before_statement(query.may_write(self.core.options.detection));
         DB::fetch_optional(&mut self.tx, query)
     }
 

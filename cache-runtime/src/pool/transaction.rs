@@ -3,17 +3,25 @@
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sqlx::Postgres;
 use tracing::Instrument as _;
 
 use super::Core;
 use crate::backend::Backend;
+use crate::cache::scope;
 
 /// A transaction (or savepoint) of a [`CachedPool`](super::CachedPool).
 ///
 /// `&mut CachedTransaction` is a [`sqlx::Executor`], and `&mut *tx` is the transaction's `PgConnection`:
 /// both work with every sqlx query function. Dropping it without `commit` rolls back and publishes nothing.
+///
+/// A cache loader may read through the transaction, but what it loads is stored (and shared with other
+/// readers) only while the transaction cannot hold uncommitted writes: every statement so far went through
+/// `&mut tx` and none of them may write (as the pool's [`WriteDetection`](crate::WriteDetection) tells).
+/// A load that uses the connection itself (`&mut *tx`), or that follows a statement that may write, is
+/// returned to its caller and not stored, since the transaction may still roll back.
 ///
 /// # Examples
 ///
@@ -31,8 +39,10 @@ use crate::backend::Backend;
 /// ```
 pub struct CachedTransaction<'c, DB: Backend = Postgres> {
     pub(super) tx: sqlx::Transaction<'c, DB>,
-    core: Arc<Core<DB>>,
+    pub(super) core: Arc<Core<DB>>,
     outermost: bool,
+    /// The transaction (or an enclosing one) may hold uncommitted writes: shared with its savepoints.
+    pub(super) may_hold_writes: Arc<AtomicBool>,
 }
 
 impl<'c, DB: Backend> CachedTransaction<'c, DB> {
@@ -42,6 +52,7 @@ impl<'c, DB: Backend> CachedTransaction<'c, DB> {
             tx,
             core,
             outermost: true,
+            may_hold_writes: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -72,6 +83,7 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
             tx,
             core: Arc::clone(&self.core),
             outermost: false,
+            may_hold_writes: Arc::clone(&self.may_hold_writes),
         })
     }
 
@@ -122,6 +134,19 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
         self.tx.rollback().await
     }
+
+    /// Before a statement through `&mut tx`: a cache load reading it after a possible write (or with it)
+    /// must not store.
+    pub(super) fn before_statement(&self, may_write: bool) {
+        let held = if may_write {
+            self.may_hold_writes.swap(true, Ordering::AcqRel)
+        } else {
+            self.may_hold_writes.load(Ordering::Acquire)
+        };
+        if held || may_write {
+            scope::read_uncommitted();
+        }
+    }
 }
 
 impl<DB: Backend> Deref for CachedTransaction<'_, DB> {
@@ -134,6 +159,11 @@ impl<DB: Backend> Deref for CachedTransaction<'_, DB> {
 
 impl<DB: Backend> DerefMut for CachedTransaction<'_, DB> {
     fn deref_mut(&mut self) -> &mut DB::Connection {
+        // Whatever runs on the bare connection may write, unseen.
+        self.may_hold_writes.store(true, Ordering::Release);
+        if scope::loading() {
+            scope::read_uncommitted();
+        }
         &mut self.tx
     }
 }

@@ -1,0 +1,191 @@
+//! Fills that are never older than a committed write, whatever the loader reads: a load through a
+//! transaction that may hold uncommitted writes is never stored nor shared. Real PostgreSQL and Redis;
+//! each test has its own database and key prefix.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use cache_runtime::{CachedEntity, CachedPgPool, RedisStore, Registry, key};
+use sqlx::PgPool;
+use tests::model::Product;
+use tests::{TestDb, TestPrefix, redis_url};
+
+const TABLES: &str = "
+CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+  price_cents bigint NOT NULL);
+INSERT INTO products SELECT i, 1, 'p' || i, 100 FROM generate_series(1, 10) i;
+";
+
+async fn setup(hint: &str) -> (TestDb, PgPool, TestPrefix, CachedPgPool) {
+    let db = TestDb::create(hint).await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(TABLES).execute(&admin).await.unwrap();
+    let prefix = TestPrefix::create(hint).await;
+    let store = RedisStore::connect(&redis_url(), prefix.prefix.clone())
+        .await
+        .unwrap();
+    let pool = CachedPgPool::options()
+        .registry(Registry::new([Product::META]))
+        .auto_install(true)
+        .connect(&db.url, store)
+        .await
+        .unwrap();
+    (db, admin, prefix, pool)
+}
+
+/// Reads product `id`'s price through the pool's cache, with `load` as the loader; returns the price and
+/// whether the cache stored it.
+async fn read_with<F, Fut>(pool: &CachedPgPool, id: i64, load: F) -> (i64, bool)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<i64, sqlx::Error>>,
+{
+    let fills = pool.cache().stats().fills;
+    let price = pool
+        .cache()
+        .get_or_load(key!("product:<id>", id), load)
+        .await
+        .unwrap();
+    (price, pool.cache().stats().fills > fills)
+}
+
+const SELECT_PRICE: &str = "SELECT price_cents FROM products WHERE id = $1";
+
+/// The price a fresh read (on the pool, autocommit) gets through the cache.
+async fn committed_read(pool: &CachedPgPool, id: i64) -> i64 {
+    let db = pool.sqlx_pool().clone();
+    read_with(pool, id, || async move {
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(id)
+            .fetch_one(&db)
+            .await
+    })
+    .await
+    .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_through_a_transaction_with_uncommitted_writes_is_never_stored() {
+    let (_db, _admin, _prefix, pool) = setup("fresh_uncommitted").await;
+    // Through the transaction's executor: a write, then the load.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE products SET price_cents = 999 WHERE id = 1")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    let (price, stored) = read_with(&pool, 1, || async {
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(1_i64)
+            .fetch_one(&mut tx)
+            .await
+    })
+    .await;
+    assert_eq!(price, 999, "the loader sees its own transaction's write");
+    assert!(
+        !stored,
+        "a value read from uncommitted writes is not stored"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        committed_read(&pool, 1).await,
+        100,
+        "the rolled-back value is never served"
+    );
+
+    // Through the bare connection (`&mut *tx`): the write is invisible to the wrapper.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE products SET price_cents = 777 WHERE id = 2")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let (price, stored) = read_with(&pool, 2, || async {
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(2_i64)
+            .fetch_one(&mut *tx)
+            .await
+    })
+    .await;
+    assert_eq!(price, 777);
+    assert!(
+        !stored,
+        "a load on the transaction's connection is not stored"
+    );
+    drop(tx);
+    assert_eq!(committed_read(&pool, 2).await, 100);
+
+    // A write inside the loader itself (`UPDATE … RETURNING`).
+    let mut tx = pool.begin().await.unwrap();
+    let (price, stored) = read_with(&pool, 3, || async {
+        sqlx::query_scalar(
+            "UPDATE products SET price_cents = 555 WHERE id = $1 RETURNING price_cents",
+        )
+        .bind(3_i64)
+        .fetch_one(&mut tx)
+        .await
+    })
+    .await;
+    assert_eq!(price, 555);
+    assert!(
+        !stored,
+        "a loader that writes through the transaction does not store"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(committed_read(&pool, 3).await, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_through_a_transaction_that_wrote_nothing_is_stored() {
+    let (_db, admin, _prefix, pool) = setup("fresh_clean_tx").await;
+    let mut tx = pool.begin().await.unwrap();
+    let (price, stored) = read_with(&pool, 4, || async {
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(4_i64)
+            .fetch_one(&mut tx)
+            .await
+    })
+    .await;
+    tx.commit().await.unwrap();
+    assert_eq!(price, 100);
+    assert!(stored, "a read-only transaction's load is cached");
+    // And the usual invalidation still reaches it.
+    sqlx::query("UPDATE products SET price_cents = 101 WHERE id = 4")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(committed_read(&pool, 4).await, 101);
+    drop(admin);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_sharing_an_uncommitted_load_do_not_receive_its_value() {
+    let (_db, _admin, _prefix, pool) = setup("fresh_shared").await;
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE products SET price_cents = 888 WHERE id = 5")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+    let follower = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            gate_rx.await.unwrap();
+            committed_read(&pool, 5).await
+        })
+    };
+    let (price, stored) = read_with(&pool, 5, || async {
+        // Let another reader of the key join this load while it runs.
+        gate_tx.send(()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(5_i64)
+            .fetch_one(&mut tx)
+            .await
+    })
+    .await;
+    assert_eq!((price, stored), (888, false));
+    assert_eq!(
+        follower.await.unwrap(),
+        100,
+        "a reader waiting for the load reads the committed row on its own"
+    );
+    tx.rollback().await.unwrap();
+}
