@@ -325,6 +325,8 @@ pub(crate) struct Guarded {
     pub(crate) health: Health,
     /// The keys this process invalidated recently (reads of them skip the peek).
     pub(crate) recent: crate::recent::Recent,
+    /// The highest sequence the store is known to have reached.
+    pub(crate) acknowledged: crate::acknowledged::Acknowledged,
 }
 
 impl Guarded {
@@ -335,7 +337,25 @@ impl Guarded {
             store,
             health: Health::new(config, gate),
             recent: crate::recent::Recent::default(),
+            acknowledged: crate::acknowledged::Acknowledged::default(),
         }
+    }
+
+    /// Checks the sequence of an answer to a call sent while the floor was `floor` (see
+    /// [`Acknowledged::observe`](crate::acknowledged::Acknowledged::observe)); a store that forgot counts
+    /// as a failure.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Forgot`].
+    pub(crate) fn observe(&self, floor: u64, seen: Option<u64>) -> Result<(), StoreError> {
+        let result = self.acknowledged.observe(floor, seen);
+        if let Err(error) = &result {
+            tracing::warn!(%error, "cache store went back in time");
+            self.health.failure();
+            observe::store_error("forgot");
+        }
+        result
     }
 
     /// Runs `op` on the store through the breaker, bounded by `timeout`, and reports its outcome; `name`

@@ -1,5 +1,6 @@
 #![doc = include_str!("../../README.md")]
 
+mod acknowledged;
 pub mod backend;
 pub mod cache;
 mod consumer;

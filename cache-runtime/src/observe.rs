@@ -9,7 +9,8 @@
 //! | `cache_lease_waits_total` | counter | | reads that found another reader's lease and waited |
 //! | `cache_fills_rejected_total` | counter | | loaded values not stored because the key was invalidated during the load (stale stores refused) |
 //! | `cache_bypassed_reads_total` | counter | `reason` = `breaker` \| `gate` | reads that skipped the store (breaker open, or the post-outage gate closed) and went to the loader |
-//! | `cache_store_errors_total` | counter | `op` | failed store operations (`peek`, `lookup`, `tags`, `fill`, `invalidate`, `probe`) |
+//! | `cache_store_errors_total` | counter | `op` | failed store operations (`peek`, `lookup`, `tags`, `fill`, `invalidate`, `sequence`, `reset`, `forgot`) |
+//! | `cache_store_resets_total` | counter | | times the store was found to have forgotten acknowledged invalidations (its sequence went back) and every namespace of the registry was dropped |
 //! | `cache_breaker_state` | gauge | | 0 closed, 1 half-open (probing), 2 open |
 //! | `cache_gate_closed` | gauge | | 1 while reads bypass the cache after a store failure, until the outbox rows of the outage are delivered |
 //! | `cache_invalidations_sent_total` | counter | `path` = `commit` \| `relay` \| `lapsed` | keys invalidated in the store |
@@ -52,6 +53,10 @@ pub(crate) fn bypassed(reason: &'static str) {
 
 pub(crate) fn store_error(op: &'static str) {
     counter!("cache_store_errors_total", "op" => op).increment(1);
+}
+
+pub(crate) fn store_reset() {
+    counter!("cache_store_resets_total").increment(1);
 }
 
 pub(crate) fn breaker_state(state: u8) {

@@ -10,6 +10,10 @@ CREATE TABLE IF NOT EXISTS cache_invalidation_installed (
   fingerprint TEXT NOT NULL,
   schema_version INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cache_invalidation_acknowledged (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  store_sequence INTEGER NOT NULL
+);
 DROP TRIGGER IF EXISTS "cache_invalidation_app_users_insert";
 DROP TRIGGER IF EXISTS "cache_invalidation_app_users_update";
 DROP TRIGGER IF EXISTS "cache_invalidation_app_users_delete";

@@ -260,12 +260,23 @@ mod tests {
 }
 
 /// A `redis-server` process of the test's own, on a free loopback port, for fault tests (kill, restart)
-/// that must never touch the shared server. Killed when this guard drops.
+/// that must never touch the shared server. Killed (and its directory removed) when this guard drops.
 #[derive(Debug)]
 pub struct RedisServer {
     /// The port it listens on (kept across restarts).
     pub port: u16,
     child: Option<std::process::Child>,
+    /// Arguments after the port: persistence, replication.
+    args: Vec<String>,
+    /// The working directory of a persistent server (its RDB file).
+    dir: Option<std::path::PathBuf>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port for a test server: {e}"))
 }
 
 impl RedisServer {
@@ -275,11 +286,71 @@ impl RedisServer {
     ///
     /// When `redis-server` is not installed or does not start, with a message that says how to provide it.
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or_else(|e| panic!("no free port for a test redis-server: {e}"));
-        let mut server = Self { port, child: None };
+        Self::start_with(&["--save", "", "--appendonly", "no"], None)
+    }
+
+    /// Starts a server that keeps an RDB snapshot in a directory of its own, written only by `SAVE`
+    /// (no automatic saves, no AOF), and loaded again by [`restart`](Self::restart).
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_persistent() -> Self {
+        let dir = std::env::temp_dir().join(unique("redis_rdb"));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let args = [
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dbfilename",
+            "dump.rdb",
+        ];
+        Self::start_with(&args, Some(dir))
+    }
+
+    /// Starts a replica of the primary on loopback port `primary` (a server, or a [`TcpProxy`] in front of
+    /// one, which can cut the link), with no persistence, and waits until it answers and has synchronized.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start), or when it does not synchronize within 10 s.
+    pub fn start_replica_of(primary: u16) -> Self {
+        let port = primary.to_string();
+        let replica = Self::start_with(
+            &[
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--replicaof",
+                "127.0.0.1",
+                &port,
+            ],
+            None,
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !replica
+            .command(&["INFO", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica did not synchronize"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        replica
+    }
+
+    fn start_with(args: &[&str], dir: Option<std::path::PathBuf>) -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            args: args.iter().map(|&a| a.to_owned()).collect(),
+            dir,
+        };
         server.restart();
         server
     }
@@ -289,7 +360,30 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server (SIGKILL): connections drop, its data is gone.
+    /// Runs one command (blocking) and returns its answer as text (`Debug` of the value for non-strings).
+    ///
+    /// # Panics
+    ///
+    /// When the server cannot be reached or answers with an error.
+    pub fn command(&self, args: &[&str]) -> String {
+        let mut conn = redis::Client::open(self.url().as_str())
+            .and_then(|c| c.get_connection())
+            .unwrap_or_else(|e| panic!("redis on port {}: {e}", self.port));
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        match cmd.query::<redis::Value>(&mut conn) {
+            Ok(redis::Value::Okay) => "OK".to_owned(),
+            Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(redis::Value::SimpleString(s))
+            | Ok(redis::Value::VerbatimString { text: s, .. }) => s,
+            Ok(other) => format!("{other:?}"),
+            Err(e) => panic!("redis {args:?} on port {}: {e}", self.port),
+        }
+    }
+
+    /// Kills the server (SIGKILL): connections drop; a persistent server keeps its last `SAVE`.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -320,20 +414,27 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (empty), and waits until it answers.
+    /// Starts the server again on the same port (empty, or from its last `SAVE` when persistent), and
+    /// waits until it answers.
     ///
     /// # Panics
     ///
     /// When it does not start within 10 s.
     pub fn restart(&mut self) {
         self.kill();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}): install it (Debian: apt-get install redis-server)")
-            });
+        let mut command = std::process::Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&self.args)
+            .stdout(std::process::Stdio::null());
+        if let Some(dir) = &self.dir {
+            command.arg("--dir").arg(dir);
+        }
+        let child = command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start redis-server ({e}): install it (Debian: apt-get install redis-server)"
+            )
+        });
         self.child = Some(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
@@ -353,9 +454,84 @@ impl RedisServer {
     }
 }
 
+/// A TCP proxy on a free loopback port that forwards every connection to a target port, which a test can
+/// switch (dropping every open connection): a Redis address that moves to a promoted replica, as a
+/// failover behind a DNS name or a load balancer does. Stops when dropped.
+#[derive(Debug)]
+pub struct TcpProxy {
+    /// The port it listens on.
+    pub port: u16,
+    target: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    generation: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// A proxy to `target` (a loopback port); runs on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// When no port can be bound.
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind a proxy port: {e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let target = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(target));
+        let (generation, _) = tokio::sync::watch::channel(0_u64);
+        let (to, generations) = (std::sync::Arc::clone(&target), generation.subscribe());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let port = to.load(std::sync::atomic::Ordering::SeqCst);
+                let mut switched = generations.clone();
+                switched.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    else {
+                        return;
+                    };
+                    let mut client = client;
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = switched.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            target,
+            generation,
+            task,
+        }
+    }
+
+    /// Its URL, as a Redis URL.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends new connections to `target` and drops every open one.
+    pub fn switch(&self, target: u16) {
+        self.target
+            .store(target, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -93,16 +93,26 @@ impl Store for RecordingStore {
         self.inner.consumer()
     }
 
-    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn invalidate<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         self.record().calls.push(keys.to_vec());
         Box::pin(async move {
             self.check()?;
-            self.inner.invalidate(keys).await?;
+            let sequence = self.inner.invalidate(keys).await?;
             let mut record = self.record();
             for key in keys {
                 *record.delivered.entry(key.clone()).or_default() += 1;
             }
-            Ok(())
+            Ok(sequence)
+        })
+    }
+
+    fn sequence(&self, at_least: u64) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.sequence(at_least).await
         })
     }
 

@@ -147,13 +147,21 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     fn invalidated(state: &Self::State, ids: &[i64]);
 
     /// Records that a writer delivered the rows `ids` to `consumer` (deleting those every live consumer
-    /// delivered) and wakes the relays of other consumers.
+    /// delivered) when the store's sequence was `sequence`, and wakes the relays of other consumers.
     #[doc(hidden)]
     fn delete<'a>(
         pool: &'a Pool<Self>,
         consumer: &'a Consumer,
         ids: &'a [i64],
+        sequence: u64,
     ) -> BoxFuture<'a, Result<(), sqlx::Error>>;
+
+    /// The highest store sequence recorded with `consumer`'s deliveries (0 when none).
+    #[doc(hidden)]
+    fn acknowledged<'a>(
+        pool: &'a Pool<Self>,
+        consumer: &'a Consumer,
+    ) -> BoxFuture<'a, Result<u64, Error>>;
 
     /// Asks every relay to deliver every row now.
     #[doc(hidden)]
@@ -171,14 +179,15 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         upto: Option<i64>,
     ) -> BoxFuture<'a, Result<(Self::Claim, ClaimedRows), Error>>;
 
-    /// Records the claimed rows `ids`, whose keys were invalidated, as delivered to `consumer`, and
-    /// releases the claim.
+    /// Records the claimed rows `ids`, whose keys were invalidated when the store's sequence was
+    /// `sequence`, as delivered to `consumer`, and releases the claim.
     #[doc(hidden)]
     fn complete<'a>(
         claim: Self::Claim,
         state: &'a Self::State,
         consumer: &'a Consumer,
         ids: &'a [i64],
+        sequence: u64,
     ) -> BoxFuture<'a, Result<(), Error>>;
 
     /// The outbox's highest row id (0 when empty).

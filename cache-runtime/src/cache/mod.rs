@@ -142,11 +142,14 @@ impl Cache {
     /// Dropping the future may leave any subset of `keys` invalidated; invalidation is idempotent, so
     /// calling again is always safe.
     pub async fn invalidate(&self, keys: &[String]) -> Result<(), StoreError> {
-        match self.inner.guarded.store.invalidate(keys).await {
-            Ok(()) => {
-                self.inner.guarded.health.success();
-                self.inner.guarded.recent.note(keys);
-                Ok(())
+        let guarded = &self.inner.guarded;
+        let floor = guarded.acknowledged.floor();
+        match guarded.store.invalidate(keys).await {
+            Ok(sequence) => {
+                guarded.health.success();
+                guarded.recent.note(keys);
+                // An invalidation raised the sequence: its answer is above the floor of the call.
+                guarded.observe(floor + 1, sequence)
             }
             Err(e) => {
                 self.store_failed("invalidate", &e);

@@ -308,20 +308,20 @@ impl Cache {
     /// The hit path: one read-only round trip. `Next` carries the invalid entry found, if any, for the
     /// lease to replace.
     async fn peek<V: DeserializeOwned>(&self, plan: &Plan<'_>) -> Step<V, Option<Vec<u8>>> {
-        let peek = match self
-            .inner
-            .guarded
-            .store
-            .peek(plan.key.as_str(), &plan.pre)
-            .await
-        {
+        let guarded = &self.inner.guarded;
+        let floor = guarded.acknowledged.floor();
+        let peek = match guarded.store.peek(plan.key.as_str(), &plan.pre).await {
             Ok(peek) => peek,
             Err(e) => {
                 self.store_failed("peek", &e);
                 return Step::Unstored;
             }
         };
-        self.inner.guarded.health.success();
+        guarded.health.success();
+        if guarded.observe(floor, peek.sequence).is_err() {
+            self.inner.stats.record(Event::StoreError("peek"));
+            return Step::Unstored;
+        }
         let Some(bytes) = peek.value else {
             return Step::Next(None);
         };
@@ -355,6 +355,7 @@ impl Cache {
                 ttl: config.lease_ttl,
                 replace: replace.as_deref(),
             };
+            let floor = self.inner.guarded.acknowledged.floor();
             let lookup = match store
                 .lookup(plan.key.as_str(), lease, &plan.pre, plan.tag_ttl)
                 .await
@@ -366,6 +367,11 @@ impl Cache {
                 }
             };
             self.inner.guarded.health.success();
+            if self.inner.guarded.observe(floor, lookup.sequence).is_err() {
+                // A lease taken on a dataset that went back expires on its own.
+                self.inner.stats.record(Event::StoreError("lookup"));
+                return Step::Unstored;
+            }
             match lookup.slot {
                 Slot::Acquired { started } => {
                     return Step::Next(Lease {

@@ -15,22 +15,26 @@ const BATCH: usize = 10_000;
 /// Until deleted, rows are younger than the relay's grace period, so nobody delivers them twice.
 const COLLECT: Duration = Duration::from_millis(50);
 
-/// Deletes the ids received on `receiver` until every sender is gone. A failed delete is logged: the relay
-/// delivers those rows again after the grace period (harmless).
+/// Deletes the ids received on `receiver` until every sender is gone, recording the highest store sequence
+/// of their deliveries with the deletion. A failed delete is logged: the relay delivers those rows again
+/// after the grace period (harmless).
 pub(crate) async fn delete_delivered<DB: Backend>(
     pool: Pool<DB>,
     consumer: Consumer,
-    mut receiver: mpsc::UnboundedReceiver<Vec<i64>>,
+    mut receiver: mpsc::UnboundedReceiver<(Vec<i64>, u64)>,
 ) {
-    while let Some(mut ids) = receiver.recv().await {
+    while let Some((mut ids, mut sequence)) = receiver.recv().await {
         tokio::time::sleep(COLLECT).await;
         while ids.len() < BATCH {
             match receiver.try_recv() {
-                Ok(more) => ids.extend(more),
+                Ok((more, seen)) => {
+                    ids.extend(more);
+                    sequence = sequence.max(seen);
+                }
                 Err(_) => break,
             }
         }
-        if let Err(error) = DB::delete(&pool, &consumer, &ids).await {
+        if let Err(error) = DB::delete(&pool, &consumer, &ids, sequence).await {
             tracing::debug!(%error, rows = ids.len(), "could not delete delivered outbox rows; the relay will deliver them again");
         }
     }

@@ -133,6 +133,8 @@ pub(crate) struct Outbox<DB: Backend> {
     pub(crate) lapsed: AtomicBool,
     /// Registered at least once.
     pub(crate) registered: AtomicBool,
+    /// The store has no sequence (it cannot forget what it acknowledged).
+    pub(crate) unsequenced: AtomicBool,
     /// Whether the relay may `LISTEN` on `pool` (not through a transaction pooler).
     pub(crate) listen: bool,
 }
@@ -162,6 +164,7 @@ impl<DB: Backend> Outbox<DB> {
             process: crate::store::nonce(),
             lapsed: AtomicBool::new(false),
             registered: AtomicBool::new(false),
+            unsequenced: AtomicBool::new(false),
             listen: true,
         }
     }
@@ -184,7 +187,66 @@ impl<DB: Backend> Outbox<DB> {
         }
         self.registered.store(true, Ordering::Release);
         let _ = self.drop_lost_namespaces().await;
+        // A store failure is counted (the gate closes and the recovery checks again).
+        let _ = self.check_sequence().await;
         Ok(())
+    }
+
+    /// Raises the floor to the store sequence the database recorded with this consumer's deliveries, then
+    /// reads the store's: when it is lower (or a call found it lower since the last check), the store
+    /// forgot acknowledged invalidations. Then the read gate closes, and every namespace of the registry
+    /// is dropped with the sequence raised to the floor, in one round trip (see
+    /// [`acknowledged`](crate::acknowledged)). Nothing to do for a store without a sequence.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`], or a store error (counted as a failure): the check runs again.
+    pub(crate) async fn check_sequence(&self) -> Result<(), Error> {
+        if self.unsequenced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let ack = &self.guarded.acknowledged;
+        // The database first: every sequence it recorded was reached before the store is read.
+        ack.raise(DB::acknowledged(&self.pool, &self.consumer).await?);
+        let floor = ack.floor();
+        let timeout = self.config.store_timeout;
+        let Some(seen) = self
+            .guarded
+            .call("sequence", timeout, |store| store.sequence(0))
+            .await?
+        else {
+            self.unsequenced.store(true, Ordering::Release);
+            return Ok(());
+        };
+        if !ack.take_forgot() && seen >= floor {
+            ack.raise(seen);
+            return Ok(());
+        }
+        tracing::warn!(
+            consumer = self.consumer.name(),
+            sequence = seen,
+            acknowledged = floor,
+            "the cache store forgot acknowledged invalidations (restarted from an older snapshot, or a \
+             replica promoted before it had them): dropping every namespace of the registry before reads \
+             use it again"
+        );
+        self.guarded.health.failure();
+        let result = self
+            .guarded
+            .call("reset", timeout, |store| store.reset(&self.shapes, floor))
+            .await;
+        match result {
+            Ok(seen) => {
+                observe::store_reset();
+                observe::invalidations_sent("reset", self.shapes.len());
+                ack.raise(seen.unwrap_or(0));
+                Ok(())
+            }
+            Err(error) => {
+                ack.mark_forgot();
+                Err(error)
+            }
+        }
     }
 
     /// Drops the registry's namespaces from the store if the consumer lapsed.
@@ -202,8 +264,9 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// Invalidates the distinct keys of `rows` through the breaker, bounded by the store timeout, and marks
-    /// the rows invalidated; `path` (`commit`, `relay`) labels the metrics. Returns the rows' ids and the
-    /// number of distinct keys.
+    /// the rows invalidated; `path` (`commit`, `relay`) labels the metrics. Returns the rows' ids, the
+    /// number of distinct keys, and the store's [sequence](crate::Store::sequence) after the invalidation
+    /// (0 for a store without one): recorded with the rows' deletion.
     ///
     /// # Errors
     ///
@@ -212,55 +275,70 @@ impl<DB: Backend> Outbox<DB> {
         &self,
         rows: impl IntoIterator<Item = (i64, Vec<String>)>,
         path: &'static str,
-    ) -> Result<(Vec<i64>, usize), Error> {
+    ) -> Result<Delivery, Error> {
         let (ids, keys) = split(rows);
         tracing::Span::current().record("rows", ids.len());
         tracing::Span::current().record("keys", keys.len());
-        self.invalidate_keys(&keys, path).await?;
+        let sequence = self.invalidate_keys(&keys, path).await?;
         DB::invalidated(&self.state, &ids);
-        Ok((ids, keys.len()))
+        Ok(Delivery {
+            ids,
+            keys: keys.len(),
+            sequence,
+        })
     }
 
     /// Invalidates `keys` through the breaker, in chunks each bounded by the store timeout: one statement
     /// can change a million rows, and its keys must reach the store however long all of them take (a
-    /// rejected chunk is retried whole).
+    /// rejected chunk is retried whole). Returns the store's sequence after the last chunk.
     ///
     /// # Errors
     ///
-    /// As [`invalidate`](Self::invalidate).
-    async fn invalidate_keys(&self, keys: &[String], path: &'static str) -> Result<(), Error> {
+    /// As [`invalidate`](Self::invalidate); also [`StoreError::Forgot`](crate::StoreError::Forgot) when the
+    /// store's sequence shows that it went back.
+    async fn invalidate_keys(&self, keys: &[String], path: &'static str) -> Result<u64, Error> {
+        let mut sequence = 0;
         for chunk in keys.chunks(INVALIDATE_CHUNK) {
             let span = tracing::debug_span!("cache.invalidate", path, keys = chunk.len());
+            let floor = self.guarded.acknowledged.floor();
             let result = self
                 .guarded
                 .call("invalidate", self.config.store_timeout, |store| {
                     store.invalidate(chunk)
                 })
                 .instrument(span)
-                .await;
-            if let Err(error) = result {
-                observe::invalidation_failed(path);
-                if matches!(error, Error::CircuitOpen) {
-                    self.guarded.health.skipped();
+                .await
+                .and_then(|seen| {
+                    // The invalidation raised the sequence: its answer is above the floor of the call.
+                    self.guarded.observe(floor + 1, seen)?;
+                    Ok(seen)
+                });
+            match result {
+                Ok(seen) => sequence = sequence.max(seen.unwrap_or(0)),
+                Err(error) => {
+                    observe::invalidation_failed(path);
+                    if matches!(error, Error::CircuitOpen) {
+                        self.guarded.health.skipped();
+                    }
+                    return Err(error);
                 }
-                return Err(error);
             }
             observe::invalidations_sent(path, chunk.len());
             self.guarded.recent.note(chunk);
         }
-        Ok(())
+        Ok(sequence)
     }
 
     /// Delivers the rows a writer read after its statement or before its `COMMIT`; returns the ids to
-    /// delete. A store failure is logged (never returned: the `COMMIT` stands) and every relay is asked to
-    /// deliver at once.
-    pub(crate) async fn deliver(&self, rows: Rows) -> Option<Vec<i64>> {
+    /// delete and the sequence to record with them. A store failure is logged (never returned: the `COMMIT`
+    /// stands) and every relay is asked to deliver at once.
+    pub(crate) async fn deliver(&self, rows: Rows) -> Option<(Vec<i64>, u64)> {
         if rows.is_empty() {
             return None;
         }
         let keys: usize = rows.iter().map(|(_, keys)| keys.len()).sum();
         match self.invalidate(rows, "commit").await {
-            Ok((ids, _)) => Some(ids),
+            Ok(delivery) => Some((delivery.ids, delivery.sequence)),
             Err(error) => {
                 tracing::warn!(
                     %error,
@@ -281,27 +359,36 @@ impl<DB: Backend> Outbox<DB> {
 }
 
 /// Tells the database that this build runs, so that no install retires its capture while a process of it
-/// runs (see `PgSchema::retire_unseen_after`), and that its consumer is live (see [`Consumer`]). Runs until
-/// dropped.
+/// runs (see `PgSchema::retire_unseen_after`), and that its consumer is live (see [`Consumer`]); and checks
+/// every second that the store did not forget acknowledged invalidations (see
+/// [`Outbox::check_sequence`]). Runs until dropped.
 pub(crate) async fn heartbeat<DB: Backend>(outbox: Arc<Outbox<DB>>) {
     // Registered at connect (pools) or at the start of `Relay::run`. The first beat comes within a second:
     // a delete that ran concurrently with that registration, still counting this consumer as gone, marks
     // it as having missed rows only after the registration answered.
     let period = crate::consumer::heartbeat_interval(outbox.config.consumer_expiry);
-    let first = tokio::time::Instant::now() + period.min(std::time::Duration::from_secs(1));
-    let mut tick = tokio::time::interval_at(first, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let first = tokio::time::Instant::now() + period.min(SEQUENCE_CHECK);
+    let mut beat = tokio::time::interval_at(first, period);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check =
+        tokio::time::interval_at(tokio::time::Instant::now() + SEQUENCE_CHECK, SEQUENCE_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let result = async {
-            DB::alive(&outbox.pool, &outbox.installer).await?;
-            outbox.register().await
+        let result = tokio::select! {
+            _ = beat.tick() => async {
+                DB::alive(&outbox.pool, &outbox.installer).await?;
+                outbox.register().await
+            }.await,
+            _ = check.tick() => outbox.check_sequence().await,
         };
-        if let Err(error) = result.await {
-            tracing::debug!(%error, "could not tell the database that this build and consumer run; retrying");
+        if let Err(error) = result {
+            tracing::debug!(%error, "could not tell the database that this build and consumer run, or check the store; retrying");
         }
     }
 }
+
+/// How often a process compares the store's sequence with the one the database recorded.
+const SEQUENCE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Aborts a heartbeat task when dropped (with the future that started it).
 pub(crate) struct HeartbeatTask(pub(crate) tokio::task::JoinHandle<()>);
@@ -310,6 +397,16 @@ impl Drop for HeartbeatTask {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// What [`Outbox::invalidate`] delivered.
+pub(crate) struct Delivery {
+    /// The rows' ids.
+    pub(crate) ids: Vec<i64>,
+    /// The number of distinct keys.
+    pub(crate) keys: usize,
+    /// The store's sequence after the invalidation (0 for a store without one).
+    pub(crate) sequence: u64,
 }
 
 /// The row ids and the distinct keys of outbox rows.

@@ -46,6 +46,9 @@ impl<DB: Backend> Relay<DB> {
                 store.tags(&probe, None)
             })
             .await?;
+        // A store that forgot acknowledged invalidations (restarted from an older snapshot, a promoted
+        // replica) drops every namespace first.
+        outbox.check_sequence().await?;
         // A consumer that lapsed drops its namespaces before its reads use the store again.
         outbox.drop_lost_namespaces().await?;
         let upto = DB::max_id(&outbox.pool).await?;

@@ -409,14 +409,22 @@ impl<DB: Backend> Relay<DB> {
             let oldest = rows.iter().map(|r| r.2).fold(0.0_f64, f64::max);
             // On a store error the claim is dropped (PostgreSQL: the transaction rolls back): the rows stay
             // for the next sweep.
-            let (ids, keys) = outbox
+            let delivery = outbox
                 .invalidate(rows.into_iter().map(|(id, keys, _)| (id, keys)), "relay")
                 .await?;
-            DB::complete(claim, &outbox.state, &outbox.consumer, &ids).await?;
+            let ids = &delivery.ids;
+            DB::complete(
+                claim,
+                &outbox.state,
+                &outbox.consumer,
+                ids,
+                delivery.sequence,
+            )
+            .await?;
             if !ids.is_empty() {
                 observe::relay_batch(ids.len(), oldest);
             }
-            Ok((ids.len(), keys))
+            Ok((ids.len(), delivery.keys))
         }
         .instrument(span)
         .await

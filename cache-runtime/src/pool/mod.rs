@@ -157,7 +157,7 @@ struct Core<DB: Backend> {
     cache: Cache,
     registry: Registry,
     options: CachedPoolOptions<DB>,
-    delivered: mpsc::UnboundedSender<Vec<i64>>,
+    delivered: mpsc::UnboundedSender<(Vec<i64>, u64)>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -420,9 +420,9 @@ impl<DB: Backend> Core<DB> {
         if self.options.crash_after_commit {
             return;
         }
-        if let Some(ids) = self.relay.outbox.deliver(rows).await {
+        if let Some(delivered) = self.relay.outbox.deliver(rows).await {
             // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
-            let _ = self.delivered.send(ids);
+            let _ = self.delivered.send(delivered);
         }
     }
 }

@@ -160,7 +160,10 @@ impl Store for MemoryStore {
         self.consumer.clone()
     }
 
-    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn invalidate<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         // Through the per-key lock (not `Cache::invalidate`, which does not serialize with
         // `and_compute_with`), so that a fill's compare-and-set and an invalidation are ordered.
         let remove = |slot: String| {
@@ -172,7 +175,8 @@ impl Store for MemoryStore {
             }
             remove(tag_slot(key));
         }
-        Box::pin(std::future::ready(Ok(())))
+        // Dies with the process: never forgets what it acknowledged.
+        Box::pin(std::future::ready(Ok(None)))
     }
 
     fn peek<'a>(
@@ -185,7 +189,11 @@ impl Store for MemoryStore {
             _ => None,
         };
         let tags = tags.iter().map(|t| self.current_tag(t)).collect();
-        Box::pin(std::future::ready(Ok(Peek { value, tags })))
+        Box::pin(std::future::ready(Ok(Peek {
+            value,
+            tags,
+            sequence: None,
+        })))
     }
 
     fn lookup<'a>(
@@ -225,7 +233,11 @@ impl Store for MemoryStore {
             .map(|t| self.created_tag(t, tag_ttl))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| StoreError::Protocol("a tag slot holds a value".into()));
-        Box::pin(std::future::ready(tags.map(|tags| Lookup { slot, tags })))
+        Box::pin(std::future::ready(tags.map(|tags| Lookup {
+            slot,
+            tags,
+            sequence: None,
+        })))
     }
 
     fn tags<'a>(

@@ -15,6 +15,13 @@
 //! token; a shape loses its tag token, which every entry of that shape records, so a whole namespace is
 //! invalidated in O(1).
 //!
+//! A store that can lose what it acknowledged (a Redis server restarted from an older snapshot, or a replica
+//! promoted before it received the last deletes) keeps a **sequence**: a count of the invalidations its
+//! dataset has applied, raised by every [`Store::invalidate`] and returned with every read. The dataset
+//! went back in time exactly when the sequence is lower than one already seen; pools compare it with the
+//! highest sequence the database recorded for delivered outbox rows, and drop every namespace of their
+//! registry before reads use the store again (see [`health`](crate::health)).
+//!
 //! [`Cache`](crate::Cache) builds every guarantee on these primitives; a store only has to make each
 //! primitive atomic on its key. [`RedisStore`] and [`MemoryStore`] are the two implementations, with the same
 //! semantics.
@@ -73,10 +80,50 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// token (entries built from it stop validating). A shape loses its namespace tag token (every entry of
     /// that shape stops validating).
     ///
+    /// Returns the store's [sequence](Self::sequence) after the invalidation (`None` for a store that
+    /// cannot lose what it acknowledged).
+    ///
     /// # Errors
     ///
     /// [`StoreError`] when the backend cannot be reached; nothing is known to be invalidated then.
-    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn invalidate<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+
+    /// The store's sequence: the number of invalidations its dataset has applied (0 when it has none),
+    /// first raised to `at_least` if it is lower. `None` (the default) for a store that cannot lose what it
+    /// acknowledged, such as one in the process's memory.
+    ///
+    /// A sequence lower than one seen before means the dataset went back in time (a restart from an older
+    /// snapshot, a promoted replica that missed writes): invalidations it acknowledged are lost.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend cannot be reached.
+    fn sequence(&self, at_least: u64) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        let _ = at_least;
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// Invalidates `shapes`, then raises the [sequence](Self::sequence) to at least `at_least`, in one
+    /// round trip where the backend allows it (so that a server that goes away in between applies
+    /// neither, or only the first): how a pool recovers from a store that forgot acknowledged
+    /// invalidations. Returns the sequence.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the backend cannot be reached.
+    fn reset<'a>(
+        &'a self,
+        shapes: &'a [String],
+        at_least: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            self.invalidate(shapes).await?;
+            self.sequence(at_least).await
+        })
+    }
 
     /// Reads the value slot of `key` (an entry; `None` when empty or leased) and the current tag tokens of
     /// `tags` (`None` when missing), in one round trip, changing nothing: the hit path.
@@ -157,8 +204,23 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         (**self).consumer()
     }
 
-    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn invalidate<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         (**self).invalidate(keys)
+    }
+
+    fn sequence(&self, at_least: u64) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        (**self).sequence(at_least)
+    }
+
+    fn reset<'a>(
+        &'a self,
+        shapes: &'a [String],
+        at_least: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        (**self).reset(shapes, at_least)
     }
 
     fn peek<'a>(
@@ -225,6 +287,8 @@ pub struct Peek {
     pub value: Option<Vec<u8>>,
     /// The tag tokens asked for, in order; `None` where a token does not exist.
     pub tags: Vec<Option<TagToken>>,
+    /// The store's [sequence](Store::sequence) when it answered.
+    pub sequence: Option<u64>,
 }
 
 /// What [`Store::lookup`] found.
@@ -234,6 +298,8 @@ pub struct Lookup {
     pub slot: Slot,
     /// The tag tokens asked for, in order.
     pub tags: Vec<TagToken>,
+    /// The store's [sequence](Store::sequence) when it answered.
+    pub sequence: Option<u64>,
 }
 
 /// The state of a value slot, as [`Store::lookup`] found it.
@@ -267,6 +333,27 @@ pub enum StoreError {
     /// Redis answered with an error or could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// The store's dataset is older than invalidations it acknowledged: its [sequence](Store::sequence)
+    /// went back (a restart from an older snapshot, a promoted replica that missed writes).
+    #[error(
+        "the store forgot acknowledged invalidations (its sequence is {seen}, {acknowledged} were acknowledged); \
+         dropping every namespace of the registry before reads use it again"
+    )]
+    Forgot {
+        /// The sequence the store answered.
+        seen: u64,
+        /// The highest sequence known to have been acknowledged.
+        acknowledged: u64,
+    },
+    /// Fewer replicas than asked acknowledged an invalidation in time
+    /// ([`RedisStore::wait_for_replicas`]); the keys stay in the outbox and are delivered again.
+    #[error("only {acknowledged} of {wanted} replicas acknowledged the invalidation in time")]
+    Replication {
+        /// Replicas that acknowledged.
+        acknowledged: u64,
+        /// Replicas asked for.
+        wanted: u64,
+    },
     /// The backend answered something this version does not understand (a different script, a changed
     /// server); check that every process runs the same version of this crate.
     #[error("unexpected answer from the store: {0}")]

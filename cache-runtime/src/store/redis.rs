@@ -3,7 +3,8 @@
 //! Layout, under the store's prefix: the value slot of key `K` is `prefix + K` (an entry, or a lease
 //! `"\0L" + token`); the tag token of `K` is `prefix + "<tag>" + K`, and that of a shape `S` is
 //! `prefix + "<tag>" + S`; `prefix + "<consumer>"` holds the id that names the prefix's data as an outbox
-//! consumer ([`Store::consumer`](crate::Store::consumer)). Every script touches exactly one key; a lookup pipelines one script per key
+//! consumer ([`Store::consumer`](crate::Store::consumer)), and `prefix + "<sequence>"` the prefix's
+//! [sequence](crate::Store::sequence) (`INCR` after every invalidation, read with every peek and lookup). Every script touches exactly one key; a lookup pipelines one script per key
 //! (one round trip on a standalone server). A peek (the hit path) is one `MGET` of the value slot and its
 //! tag tokens, so on a Redis Cluster those slots would need one hash slot.
 
@@ -35,12 +36,16 @@ const FILL: &str = include_str!("redis/fill.lua");
 /// Deletes the slot if it still holds the lease ARGV[1].
 const RELEASE: &str = include_str!("redis/release.lua");
 
+/// Returns the sequence, first raised to ARGV[1] if it is lower.
+const SEQUENCE: &str = include_str!("redis/sequence.lua");
+
 #[derive(Debug)]
 struct Scripts {
     lookup: Script,
     tag: Script,
     fill: Script,
     release: Script,
+    sequence: Script,
 }
 
 impl Scripts {
@@ -50,11 +55,18 @@ impl Scripts {
             tag: Script::new(TAG),
             fill: Script::new(FILL),
             release: Script::new(RELEASE),
+            sequence: Script::new(SEQUENCE),
         }
     }
 
-    fn all(&self) -> [&Script; 4] {
-        [&self.lookup, &self.tag, &self.fill, &self.release]
+    fn all(&self) -> [&Script; 5] {
+        [
+            &self.lookup,
+            &self.tag,
+            &self.fill,
+            &self.release,
+            &self.sequence,
+        ]
     }
 }
 
@@ -77,6 +89,8 @@ pub struct RedisStore {
     prefix: String,
     scripts: Arc<Scripts>,
     consumer: String,
+    /// `WAIT` for this many replicas, this long, after each invalidation.
+    wait: Option<(u64, Duration)>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -133,6 +147,7 @@ impl RedisStore {
             prefix: prefix.into(),
             scripts: Arc::new(Scripts::new()),
             consumer: String::new(),
+            wait: None,
         };
         store.load_scripts().await?;
         store.consumer = store.dataset_id().await?;
@@ -155,6 +170,21 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let (id,): (String,) = pipe.query_async(&mut conn).await?;
         Ok(format!("redis {} {id}", self.prefix))
+    }
+
+    /// Makes every invalidation wait until `replicas` replicas acknowledged it (Redis `WAIT`, at most
+    /// `timeout`); fewer in time is a store error, so the keys stay in the outbox and are delivered again
+    /// (and a pool's reads bypass the cache until they are).
+    ///
+    /// Without it, a replica promoted after the primary acknowledged deletes it had not yet replicated
+    /// serves entries those deletes removed, until a pool notices that the store's
+    /// [sequence](crate::Store::sequence) went back and drops every namespace of its registry (a cold cache).
+    /// With it, a promotion loses no acknowledged invalidation, at the price of one replication round trip
+    /// per delivery (write latency), and a cache that stops serving while fewer replicas answer.
+    #[must_use]
+    pub fn wait_for_replicas(mut self, replicas: u64, timeout: Duration) -> Self {
+        self.wait = (replicas > 0).then_some((replicas, timeout));
+        self
     }
 
     /// The key prefix.
@@ -215,6 +245,9 @@ impl RedisStore {
 /// The slot (under the prefix) of the id naming this prefix's data as an outbox consumer.
 const CONSUMER_SLOT: &str = "<consumer>";
 
+/// The slot (under the prefix) of the prefix's sequence.
+const SEQUENCE_SLOT: &str = "<sequence>";
+
 /// Slots per `UNLINK` command of an invalidation.
 const UNLINK_KEYS: usize = 500;
 
@@ -244,6 +277,24 @@ fn int(v: &Value) -> Option<i64> {
         Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
         _ => None,
     }
+}
+
+/// A sequence as the server answers it (a missing slot is 0).
+fn sequence(v: &Value) -> Result<Option<u64>, StoreError> {
+    match v {
+        Value::Nil => Ok(Some(0)),
+        v => int(v)
+            .and_then(|i| u64::try_from(i).ok())
+            .map(Some)
+            .ok_or_else(|| protocol("sequence", v)),
+    }
+}
+
+/// The answer of the last command of a pipeline, and the others.
+fn split_last(values: &[Value]) -> Result<(&Value, &[Value]), StoreError> {
+    values
+        .split_last()
+        .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))
 }
 
 fn protocol(what: &str, v: &Value) -> StoreError {
@@ -298,12 +349,13 @@ impl Store for RedisStore {
         self.consumer.clone()
     }
 
-    fn invalidate<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn invalidate<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
-            if keys.is_empty() {
-                return Ok(());
-            }
-            // `UNLINK` of up to 500 slots per command, in one pipeline: a few commands instead of two per key.
+            // `UNLINK` of up to 500 slots per command, in one pipeline: a few commands instead of two per key;
+            // then the sequence, and with `wait_for_replicas` the replicas' acknowledgement.
             let mut pipe = redis::pipe();
             for chunk in keys.chunks(UNLINK_KEYS / 2) {
                 let mut unlink = redis::cmd("UNLINK");
@@ -315,9 +367,67 @@ impl Store for RedisStore {
                 }
                 pipe.add_command(unlink).ignore();
             }
-            let mut conn = self.conn.clone();
-            pipe.query_async::<()>(&mut conn).await?;
-            Ok(())
+            pipe.incr(self.redis_key(SEQUENCE_SLOT), 1);
+            if let Some((replicas, timeout)) = self.wait {
+                pipe.cmd("WAIT").arg(replicas).arg(millis(timeout));
+            }
+            let values = self.query(&pipe).await?;
+            let (counted, wait) = match self.wait {
+                Some((wanted, _)) => {
+                    let (acked, rest) = split_last(&values)?;
+                    let acknowledged = int(acked)
+                        .and_then(|i| u64::try_from(i).ok())
+                        .ok_or_else(|| protocol("WAIT", acked))?;
+                    (
+                        rest.last(),
+                        (acknowledged < wanted).then_some((acknowledged, wanted)),
+                    )
+                }
+                None => (values.last(), None),
+            };
+            if let Some((acknowledged, wanted)) = wait {
+                return Err(StoreError::Replication {
+                    acknowledged,
+                    wanted,
+                });
+            }
+            counted.map_or_else(
+                || Err(StoreError::Protocol("empty pipeline answer".into())),
+                sequence,
+            )
+        })
+    }
+
+    fn reset<'a>(
+        &'a self,
+        shapes: &'a [String],
+        at_least: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            let mut unlink = redis::cmd("UNLINK");
+            for shape in shapes {
+                unlink.arg(self.redis_key(&tag_slot(shape)));
+            }
+            if !shapes.is_empty() {
+                pipe.add_command(unlink).ignore();
+            }
+            pipe.incr(self.redis_key(SEQUENCE_SLOT), 1).ignore();
+            pipe.invoke_script(
+                self.scripts
+                    .sequence
+                    .key(self.redis_key(SEQUENCE_SLOT))
+                    .arg(at_least),
+            );
+            let values = self.query(&pipe).await?;
+            sequence(split_last(&values)?.0)
+        })
+    }
+
+    fn sequence(&self, at_least: u64) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let mut script = self.scripts.sequence.key(self.redis_key(SEQUENCE_SLOT));
+            sequence(&self.invoke(script.arg(at_least)).await?)
         })
     }
 
@@ -334,8 +444,10 @@ impl Store for RedisStore {
             for tag in tags {
                 mget.arg(self.redis_key(&tag_slot(tag)));
             }
+            mget.arg(self.redis_key(SEQUENCE_SLOT));
             let mut conn = self.conn.clone();
             let values: Vec<Value> = mget.query_async(&mut conn).await?;
+            let (counted, values) = split_last(&values)?;
             let (first, rest) = values
                 .split_first()
                 .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))?;
@@ -346,7 +458,11 @@ impl Store for RedisStore {
                     .map(<[u8]>::to_vec),
             };
             let tags = rest.iter().map(parse_token).collect::<Result<_, _>>()?;
-            Ok(Peek { value, tags })
+            Ok(Peek {
+                value,
+                tags,
+                sequence: sequence(counted)?,
+            })
         })
     }
 
@@ -371,7 +487,9 @@ impl Store for RedisStore {
             for tag in tags {
                 self.push_tag(&mut pipe, tag, Some(tag_ttl));
             }
+            pipe.get(self.redis_key(SEQUENCE_SLOT));
             let values = self.query(&pipe).await?;
+            let (counted, values) = split_last(&values)?;
             let (first, rest) = values
                 .split_first()
                 .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))?;
@@ -380,7 +498,11 @@ impl Store for RedisStore {
                 .iter()
                 .map(|v| parse_token(v)?.ok_or_else(|| protocol("created tag token", v)))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(Lookup { slot, tags })
+            Ok(Lookup {
+                slot,
+                tags,
+                sequence: sequence(counted)?,
+            })
         })
     }
 

@@ -33,8 +33,12 @@ CREATE TABLE IF NOT EXISTS @schema@.consumers (
   tag text PRIMARY KEY,
   name text NOT NULL,
   expires_after interval NOT NULL,
-  missed boolean NOT NULL DEFAULT false
+  missed boolean NOT NULL DEFAULT false,
+  -- The highest store sequence recorded with a delivery of the consumer's rows: a store whose sequence is
+  -- lower forgot invalidations it acknowledged (see `Store::sequence`).
+  store_sequence bigint NOT NULL DEFAULT 0
 );
+ALTER TABLE @schema@.consumers ADD COLUMN IF NOT EXISTS store_sequence bigint NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS consumers_not_missed ON @schema@.consumers (tag) WHERE NOT missed;
 REVOKE ALL ON @schema@.consumers FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS @schema@.consumer_processes (
@@ -177,10 +181,11 @@ CREATE OR REPLACE FUNCTION @schema@.pending_upto(upto bigint, consumer text) RET
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
   SELECT count(*) FROM @schema@.outbox o WHERE o.id <= upto AND NOT consumer = ANY (o.delivered_to)
 $fn$;
--- `consumer` delivered the rows `ids`: deleted when no other consumer is live, else marked (and deleted
--- once every live consumer has). Rows left to other consumers notify the relays (a wrapped writer's rows
--- send no NOTIFY of their own, and a relay may have skipped rows this batch held).
-CREATE OR REPLACE FUNCTION @schema@.delivered(ids bigint[], consumer text) RETURNS void
+-- `consumer` delivered the rows `ids` when its store's sequence was `store_sequence` (recorded, after the
+-- rows: outbox rows are locked before consumer rows): deleted when no other consumer is live, else marked
+-- (and deleted once every live consumer has). Rows left to other consumers notify the relays (a wrapped
+-- writer's rows send no NOTIFY of their own, and a relay may have skipped rows this batch held).
+CREATE OR REPLACE FUNCTION @schema@.delivered(ids bigint[], consumer text, store_sequence bigint) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   live text[] := @schema@.live_consumers();
@@ -189,13 +194,27 @@ BEGIN
   PERFORM set_config('synchronous_commit', 'off', true);
   IF live <@ ARRAY[consumer] THEN
     PERFORM @schema@.forget(ids, live, true);
-    RETURN;
+  ELSE
+    UPDATE @schema@.outbox o SET delivered_to = o.delivered_to || consumer
+    WHERE o.id = ANY (ids) AND NOT consumer = ANY (o.delivered_to);
+    PERFORM @schema@.forget(ids, live, false);
+    IF EXISTS (SELECT FROM @schema@.outbox o WHERE o.id = ANY (ids)) THEN
+      PERFORM pg_notify('@channel@', '');
+    END IF;
   END IF;
-  UPDATE @schema@.outbox o SET delivered_to = o.delivered_to || consumer
-  WHERE o.id = ANY (ids) AND NOT consumer = ANY (o.delivered_to);
-  PERFORM @schema@.forget(ids, live, false);
-  IF EXISTS (SELECT FROM @schema@.outbox o WHERE o.id = ANY (ids)) THEN
-    PERFORM pg_notify('@channel@', '');
+  IF delivered.store_sequence > 0 THEN
+    UPDATE @schema@.consumers c SET store_sequence = delivered.store_sequence
+    WHERE c.tag = consumer AND c.store_sequence < delivered.store_sequence;
   END IF;
 END
+$fn$;
+-- Schema version 4's signature, for processes of older builds during a rolling deploy.
+CREATE OR REPLACE FUNCTION @schema@.delivered(ids bigint[], consumer text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT @schema@.delivered(ids, consumer, 0)
+$fn$;
+-- The highest store sequence recorded with `consumer`'s deliveries.
+CREATE OR REPLACE FUNCTION @schema@.acknowledged(consumer text) RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT coalesce((SELECT c.store_sequence FROM @schema@.consumers c WHERE c.tag = consumer), 0)
 $fn$;

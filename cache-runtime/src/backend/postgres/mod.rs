@@ -48,7 +48,7 @@ pub const WRAPPED_SETTING: &str = function!("wrapped");
 pub(crate) const SEEN_SETTING: &str = function!("seen");
 
 /// The version of the generated SQL; an installed schema of another version must be re-installed.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The application name of the relay's `LISTEN` connection (visible in `pg_stat_activity`).
 pub const LISTEN_APPLICATION_NAME: &str = "cache_invalidation_relay";
@@ -143,8 +143,23 @@ impl Backend for Postgres {
         pool: &'a PgPool,
         consumer: &'a Consumer,
         ids: &'a [i64],
+        sequence: u64,
     ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
-        Box::pin(async move { delivered(pool, consumer, ids).await })
+        Box::pin(async move { delivered(pool, consumer, ids, sequence).await })
+    }
+
+    fn acknowledged<'a>(
+        pool: &'a PgPool,
+        consumer: &'a Consumer,
+    ) -> BoxFuture<'a, Result<u64, Error>> {
+        Box::pin(async move {
+            let sequence: i64 =
+                sqlx::query_scalar(concat!("SELECT ", function!("acknowledged($1)")))
+                    .bind(consumer.tag())
+                    .fetch_one(pool)
+                    .await?;
+            Ok(u64::try_from(sequence).unwrap_or(0))
+        })
     }
 
     fn notify_drain(pool: &PgPool) -> BoxFuture<'_, Result<(), sqlx::Error>> {
@@ -187,10 +202,11 @@ impl Backend for Postgres {
         _state: &'a (),
         consumer: &'a Consumer,
         ids: &'a [i64],
+        sequence: u64,
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             if !ids.is_empty() {
-                delivered(&mut *claim, consumer, ids).await?;
+                delivered(&mut *claim, consumer, ids, sequence).await?;
             }
             claim.commit().await?;
             Ok(())
@@ -350,10 +366,12 @@ async fn delivered<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     consumer: &Consumer,
     ids: &[i64],
+    sequence: u64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(concat!("SELECT ", function!("delivered($1, $2)")))
+    sqlx::query(concat!("SELECT ", function!("delivered($1, $2, $3)")))
         .bind(ids)
         .bind(consumer.tag())
+        .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
         .execute(executor)
         .await
         .map(drop)

@@ -32,7 +32,8 @@
 //! - functions the runtime calls (all `SECURITY DEFINER`): `transaction_keys()`, `session_keys()`,
 //!   `claim_rows(int, interval, bigint, text)` (a consumer's undelivered rows with their ages, or every
 //!   such row up to an id whatever its age: the drain after a store outage), `delivered(bigint[],
-//!   text)`, `register(text, text, interval, text)` and `prune()` (a consumer's heartbeat), `backlog(text)` (a consumer's
+//!   text, bigint)` (which records the store's sequence with the delivery), `acknowledged(text)` (the
+//!   highest sequence recorded), `register(text, text, interval, text)` and `prune()` (a consumer's heartbeat), `backlog(text)` (a consumer's
 //!   depth, the highest id, its oldest row's age, the outbox's size and the live consumers: the relay's
 //!   gauges), `max_id()` (the post-outage watermark, an index lookup) and `pending_upto(bigint, text)` (a
 //!   consumer's rows up to an id still undelivered).
@@ -839,6 +840,8 @@ pub(super) const CLIENT_FUNCTIONS: &[&str] = &[
     function!("max_id()"),
     function!("pending_upto(bigint, text)"),
     function!("delivered(bigint[], text)"),
+    function!("delivered(bigint[], text, bigint)"),
+    function!("acknowledged(text)"),
     function!("register(text, text, interval, text)"),
     function!("unregister(text, text)"),
     function!("prune()"),

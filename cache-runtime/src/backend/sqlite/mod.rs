@@ -35,7 +35,7 @@ macro_rules! outbox {
 mod render;
 mod schema;
 
-use schema::OUTBOX;
+use schema::{ACKNOWLEDGED, OUTBOX};
 
 use render::Renderer;
 pub use schema::SqliteSchema;
@@ -148,11 +148,22 @@ impl Backend for Sqlite {
         pool: &'a SqlitePool,
         _consumer: &'a Consumer,
         ids: &'a [i64],
+        sequence: u64,
     ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
             let Some(&max) = ids.iter().max() else {
                 return Ok(());
             };
+            // Recorded before the rows go: a sequence the store reached, recorded early, is harmless.
+            if sequence > 0 {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {ACKNOWLEDGED} (id, store_sequence) VALUES (1, ?1) ON CONFLICT (id) \
+                     DO UPDATE SET store_sequence = max(store_sequence, excluded.store_sequence)"
+                )))
+                .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
+                .execute(pool)
+                .await?;
+            }
             sqlx::query(concat!("DELETE FROM ", outbox!(), " WHERE id <= ?1"))
                 .bind(max)
                 .execute(pool)
@@ -213,8 +224,23 @@ impl Backend for Sqlite {
         _state: &'a SqliteState,
         consumer: &'a Consumer,
         ids: &'a [i64],
+        sequence: u64,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move { Ok(Self::delete(&pool, consumer, ids).await?) })
+        Box::pin(async move { Ok(Self::delete(&pool, consumer, ids, sequence).await?) })
+    }
+
+    fn acknowledged<'a>(
+        pool: &'a SqlitePool,
+        _consumer: &'a Consumer,
+    ) -> BoxFuture<'a, Result<u64, Error>> {
+        Box::pin(async move {
+            let sequence: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT store_sequence FROM {ACKNOWLEDGED} WHERE id = 1"
+            )))
+            .fetch_optional(pool)
+            .await?;
+            Ok(sequence.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+        })
     }
 
     fn max_id(pool: &SqlitePool) -> BoxFuture<'_, Result<i64, Error>> {

@@ -41,6 +41,9 @@ pub(crate) const OUTBOX: &str = outbox!();
 /// The table recording the fingerprint and version of the installed triggers.
 pub(crate) const INSTALLED: &str = "cache_invalidation_installed";
 
+/// The table recording the highest store sequence of a delivery (see `Store::sequence`).
+pub(crate) const ACKNOWLEDGED: &str = "cache_invalidation_acknowledged";
+
 /// The version of the generated SQLite SQL; an installed schema of another version must be re-installed.
 pub(crate) const SQLITE_SCHEMA_VERSION: i32 = 1;
 
@@ -136,6 +139,10 @@ CREATE TABLE IF NOT EXISTS {INSTALLED} (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   fingerprint TEXT NOT NULL,
   schema_version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {ACKNOWLEDGED} (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  store_sequence INTEGER NOT NULL
 );
 "
     );

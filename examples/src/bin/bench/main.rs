@@ -273,7 +273,7 @@ impl<DB: Backend> BenchEnv<DB> {
                 }
                 pipe.query_async::<()>(redis).await?;
             }
-            None => self.pool.store().invalidate(keys).await?,
+            None => drop(self.pool.store().invalidate(keys).await?),
         }
         Ok(())
     }

@@ -1,0 +1,247 @@
+//! A Redis that forgets acknowledged invalidations: restarted from an RDB snapshot taken before them, or a
+//! replica promoted before it received them. No read after a write's acknowledgement returns the old value,
+//! in a process that ran through it or one started after. Each test runs its own `redis-server`s on free
+//! ports and its own database; the shared servers are never touched.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::time::{Duration, Instant};
+
+use cache_runtime::{CachedEntity, CachedPgPool, RedisStore, Registry};
+use sqlx::PgPool;
+use tests::model::{Product, cached_price};
+use tests::{RedisServer, TcpProxy, TestDb};
+
+const ROWS: i64 = 20;
+const PREFIX: &str = "forget:";
+
+async fn database(hint: &str) -> (TestDb, PgPool) {
+    let db = TestDb::create(hint).await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+           price_cents bigint NOT NULL);
+         INSERT INTO products SELECT i, 1, 'p' || i, 100 FROM generate_series(1, {ROWS}) i;"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    (db, admin)
+}
+
+async fn pool(db: &TestDb, store: RedisStore) -> CachedPgPool {
+    CachedPgPool::options()
+        .registry(Registry::new([Product::META]))
+        .auto_install(true)
+        .connect(&db.url, store)
+        .await
+        .unwrap()
+}
+
+async fn store(url: &str) -> RedisStore {
+    RedisStore::connect(url, PREFIX).await.unwrap()
+}
+
+/// Caches every product and checks that they are hits.
+async fn warm(pool: &CachedPgPool) {
+    for id in 1..=ROWS {
+        cached_price(pool.cache(), pool.sqlx_pool(), id).await;
+    }
+    let hits = pool.cache().stats().hits;
+    for id in 1..=ROWS {
+        cached_price(pool.cache(), pool.sqlx_pool(), id).await;
+    }
+    assert_eq!(pool.cache().stats().hits, hits + ROWS as u64, "warm");
+}
+
+/// Writes every product through the pool (acknowledged once the calls return), and waits until the
+/// outbox is empty (the deliveries are recorded).
+async fn write_all(pool: &CachedPgPool, admin: &PgPool, price: i64) {
+    for id in 1..=ROWS {
+        sqlx::query("UPDATE products SET price_cents = $1 WHERE id = $2")
+            .bind(price)
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_invalidation.outbox")
+            .fetch_one(admin)
+            .await
+            .unwrap();
+        if rows == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "outbox not drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads every product through `pool` for `during`; returns the number of reads that returned another
+/// price than `price` (the committed one) and the number of reads.
+async fn stale_reads(pool: &CachedPgPool, price: i64, during: Duration) -> (usize, usize) {
+    let (mut stale, mut reads) = (0, 0);
+    let end = Instant::now() + during;
+    while Instant::now() < end {
+        for id in 1..=ROWS {
+            reads += 1;
+            if cached_price(pool.cache(), pool.sqlx_pool(), id).await != price {
+                stale += 1;
+            }
+        }
+    }
+    (stale, reads)
+}
+
+/// A loopback port nothing listens on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// How many of the products' value slots `server` holds.
+fn cached_slots(server: &RedisServer) -> usize {
+    (1..=ROWS)
+        .filter(|id| server.command(&["EXISTS", &format!("{PREFIX}product:{id}")]) == "int(1)")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_from_an_older_snapshot_serves_no_invalidated_entry() {
+    let (db, admin) = database("forget_rdb").await;
+    let mut redis = RedisServer::start_persistent();
+    let running = pool(&db, store(&redis.url()).await).await;
+    warm(&running).await;
+    assert_eq!(redis.command(&["SAVE"]), "OK");
+    write_all(&running, &admin, 200).await;
+    assert_eq!(cached_slots(&redis), 0, "the writes emptied the slots");
+    redis.kill();
+    redis.restart();
+    assert_eq!(
+        cached_slots(&redis),
+        ROWS as usize,
+        "the snapshot brought the old entries back"
+    );
+
+    // A process started after the restart, before the running one noticed anything.
+    let started_after = pool(&db, store(&redis.url()).await).await;
+    let (stale, reads) = stale_reads(&started_after, 200, Duration::from_millis(500)).await;
+    assert_eq!(
+        stale, 0,
+        "{stale} of {reads} reads of a process started after the restore were stale"
+    );
+    let (stale, reads) = stale_reads(&running, 200, Duration::from_millis(500)).await;
+    assert_eq!(
+        stale, 0,
+        "{stale} of {reads} reads of the running process were stale"
+    );
+    // And the cache is used again.
+    let hits = running.cache().stats().hits;
+    stale_reads(&running, 200, Duration::from_millis(100)).await;
+    assert!(
+        running.cache().stats().hits > hits,
+        "hits again after the recovery"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_process_that_did_not_write_notices_the_restore_too() {
+    let (db, admin) = database("forget_reader").await;
+    let mut redis = RedisServer::start_persistent();
+    let writer = pool(&db, store(&redis.url()).await).await;
+    let reader = pool(&db, store(&redis.url()).await).await;
+    warm(&reader).await;
+    assert_eq!(redis.command(&["SAVE"]), "OK");
+    write_all(&writer, &admin, 300).await;
+    // The reader reads once after the writes (so its floor is current), then the server restarts.
+    let (stale, _) = stale_reads(&reader, 300, Duration::from_millis(1)).await;
+    assert_eq!(stale, 0);
+    redis.kill();
+    redis.restart();
+    assert_eq!(cached_slots(&redis), ROWS as usize);
+    drop(writer);
+    let (stale, reads) = stale_reads(&reader, 300, Duration::from_millis(1500)).await;
+    assert_eq!(stale, 0, "{stale} of {reads} reads were stale");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_that_missed_deletes_serves_no_invalidated_entry() {
+    let (db, admin) = database("forget_promote").await;
+    let mut primary = RedisServer::start();
+    // The replication link runs through a proxy of its own, so that the test can cut it.
+    let link = TcpProxy::start(primary.port).await;
+    let replica = RedisServer::start_replica_of(link.port);
+    let proxy = TcpProxy::start(primary.port).await;
+    let running = pool(&db, store(&proxy.redis_url()).await).await;
+    warm(&running).await;
+    // Every entry (and the consumer id) reached the replica.
+    assert_eq!(primary.command(&["WAIT", "1", "5000"]), "int(1)");
+    assert_eq!(cached_slots(&replica), ROWS as usize);
+    // The replica stops receiving (the link is cut, and cannot reconnect); the primary acknowledges the
+    // deletes of the writes.
+    link.switch(free_port());
+    write_all(&running, &admin, 400).await;
+    assert_eq!(cached_slots(&primary), 0);
+    // Failover: the primary dies, the replica is promoted, the address moves to it.
+    primary.kill();
+    assert_eq!(replica.command(&["REPLICAOF", "NO", "ONE"]), "OK");
+    proxy.switch(replica.port);
+    assert_eq!(
+        cached_slots(&replica),
+        ROWS as usize,
+        "the replica kept the old entries"
+    );
+
+    let started_after = pool(&db, store(&proxy.redis_url()).await).await;
+    let (stale, reads) = stale_reads(&started_after, 400, Duration::from_millis(500)).await;
+    assert_eq!(
+        stale, 0,
+        "{stale} of {reads} reads of a process started after the failover were stale"
+    );
+    let (stale, reads) = stale_reads(&running, 400, Duration::from_millis(500)).await;
+    assert_eq!(
+        stale, 0,
+        "{stale} of {reads} reads of the running process were stale"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_for_replicas_an_unreplicated_invalidation_is_not_acknowledged() {
+    let (db, admin) = database("forget_wait").await;
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(primary.port);
+    let store = store(&primary.url())
+        .await
+        .wait_for_replicas(1, Duration::from_millis(200));
+    let pool = pool(&db, store).await;
+    warm(&pool).await;
+    replica.pause();
+    sqlx::query("UPDATE products SET price_cents = 500 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_invalidation.outbox")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "the row stays until a replica has the delete");
+    assert!(
+        pool.cache().gate_closed(),
+        "reads bypass the cache meanwhile"
+    );
+    assert_eq!(cached_price(pool.cache(), pool.sqlx_pool(), 1).await, 500);
+    replica.resume();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.cache().gate_closed() {
+        assert!(
+            Instant::now() < deadline,
+            "the gate did not open after the replica came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cached_price(pool.cache(), pool.sqlx_pool(), 1).await, 500);
+}
