@@ -1,6 +1,6 @@
 //! Fills that are never older than a committed write, whatever the loader reads: a load through a
-//! transaction that may hold uncommitted writes is never stored nor shared. Real PostgreSQL and Redis;
-//! each test has its own database and key prefix.
+//! transaction that may hold uncommitted writes, or whose snapshot may predate the load, is never stored
+//! nor shared. Real PostgreSQL and Redis; each test has its own database and key prefix.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -188,4 +188,77 @@ async fn readers_sharing_an_uncommitted_load_do_not_receive_its_value() {
         "a reader waiting for the load reads the committed row on its own"
     );
     tx.rollback().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_on_a_repeatable_read_snapshot_older_than_a_write_is_not_stored() {
+    let (_db, _admin, _prefix, pool) = setup("fresh_rr").await;
+    let mut tx = pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    // The snapshot is taken by the transaction's first statement.
+    let _: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut tx)
+        .await
+        .unwrap();
+    // A write commits and is invalidated after that snapshot, before the read.
+    sqlx::query("UPDATE products SET price_cents = 666 WHERE id = 6")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (price, stored) = read_with(&pool, 6, || async {
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(6_i64)
+            .fetch_one(&mut tx)
+            .await
+    })
+    .await;
+    assert_eq!(price, 100, "the old snapshot does not see the write");
+    assert!(
+        !stored,
+        "a value from a snapshot older than the load is not stored"
+    );
+    assert_eq!(
+        committed_read(&pool, 6).await,
+        666,
+        "the committed value is read"
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(committed_read(&pool, 6).await, 666);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeatable_read_transaction_whose_first_statement_is_the_load_stores() {
+    let (_db, _admin, _prefix, pool) = setup("fresh_rr_first").await;
+    sqlx::query("UPDATE products SET price_cents = 321 WHERE id = 7")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let (price, stored) = read_with(&pool, 7, || async {
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(7_i64)
+            .fetch_one(&mut tx)
+            .await
+    })
+    .await;
+    assert_eq!(
+        (price, stored),
+        (321, true),
+        "its snapshot is taken after the lease"
+    );
+    // A second load in the same transaction reads the same (now possibly old) snapshot: not stored.
+    let (_, stored) = read_with(&pool, 8, || async {
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(8_i64)
+            .fetch_one(&mut tx)
+            .await
+    })
+    .await;
+    assert!(!stored);
+    tx.commit().await.unwrap();
 }

@@ -3,7 +3,6 @@
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use sqlx::Postgres;
 use tracing::Instrument as _;
@@ -17,11 +16,12 @@ use crate::cache::scope;
 /// `&mut CachedTransaction` is a [`sqlx::Executor`], and `&mut *tx` is the transaction's `PgConnection`:
 /// both work with every sqlx query function. Dropping it without `commit` rolls back and publishes nothing.
 ///
-/// A cache loader may read through the transaction, but what it loads is stored (and shared with other
-/// readers) only while the transaction cannot hold uncommitted writes: every statement so far went through
-/// `&mut tx` and none of them may write (as the pool's [`WriteDetection`](crate::WriteDetection) tells).
-/// A load that uses the connection itself (`&mut *tx`), or that follows a statement that may write, is
-/// returned to its caller and not stored, since the transaction may still roll back.
+/// A cache loader may read through the transaction (`&mut tx`), but what it loads is stored (and shared
+/// with other readers) only when the load's statements are the transaction's first and none of them may
+/// write (as the pool's [`WriteDetection`](crate::WriteDetection) tells). Otherwise the value may never
+/// commit (the transaction can roll back), or come from a `REPEATABLE READ` snapshot older than a write
+/// invalidated before the load: it is returned to its caller and not stored. A load through the bare
+/// connection (`&mut *tx`) is never stored.
 ///
 /// # Examples
 ///
@@ -41,8 +41,8 @@ pub struct CachedTransaction<'c, DB: Backend = Postgres> {
     pub(super) tx: sqlx::Transaction<'c, DB>,
     pub(super) core: Arc<Core<DB>>,
     outermost: bool,
-    /// The transaction (or an enclosing one) may hold uncommitted writes: shared with its savepoints.
-    pub(super) may_hold_writes: Arc<AtomicBool>,
+    /// How the transaction was used so far (shared with its savepoints): for cache loads through it.
+    pub(super) used: Arc<scope::TransactionUse>,
 }
 
 impl<'c, DB: Backend> CachedTransaction<'c, DB> {
@@ -52,7 +52,7 @@ impl<'c, DB: Backend> CachedTransaction<'c, DB> {
             tx,
             core,
             outermost: true,
-            may_hold_writes: Arc::new(AtomicBool::new(false)),
+            used: Arc::default(),
         }
     }
 }
@@ -83,7 +83,7 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
             tx,
             core: Arc::clone(&self.core),
             outermost: false,
-            may_hold_writes: Arc::clone(&self.may_hold_writes),
+            used: Arc::clone(&self.used),
         })
     }
 
@@ -135,17 +135,10 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
         self.tx.rollback().await
     }
 
-    /// Before a statement through `&mut tx`: a cache load reading it after a possible write (or with it)
-    /// must not store.
+    /// Before a statement through `&mut tx` that `may_write`: tells a cache load reading through it
+    /// whether it may store (see the `scope` module).
     pub(super) fn before_statement(&self, may_write: bool) {
-        let held = if may_write {
-            self.may_hold_writes.swap(true, Ordering::AcqRel)
-        } else {
-            self.may_hold_writes.load(Ordering::Acquire)
-        };
-        if held || may_write {
-            scope::read_uncommitted();
-        }
+        self.used.statement(may_write);
     }
 }
 
@@ -159,11 +152,8 @@ impl<DB: Backend> Deref for CachedTransaction<'_, DB> {
 
 impl<DB: Backend> DerefMut for CachedTransaction<'_, DB> {
     fn deref_mut(&mut self) -> &mut DB::Connection {
-        // Whatever runs on the bare connection may write, unseen.
-        self.may_hold_writes.store(true, Ordering::Release);
-        if scope::loading() {
-            scope::read_uncommitted();
-        }
+        // Whatever runs on the bare connection is unseen.
+        self.used.connection();
         &mut self.tx
     }
 }
