@@ -11,6 +11,7 @@
 //! | `cache_bypassed_reads_total` | counter | `reason` = `breaker` \| `gate` | reads that skipped the store (breaker open, or the post-outage gate closed) and went to the loader |
 //! | `cache_store_errors_total` | counter | `op` | failed store operations (`peek`, `lookup`, `tags`, `fill`, `invalidate`, `sequence`, `reset`, `forgot`) |
 //! | `cache_store_resets_total` | counter | | times the store was found to have forgotten acknowledged invalidations (its sequence went back) and every namespace of the registry was dropped |
+//! | `cache_replica_loads_total` | counter | `on` = `replica` \| `primary` | loads of `get_or_load_on_replica`: on the read replica (caught up with the lease), or on the primary (the replica lagged more than `replica_wait`) |
 //! | `cache_breaker_state` | gauge | | 0 closed, 1 half-open (probing), 2 open |
 //! | `cache_gate_closed` | gauge | | 1 while reads bypass the cache after a store failure, until the outbox rows of the outage are delivered |
 //! | `cache_invalidations_sent_total` | counter | `path` = `commit` \| `relay` \| `lapsed` | keys invalidated in the store |
@@ -57,6 +58,10 @@ pub(crate) fn store_error(op: &'static str) {
 
 pub(crate) fn store_reset() {
     counter!("cache_store_resets_total").increment(1);
+}
+
+pub(crate) fn replica_load(on: &'static str) {
+    counter!("cache_replica_loads_total", "on" => on).increment(1);
 }
 
 pub(crate) fn breaker_state(state: u8) {

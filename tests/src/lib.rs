@@ -555,6 +555,57 @@ impl PgCluster {
     /// When the PostgreSQL server binaries are missing or the cluster does not start, with a message that
     /// says how to provide them.
     pub fn start(settings: &[&str]) -> Self {
+        let cluster = Self::empty();
+        let data = cluster.dir.join("data");
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+            ],
+        );
+        cluster.launch(settings);
+        cluster
+    }
+
+    /// Creates and starts a streaming standby of `primary` (`pg_basebackup -R`) with `settings` (e.g.
+    /// `recovery_min_apply_delay=1500ms`), and waits until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start), or when the base backup fails.
+    pub fn standby_of(primary: &PgCluster, settings: &[&str]) -> Self {
+        let cluster = Self::empty();
+        let data = cluster.dir.join("data");
+        let port = primary.port.to_string();
+        cluster.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        cluster.launch(settings);
+        cluster
+    }
+
+    /// A free port and an empty directory owned by the server's user.
+    fn empty() -> Self {
         let bin = Self::bin_dir();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -575,28 +626,22 @@ impl PgCluster {
                 cluster.dir
             );
         }
-        let data = cluster.dir.join("data");
-        cluster.run(
-            "initdb",
-            &[
-                "-D",
-                &data.to_string_lossy(),
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-            ],
-        );
+        cluster
+    }
+
+    /// Starts the server on the data directory with `settings`.
+    fn launch(&self, settings: &[&str]) {
+        let data = self.dir.join("data");
         let mut options = format!(
-            "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
-            cluster.dir.to_string_lossy()
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.dir.to_string_lossy()
         );
         for setting in settings {
             options.push_str(&format!(" -c {setting}"));
         }
-        let log = cluster.dir.join("log");
-        cluster.run(
+        let log = self.dir.join("log");
+        self.run(
             "pg_ctl",
             &[
                 "-D",
@@ -609,7 +654,6 @@ impl PgCluster {
                 "start",
             ],
         );
-        cluster
     }
 
     /// The URL of `database` in this cluster.

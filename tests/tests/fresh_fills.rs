@@ -262,3 +262,139 @@ async fn a_repeatable_read_transaction_whose_first_statement_is_the_load_stores(
     assert!(!stored);
     tx.commit().await.unwrap();
 }
+
+// --- a lagging streaming standby ----------------------------------------------------------------------
+
+/// A primary, a standby of it that applies commits 1.5 s late, a `shop` database with the products, and
+/// a pool on the primary whose read replica is the standby (waiting up to `wait` for it).
+struct Standby {
+    _primary: tests::PgCluster,
+    _standby: tests::PgCluster,
+    _prefix: TestPrefix,
+    pool: CachedPgPool,
+    replica: PgPool,
+}
+
+async fn standby(wait: std::time::Duration) -> Standby {
+    let primary = tests::PgCluster::start(&[]);
+    let standby = tests::PgCluster::standby_of(&primary, &["recovery_min_apply_delay=1500ms"]);
+    let admin = PgPool::connect(&primary.url("postgres")).await.unwrap();
+    sqlx::query("CREATE DATABASE shop")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let shop = PgPool::connect(&primary.url("shop")).await.unwrap();
+    sqlx::raw_sql(TABLES).execute(&shop).await.unwrap();
+    // The standby has the table once it applied the commits, 1.5 s later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let replica = loop {
+        if let Ok(replica) = PgPool::connect(&standby.url("shop")).await
+            && sqlx::query("SELECT 1 FROM products LIMIT 1")
+                .execute(&replica)
+                .await
+                .is_ok()
+        {
+            break replica;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby did not catch up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let prefix = TestPrefix::create("fresh_standby").await;
+    let store = RedisStore::connect(&redis_url(), prefix.prefix.clone())
+        .await
+        .unwrap();
+    let pool = CachedPgPool::options()
+        .registry(Registry::new([Product::META]))
+        .auto_install(true)
+        .read_replica(replica.clone())
+        .replica_wait(wait)
+        .connect(&primary.url("shop"), store)
+        .await
+        .unwrap();
+    Standby {
+        _primary: primary,
+        _standby: standby,
+        _prefix: prefix,
+        pool,
+        replica,
+    }
+}
+
+/// Product `id`'s price through the cache, loaded on the replica by `get_or_load_on_replica`.
+async fn replica_read(pool: &CachedPgPool, id: i64) -> i64 {
+    pool.get_or_load_on_replica(key!("product:<id>", id), |mut conn| async move {
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await
+    })
+    .await
+    .unwrap()
+}
+
+/// Writes products 1..=10 through the pool (acknowledged when the calls return).
+async fn write_ten(pool: &CachedPgPool, price: i64) {
+    for id in 1..=10_i64 {
+        sqlx::query("UPDATE products SET price_cents = $1 WHERE id = $2")
+            .bind(price)
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_on_a_lagging_standby_are_never_older_than_an_acknowledged_write() {
+    let env = standby(std::time::Duration::from_secs(5)).await;
+    let pool = &env.pool;
+    write_ten(pool, 250).await;
+    // The naive way (a loader on the standby pool) caches the standby's old rows...
+    for id in 6..=10_i64 {
+        let replica = env.replica.clone();
+        let price: i64 = pool
+            .cache()
+            .get_or_load(key!("product:<id>", id), || async move {
+                sqlx::query_scalar::<_, i64>(SELECT_PRICE)
+                    .bind(id)
+                    .fetch_one(&replica)
+                    .await
+            })
+            .await
+            .unwrap();
+        assert_eq!(price, 100, "the control reads the lagging standby");
+    }
+    // Meanwhile, through `get_or_load_on_replica`: each load waits until the standby replayed the writes.
+    for id in 1..=5 {
+        assert_eq!(replica_read(pool, id).await, 250, "product {id}");
+    }
+    // ...which stay stale after the standby caught up; the safe reads stay fresh.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        committed_read(pool, 6).await,
+        100,
+        "the control's entry is stale"
+    );
+    for id in 1..=5 {
+        assert_eq!(replica_read(pool, id).await, 250);
+    }
+    assert!(pool.cache().stats().hits >= 6, "the safe loads were cached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_lagging_more_than_the_wait_is_skipped_for_the_primary() {
+    let env = standby(std::time::Duration::from_millis(100)).await;
+    let pool = &env.pool;
+    write_ten(pool, 260).await;
+    let started = std::time::Instant::now();
+    for id in 1..=10 {
+        assert_eq!(replica_read(pool, id).await, 260, "product {id}");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1400),
+        "loads went to the primary instead of waiting for the standby"
+    );
+}

@@ -41,6 +41,8 @@ pub struct CachedPoolOptions<DB: Backend = Postgres> {
     pub(super) consumer: Option<Consumer>,
     pub(super) pooler: bool,
     pub(super) direct: Option<ConnectOptions<DB>>,
+    pub(super) replica: Option<sqlx::Pool<DB>>,
+    pub(super) replica_wait: std::time::Duration,
     #[cfg(feature = "fault-injection")]
     pub(super) crash_after_commit: bool,
 }
@@ -52,6 +54,7 @@ impl<DB: Backend> Clone for CachedPoolOptions<DB> {
             pool_options: self.pool_options.clone(),
             consumer: self.consumer.clone(),
             direct: self.direct.clone(),
+            replica: self.replica.clone(),
             ..*self
         }
     }
@@ -79,6 +82,8 @@ impl<DB: Backend> CachedPoolOptions<DB> {
             consumer: None,
             pooler: false,
             direct: None,
+            replica: None,
+            replica_wait: std::time::Duration::from_secs(1),
             #[cfg(feature = "fault-injection")]
             crash_after_commit: false,
         }
@@ -114,6 +119,24 @@ impl<DB: Backend> CachedPoolOptions<DB> {
     #[must_use]
     pub fn direct(mut self, options: ConnectOptions<DB>) -> Self {
         self.direct = Some(options);
+        self
+    }
+
+    /// A pool on a read replica (a PostgreSQL streaming standby, one server) for
+    /// [`CachedPool::get_or_load_on_replica`]: misses load there once it has replayed what the primary had
+    /// written when the lease was taken, so that a lagging standby never fills the cache with a row older
+    /// than an invalidated write. Without it, those loads run on the primary.
+    #[must_use]
+    pub fn read_replica(mut self, replica: sqlx::Pool<DB>) -> Self {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// How long a load waits for the [read replica](Self::read_replica) to catch up before it runs on the
+    /// primary instead (default 1 s).
+    #[must_use]
+    pub fn replica_wait(mut self, wait: std::time::Duration) -> Self {
+        self.replica_wait = wait;
         self
     }
 
