@@ -69,6 +69,56 @@ fn declares(t: &Template, ident: &syn::Ident, krate: &syn::Path) -> TokenStream 
     }
 }
 
+/// `impl<DB> KeyedEntity<DB> for Entity`: reading the entity by the values of its own key's placeholders
+/// (one value: the field's type; several: a tuple, in the key's order), for every backend that encodes them.
+fn keyed_entity(
+    cont: &Container<'_>,
+    checked: &valid::Checked<'_>,
+    krate: &syn::Path,
+) -> TokenStream {
+    let ident = cont.ident;
+    let fields: Vec<_> = checked
+        .key
+        .placeholders()
+        .filter_map(|name| cont.field(name))
+        .collect();
+    let types: Vec<_> = fields.iter().map(|f| f.ty).collect();
+    let (id, values): (TokenStream, Vec<TokenStream>) = match types.as_slice() {
+        [ty] => (quote!(#ty), vec![quote!(__id)]),
+        _ => {
+            let values = (0..types.len())
+                .map(|i| {
+                    let i = syn::Index::from(i);
+                    quote!(&__id.#i)
+                })
+                .collect();
+            (quote!((#(#types,)*)), values)
+        }
+    };
+    let sqlx = quote!(#krate::__private::sqlx);
+    quote! {
+        #[automatically_derived]
+        impl<__DB: #sqlx::Database> #krate::KeyedEntity<__DB> for #ident
+        where
+            #(#types: for<'__q> #sqlx::Encode<'__q, __DB> + #sqlx::Type<__DB>,)*
+        {
+            type Id = #id;
+
+            fn key_of(__id: &Self::Id) -> #krate::Key {
+                Self::cache_key_for(#(#values),*)
+            }
+
+            fn bind_id(
+                __id: &Self::Id,
+                __args: &mut <__DB as #sqlx::Database>::Arguments,
+            ) -> ::core::result::Result<(), #sqlx::error::BoxDynError> {
+                #(#sqlx::Arguments::add(__args, #values)?;)*
+                ::core::result::Result::Ok(())
+            }
+        }
+    }
+}
+
 /// The generated items of a valid entity.
 // Long on purpose: the generated items are one `quote!` block, read top to bottom as `cargo expand` shows them.
 fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
@@ -125,6 +175,8 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
         checked.key.text
     );
 
+    let keyed = keyed_entity(cont, checked, krate);
+
     let mut declared = vec![declares(&checked.key, ident, krate)];
     for t in &checked.depends {
         declared.push(declares(t, ident, krate));
@@ -160,6 +212,8 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
                 #[doc = #doc_for]
                 pub fn cache_key_for(#(#params),*) -> #krate::Key #render_for
             }
+
+            #keyed
 
             #(#declared)*
 

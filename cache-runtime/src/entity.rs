@@ -80,3 +80,37 @@ pub struct Column {
     /// How its values render.
     pub kind: PartKind,
 }
+
+/// An entity read by the values of its own key's placeholders, as [`CachedPool::get`](crate::CachedPool::get)
+/// does: `#[derive(CachedEntity)]` implements it for every backend `DB` that encodes those fields.
+///
+/// # Examples
+///
+/// ```
+/// use cache_runtime::{CachedEntity, KeyedEntity};
+///
+/// #[derive(CachedEntity)]
+/// #[cached_entity(key = "review:<product_id>:<id>")]
+/// struct Review {
+///     product_id: i64,
+///     id: i64,
+/// }
+///
+/// let key = <Review as KeyedEntity<sqlx::Postgres>>::key_of(&(3, 9));
+/// assert_eq!(key.as_str(), "review:3:9");
+/// ```
+pub trait KeyedEntity<DB: sqlx::Database>: CachedEntity {
+    /// The values of the key's placeholders: the field's type for one placeholder, a tuple of the fields'
+    /// types, in the key's order, for several.
+    type Id: Sync;
+
+    /// The entity's own key for these values.
+    fn key_of(id: &Self::Id) -> Key;
+
+    /// Adds the values to `args`, in the key's order.
+    ///
+    /// # Errors
+    ///
+    /// The encoding error of a value.
+    fn bind_id(id: &Self::Id, args: &mut DB::Arguments) -> Result<(), sqlx::error::BoxDynError>;
+}

@@ -93,7 +93,7 @@ pub use cache::{Cache, LoadOptions};
 /// let k = key!("products:<id>", id = 7);
 /// ```
 pub use cache_derive::key;
-pub use entity::CachedEntity;
+pub use entity::{CachedEntity, KeyedEntity};
 pub use error::Error;
 pub use key::{Key, KeyPart};
 #[cfg(feature = "sqlite")]
@@ -110,6 +110,7 @@ pub mod __private {
     pub use crate::registry::Registration;
     pub use core;
     pub use inventory;
+    pub use sqlx;
 
     /// A key template, named by the FNV-1a hash of its text (computed by the macros).
     #[derive(Debug)]

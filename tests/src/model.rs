@@ -14,7 +14,9 @@ pub struct Category {
 }
 
 /// A product row.
-#[derive(Debug, Clone, PartialEq, CachedEntity, sqlx::FromRow)]
+#[derive(
+    Debug, Clone, PartialEq, CachedEntity, sqlx::FromRow, serde::Serialize, serde::Deserialize,
+)]
 #[cached_entity(key = "product:<id>", depends = ["category:<category_id>:products"], ttl = "10m")]
 pub struct Product {
     /// Primary key.
@@ -28,7 +30,9 @@ pub struct Product {
 }
 
 /// A user, keyed by a text handle and scoped by tenant: exercises text, bool and nullable placeholders.
-#[derive(Debug, Clone, PartialEq, CachedEntity, sqlx::FromRow)]
+#[derive(
+    Debug, Clone, PartialEq, CachedEntity, sqlx::FromRow, serde::Serialize, serde::Deserialize,
+)]
 #[cached_entity(
     table = "app_users",
     key = "tenant:<tenant>:user:<handle>",

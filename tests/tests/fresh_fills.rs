@@ -398,3 +398,131 @@ async fn a_standby_lagging_more_than_the_wait_is_skipped_for_the_primary() {
         "loads went to the primary instead of waiting for the standby"
     );
 }
+
+// --- entity-first reads --------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_reads_an_entity_by_its_key_values_and_every_write_reaches_it() {
+    let (_db, admin, _prefix, pool) = setup("fresh_get").await;
+    let first = pool.get::<Product>(&1).await.unwrap().unwrap();
+    assert_eq!((first.id, first.price_cents), (1, 100));
+    let hits = pool.cache().stats().hits;
+    assert_eq!(pool.get::<Product>(&1).await.unwrap(), Some(first));
+    assert_eq!(
+        pool.cache().stats().hits,
+        hits + 1,
+        "the second read is a hit"
+    );
+    sqlx::query("UPDATE products SET price_cents = 150 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        pool.get::<Product>(&1).await.unwrap().unwrap().price_cents,
+        150
+    );
+    // A missing row is a tombstone, until another client's insert reaches it through the relay.
+    assert_eq!(pool.get::<Product>(&99).await.unwrap(), None);
+    sqlx::query("INSERT INTO products VALUES (99, 1, 'new', 5)")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pool.get::<Product>(&99).await.unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the insert never reached the tombstone"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_binds_composite_keys_and_renamed_columns() {
+    use tests::model::User;
+    let db = TestDb::create("fresh_get_user").await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(
+        "CREATE TABLE app_users (tenant text, handle text, team integer, is_admin boolean,
+           PRIMARY KEY (tenant, handle));
+         INSERT INTO app_users VALUES ('acme', 'ada', 3, true), ('acme', 'bob', NULL, false),
+           ('other', 'ada', 4, false);",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    let prefix = TestPrefix::create("fresh_get_user").await;
+    let store = RedisStore::connect(&redis_url(), prefix.prefix.clone())
+        .await
+        .unwrap();
+    let pool = CachedPgPool::options()
+        .registry(Registry::new([User::META]))
+        .auto_install(true)
+        .connect(&db.url, store)
+        .await
+        .unwrap();
+    let id = ("acme".to_owned(), "ada".to_owned());
+    let ada = pool.get::<User>(&id).await.unwrap().unwrap();
+    assert_eq!((ada.team_id, ada.is_admin), (Some(3), true));
+    let other = pool
+        .get::<User>(&("other".into(), "ada".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        other.map(|u| u.team_id),
+        Some(Some(4)),
+        "each tenant's own row"
+    );
+    sqlx::query("UPDATE app_users SET team = 5 WHERE tenant = 'acme' AND handle = 'ada'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        pool.get::<User>(&id).await.unwrap().unwrap().team_id,
+        Some(5)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_on_sqlite_reads_and_is_invalidated() {
+    let db = tests::TestSqlite::create("fresh_get").await;
+    let plain = db.pool().await;
+    sqlx::raw_sql(
+        "CREATE TABLE products (id INTEGER PRIMARY KEY, category_id INTEGER NOT NULL, name TEXT NOT NULL,
+           price_cents INTEGER NOT NULL);
+         INSERT INTO products VALUES (1, 1, 'p1', 100);",
+    )
+    .execute(&plain)
+    .await
+    .unwrap();
+    let pool = cache_runtime::CachedSqlitePool::options()
+        .registry(Registry::new([Product::META]))
+        .auto_install(true)
+        .connect(&db.url, cache_runtime::MemoryStore::new(1000))
+        .await
+        .unwrap();
+    assert_eq!(
+        pool.get::<Product>(&1).await.unwrap().unwrap().price_cents,
+        100
+    );
+    sqlx::query("UPDATE products SET price_cents = 120 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        pool.get::<Product>(&1).await.unwrap().unwrap().price_cents,
+        120
+    );
+    assert_eq!(pool.get::<Product>(&2).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_on_a_lagging_standby_is_never_older_than_an_acknowledged_write() {
+    let env = standby(std::time::Duration::from_secs(5)).await;
+    let pool = &env.pool;
+    write_ten(pool, 270).await;
+    for id in 1..=10 {
+        let product = pool.get::<Product>(&id).await.unwrap().unwrap();
+        assert_eq!(product.price_cents, 270, "product {id}");
+    }
+}

@@ -23,6 +23,7 @@ use sqlx_core::describe::Describe;
 use sqlx_core::sql_str::SqlStr;
 
 use crate::consumer::Consumer;
+use crate::entity::EntityMeta;
 use crate::error::Error;
 use crate::registry::Registry;
 
@@ -103,6 +104,23 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     /// The state for `registry`.
     #[doc(hidden)]
     fn state(registry: &Registry) -> Self::State;
+
+    /// The `n`-th (from 1) bind parameter in SQL text.
+    #[doc(hidden)]
+    fn parameter(n: usize) -> String;
+
+    /// `table` (possibly `schema.table`) quoted for SQL text.
+    #[doc(hidden)]
+    fn table_name(table: &str) -> String;
+
+    /// A connection whose server has every write the primary had now: on `replica`, once it replayed
+    /// them (waiting at most `wait`), else on `primary`.
+    #[doc(hidden)]
+    fn caught_up<'a>(
+        primary: &'a Pool<Self>,
+        replica: Option<&'a Pool<Self>>,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<sqlx::pool::PoolConnection<Self>, sqlx::Error>>;
 
     /// Marks the connections of a [`CachedPool`](crate::CachedPool) delivering to `consumer`; behind a
     /// transaction-mode `pooler`, the mark is set per transaction instead ([`begin_sql`](Self::begin_sql)).
@@ -343,6 +361,20 @@ pub(crate) async fn all_or_nothing<DB: sqlx::Database>(
 /// A quoted SQL identifier (PostgreSQL and SQLite).
 pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The query reading `meta`'s row by the columns of its own key, in the key's order: `SELECT * FROM table
+/// WHERE col1 = <p1> AND …`.
+pub(crate) fn select_by_key<DB: Backend>(meta: &EntityMeta) -> String {
+    let mut sql = format!("SELECT * FROM {} WHERE ", DB::table_name(meta.table));
+    for (i, field) in meta.key.placeholders().enumerate() {
+        let column = meta.column(field).map_or(field, |c| c.column);
+        if i > 0 {
+            sql.push_str(" AND ");
+        }
+        sql.push_str(&format!("{} = {}", ident(column), DB::parameter(i + 1)));
+    }
+    sql
 }
 
 /// A quoted SQL string literal (standard conforming strings; PostgreSQL and SQLite).

@@ -70,7 +70,7 @@ mod autocommit;
 mod classify;
 mod executor;
 mod options;
-mod replica;
+mod reads;
 mod transaction;
 
 pub use classify::WRITE_WORDS;

@@ -122,7 +122,7 @@ impl<DB: Backend> CachedPoolOptions<DB> {
         self
     }
 
-    /// A pool on a read replica (a PostgreSQL streaming standby, one server) for
+    /// A pool on a read replica (a PostgreSQL streaming standby, one server) for [`CachedPool::get`] and
     /// [`CachedPool::get_or_load_on_replica`]: misses load there once it has replayed what the primary had
     /// written when the lease was taken, so that a lagging standby never fills the cache with a row older
     /// than an invalidated write. Without it, those loads run on the primary.

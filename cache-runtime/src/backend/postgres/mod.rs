@@ -17,6 +17,7 @@ use crate::registry::Registry;
 mod check;
 mod parts;
 mod records;
+mod replica;
 mod schema;
 
 pub use schema::PgSchema;
@@ -75,6 +76,22 @@ impl Backend for Postgres {
     super::connection_executor!();
 
     fn state(_registry: &Registry) -> Self::State {}
+
+    fn parameter(n: usize) -> String {
+        format!("${n}")
+    }
+
+    fn table_name(table: &str) -> String {
+        schema::qualified(table)
+    }
+
+    fn caught_up<'a>(
+        primary: &'a PgPool,
+        replica: Option<&'a PgPool>,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<sqlx::pool::PoolConnection<Postgres>, sqlx::Error>> {
+        Box::pin(replica::caught_up(primary, replica, wait))
+    }
 
     fn wrap(options: PgConnectOptions, consumer: &Consumer, pooler: bool) -> PgConnectOptions {
         if pooler {

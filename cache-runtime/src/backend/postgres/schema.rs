@@ -988,7 +988,7 @@ pub(super) fn function_name(prefix: &str, table: &str) -> String {
 }
 
 /// A table name as written in the entity (`products` or `shop.products`), quoted.
-pub(super) fn qualified(table: &str) -> String {
+pub(crate) fn qualified(table: &str) -> String {
     match table.split_once('.') {
         Some((schema, name)) => format!("{}.{}", ident(schema), ident(name)),
         None => ident(table),

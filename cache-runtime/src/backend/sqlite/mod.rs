@@ -85,6 +85,23 @@ impl Backend for Sqlite {
 
     super::connection_executor!();
 
+    fn parameter(n: usize) -> String {
+        format!("?{n}")
+    }
+
+    fn table_name(table: &str) -> String {
+        super::ident(table)
+    }
+
+    fn caught_up<'a>(
+        primary: &'a SqlitePool,
+        _replica: Option<&'a SqlitePool>,
+        _wait: Duration,
+    ) -> BoxFuture<'a, Result<sqlx::pool::PoolConnection<Sqlite>, sqlx::Error>> {
+        // One database file: every connection has every committed write.
+        Box::pin(primary.acquire())
+    }
+
     fn state(registry: &Registry) -> SqliteState {
         SqliteState {
             renderer: Renderer::new(registry),
