@@ -526,3 +526,47 @@ async fn get_on_a_lagging_standby_is_never_older_than_an_acknowledged_write() {
         assert_eq!(product.price_cents, 270, "product {id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_of_a_flood_of_missing_keys_live_at_most_the_negative_ttl() {
+    let (_db, _admin, prefix, pool) = setup("fresh_tombstones").await;
+    for id in 1_000..3_000_i64 {
+        assert_eq!(pool.get::<Product>(&id).await.unwrap(), None);
+    }
+    assert!(pool.get::<Product>(&1).await.unwrap().is_some());
+    let client = redis::Client::open(redis_url().as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pttl = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let mut longest = 0;
+    for id in (1_000..3_000).step_by(97) {
+        let ttl = pttl(format!("{}product:{id}", prefix.prefix)).await;
+        assert!(ttl > 0, "product {id}: a tombstone with a TTL ({ttl})");
+        longest = longest.max(ttl);
+    }
+    assert!(
+        longest <= 60_000,
+        "tombstones live at most 60 s ({longest} ms)"
+    );
+    let value_ttl = pttl(format!("{}product:1", prefix.prefix)).await;
+    assert!(
+        value_ttl > 60_000,
+        "values keep their entity's TTL ({value_ttl} ms)"
+    );
+    let bytes: i64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(format!("{}product:1500", prefix.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eprintln!("one tombstone: {bytes} bytes in Redis");
+    assert!(bytes < 200, "{bytes}");
+}

@@ -19,6 +19,7 @@ pub(crate) struct Config {
     pub(crate) jitter: f64,
     pub(crate) lease_ttl: Duration,
     pub(crate) lease_wait: Duration,
+    pub(crate) negative_ttl: Duration,
 }
 
 /// Builds a [`Cache`] with non-default settings.
@@ -110,6 +111,7 @@ impl<H> CacheBuilder<H> {
                 jitter: 0.1,
                 lease_ttl: Duration::from_secs(5),
                 lease_wait: Duration::from_secs(1),
+                negative_ttl: Duration::from_secs(60),
             },
             registry: None,
         }
@@ -136,6 +138,16 @@ impl<H> CacheBuilder<H> {
     #[must_use]
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.config.lease_ttl = ttl;
+        self
+    }
+
+    /// The longest a tombstone (a cached `None`: no such row) lives (default 60 s; entries of values live
+    /// their TTL). Tombstones are removed by the write that creates the row, so this is not about
+    /// freshness: it bounds the memory a flood of reads of distinct missing keys takes (at most the read
+    /// rate times this, each tombstone some 150–200 bytes in Redis, key included).
+    #[must_use]
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.config.negative_ttl = ttl;
         self
     }
 

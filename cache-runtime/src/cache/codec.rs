@@ -51,6 +51,12 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecE
     rmp_serde::to_vec(value).map_err(|e| CodecError::Encode(e.to_string()))
 }
 
+/// Whether `payload` encodes "nothing" (`None`, `()`): a tombstone, which lives at most the negative TTL.
+pub(crate) fn is_nothing(payload: &[u8]) -> bool {
+    // MessagePack's nil.
+    payload == [0xc0]
+}
+
 /// Decodes a value encoded by [`encode`].
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     rmp_serde::from_slice(bytes).map_err(|e| CodecError::Decode(e.to_string()))

@@ -535,7 +535,11 @@ impl Cache {
             recorded.iter().map(|(n, t)| (n.as_str(), t.as_str())),
             payload,
         );
-        let ttl = self.jittered(plan.ttl);
+        let ttl = if codec::is_nothing(payload) {
+            self.jittered(plan.ttl.min(self.inner.config.negative_ttl))
+        } else {
+            self.jittered(plan.ttl)
+        };
         let result = self
             .inner
             .guarded
