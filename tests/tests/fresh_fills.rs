@@ -514,6 +514,12 @@ async fn get_on_sqlite_reads_and_is_invalidated() {
         120
     );
     assert_eq!(pool.get::<Product>(&2).await.unwrap(), None);
+    let many = pool.get_many::<Product>(&[3, 1, 2]).await.unwrap();
+    let many: Vec<Option<i64>> = many
+        .iter()
+        .map(|p| p.as_ref().map(|p| p.price_cents))
+        .collect();
+    assert_eq!(many, [None, Some(120), None]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -569,4 +575,60 @@ async fn tombstones_of_a_flood_of_missing_keys_live_at_most_the_negative_ttl() {
         .unwrap();
     eprintln!("one tombstone: {bytes} bytes in Redis");
     assert!(bytes < 200, "{bytes}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_reads_hits_and_loads_the_misses_together() {
+    let (_db, _admin, _prefix, pool) = setup("fresh_get_many").await;
+    // Two of them cached, one missing, one asked twice.
+    pool.get::<Product>(&2).await.unwrap();
+    pool.get::<Product>(&4).await.unwrap();
+    let loads = pool.cache().stats().loads;
+    let ids = [1, 2, 3, 4, 77, 3];
+    let got = pool.get_many::<Product>(&ids).await.unwrap();
+    let got: Vec<Option<i64>> = got.iter().map(|p| p.as_ref().map(|p| p.id)).collect();
+    assert_eq!(got, [Some(1), Some(2), Some(3), Some(4), None, Some(3)]);
+    assert_eq!(
+        pool.cache().stats().loads - loads,
+        3,
+        "one load per missing key"
+    );
+    // Everything is cached now, tombstone included.
+    let hits = pool.cache().stats().hits;
+    pool.get_many::<Product>(&ids).await.unwrap();
+    assert_eq!(pool.cache().stats().hits - hits, 5);
+    // Writes reach them.
+    sqlx::query("UPDATE products SET price_cents = 175 WHERE id IN (1, 4)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let prices: Vec<i64> = pool
+        .get_many::<Product>(&[1, 4])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.unwrap().price_cents)
+        .collect();
+    assert_eq!(prices, [175, 175]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_get_many_of_overlapping_keys_complete() {
+    let (_db, _admin, _prefix, pool) = setup("fresh_get_many_overlap").await;
+    for round in 0..20 {
+        let (a, b) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            tokio::join!(
+                pool.get_many::<Product>(&[1, 2, 3, 4, 5]),
+                pool.get_many::<Product>(&[5, 4, 3, 2, 1]),
+            )
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: the batches waited for each other"));
+        assert_eq!(a.unwrap().len(), 5);
+        assert_eq!(b.unwrap().len(), 5);
+        sqlx::query("UPDATE products SET price_cents = price_cents + 1")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
 }

@@ -377,6 +377,31 @@ pub(crate) fn select_by_key<DB: Backend>(meta: &EntityMeta) -> String {
     sql
 }
 
+/// The query reading `meta`'s rows for `count` values of its own key's columns: `SELECT * FROM table
+/// WHERE (col1, col2) IN ((<p1>, <p2>), …)`, the parameters in the key's order, value after value.
+pub(crate) fn select_by_keys<DB: Backend>(meta: &EntityMeta, count: usize) -> String {
+    let columns: Vec<String> = meta
+        .key
+        .placeholders()
+        .map(|field| ident(meta.column(field).map_or(field, |c| c.column)))
+        .collect();
+    let width = columns.len();
+    let rows: Vec<String> = (0..count)
+        .map(|row| {
+            let parameters: Vec<String> = (1..=width)
+                .map(|i| DB::parameter(row * width + i))
+                .collect();
+            format!("({})", parameters.join(", "))
+        })
+        .collect();
+    format!(
+        "SELECT * FROM {} WHERE ({}) IN ({})",
+        DB::table_name(meta.table),
+        columns.join(", "),
+        rows.join(", ")
+    )
+}
+
 /// A quoted SQL string literal (standard conforming strings; PostgreSQL and SQLite).
 pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::pool::PoolConnection;
@@ -122,5 +123,266 @@ impl<DB: Backend> CachedPool<DB> {
             options.replica_wait,
         )
         .await
+    }
+}
+
+impl<DB: Backend> CachedPool<DB> {
+    /// [`get`](Self::get) for many entities at once: every key is read in the same round trip (the
+    /// reads are pipelined on the store's connection), and the misses are loaded by **one** query
+    /// (`… WHERE (key columns) IN (…)`) once each of them holds its lease, so its snapshot is taken after
+    /// every lease. Returns the entities in the order of `ids` (`None`: no such row, cached as a
+    /// tombstone).
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of the query (or of decoding a row).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Cache::get_or_load`](crate::Cache::get_or_load).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use cache_runtime::{CachedEntity, CachedPgPool};
+    /// # #[derive(Clone, CachedEntity, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
+    /// # #[cached_entity(table = "products", key = "product:<id>")]
+    /// # struct Product { id: i64, name: String }
+    /// # async fn f(pool: CachedPgPool) -> Result<(), std::sync::Arc<sqlx::Error>> {
+    /// let products: Vec<Option<Product>> = pool.get_many::<Product>(&[1, 2, 3]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_many<T>(&self, ids: &[T::Id]) -> Result<Vec<Option<T>>, Arc<sqlx::Error>>
+    where
+        T: KeyedEntity<DB>
+            + for<'r> FromRow<'r, DB::Row>
+            + Serialize
+            + DeserializeOwned
+            + Clone
+            + Send,
+        DB::Arguments: IntoArguments<DB>,
+    {
+        // One read per distinct key: two reads of one key in one batch would share one flight, whose
+        // follower would wait for its leader's load, which waits for the batch.
+        let mut distinct: Vec<usize> = Vec::new();
+        let mut of: Vec<usize> = Vec::with_capacity(ids.len());
+        let mut seen = std::collections::HashMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            let slot = *seen.entry(T::key_of(id).into_string()).or_insert_with(|| {
+                distinct.push(i);
+                distinct.len() - 1
+            });
+            of.push(slot);
+        }
+        let batch = batch::Batch::<T>::new(distinct.len());
+        let reads = distinct.iter().map(|&i| {
+            let batch = &batch;
+            async move {
+                let mut arrival = batch.arrival();
+                let read = self
+                    .cache()
+                    .get_entity(T::key_of(&ids[i]), || async {
+                        arrival.loading();
+                        batch.wait(i).await
+                    })
+                    .await;
+                drop(arrival);
+                read.map_err(|e| Arc::clone(&*e))
+            }
+        });
+        let load = batch.load(|indices| self.select_many(ids, indices));
+        let (reads, ()) =
+            futures_util::future::join(futures_util::future::join_all(reads), load).await;
+        let reads: Vec<Option<T>> = reads.into_iter().collect::<Result<_, _>>()?;
+        Ok(of.into_iter().map(|slot| reads[slot].clone()).collect())
+    }
+
+    /// The rows of `ids[indices]`, by index.
+    async fn select_many<T>(
+        &self,
+        ids: &[T::Id],
+        indices: Vec<usize>,
+    ) -> Result<Vec<(usize, Option<T>)>, sqlx::Error>
+    where
+        T: KeyedEntity<DB> + for<'r> FromRow<'r, DB::Row> + Clone,
+        DB::Arguments: IntoArguments<DB>,
+    {
+        let mut args = DB::Arguments::default();
+        for &i in &indices {
+            T::bind_id(&ids[i], &mut args).map_err(sqlx::Error::Encode)?;
+        }
+        let sql = crate::backend::select_by_keys::<DB>(T::META, indices.len());
+        let query = sqlx::query_with(sqlx::AssertSqlSafe(sql), args);
+        let mut conn = self.caught_up().await?;
+        let rows: Vec<T> = DB::fetch_many(&mut conn, query)
+            .try_filter_map(|item| async move { Ok(item.right()) })
+            .map(|row| row.and_then(|row| T::from_row(&row)))
+            .try_collect()
+            .await?;
+        let by_key: std::collections::HashMap<String, T> = rows
+            .into_iter()
+            .map(|row| (row.cache_key().into_string(), row))
+            .collect();
+        Ok(indices
+            .into_iter()
+            .map(|i| (i, by_key.get(T::key_of(&ids[i]).as_str()).cloned()))
+            .collect())
+    }
+}
+
+mod batch {
+    //! The rendezvous of [`CachedPool::get_many`](super::CachedPool::get_many): each key's read either
+    //! finishes (a hit, or a value shared by another reader) or reaches its loader (holding its lease).
+    //! One query loads the keys whose loaders wait, as soon as every read is decided, or 20 ms after the
+    //! first loader began waiting (a read may wait for a reader of another batch, whose load waits in
+    //! turn); loaders that arrive later are loaded by the next query.
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    /// How long loaders wait for undecided reads before their query runs anyway.
+    const GATHER: Duration = Duration::from_millis(20);
+
+    type Row<T> = Result<Option<T>, Arc<sqlx::Error>>;
+
+    pub(super) struct Batch<T> {
+        state: Mutex<State<T>>,
+        /// Bumped at every change of `state`.
+        changed: watch::Sender<u64>,
+    }
+
+    struct State<T> {
+        /// Reads that have neither finished nor reached their loader.
+        undecided: usize,
+        /// Indices whose loaders wait for a query.
+        waiting: Vec<usize>,
+        /// What the queries found, by index.
+        rows: HashMap<usize, Row<T>>,
+    }
+
+    /// One read's part in the batch: decided when its loader runs or when it is dropped.
+    pub(super) struct Arrival<'b, T> {
+        batch: &'b Batch<T>,
+        decided: bool,
+    }
+
+    impl<T> Arrival<'_, T> {
+        /// The read's loader runs: it waits for a query.
+        pub(super) fn loading(&mut self) {
+            self.decide();
+        }
+
+        fn decide(&mut self) {
+            if !std::mem::replace(&mut self.decided, true) {
+                self.batch.update(|state| state.undecided -= 1);
+            }
+        }
+    }
+
+    impl<T> Drop for Arrival<'_, T> {
+        fn drop(&mut self) {
+            self.decide();
+        }
+    }
+
+    impl<T> Batch<T> {
+        pub(super) fn new(reads: usize) -> Self {
+            Self {
+                state: Mutex::new(State {
+                    undecided: reads,
+                    waiting: Vec::new(),
+                    rows: HashMap::new(),
+                }),
+                changed: watch::channel(0).0,
+            }
+        }
+
+        fn update<R>(&self, change: impl FnOnce(&mut State<T>) -> R) -> R {
+            let result = change(
+                &mut self
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            self.changed.send_modify(|n| *n += 1);
+            result
+        }
+
+        /// Reads (or takes from) the state without telling anyone: nothing they wait for changed.
+        fn read<R>(&self, look: impl FnOnce(&mut State<T>) -> R) -> R {
+            look(
+                &mut self
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+        }
+
+        /// The arrival of a read.
+        pub(super) fn arrival(&self) -> Arrival<'_, T> {
+            Arrival {
+                batch: self,
+                decided: false,
+            }
+        }
+
+        /// The loader of read `index`: waits for a query and takes its row.
+        pub(super) async fn wait(&self, index: usize) -> Row<T> {
+            let mut changed = self.changed.subscribe();
+            self.update(|state| state.waiting.push(index));
+            loop {
+                if let Some(row) = self.read(|state| state.rows.remove(&index)) {
+                    return row;
+                }
+                if changed.changed().await.is_err() {
+                    return Err(Arc::new(sqlx::Error::PoolClosed));
+                }
+            }
+        }
+
+        /// Runs `query` for the waiting indices, round after round, until every read is decided and no
+        /// loader waits.
+        pub(super) async fn load<F, Fut>(&self, query: F)
+        where
+            F: Fn(Vec<usize>) -> Fut,
+            Fut: Future<Output = Result<Vec<(usize, Option<T>)>, sqlx::Error>>,
+        {
+            let mut changed = self.changed.subscribe();
+            loop {
+                let (undecided, waiting) =
+                    self.read(|state| (state.undecided, !state.waiting.is_empty()));
+                if undecided == 0 && !waiting {
+                    return;
+                }
+                if waiting && undecided > 0 {
+                    // Give the other reads a moment to reach their loaders (or to finish).
+                    let _ = tokio::time::timeout(GATHER, async {
+                        while self.read(|state| state.undecided) > 0 {
+                            if changed.changed().await.is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .await;
+                }
+                if waiting {
+                    let indices = self.update(|state| std::mem::take(&mut state.waiting));
+                    let found = query(indices.clone()).await.map_err(Arc::new);
+                    self.update(|state| match found {
+                        Ok(rows) => state
+                            .rows
+                            .extend(rows.into_iter().map(|(i, row)| (i, Ok(row)))),
+                        Err(error) => state
+                            .rows
+                            .extend(indices.into_iter().map(|i| (i, Err(Arc::clone(&error))))),
+                    });
+                } else if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
