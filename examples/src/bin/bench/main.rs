@@ -237,6 +237,10 @@ enum Hit {
     Memory,
     /// `get` of the same MessagePack bytes from a raw moka cache, and their decode.
     RawMoka,
+    /// The peek's `MGET` (the value slot and its namespace token) by hand, without the store's sequence.
+    MgetWithoutSequence,
+    /// The same `MGET` with the store's sequence, as `RedisStore::peek` sends it.
+    MgetWithSequence,
 }
 
 impl<DB: Backend> BenchEnv<DB> {
@@ -482,6 +486,20 @@ where
                         let bytes = moka.get("product:1").ok_or("raw moka entry gone")?;
                         rmp_serde::from_slice(&bytes)?
                     }
+                    Hit::MgetWithoutSequence | Hit::MgetWithSequence => {
+                        let mut mget = redis::cmd("MGET");
+                        mget.arg(format!("{}product:1", self.prefix))
+                            .arg(format!("{}<tag>product:<>", self.prefix));
+                        if hits[k].1 == Hit::MgetWithSequence {
+                            mget.arg(format!("{}<sequence>", self.prefix));
+                        }
+                        let slots: Vec<Option<Vec<u8>>> =
+                            mget.query_async(redis.as_mut().ok_or("no Redis")?).await?;
+                        if slots.first().is_none_or(Option::is_none) {
+                            return Err("the peek's slots are gone".into());
+                        }
+                        value.clone()
+                    }
                     hit => {
                         let cache = if hit == Hit::Memory { &memory } else { &cache };
                         cache
@@ -639,6 +657,14 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
         ("get_or_load, Redis", Hit::Cache),
         ("get_or_load, in-process store", Hit::Memory),
         ("raw moka get + decode", Hit::RawMoka),
+        (
+            "peek MGET by hand, without the sequence",
+            Hit::MgetWithoutSequence,
+        ),
+        (
+            "peek MGET by hand, with the sequence",
+            Hit::MgetWithSequence,
+        ),
     ];
     let select = "SELECT by primary key (baseline)";
     env.reads(&env.pool, &hits, select, &mut report).await?;
