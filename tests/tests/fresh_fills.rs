@@ -50,6 +50,22 @@ where
 
 const SELECT_PRICE: &str = "SELECT price_cents FROM products WHERE id = $1";
 
+/// Product `id`'s price through the cache, loaded through the transaction's executor (`&mut tx`); and
+/// whether the cache stored it.
+async fn read_through(
+    pool: &CachedPgPool,
+    tx: &mut cache_runtime::CachedTransaction<'_>,
+    id: i64,
+) -> (i64, bool) {
+    read_with(pool, id, || async move {
+        sqlx::query_scalar(SELECT_PRICE)
+            .bind(id)
+            .fetch_one(tx)
+            .await
+    })
+    .await
+}
+
 /// The price a fresh read (on the pool, autocommit) gets through the cache.
 async fn committed_read(pool: &CachedPgPool, id: i64) -> i64 {
     let db = pool.sqlx_pool().clone();
@@ -72,13 +88,7 @@ async fn a_load_through_a_transaction_with_uncommitted_writes_is_never_stored() 
         .execute(&mut tx)
         .await
         .unwrap();
-    let (price, stored) = read_with(&pool, 1, || async {
-        sqlx::query_scalar(SELECT_PRICE)
-            .bind(1_i64)
-            .fetch_one(&mut tx)
-            .await
-    })
-    .await;
+    let (price, stored) = read_through(&pool, &mut tx, 1).await;
     assert_eq!(price, 999, "the loader sees its own transaction's write");
     assert!(
         !stored,
@@ -136,13 +146,7 @@ async fn a_load_through_a_transaction_with_uncommitted_writes_is_never_stored() 
 async fn a_load_through_a_transaction_that_wrote_nothing_is_stored() {
     let (_db, admin, _prefix, pool) = setup("fresh_clean_tx").await;
     let mut tx = pool.begin().await.unwrap();
-    let (price, stored) = read_with(&pool, 4, || async {
-        sqlx::query_scalar(SELECT_PRICE)
-            .bind(4_i64)
-            .fetch_one(&mut tx)
-            .await
-    })
-    .await;
+    let (price, stored) = read_through(&pool, &mut tx, 4).await;
     tx.commit().await.unwrap();
     assert_eq!(price, 100);
     assert!(stored, "a read-only transaction's load is cached");
@@ -207,13 +211,7 @@ async fn a_load_on_a_repeatable_read_snapshot_older_than_a_write_is_not_stored()
         .execute(&pool)
         .await
         .unwrap();
-    let (price, stored) = read_with(&pool, 6, || async {
-        sqlx::query_scalar(SELECT_PRICE)
-            .bind(6_i64)
-            .fetch_one(&mut tx)
-            .await
-    })
-    .await;
+    let (price, stored) = read_through(&pool, &mut tx, 6).await;
     assert_eq!(price, 100, "the old snapshot does not see the write");
     assert!(
         !stored,
@@ -239,26 +237,14 @@ async fn a_repeatable_read_transaction_whose_first_statement_is_the_load_stores(
         .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
         .await
         .unwrap();
-    let (price, stored) = read_with(&pool, 7, || async {
-        sqlx::query_scalar(SELECT_PRICE)
-            .bind(7_i64)
-            .fetch_one(&mut tx)
-            .await
-    })
-    .await;
+    let (price, stored) = read_through(&pool, &mut tx, 7).await;
     assert_eq!(
         (price, stored),
         (321, true),
         "its snapshot is taken after the lease"
     );
     // A second load in the same transaction reads the same (now possibly old) snapshot: not stored.
-    let (_, stored) = read_with(&pool, 8, || async {
-        sqlx::query_scalar(SELECT_PRICE)
-            .bind(8_i64)
-            .fetch_one(&mut tx)
-            .await
-    })
-    .await;
+    let (_, stored) = read_through(&pool, &mut tx, 8).await;
     assert!(!stored);
     tx.commit().await.unwrap();
 }

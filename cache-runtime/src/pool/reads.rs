@@ -87,7 +87,10 @@ impl<DB: Backend> CachedPool<DB> {
     /// # Examples
     ///
     /// ```no_run
-    /// # use cache_runtime::{CachedPgPool, key};
+    /// # use cache_runtime::{CachedEntity, CachedPgPool, key};
+    /// # #[derive(CachedEntity)]
+    /// # #[cached_entity(key = "product:<id>")]
+    /// # struct Product { id: i64 }
     /// # async fn f(pool: CachedPgPool) -> Result<(), std::sync::Arc<sqlx::Error>> {
     /// let price: i64 = pool
     ///     .get_or_load_on_replica(key!("product:<id>", id = 7), |mut conn| async move {
