@@ -1,8 +1,8 @@
 //! The randomized freshness checker (see `tests::checker`) against what makes fills older than writes:
-//! loaders on an old `REPEATABLE READ` snapshot racing with the checked readers, and a Redis that restarts
-//! from an older RDB snapshot mid-run. Writers go through `CachedPool` (PostgreSQL); readers check every
-//! read. Naive controls (a polluter on a plain sqlx transaction; hand-written cache-aside over the same
-//! restarts) must show violations, so a 0 here means something.
+//! loaders on an old `REPEATABLE READ` snapshot racing with the checked readers, loads on a streaming
+//! standby that applies commits late, and a Redis that restarts from an older RDB snapshot mid-run. Writers go through `CachedPool` (PostgreSQL); readers check every
+//! read. Naive controls (a polluter on a plain sqlx transaction; a loader on the standby; hand-written
+//! cache-aside over the same restarts) must show violations, so a 0 here means something.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -257,6 +257,101 @@ async fn the_checker_catches_naive_cache_aside_over_restarts_from_old_snapshots(
     stop.store(true, Ordering::Relaxed);
     restarts.await.unwrap();
     eprintln!("naive cache-aside over restarts from an older RDB (control): {report:?}");
+    assert!(
+        report.violations > 0,
+        "the control must show violations: {report:?}"
+    );
+}
+
+/// A primary, a standby applying commits 300 ms late, the checker's rows, and a pool on the primary with
+/// the standby as its read replica (`wait`: how long a load waits for it to catch up).
+async fn on_a_lagging_standby(
+    wait: Duration,
+) -> (
+    tests::PgCluster,
+    tests::PgCluster,
+    RedisServer,
+    CachedPgPool,
+    PgPool,
+    PgPool,
+) {
+    let primary = tests::PgCluster::start(&[]);
+    let standby = tests::PgCluster::standby_of(&primary, &["recovery_min_apply_delay=300ms"]);
+    let admin = PgPool::connect(&primary.url("postgres")).await.unwrap();
+    sqlx::query("CREATE DATABASE items")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let plain = PgPool::connect(&primary.url("items")).await.unwrap();
+    plain.create_items(config().rows).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let replica = loop {
+        if let Ok(replica) = PgPool::connect(&standby.url("items")).await
+            && replica.select_version(1).await.is_ok()
+        {
+            break replica;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let redis = RedisServer::start();
+    let pool = CachedPgPool::options()
+        .registry(Registry::new([Item::META]))
+        .auto_install(true)
+        .read_replica(replica.clone())
+        .replica_wait(wait)
+        .connect(
+            &primary.url("items"),
+            RedisStore::connect(&redis.url(), PREFIX).await.unwrap(),
+        )
+        .await
+        .unwrap();
+    (primary, standby, redis, pool, plain, replica)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_on_a_lagging_standby_cause_no_stale_read() {
+    let (_primary, _standby, _redis, pool, _plain, _replica) =
+        on_a_lagging_standby(Duration::from_secs(2)).await;
+    let read: Read = {
+        let pool = pool.clone();
+        Arc::new(move |id| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let version: i64 = pool
+                    .get_or_load_on_replica(key!("item:<id>", id = id), |mut conn| async move {
+                        sqlx::query_scalar::<_, i64>("SELECT version FROM items WHERE id = $1")
+                            .bind(id)
+                            .fetch_one(&mut *conn)
+                            .await
+                    })
+                    .await
+                    .unwrap();
+                vec![(id, version)]
+            })
+        })
+    };
+    let report = checker::run(config(), read, captured_write(pool.clone())).await;
+    eprintln!("get_or_load_on_replica on a standby 300 ms behind: {report:?}");
+    // Every write invalidates, so nearly every read is a miss that waits ~300 ms for the standby.
+    assert!(report.reads > 20 && report.writes > 20, "{report:?}");
+    assert_eq!(report.violations, 0, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_naive_loads_on_a_lagging_standby() {
+    let (_primary, _standby, _redis, pool, _plain, replica) =
+        on_a_lagging_standby(Duration::from_secs(2)).await;
+    let report = checker::run(
+        config(),
+        cached_read(vec![pool.cache().clone()], replica),
+        captured_write(pool.clone()),
+    )
+    .await;
+    eprintln!("get_or_load with the loader on the standby (control): {report:?}");
     assert!(
         report.violations > 0,
         "the control must show violations: {report:?}"
