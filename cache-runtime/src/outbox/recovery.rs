@@ -1,6 +1,7 @@
 //! Reopening a pool's read gate after a store failure (see the [`health`](crate::health) module): wait until
 //! the store answers, deliver every outbox row up to the highest id read then, wait until no row up to that
-//! id remains (other relays may hold some), and open the gate unless another failure happened meanwhile.
+//! id remains (other relays may hold some), check that the store did not forget acknowledged invalidations,
+//! and open the gate unless another failure happened meanwhile.
 
 use std::time::Duration;
 
@@ -35,7 +36,17 @@ impl<DB: Backend> Relay<DB> {
         }
     }
 
-    async fn recover_once(&self) -> Result<(), Error> {
+    /// One recovery pass: probe the store, check its sequence, deliver every row up to the outbox's
+    /// highest id and wait until none is left, then check the sequence again. Also run at connect, so a
+    /// pool never starts serving from a store that forgot. The second check reads what the database
+    /// recorded *after* the drain. Each row up to that id was then either delivered by this pass, to the
+    /// store as it is now, or deleted by its deliverer. A deletion records the store's sequence in the same
+    /// transaction, so if the store lost that invalidation, the check sees its sequence go back.
+    ///
+    /// # Errors
+    ///
+    /// A store or database error: the pass is retried.
+    pub(crate) async fn recover_once(&self) -> Result<(), Error> {
         let outbox = &self.outbox;
         // A probe through the breaker: a real round trip that changes nothing (the tag token of a slot no
         // key uses).
@@ -46,8 +57,8 @@ impl<DB: Backend> Relay<DB> {
                 store.tags(&probe, None)
             })
             .await?;
-        // A store that forgot acknowledged invalidations (restarted from an older snapshot, a promoted
-        // replica) drops every namespace first.
+        // A store known to have forgotten drops every namespace first (else the drain's invalidations
+        // would fail the same check).
         outbox.check_sequence().await?;
         // A consumer that lapsed drops its namespaces before its reads use the store again.
         outbox.drop_lost_namespaces().await?;
@@ -55,14 +66,12 @@ impl<DB: Backend> Relay<DB> {
         self.drain(Some(upto)).await?;
         // Rows up to `upto` claimed by other relays: wait until they are delivered too.
         let mut wait = Duration::from_millis(5);
-        loop {
-            if DB::pending_upto(&outbox.pool, &outbox.consumer, upto).await? == 0 {
-                return Ok(());
-            }
+        while DB::pending_upto(&outbox.pool, &outbox.consumer, upto).await? > 0 {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(200));
             // Rows released by a relay that failed: deliver them ourselves.
             self.drain(Some(upto)).await?;
         }
+        outbox.check_sequence().await
     }
 }

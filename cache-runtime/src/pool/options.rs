@@ -284,6 +284,13 @@ impl<DB: Backend> CachedPoolOptions<DB> {
         let pool = CachedPool::start(pool, direct, Arc::new(store), registry, consumer, &self);
         // Live before the first write: from now on no row is deleted before this consumer delivered it.
         pool.relay().outbox.register().await?;
+        // One recovery pass before the first read: rows delivered but not yet deleted by other processes
+        // are delivered again, then the store's sequence is checked against what the database recorded.
+        // If it cannot run (the store is down), the gate closes and the recovery task opens it later.
+        if let Err(error) = pool.relay().recover_once().await {
+            tracing::warn!(%error, "cache store not ready at connect; reads bypass it until it is");
+            pool.relay().outbox.guarded.health.skipped();
+        }
         Ok(pool)
     }
 }
