@@ -45,7 +45,7 @@ pub(crate) const INSTALLED: &str = "cache_invalidation_installed";
 pub(crate) const ACKNOWLEDGED: &str = "cache_invalidation_acknowledged";
 
 /// The version of the generated SQLite SQL; an installed schema of another version must be re-installed.
-pub(crate) const SQLITE_SCHEMA_VERSION: i32 = 1;
+pub(crate) const SQLITE_SCHEMA_VERSION: i32 = 2;
 
 /// The prefix of every trigger this module creates.
 const TRIGGER_PREFIX: &str = "cache_invalidation_";
