@@ -345,6 +345,14 @@ pub enum StoreError {
         /// The highest sequence known to have been acknowledged.
         acknowledged: u64,
     },
+    /// A read was answered on another connection than the one it was sent for: the connection manager
+    /// reconnected, maybe to a server restarted from an older snapshot or to a promoted replica. Counted
+    /// as a failure, so that a pool checks the store (redelivering the outbox, comparing the sequence)
+    /// before its reads use it again.
+    #[error(
+        "the store connection was re-established; checking the store before reads use it again"
+    )]
+    Reconnected,
     /// Fewer replicas than asked acknowledged an invalidation in time
     /// ([`RedisStore::wait_for_replicas`]); the keys stay in the outbox and are delivered again.
     #[error("only {acknowledged} of {wanted} replicas acknowledged the invalidation in time")]

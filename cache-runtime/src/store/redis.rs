@@ -9,6 +9,7 @@
 //! tag tokens, so on a Redis Cluster those slots would need one hash slot.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -91,6 +92,9 @@ pub struct RedisStore {
     consumer: String,
     /// `WAIT` for this many replicas, this long, after each invalidation.
     wait: Option<(u64, Duration)>,
+    /// The `CLIENT ID` of the connection the last read answered on (0: none yet): another one means the
+    /// connection manager reconnected, maybe to another server or dataset.
+    client: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -148,6 +152,7 @@ impl RedisStore {
             scripts: Arc::new(Scripts::new()),
             consumer: String::new(),
             wait: None,
+            client: Arc::new(AtomicU64::new(0)),
         };
         store.load_scripts().await?;
         store.consumer = store.dataset_id().await?;
@@ -195,6 +200,27 @@ impl RedisStore {
     /// The full Redis key of a cache key.
     pub fn redis_key(&self, key: &str) -> String {
         format!("{}{}", self.prefix, key)
+    }
+
+    /// Checks the `CLIENT ID` answered to a read sent while the last known one was `sent_with`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Reconnected`] when the read was answered on another connection than the one known
+    /// when it was sent: the server may have restarted from an older snapshot, or be a promoted replica.
+    fn check_connection(&self, sent_with: u64, answer: &Value) -> Result<(), StoreError> {
+        let id = int(answer)
+            .and_then(|i| u64::try_from(i).ok())
+            .ok_or_else(|| protocol("CLIENT ID", answer))?;
+        if sent_with == id {
+            return Ok(());
+        }
+        let previous = self.client.swap(id, Ordering::AcqRel);
+        // The first reads (sent before any answer) all learn the same id.
+        if sent_with == 0 && (previous == 0 || previous == id) {
+            return Ok(());
+        }
+        Err(StoreError::Reconnected)
     }
 
     async fn load_scripts(&self) -> Result<(), StoreError> {
@@ -445,9 +471,16 @@ impl Store for RedisStore {
                 mget.arg(self.redis_key(&tag_slot(tag)));
             }
             mget.arg(self.redis_key(SEQUENCE_SLOT));
+            let mut pipe = redis::pipe();
+            pipe.cmd("CLIENT").arg("ID").add_command(mget);
+            let sent_with = self.client.load(Ordering::Acquire);
             let mut conn = self.conn.clone();
-            let values: Vec<Value> = mget.query_async(&mut conn).await?;
-            let (counted, values) = split_last(&values)?;
+            let answers: Vec<Value> = pipe.query_async(&mut conn).await?;
+            let [client, Value::Array(values)] = answers.as_slice() else {
+                return Err(StoreError::Protocol(format!("peek: {answers:?}")));
+            };
+            self.check_connection(sent_with, client)?;
+            let (counted, values) = split_last(values)?;
             let (first, rest) = values
                 .split_first()
                 .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))?;
@@ -488,8 +521,12 @@ impl Store for RedisStore {
                 self.push_tag(&mut pipe, tag, Some(tag_ttl));
             }
             pipe.get(self.redis_key(SEQUENCE_SLOT));
+            pipe.cmd("CLIENT").arg("ID");
+            let sent_with = self.client.load(Ordering::Acquire);
             let values = self.query(&pipe).await?;
-            let (counted, values) = split_last(&values)?;
+            let (client, values) = split_last(&values)?;
+            self.check_connection(sent_with, client)?;
+            let (counted, values) = split_last(values)?;
             let (first, rest) = values
                 .split_first()
                 .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))?;
