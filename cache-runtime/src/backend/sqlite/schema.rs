@@ -755,7 +755,10 @@ mod tests {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-        assert_eq!(installed, (1, registry.fingerprint(), 1));
+        assert_eq!(
+            installed,
+            (1, registry.fingerprint(), i64::from(SQLITE_SCHEMA_VERSION))
+        );
         // The script alone is idempotent too (as a migration would run it).
         exec(&mut conn, &sql(&registry)).await;
         assert_eq!(triggers(&mut conn).await, expected);
@@ -1114,7 +1117,7 @@ mod tests {
                 err,
                 Error::SchemaVersionMismatch {
                     installed: 99,
-                    expected: 1
+                    expected: SQLITE_SCHEMA_VERSION
                 }
             ),
             "{err}"
