@@ -363,20 +363,6 @@ pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The query reading `meta`'s row by the columns of its own key, in the key's order: `SELECT * FROM table
-/// WHERE col1 = <p1> AND …`.
-pub(crate) fn select_by_key<DB: Backend>(meta: &EntityMeta) -> String {
-    let mut sql = format!("SELECT * FROM {} WHERE ", DB::table_name(meta.table));
-    for (i, field) in meta.key.placeholders().enumerate() {
-        let column = meta.column(field).map_or(field, |c| c.column);
-        if i > 0 {
-            sql.push_str(" AND ");
-        }
-        sql.push_str(&format!("{} = {}", ident(column), DB::parameter(i + 1)));
-    }
-    sql
-}
-
 /// The query reading `meta`'s rows for `count` values of its own key's columns: `SELECT * FROM table
 /// WHERE (col1, col2) IN ((<p1>, <p2>), …)`, the parameters in the key's order, value after value.
 pub(crate) fn select_by_keys<DB: Backend>(meta: &EntityMeta, count: usize) -> String {

@@ -187,8 +187,8 @@ impl<DB: Backend> Outbox<DB> {
         }
         self.registered.store(true, Ordering::Release);
         let _ = self.drop_lost_namespaces().await;
-        // A store failure is counted (the gate closes and the recovery checks again).
-        let _ = self.check_sequence().await;
+        // The store's sequence is checked by the recovery pass (at connect, after a failure) and by the
+        // heartbeat every second, not here.
         Ok(())
     }
 

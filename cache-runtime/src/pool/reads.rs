@@ -15,7 +15,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{FromRow, IntoArguments};
 
 use super::CachedPool;
-use crate::backend::{Backend, select_by_key};
+use crate::backend::{Backend, select_by_keys};
 use crate::entity::KeyedEntity;
 use crate::key::Key;
 
@@ -59,7 +59,7 @@ impl<DB: Backend> CachedPool<DB> {
             .get_entity(T::key_of(id), || async move {
                 let mut args = DB::Arguments::default();
                 T::bind_id(id, &mut args).map_err(sqlx::Error::Encode)?;
-                let sql = select_by_key::<DB>(T::META);
+                let sql = select_by_keys::<DB>(T::META, 1);
                 let query = sqlx::query_with(sqlx::AssertSqlSafe(sql), args);
                 let mut conn = self.caught_up().await?;
                 match DB::fetch_optional(&mut conn, query).await? {
@@ -214,7 +214,7 @@ impl<DB: Backend> CachedPool<DB> {
         for &i in &indices {
             T::bind_id(&ids[i], &mut args).map_err(sqlx::Error::Encode)?;
         }
-        let sql = crate::backend::select_by_keys::<DB>(T::META, indices.len());
+        let sql = select_by_keys::<DB>(T::META, indices.len());
         let query = sqlx::query_with(sqlx::AssertSqlSafe(sql), args);
         let mut conn = self.caught_up().await?;
         let rows: Vec<T> = DB::fetch_many(&mut conn, query)
