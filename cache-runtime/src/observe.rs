@@ -10,11 +10,12 @@
 //! | `cache_fills_rejected_total` | counter | | loaded values not stored because the key was invalidated during the load (stale stores refused) |
 //! | `cache_bypassed_reads_total` | counter | `reason` = `breaker` \| `gate` | reads that skipped the store (breaker open, or the post-outage gate closed) and went to the loader |
 //! | `cache_store_errors_total` | counter | `op` | failed store operations (`peek`, `lookup`, `tags`, `fill`, `invalidate`, `sequence`, `reset`, `forgot`) |
-//! | `cache_store_resets_total` | counter | | times the store was found to have forgotten acknowledged invalidations (its sequence went back) and every namespace of the registry was dropped |
+//! | `cache_store_resets_total` | counter | `how` | times the store was found to have forgotten acknowledged invalidations (its sequence went back) and was repaired: `replayed` (the replay window's keys sent again) or `dropped` (every namespace of the registry, when the window did not reach back far enough) |
+//! | `cache_replay_window_deliveries` | gauge | | deliveries held in the replay window (see `RelayConfig::replay_window`) |
 //! | `cache_replica_loads_total` | counter | `on` = `replica` \| `primary` | loads of `get_or_load_on_replica`: on the read replica (caught up with the lease), or on the primary (the replica lagged more than `replica_wait`) |
 //! | `cache_breaker_state` | gauge | | 0 closed, 1 half-open (probing), 2 open |
 //! | `cache_gate_closed` | gauge | | 1 while reads bypass the cache after a store failure, until the outbox rows of the outage are delivered |
-//! | `cache_invalidations_sent_total` | counter | `path` = `commit` \| `relay` \| `lapsed` | keys invalidated in the store |
+//! | `cache_invalidations_sent_total` | counter | `path` = `commit` \| `relay` \| `lapsed` \| `replayed` \| `dropped` | keys invalidated in the store (the last two: repairs of a store that forgot) |
 //! | `cache_invalidation_failures_total` | counter | `path` | invalidations that failed or were skipped (breaker open); the rows stay in the outbox |
 //! | `cache_relay_rows_total` | counter | | outbox rows delivered by a relay |
 //! | `cache_relay_batches_total` | counter | | relay batches (one claim, one store pipeline, one delete) |
@@ -56,8 +57,12 @@ pub(crate) fn store_error(op: &'static str) {
     counter!("cache_store_errors_total", "op" => op).increment(1);
 }
 
-pub(crate) fn store_reset() {
-    counter!("cache_store_resets_total").increment(1);
+pub(crate) fn store_reset(how: &'static str) {
+    counter!("cache_store_resets_total", "how" => how).increment(1);
+}
+
+pub(crate) fn replay_window(deliveries: u64) {
+    gauge!("cache_replay_window_deliveries").set(deliveries as f64);
 }
 
 pub(crate) fn replica_load(on: &'static str) {

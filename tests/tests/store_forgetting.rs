@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use cache_runtime::outbox::RelayConfig;
 use cache_runtime::{CachedEntity, CachedPgPool, RedisStore, Registry};
 use sqlx::PgPool;
 use tests::model::{Product, cached_price};
@@ -30,12 +31,64 @@ async fn database(hint: &str) -> (TestDb, PgPool) {
 }
 
 async fn pool(db: &TestDb, store: RedisStore) -> CachedPgPool {
+    pool_with(db, store, RelayConfig::new()).await
+}
+
+async fn pool_with(db: &TestDb, store: RedisStore, relay: RelayConfig) -> CachedPgPool {
     CachedPgPool::options()
         .registry(Registry::new([Product::META]))
         .auto_install(true)
+        .relay_config(relay)
         .connect(&db.url, store)
         .await
         .unwrap()
+}
+
+/// Updates products `ids` through the pool to `price`, and waits until the outbox is empty.
+async fn write(
+    pool: &CachedPgPool,
+    admin: &PgPool,
+    ids: std::ops::RangeInclusive<i64>,
+    price: i64,
+) {
+    for id in ids {
+        sqlx::query("UPDATE products SET price_cents = $1 WHERE id = $2")
+            .bind(price)
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    outbox_drained(admin).await;
+}
+
+async fn outbox_drained(admin: &PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_invalidation.outbox")
+            .fetch_one(admin)
+            .await
+            .unwrap();
+        if rows == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "outbox not drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads products `ids` once through `pool`: (reads that returned another price than `price`, hits).
+async fn read_once(
+    pool: &CachedPgPool,
+    ids: std::ops::RangeInclusive<i64>,
+    price: i64,
+) -> (usize, u64) {
+    let hits = pool.cache().stats().hits;
+    let mut stale = 0;
+    for id in ids {
+        stale += usize::from(cached_price(pool.cache(), pool.sqlx_pool(), id).await != price);
+    }
+    (stale, pool.cache().stats().hits - hits)
 }
 
 async fn store(url: &str) -> RedisStore {
@@ -57,26 +110,7 @@ async fn warm(pool: &CachedPgPool) {
 /// Writes every product through the pool (acknowledged once the calls return), and waits until the
 /// outbox is empty (the deliveries are recorded).
 async fn write_all(pool: &CachedPgPool, admin: &PgPool, price: i64) {
-    for id in 1..=ROWS {
-        sqlx::query("UPDATE products SET price_cents = $1 WHERE id = $2")
-            .bind(price)
-            .bind(id)
-            .execute(pool)
-            .await
-            .unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_invalidation.outbox")
-            .fetch_one(admin)
-            .await
-            .unwrap();
-        if rows == 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "outbox not drained");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    write(pool, admin, 1..=ROWS, price).await;
 }
 
 /// Reads every product through `pool` for `during`; returns the number of reads that returned another
@@ -244,4 +278,176 @@ async fn with_wait_for_replicas_an_unreplicated_invalidation_is_not_acknowledged
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(cached_price(pool.cache(), pool.sqlx_pool(), 1).await, 500);
+}
+
+/// Within the replay window, the repair sends again only the keys delivered after the snapshot: the
+/// entries no write touched stay cached (hits), the others are reloaded, in a process started after the
+/// restore and in the one that ran through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_within_the_replay_window_keeps_untouched_entries_warm() {
+    let (db, admin) = database("forget_replay").await;
+    let mut redis = RedisServer::start_persistent();
+    let running = pool(&db, store(&redis.url()).await).await;
+    warm(&running).await;
+    assert_eq!(redis.command(&["SAVE"]), "OK");
+    write(&running, &admin, 1..=10, 200).await;
+    let window: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_invalidation.replay")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert!(window > 0, "the deliveries are in the replay window");
+    redis.kill();
+    redis.restart();
+    assert_eq!(
+        cached_slots(&redis),
+        ROWS as usize,
+        "the snapshot's entries are back"
+    );
+
+    let started_after = pool(&db, store(&redis.url()).await).await;
+    assert_eq!(
+        cached_slots(&redis),
+        ROWS as usize - 10,
+        "the connect repaired the store: the written products' slots are gone, the others stay"
+    );
+    let (stale, _) = read_once(&started_after, 1..=10, 200).await;
+    assert_eq!(stale, 0, "written products: the new price");
+    let (stale, hits) = read_once(&started_after, 11..=ROWS, 100).await;
+    assert_eq!(stale, 0);
+    assert_eq!(
+        hits, 10,
+        "untouched products are still cached after the repair"
+    );
+    let (stale, reads) = stale_reads(&running, 200, Duration::from_millis(1)).await;
+    let (other, _) = read_once(&running, 11..=ROWS, 100).await;
+    assert_eq!(
+        stale,
+        reads / 2,
+        "the running process reads the written products' new prices ({stale} of {reads} reads are the \
+         untouched ones)"
+    );
+    assert_eq!(other, 0);
+}
+
+/// A snapshot older than the replay window cannot be repaired by a replay: every namespace is dropped,
+/// a cold cache but never a stale one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_older_than_the_replay_window_drops_every_namespace() {
+    let (db, admin) = database("forget_window").await;
+    let mut redis = RedisServer::start_persistent();
+    // Deliveries leave the window at the next heartbeat (every 250 ms here).
+    let relay = RelayConfig::new()
+        .replay_window(Duration::ZERO)
+        .consumer_expiry(Duration::from_secs(1));
+    let running = pool_with(&db, store(&redis.url()).await, relay).await;
+    warm(&running).await;
+    assert_eq!(redis.command(&["SAVE"]), "OK");
+    write(&running, &admin, 1..=10, 200).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let window: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_invalidation.replay")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        if window == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the window was not purged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.kill();
+    redis.restart();
+    let started_after = pool(&db, store(&redis.url()).await).await;
+    let (stale, _) = read_once(&started_after, 1..=10, 200).await;
+    assert_eq!(stale, 0, "written products: the new price");
+    let (stale, hits) = read_once(&started_after, 11..=ROWS, 100).await;
+    assert_eq!(stale, 0);
+    assert_eq!(
+        hits, 0,
+        "every namespace was dropped: untouched products are loaded again"
+    );
+    let (stale, reads) = stale_reads(&running, 200, Duration::from_millis(1)).await;
+    assert_eq!(
+        stale,
+        reads / 2,
+        "only the untouched products have the old price"
+    );
+}
+
+/// SQLite keeps the same replay window (the delivered outbox rows, rendered again for the repair).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_restore_within_the_replay_window_keeps_untouched_entries_warm() {
+    let db = tests::TestSqlite::create("forget_replay").await;
+    let plain = db.pool().await;
+    sqlx::raw_sql(
+        "CREATE TABLE products (id INTEGER PRIMARY KEY, category_id INTEGER NOT NULL, name TEXT NOT NULL,
+           price_cents INTEGER NOT NULL);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20)
+         INSERT INTO products SELECT i, 1, 'p' || i, 100 FROM n;",
+    )
+    .execute(&plain)
+    .await
+    .unwrap();
+    let mut redis = RedisServer::start_persistent();
+    let connect = |url: String| {
+        let db_url = db.url.clone();
+        async move {
+            cache_runtime::CachedSqlitePool::options()
+                .registry(Registry::new([Product::META]))
+                .auto_install(true)
+                .connect(&db_url, store(&url).await)
+                .await
+                .unwrap()
+        }
+    };
+    let running = connect(redis.url()).await;
+    let price = |pool: &cache_runtime::CachedSqlitePool, id: i64| {
+        let pool = pool.clone();
+        async move { pool.get::<Product>(&id).await.unwrap().unwrap().price_cents }
+    };
+    for id in 1..=ROWS {
+        price(&running, id).await;
+    }
+    assert_eq!(redis.command(&["SAVE"]), "OK");
+    for id in 1..=10 {
+        sqlx::query("UPDATE products SET price_cents = 200 WHERE id = ?1")
+            .bind(id)
+            .execute(&running)
+            .await
+            .unwrap();
+    }
+    // The deliveries are recorded (deleted from the outbox, copied into the window).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (outbox, window): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM cache_invalidation_outbox), \
+                    (SELECT count(*) FROM cache_invalidation_replay)",
+        )
+        .fetch_one(&plain)
+        .await
+        .unwrap();
+        if outbox == 0 && window > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "deliveries not recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis.kill();
+    redis.restart();
+    assert_eq!(cached_slots(&redis), ROWS as usize);
+    let started_after = connect(redis.url()).await;
+    assert_eq!(
+        cached_slots(&redis),
+        ROWS as usize - 10,
+        "repaired at connect"
+    );
+    for id in 1..=ROWS {
+        let expected = if id <= 10 { 200 } else { 100 };
+        assert_eq!(price(&started_after, id).await, expected, "product {id}");
+        assert_eq!(price(&running, id).await, expected, "product {id}");
+    }
+    assert!(
+        started_after.cache().stats().hits >= 10,
+        "untouched products are hits"
+    );
 }

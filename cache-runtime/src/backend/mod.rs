@@ -181,6 +181,35 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         consumer: &'a Consumer,
     ) -> BoxFuture<'a, Result<u64, Error>>;
 
+    /// The distinct keys of `consumer`'s deliveries recorded with a store sequence above `after` (the
+    /// replay window, see [`RelayConfig::replay_window`](crate::outbox::RelayConfig::replay_window)); `None` when
+    /// the window no longer reaches back to `after`, or holds more than `max_keys` keys.
+    #[doc(hidden)]
+    fn replay<'a>(
+        pool: &'a Pool<Self>,
+        state: &'a Self::State,
+        consumer: &'a Consumer,
+        after: u64,
+        max_keys: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<String>>, Error>>;
+
+    /// Records that `consumer`'s replay window no longer reaches below `sequence`.
+    #[doc(hidden)]
+    fn cut_replay<'a>(
+        pool: &'a Pool<Self>,
+        consumer: &'a Consumer,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Purges `consumer`'s deliveries older than `keep` from the replay window; returns the deliveries
+    /// left.
+    #[doc(hidden)]
+    fn purge_replay<'a>(
+        pool: &'a Pool<Self>,
+        consumer: &'a Consumer,
+        keep: Duration,
+    ) -> BoxFuture<'a, Result<u64, Error>>;
+
     /// Asks every relay to deliver every row now.
     #[doc(hidden)]
     fn notify_drain(pool: &Pool<Self>) -> BoxFuture<'_, Result<(), sqlx::Error>>;

@@ -49,6 +49,7 @@ pub struct RelayConfig {
     pub(crate) batch: i32,
     pub(crate) store_timeout: Duration,
     pub(crate) consumer_expiry: Duration,
+    pub(crate) replay_window: Duration,
 }
 
 impl Default for RelayConfig {
@@ -59,7 +60,7 @@ impl Default for RelayConfig {
 
 impl RelayConfig {
     /// Defaults: grace 2 s, sweep every 500 ms, 5,000 rows per batch, store timeout 500 ms, consumer
-    /// expiry 5 minutes.
+    /// expiry 5 minutes, replay window 5 minutes.
     pub const fn new() -> Self {
         Self {
             wrapped_grace: Duration::from_secs(2),
@@ -67,7 +68,25 @@ impl RelayConfig {
             batch: 5_000,
             store_timeout: Duration::from_millis(500),
             consumer_expiry: Duration::from_secs(300),
+            replay_window: Duration::from_secs(300),
         }
+    }
+
+    /// How long the keys of a delivery are kept after its outbox rows are deleted (default 5 minutes), for
+    /// a store that forgets what it acknowledged (a Redis restarted from an older RDB snapshot, a replica
+    /// promoted before it received the last deletes; see [`Store::sequence`](crate::Store::sequence)).
+    /// When the pool finds the store's sequence gone back, it sends the store again the keys of every
+    /// delivery above that sequence, and the cache stays warm; when the window does not reach back that
+    /// far (a snapshot older than the window), it drops every namespace of the registry instead: a cold
+    /// cache, never a stale one. The window costs one row per delivery (a writer's deliveries are batched
+    /// every 50 ms) holding its keys; the gauge `cache_replay_window_deliveries` shows its size. Size it to
+    /// the oldest dataset the store can come back with: Redis's default `save` rules snapshot at most
+    /// 5 minutes apart under 100 changes per 5 minutes, and a Sentinel failover takes 30 s to be declared
+    /// by default. Ignored for stores without a sequence.
+    #[must_use]
+    pub const fn replay_window(mut self, window: Duration) -> Self {
+        self.replay_window = window;
+        self
     }
 
     /// How long this process's [consumer](Consumer) stays live without a heartbeat (default 5 minutes;
@@ -115,6 +134,9 @@ impl RelayConfig {
 /// Keys per store call of a delivery: small enough for one call to fit in the store timeout on a loaded
 /// machine (10,000 keys: ~10 ms on loopback Redis), large enough for few round trips.
 const INVALIDATE_CHUNK: usize = 10_000;
+
+/// The most keys a repair of a forgetful store replays; beyond, it drops every namespace instead.
+const REPLAY_MAX_KEYS: usize = 1_000_000;
 
 /// A database's outbox and the store it is delivered to: shared by a pool's commit path and its relay.
 pub(crate) struct Outbox<DB: Backend> {
@@ -222,24 +244,10 @@ impl<DB: Backend> Outbox<DB> {
             ack.raise(seen);
             return Ok(());
         }
-        tracing::warn!(
-            consumer = self.consumer.name(),
-            sequence = seen,
-            acknowledged = floor,
-            "the cache store forgot acknowledged invalidations (restarted from an older snapshot, or a \
-             replica promoted before it had them): dropping every namespace of the registry before reads \
-             use it again"
-        );
         self.guarded.health.failure();
-        let result = self
-            .guarded
-            .call("reset", timeout, |store| store.reset(&self.shapes, floor))
-            .await;
-        match result {
+        match self.repair(seen, floor).await {
             Ok(seen) => {
-                observe::store_reset();
-                observe::invalidations_sent("reset", self.shapes.len());
-                ack.raise(seen.unwrap_or(0));
+                ack.raise(seen);
                 Ok(())
             }
             Err(error) => {
@@ -249,6 +257,64 @@ impl<DB: Backend> Outbox<DB> {
         }
     }
 
+    /// Repairs a store that forgot invalidations back to its sequence `seen`: sends it again the keys of
+    /// every delivery of the replay window above `seen` (see [`RelayConfig::replay_window`]) or, when the
+    /// window does not reach back that far, drops every namespace of the registry; the last call raises
+    /// its sequence to `floor`, so that reads use it again only once it is repaired. Returns the sequence.
+    async fn repair(&self, seen: u64, floor: u64) -> Result<u64, Error> {
+        let replay = DB::replay(
+            &self.pool,
+            &self.state,
+            &self.consumer,
+            seen,
+            REPLAY_MAX_KEYS,
+        )
+        .await?;
+        let (how, keys) = match replay {
+            Some(keys) => ("replayed", keys),
+            None => ("dropped", self.shapes.clone()),
+        };
+        tracing::warn!(
+            consumer = self.consumer.name(),
+            sequence = seen,
+            acknowledged = floor,
+            how,
+            keys = keys.len(),
+            "the cache store forgot acknowledged invalidations (restarted from an older snapshot, or a \
+             replica promoted before it had them): repairing it before reads use it again (`replayed`: \
+             the replay window's keys above its sequence, `dropped`: every namespace of the registry)"
+        );
+        let timeout = self.config.store_timeout;
+        let mut chunks: Vec<&[String]> = keys.chunks(INVALIDATE_CHUNK).collect();
+        let last = chunks.pop().unwrap_or_default();
+        for chunk in chunks {
+            self.guarded
+                .call("replay", timeout, |store| store.invalidate(chunk))
+                .await?;
+        }
+        let seen = self
+            .guarded
+            .call("reset", timeout, |store| store.reset(last, floor))
+            .await?;
+        observe::store_reset(how);
+        observe::invalidations_sent(how, keys.len());
+        Ok(seen.unwrap_or(0))
+    }
+
+    /// Purges the replay window of deliveries older than it (see [`RelayConfig::replay_window`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`].
+    pub(crate) async fn purge_replay(&self) -> Result<(), Error> {
+        if self.unsequenced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let left = DB::purge_replay(&self.pool, &self.consumer, self.config.replay_window).await?;
+        observe::replay_window(left);
+        Ok(())
+    }
+
     /// Drops the registry's namespaces from the store if the consumer lapsed.
     ///
     /// # Errors
@@ -256,8 +322,14 @@ impl<DB: Backend> Outbox<DB> {
     /// As [`invalidate`](Self::invalidate); the namespaces stay to drop.
     pub(crate) async fn drop_lost_namespaces(&self) -> Result<(), Error> {
         if self.lapsed.load(Ordering::Acquire) {
-            self.invalidate([(0, self.shapes.clone())], "lapsed")
+            let delivery = self
+                .invalidate([(0, self.shapes.clone())], "lapsed")
                 .await?;
+            // The rows the consumer missed are in no replay: a store that forgets this drop cannot be
+            // repaired by one.
+            if delivery.sequence > 0 {
+                DB::cut_replay(&self.pool, &self.consumer, delivery.sequence).await?;
+            }
             self.lapsed.store(false, Ordering::Release);
         }
         Ok(())
@@ -377,7 +449,8 @@ pub(crate) async fn heartbeat<DB: Backend>(outbox: Arc<Outbox<DB>>) {
         let result = tokio::select! {
             _ = beat.tick() => async {
                 DB::alive(&outbox.pool, &outbox.installer).await?;
-                outbox.register().await
+                outbox.register().await?;
+                outbox.purge_replay().await
             }.await,
             _ = check.tick() => outbox.check_sequence().await,
         };

@@ -106,21 +106,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Box::pin(std::future::ready(Ok(None)))
     }
 
-    /// Invalidates `shapes`, then raises the [sequence](Self::sequence) to at least `at_least`, in one
-    /// round trip where the backend allows it (so that a server that goes away in between applies
-    /// neither, or only the first): how a pool recovers from a store that forgot acknowledged
-    /// invalidations. Returns the sequence.
+    /// Invalidates `keys` (as [`invalidate`](Self::invalidate)), then raises the
+    /// [sequence](Self::sequence) to at least `at_least`, in one round trip where the backend allows it
+    /// (so that a server that goes away in between applies neither, or only the first): how a pool
+    /// repairs a store that forgot acknowledged invalidations (the keys are those of the replay window,
+    /// or every namespace). Returns the sequence.
     ///
     /// # Errors
     ///
     /// [`StoreError`] when the backend cannot be reached.
     fn reset<'a>(
         &'a self,
-        shapes: &'a [String],
+        keys: &'a [String],
         at_least: u64,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
-            self.invalidate(shapes).await?;
+            self.invalidate(keys).await?;
             self.sequence(at_least).await
         })
     }
@@ -217,10 +218,10 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn reset<'a>(
         &'a self,
-        shapes: &'a [String],
+        keys: &'a [String],
         at_least: u64,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
-        (**self).reset(shapes, at_least)
+        (**self).reset(keys, at_least)
     }
 
     fn peek<'a>(

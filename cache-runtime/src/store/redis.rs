@@ -202,6 +202,23 @@ impl RedisStore {
         format!("{}{}", self.prefix, key)
     }
 
+    /// A pipeline that invalidates `keys`: `UNLINK` of their value and tag slots (a shape has only its
+    /// tag slot), up to 500 slots per command.
+    fn unlink(&self, keys: &[String]) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for chunk in keys.chunks(UNLINK_KEYS / 2) {
+            let mut unlink = redis::cmd("UNLINK");
+            for key in chunk {
+                if !is_shape(key) {
+                    unlink.arg(self.redis_key(key));
+                }
+                unlink.arg(self.redis_key(&tag_slot(key)));
+            }
+            pipe.add_command(unlink).ignore();
+        }
+        pipe
+    }
+
     /// Checks the `CLIENT ID` answered to a read sent while the last known one was `sent_with`.
     ///
     /// # Errors
@@ -382,17 +399,7 @@ impl Store for RedisStore {
         Box::pin(async move {
             // `UNLINK` of up to 500 slots per command, in one pipeline: a few commands instead of two per key;
             // then the sequence, and with `wait_for_replicas` the replicas' acknowledgement.
-            let mut pipe = redis::pipe();
-            for chunk in keys.chunks(UNLINK_KEYS / 2) {
-                let mut unlink = redis::cmd("UNLINK");
-                for key in chunk {
-                    if !is_shape(key) {
-                        unlink.arg(self.redis_key(key));
-                    }
-                    unlink.arg(self.redis_key(&tag_slot(key)));
-                }
-                pipe.add_command(unlink).ignore();
-            }
+            let mut pipe = self.unlink(keys);
             pipe.incr(self.redis_key(SEQUENCE_SLOT), 1);
             if let Some((replicas, timeout)) = self.wait {
                 pipe.cmd("WAIT").arg(replicas).arg(millis(timeout));
@@ -426,18 +433,11 @@ impl Store for RedisStore {
 
     fn reset<'a>(
         &'a self,
-        shapes: &'a [String],
+        keys: &'a [String],
         at_least: u64,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
-            let mut pipe = redis::pipe();
-            let mut unlink = redis::cmd("UNLINK");
-            for shape in shapes {
-                unlink.arg(self.redis_key(&tag_slot(shape)));
-            }
-            if !shapes.is_empty() {
-                pipe.add_command(unlink).ignore();
-            }
+            let mut pipe = self.unlink(keys);
             pipe.incr(self.redis_key(SEQUENCE_SLOT), 1).ignore();
             pipe.invoke_script(
                 self.scripts

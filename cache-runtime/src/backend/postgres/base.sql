@@ -34,13 +34,26 @@ CREATE TABLE IF NOT EXISTS @schema@.consumers (
   name text NOT NULL,
   expires_after interval NOT NULL,
   missed boolean NOT NULL DEFAULT false,
-  -- The highest store sequence recorded with a delivery of the consumer's rows: a store whose sequence is
-  -- lower forgot invalidations it acknowledged (see `Store::sequence`).
+  -- The highest store sequence of a delivery no longer in `replay` (purged, or recorded by schema version
+  -- 5): a store that forgot invalidations back below it cannot be repaired by a replay.
   store_sequence bigint NOT NULL DEFAULT 0
 );
 ALTER TABLE @schema@.consumers ADD COLUMN IF NOT EXISTS store_sequence bigint NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS consumers_not_missed ON @schema@.consumers (tag) WHERE NOT missed;
 REVOKE ALL ON @schema@.consumers FROM PUBLIC;
+-- The replay window: the keys of each delivery of a consumer's rows, with the store's sequence after it, kept
+-- for a while after the rows are deleted. A store found to have forgotten invalidations back to sequence S
+-- (restarted from an older snapshot, a replica promoted) is sent again the keys of every delivery above S;
+-- `store_sequence` of `consumers` says whether the window still reaches back that far.
+CREATE TABLE IF NOT EXISTS @schema@.replay (
+  consumer text NOT NULL,
+  sequence bigint NOT NULL,
+  keys text[] NOT NULL,
+  delivered_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS replay_sequence ON @schema@.replay (consumer, sequence);
+CREATE INDEX IF NOT EXISTS replay_delivered_at ON @schema@.replay (consumer, delivered_at);
+REVOKE ALL ON @schema@.replay FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS @schema@.consumer_processes (
   tag text NOT NULL REFERENCES @schema@.consumers ON DELETE CASCADE,
   process text NOT NULL,
@@ -192,6 +205,13 @@ DECLARE
 BEGIN
   -- Losing this delete in a crash only means a second (harmless) delivery: do not wait for the WAL flush.
   PERFORM set_config('synchronous_commit', 'off', true);
+  -- The rows' keys enter the replay window before the rows go (one row per delivery).
+  IF delivered.store_sequence > 0 THEN
+    INSERT INTO @schema@.replay (consumer, sequence, keys)
+    SELECT consumer, delivered.store_sequence, array_agg(k)
+    FROM @schema@.outbox o, unnest(o.keys) k WHERE o.id = ANY (ids)
+    HAVING count(*) > 0;
+  END IF;
   IF live <@ ARRAY[consumer] THEN
     PERFORM @schema@.forget(ids, live, true);
   ELSE
@@ -201,10 +221,6 @@ BEGIN
     IF EXISTS (SELECT FROM @schema@.outbox o WHERE o.id = ANY (ids)) THEN
       PERFORM pg_notify('@channel@', '');
     END IF;
-  END IF;
-  IF delivered.store_sequence > 0 THEN
-    UPDATE @schema@.consumers c SET store_sequence = delivered.store_sequence
-    WHERE c.tag = consumer AND c.store_sequence < delivered.store_sequence;
   END IF;
 END
 $fn$;
@@ -216,5 +232,40 @@ $fn$;
 -- The highest store sequence recorded with `consumer`'s deliveries.
 CREATE OR REPLACE FUNCTION @schema@.acknowledged(consumer text) RETURNS bigint
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-  SELECT coalesce((SELECT c.store_sequence FROM @schema@.consumers c WHERE c.tag = consumer), 0)
+  SELECT greatest(coalesce((SELECT c.store_sequence FROM @schema@.consumers c WHERE c.tag = consumer), 0),
+                  coalesce((SELECT max(r.sequence) FROM @schema@.replay r WHERE r.consumer = acknowledged.consumer), 0))
+$fn$;
+-- The distinct keys of `consumer`'s deliveries above the store sequence `after` (at most `max_keys` + 1:
+-- more means too many to replay); NULL when the window no longer reaches back to `after`.
+CREATE OR REPLACE FUNCTION @schema@.replay_keys(consumer text, after bigint, max_keys integer) RETURNS text[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT CASE WHEN coalesce((SELECT c.store_sequence FROM @schema@.consumers c WHERE c.tag = consumer), 0) > after
+              THEN NULL
+              ELSE array(SELECT DISTINCT k FROM @schema@.replay r, unnest(r.keys) k
+                         WHERE r.consumer = replay_keys.consumer AND r.sequence > after LIMIT max_keys + 1) END
+$fn$;
+-- The window no longer reaches below `sequence`: deliveries at or below it were purged, or an invalidation
+-- at it is not in the window (a namespace drop after the consumer missed rows).
+CREATE OR REPLACE FUNCTION @schema@.cut_replay(consumer text, sequence bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+  UPDATE @schema@.consumers c SET store_sequence = cut_replay.sequence
+  WHERE c.tag = consumer AND c.store_sequence < cut_replay.sequence
+$fn$;
+-- Purges `consumer`'s deliveries older than `keep` (raising its cut); returns the deliveries left.
+CREATE OR REPLACE FUNCTION @schema@.purge_replay(consumer text, keep interval) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  purged bigint;
+BEGIN
+  PERFORM set_config('synchronous_commit', 'off', true);
+  WITH gone AS (
+    DELETE FROM @schema@.replay r
+    WHERE r.consumer = purge_replay.consumer AND r.delivered_at < now() - keep
+    RETURNING r.sequence
+  ) SELECT max(g.sequence) INTO purged FROM gone g;
+  IF purged IS NOT NULL THEN
+    PERFORM @schema@.cut_replay(consumer, purged);
+  END IF;
+  RETURN (SELECT count(*) FROM @schema@.replay r WHERE r.consumer = purge_replay.consumer);
+END
 $fn$;

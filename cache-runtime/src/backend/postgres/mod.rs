@@ -49,7 +49,7 @@ pub const WRAPPED_SETTING: &str = function!("wrapped");
 pub(crate) const SEEN_SETTING: &str = function!("seen");
 
 /// The version of the generated SQL; an installed schema of another version must be re-installed.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// The application name of the relay's `LISTEN` connection (visible in `pg_stat_activity`).
 pub const LISTEN_APPLICATION_NAME: &str = "cache_invalidation_relay";
@@ -176,6 +176,56 @@ impl Backend for Postgres {
                     .fetch_one(pool)
                     .await?;
             Ok(u64::try_from(sequence).unwrap_or(0))
+        })
+    }
+
+    fn replay<'a>(
+        pool: &'a PgPool,
+        _state: &'a (),
+        consumer: &'a Consumer,
+        after: u64,
+        max_keys: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<String>>, Error>> {
+        Box::pin(async move {
+            let keys: Option<Vec<String>> =
+                sqlx::query_scalar(concat!("SELECT ", function!("replay_keys($1, $2, $3)")))
+                    .bind(consumer.tag())
+                    .bind(i64::try_from(after).unwrap_or(i64::MAX))
+                    .bind(i32::try_from(max_keys).unwrap_or(i32::MAX - 1))
+                    .fetch_one(pool)
+                    .await?;
+            Ok(keys.filter(|keys| keys.len() <= max_keys))
+        })
+    }
+
+    fn cut_replay<'a>(
+        pool: &'a PgPool,
+        consumer: &'a Consumer,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            sqlx::query(concat!("SELECT ", function!("cut_replay($1, $2)")))
+                .bind(consumer.tag())
+                .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn purge_replay<'a>(
+        pool: &'a PgPool,
+        consumer: &'a Consumer,
+        keep: Duration,
+    ) -> BoxFuture<'a, Result<u64, Error>> {
+        Box::pin(async move {
+            let left: i64 =
+                sqlx::query_scalar(concat!("SELECT ", function!("purge_replay($1, $2)")))
+                    .bind(consumer.tag())
+                    .bind(keep)
+                    .fetch_one(pool)
+                    .await?;
+            Ok(u64::try_from(left).unwrap_or(0))
         })
     }
 

@@ -13,6 +13,9 @@
 //!   the data. `delivered_to` lists the consumers that delivered the row.
 //! - `consumers`: the stores the outbox is delivered to (see [`Consumer`](crate::outbox::Consumer)): a
 //!   row is deleted once every live consumer delivered it.
+//! - `replay (consumer, sequence, keys, delivered_at)`: the replay window, the keys of each delivery with the
+//!   store's sequence after it, kept after the rows are deleted (see
+//!   [`RelayConfig::replay_window`](crate::outbox::RelayConfig::replay_window)).
 //! - `installed`: the [`Registry::fingerprint`] and [`SCHEMA_VERSION`] the triggers were generated from.
 //! - the rendering functions `escape_text(text)`, `render_text(text)`, `render_int(bigint)`,
 //!   `render_bool(boolean)`, equal byte for byte to the Rust rendering (see [`crate::key::KeyWriter`]).
@@ -32,8 +35,10 @@
 //! - functions the runtime calls (all `SECURITY DEFINER`): `transaction_keys()`, `session_keys()`,
 //!   `claim_rows(int, interval, bigint, text)` (a consumer's undelivered rows with their ages, or every
 //!   such row up to an id whatever its age: the drain after a store outage), `delivered(bigint[],
-//!   text, bigint)` (which records the store's sequence with the delivery), `acknowledged(text)` (the
-//!   highest sequence recorded), `register(text, text, interval, text)` and `prune()` (a consumer's heartbeat), `backlog(text)` (a consumer's
+//!   text, bigint)` (which records the delivered keys with the store's sequence in the replay window),
+//!   `acknowledged(text)` (the highest sequence recorded), `replay_keys(text, bigint, integer)`,
+//!   `cut_replay(text, bigint)` and `purge_replay(text, interval)` (the replay window, see
+//!   [`RelayConfig::replay_window`](crate::outbox::RelayConfig::replay_window)), `register(text, text, interval, text)` and `prune()` (a consumer's heartbeat), `backlog(text)` (a consumer's
 //!   depth, the highest id, its oldest row's age, the outbox's size and the live consumers: the relay's
 //!   gauges), `max_id()` (the post-outage watermark, an index lookup) and `pending_upto(bigint, text)` (a
 //!   consumer's rows up to an id still undelivered).
@@ -842,6 +847,9 @@ pub(super) const CLIENT_FUNCTIONS: &[&str] = &[
     function!("delivered(bigint[], text)"),
     function!("delivered(bigint[], text, bigint)"),
     function!("acknowledged(text)"),
+    function!("replay_keys(text, bigint, integer)"),
+    function!("cut_replay(text, bigint)"),
+    function!("purge_replay(text, interval)"),
     function!("register(text, text, interval, text)"),
     function!("unregister(text, text)"),
     function!("prune()"),

@@ -35,7 +35,7 @@ macro_rules! outbox {
 mod render;
 mod schema;
 
-use schema::{ACKNOWLEDGED, OUTBOX};
+use schema::{ACKNOWLEDGED, OUTBOX, REPLAY};
 
 use render::Renderer;
 pub use schema::SqliteSchema;
@@ -171,13 +171,14 @@ impl Backend for Sqlite {
             let Some(&max) = ids.iter().max() else {
                 return Ok(());
             };
-            // Recorded before the rows go: a sequence the store reached, recorded early, is harmless.
+            // The rows enter the replay window before they go (a copy recorded early is harmless).
             if sequence > 0 {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO {ACKNOWLEDGED} (id, store_sequence) VALUES (1, ?1) ON CONFLICT (id) \
-                     DO UPDATE SET store_sequence = max(store_sequence, excluded.store_sequence)"
+                    "INSERT INTO {REPLAY} (sequence, tbl, image, delivered_at) \
+                     SELECT ?1, tbl, image, {NOW} FROM {OUTBOX} WHERE id <= ?2"
                 )))
                 .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
+                .bind(max)
                 .execute(pool)
                 .await?;
             }
@@ -251,12 +252,92 @@ impl Backend for Sqlite {
         _consumer: &'a Consumer,
     ) -> BoxFuture<'a, Result<u64, Error>> {
         Box::pin(async move {
-            let sequence: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT store_sequence FROM {ACKNOWLEDGED} WHERE id = 1"
+            let sequence: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT max(coalesce((SELECT store_sequence FROM {ACKNOWLEDGED} WHERE id = 1), 0), \
+                            coalesce((SELECT max(sequence) FROM {REPLAY}), 0))"
             )))
-            .fetch_optional(pool)
+            .fetch_one(pool)
             .await?;
-            Ok(sequence.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+            Ok(u64::try_from(sequence).unwrap_or(0))
+        })
+    }
+
+    fn replay<'a>(
+        pool: &'a SqlitePool,
+        state: &'a SqliteState,
+        _consumer: &'a Consumer,
+        after: u64,
+        max_keys: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<String>>, Error>> {
+        Box::pin(async move {
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            if cut(pool).await? > after {
+                return Ok(None);
+            }
+            let rows: Vec<(i64, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT rowid, tbl, image FROM {REPLAY} WHERE sequence > ?1"
+            )))
+            .bind(after)
+            .fetch_all(pool)
+            .await?;
+            let keys: std::collections::BTreeSet<String> = state
+                .render(rows)
+                .into_iter()
+                .flat_map(|(_, keys)| keys)
+                .collect();
+            Ok((keys.len() <= max_keys).then(|| keys.into_iter().collect()))
+        })
+    }
+
+    fn cut_replay<'a>(
+        pool: &'a SqlitePool,
+        _consumer: &'a Consumer,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {ACKNOWLEDGED} (id, store_sequence) VALUES (1, ?1) ON CONFLICT (id) \
+                 DO UPDATE SET store_sequence = max(store_sequence, excluded.store_sequence)"
+            )))
+            .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn purge_replay<'a>(
+        pool: &'a SqlitePool,
+        consumer: &'a Consumer,
+        keep: Duration,
+    ) -> BoxFuture<'a, Result<u64, Error>> {
+        Box::pin(async move {
+            let before: f64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT {NOW} - ?1")))
+                .bind(keep.as_secs_f64())
+                .fetch_one(pool)
+                .await?;
+            let purged: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT max(sequence) FROM {REPLAY} WHERE delivered_at < ?1"
+            )))
+            .bind(before)
+            .fetch_one(pool)
+            .await?;
+            // The cut is raised before the rows go.
+            if let Some(purged) = purged {
+                Self::cut_replay(pool, consumer, u64::try_from(purged).unwrap_or(0)).await?;
+            }
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM {REPLAY} WHERE delivered_at < ?1"
+            )))
+            .bind(before)
+            .execute(pool)
+            .await?;
+            let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM {REPLAY}"
+            )))
+            .fetch_one(pool)
+            .await?;
+            Ok(u64::try_from(left).unwrap_or(0))
         })
     }
 
@@ -337,4 +418,14 @@ impl Backend for Sqlite {
             Wake::Sweep
         })
     }
+}
+
+/// The highest store sequence the replay window no longer reaches below.
+async fn cut(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
+    let cut: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT store_sequence FROM {ACKNOWLEDGED} WHERE id = 1"
+    )))
+    .fetch_optional(pool)
+    .await?;
+    Ok(cut.unwrap_or(0))
 }

@@ -41,11 +41,17 @@ pub(crate) const OUTBOX: &str = outbox!();
 /// The table recording the fingerprint and version of the installed triggers.
 pub(crate) const INSTALLED: &str = "cache_invalidation_installed";
 
-/// The table recording the highest store sequence of a delivery (see `Store::sequence`).
+/// The table recording the highest store sequence of a delivery no longer in [`REPLAY`] (purged, or
+/// recorded by schema version 2): a store that forgot invalidations back below it cannot be repaired by a
+/// replay (see `Store::sequence`).
 pub(crate) const ACKNOWLEDGED: &str = "cache_invalidation_acknowledged";
 
+/// The replay window: the outbox rows of each delivery, with the store's sequence after it, kept after
+/// they are deleted (see `RelayConfig::replay_window`).
+pub(crate) const REPLAY: &str = "cache_invalidation_replay";
+
 /// The version of the generated SQLite SQL; an installed schema of another version must be re-installed.
-pub(crate) const SQLITE_SCHEMA_VERSION: i32 = 2;
+pub(crate) const SQLITE_SCHEMA_VERSION: i32 = 3;
 
 /// The prefix of every trigger this module creates.
 const TRIGGER_PREFIX: &str = "cache_invalidation_";
@@ -144,6 +150,14 @@ CREATE TABLE IF NOT EXISTS {ACKNOWLEDGED} (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   store_sequence INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS {REPLAY} (
+  sequence INTEGER NOT NULL,
+  tbl TEXT NOT NULL,
+  image TEXT NOT NULL,
+  delivered_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {REPLAY}_sequence ON {REPLAY} (sequence);
+CREATE INDEX IF NOT EXISTS {REPLAY}_delivered_at ON {REPLAY} (delivered_at);
 "
     );
     for (table, columns) in tables(registry) {

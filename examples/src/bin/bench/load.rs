@@ -245,6 +245,35 @@ async fn outbox_after(env: &Env, report: &mut Report) -> Result<(), BoxError> {
         vacuums as f64,
         "runs",
     );
+    // The replay window holds every delivery of the run (it is shorter than the window's 5 minutes).
+    let (deliveries, keys, bytes): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(cardinality(keys)), 0),
+                pg_total_relation_size('cache_invalidation.replay')
+         FROM cache_invalidation.replay",
+    )
+    .fetch_one(&env.raw)
+    .await?;
+    report.value(
+        group,
+        "replay window: deliveries held",
+        deliveries as f64,
+        "rows",
+    );
+    report.value(group, "replay window: keys held", keys as f64, "keys");
+    report.value(
+        group,
+        "replay window: table + indexes",
+        bytes as f64 / 1024.0,
+        "KiB",
+    );
+    if keys > 0 {
+        report.value(
+            group,
+            "replay window: bytes per key held",
+            bytes as f64 / keys as f64,
+            "bytes",
+        );
+    }
     Ok(())
 }
 
