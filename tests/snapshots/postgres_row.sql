@@ -313,6 +313,24 @@ BEGIN
   END IF;
 END
 $fn$;
+-- Writes `keys` to the outbox in the current transaction, as a captured write does (`CachedPool::invalidate`).
+CREATE OR REPLACE FUNCTION cache_invalidation.invalidate(keys text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+  IF keys IS NOT NULL AND cardinality(keys) > 0 THEN
+    INSERT INTO cache_invalidation.outbox (txid, pid, writer, keys, created_at)
+    VALUES (pg_current_xact_id(), pg_backend_pid(), nullif(current_setting('cache_invalidation.wrapped', true), ''), keys,
+            clock_timestamp());
+    -- A NOTIFY makes `PREPARE TRANSACTION` fail: where the server allows prepared transactions, relays find
+    -- these rows by their sweep instead.
+    IF coalesce(current_setting('cache_invalidation.wrapped', true), '') = ''
+       AND current_setting('max_prepared_transactions') = '0' THEN
+      PERFORM pg_notify('cache_invalidation', '');
+    END IF;
+  END IF;
+END
+$fn$;
+REVOKE ALL ON FUNCTION cache_invalidation.invalidate(text[]) FROM PUBLIC;
 -- Schema version 4's signature, for processes of older builds during a rolling deploy.
 CREATE OR REPLACE FUNCTION cache_invalidation.delivered(ids bigint[], consumer text) RETURNS void
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -518,7 +536,7 @@ BEGIN
   ALTER EVENT TRIGGER cache_invalidation_drop ENABLE ALWAYS;
 END
 $events$;
-REVOKE ALL ON FUNCTION cache_invalidation.transaction_keys(), cache_invalidation.session_keys(), cache_invalidation.claim_rows(integer, interval, bigint, text), cache_invalidation.backlog(text), cache_invalidation.max_id(), cache_invalidation.pending_upto(bigint, text), cache_invalidation.delivered(bigint[], text), cache_invalidation.delivered(bigint[], text, bigint), cache_invalidation.acknowledged(text), cache_invalidation.replay_keys(text, bigint, integer), cache_invalidation.cut_replay(text, bigint), cache_invalidation.purge_replay(text, interval), cache_invalidation.register(text, text, interval, text), cache_invalidation.unregister(text, text), cache_invalidation.prune(), cache_invalidation.alive(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION cache_invalidation.transaction_keys(), cache_invalidation.session_keys(), cache_invalidation.claim_rows(integer, interval, bigint, text), cache_invalidation.backlog(text), cache_invalidation.max_id(), cache_invalidation.pending_upto(bigint, text), cache_invalidation.delivered(bigint[], text), cache_invalidation.delivered(bigint[], text, bigint), cache_invalidation.acknowledged(text), cache_invalidation.invalidate(text[]), cache_invalidation.replay_keys(text, bigint, integer), cache_invalidation.cut_replay(text, bigint), cache_invalidation.purge_replay(text, interval), cache_invalidation.register(text, text, interval, text), cache_invalidation.unregister(text, text), cache_invalidation.prune(), cache_invalidation.alive(text) FROM PUBLIC;
 DO $others$
 DECLARE r record;
 BEGIN

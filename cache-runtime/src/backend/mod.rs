@@ -160,6 +160,14 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         in_transaction: bool,
     ) -> BoxFuture<'a, Result<Rows, sqlx::Error>>;
 
+    /// Writes `keys` to the outbox on `conn` (in its transaction), as a captured write would: delivered
+    /// with the transaction's other keys after `COMMIT` (see [`CachedPool::invalidate`](crate::CachedPool::invalidate)).
+    #[doc(hidden)]
+    fn enqueue<'a>(
+        conn: &'a mut Self::Connection,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>>;
+
     /// Called as soon as the keys of `ids` are invalidated, before they are queued for deletion.
     #[doc(hidden)]
     fn invalidated(state: &Self::State, ids: &[i64]);

@@ -199,16 +199,37 @@ fn ttls(registry: &Registry) -> HashMap<&'static str, Duration> {
 ///     .ttl(Duration::from_secs(30))
 ///     .tag(key!("user:<id>", id = 3));
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub(crate) ttl: Option<Duration>,
     pub(crate) tags: Vec<Key>,
+    pub(crate) cache_none: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            ttl: None,
+            tags: Vec::new(),
+            cache_none: true,
+        }
+    }
 }
 
 impl LoadOptions {
-    /// Defaults: the key's entity TTL, no tags beyond the key's namespace.
+    /// Defaults: the key's entity TTL, no tags beyond the key's namespace, `None` cached as a tombstone.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether a loaded "nothing" (`None`, `()`) is cached as a tombstone for at most the
+    /// [negative TTL](CacheBuilder::negative_ttl) (default `true`; the write that creates the row removes
+    /// it). With `false`, it is returned (and shared with the callers waiting for this load) but not
+    /// stored: the next read loads again.
+    #[must_use]
+    pub fn cache_none(mut self, cache: bool) -> Self {
+        self.cache_none = cache;
+        self
     }
 
     /// Overrides the time to live of the entry (jitter still applies).

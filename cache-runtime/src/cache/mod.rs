@@ -130,8 +130,11 @@ impl Cache {
         self.inner.stats.snapshot()
     }
 
-    /// Invalidates `keys` (rendered keys, or namespace shapes such as `product:<>`): what the write side
-    /// calls after COMMIT. See [`Store::invalidate`].
+    /// Invalidates `keys` in the store now ([`Key`]s, rendered keys, or namespace shapes such as
+    /// `product:<>`): one store call, what the write side sends after `COMMIT` (see
+    /// [`Store::invalidate`]). It is not durable: if the store is down the invalidation is lost, and a
+    /// store that later forgets it does not get it again. Next to a database, prefer
+    /// [`CachedPool::invalidate`](crate::CachedPool::invalidate), which goes through the outbox.
     ///
     /// # Errors
     ///
@@ -141,13 +144,17 @@ impl Cache {
     ///
     /// Dropping the future may leave any subset of `keys` invalidated; invalidation is idempotent, so
     /// calling again is always safe.
-    pub async fn invalidate(&self, keys: &[String]) -> Result<(), StoreError> {
+    pub async fn invalidate(
+        &self,
+        keys: impl IntoIterator<Item = impl AsRef<str>>,
+    ) -> Result<(), StoreError> {
+        let keys: Vec<String> = keys.into_iter().map(|k| k.as_ref().to_owned()).collect();
         let guarded = &self.inner.guarded;
         let floor = guarded.acknowledged.floor();
-        match guarded.store.invalidate(keys).await {
+        match guarded.store.invalidate(&keys).await {
             Ok(sequence) => {
                 guarded.health.success();
-                guarded.recent.note(keys);
+                guarded.recent.note(&keys);
                 // An invalidation raised the sequence: its answer is above the floor of the call.
                 guarded.observe(floor + 1, sequence)
             }
@@ -204,6 +211,93 @@ impl Cache {
     {
         self.get_or_load_with(key, LoadOptions::default(), loader)
             .await
+    }
+
+    /// Reads `key`; on a miss runs `init`, which cannot fail, and caches its value: moka's `get_with`,
+    /// under the protocol of [`get_or_load`](Self::get_or_load) (lease, single flight, no stale fill).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_or_load`](Self::get_or_load).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use cache_runtime::{Cache, CachedEntity, key};
+    /// # #[derive(CachedEntity)]
+    /// # #[cached_entity(key = "product:<id>:views")]
+    /// # struct Views { id: i64 }
+    /// # async fn f(cache: Cache) {
+    /// let views: u64 = cache
+    ///     .get_with(key!("product:<id>:views", id = 7), || async { 42 })
+    ///     .await;
+    /// # }
+    /// ```
+    pub async fn get_with<V, F, Fut>(&self, key: impl Into<Key>, init: F) -> V
+    where
+        V: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let loaded = self
+            .get_or_load(key.into(), || async {
+                Ok::<_, std::convert::Infallible>(init().await)
+            })
+            .await;
+        match loaded {
+            Ok(value) => value,
+            Err(never) => match *never {},
+        }
+    }
+
+    /// Reads `key`; on a miss runs `init` and caches its `Ok` value (errors are never cached): moka's
+    /// `try_get_with`, the same call as [`get_or_load`](Self::get_or_load). The error is an `Arc<E>`
+    /// because one load's error is handed to every caller that waited for it (moka does the same).
+    ///
+    /// # Errors
+    ///
+    /// The loader's error, shared.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_or_load`](Self::get_or_load).
+    pub async fn try_get_with<V, E, F, Fut>(
+        &self,
+        key: impl Into<Key>,
+        init: F,
+    ) -> Result<V, Arc<E>>
+    where
+        V: Serialize + DeserializeOwned,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        self.get_or_load(key.into(), init).await
+    }
+
+    /// Reads `key`; on a miss runs `init` and caches a `Some` value. A `None` is returned but not cached
+    /// (no tombstone): moka's `optionally_get_with`. Entries are stored as `Option<V>`, so readers of the
+    /// same key through [`get_or_load`](Self::get_or_load) with `Option<V>` share them.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_or_load`](Self::get_or_load).
+    pub async fn optionally_get_with<V, F, Fut>(&self, key: impl Into<Key>, init: F) -> Option<V>
+    where
+        V: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Option<V>>,
+    {
+        let options = LoadOptions::new().cache_none(false);
+        let loaded = self
+            .get_or_load_with(key.into(), options, || async {
+                Ok::<_, std::convert::Infallible>(init().await)
+            })
+            .await;
+        match loaded {
+            Ok(value) => value,
+            Err(never) => match *never {},
+        }
     }
 
     /// [`get_or_load`](Self::get_or_load) with per-call [`LoadOptions`] (TTL, tags).

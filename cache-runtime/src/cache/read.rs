@@ -56,6 +56,8 @@ struct Plan<'k> {
     tag_ttl: Duration,
     /// The health epoch when the read started: a store failure since then forbids the fill.
     epoch: u64,
+    /// Whether a loaded "nothing" is stored (see [`LoadOptions::cache_none`]).
+    cache_none: bool,
 }
 
 /// A lease taken by [`Cache::acquire`].
@@ -245,6 +247,7 @@ impl Cache {
             ttl,
             tag_ttl: ttl.saturating_add(Duration::from_secs(60)),
             epoch: self.inner.guarded.health.epoch(),
+            cache_none: options.cache_none,
         }
     }
 
@@ -455,6 +458,10 @@ impl Cache {
                 return (Ok(value), Outcome::Unshared);
             }
         };
+        if !plan.cache_none && codec::is_nothing(&payload) {
+            lease.guard.release().await;
+            return (Ok(value), Outcome::Value(payload.into()));
+        }
         let Lease {
             guard,
             started,

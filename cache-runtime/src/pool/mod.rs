@@ -298,6 +298,54 @@ impl<DB: Backend> CachedPool<DB> {
         Ok(CachedTransaction::outermost(tx, Arc::clone(&self.core)))
     }
 
+    /// Invalidates `keys` as a captured write does, for data that changed outside the registered tables:
+    /// the keys are written to the outbox in a transaction of their own and delivered after its `COMMIT`,
+    /// before this call returns. Unlike [`Cache::invalidate`] (a store call, lost if the store is down),
+    /// they are durable: a store outage leaves them in the outbox for the relay (the read gate closes
+    /// meanwhile), and a store that forgets them gets them again from the replay window.
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of the transaction: then nothing is invalidated. A store failure after the
+    /// `COMMIT` is not an error (the relay delivers).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`CachedTransaction::commit`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use cache_runtime::{CachedEntity, CachedPgPool, key};
+    /// # #[derive(CachedEntity)]
+    /// # #[cached_entity(table = "products", key = "product:<id>")]
+    /// # struct Product { id: i64 }
+    /// # async fn f(pool: CachedPgPool) -> Result<(), sqlx::Error> {
+    /// pool.invalidate(key!("product:<id>", id = 7)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn invalidate(&self, key: impl Into<crate::Key>) -> Result<(), sqlx::Error> {
+        self.invalidate_many([key]).await
+    }
+
+    /// [`invalidate`](Self::invalidate) of several keys, in one transaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`invalidate`](Self::invalidate).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`invalidate`](Self::invalidate).
+    pub async fn invalidate_many(
+        &self,
+        keys: impl IntoIterator<Item = impl Into<crate::Key>>,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.begin().await?;
+        tx.invalidate_many(keys).await?;
+        tx.commit().await
+    }
+
     /// The bare sqlx pool. Writes through it are **not** delivered before the call returns: the relay
     /// delivers them (PostgreSQL: after the grace period, its connections being marked as wrapped; SQLite:
     /// at the next sweep or the next write through the wrapper). Use it for things the wrapper does not

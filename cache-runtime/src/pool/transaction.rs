@@ -10,6 +10,7 @@ use tracing::Instrument as _;
 use super::Core;
 use crate::backend::Backend;
 use crate::cache::scope;
+use crate::key::Key;
 
 /// A transaction (or savepoint) of a [`CachedPool`](super::CachedPool).
 ///
@@ -85,6 +86,42 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
             outermost: false,
             used: Arc::clone(&self.used),
         })
+    }
+
+    /// Invalidates `key` when the outermost transaction commits, as if the transaction had written its
+    /// data: the key is written to the outbox in this transaction (rolled back with it, savepoints
+    /// included) and delivered with its other keys. For data that changed outside the registered tables
+    /// (another database, a file, a computed value).
+    ///
+    /// # Errors
+    ///
+    /// The [`sqlx::Error`] of writing to the outbox.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave the keys written or not; they commit only with the transaction.
+    pub async fn invalidate(&mut self, key: impl Into<Key>) -> Result<(), sqlx::Error> {
+        self.invalidate_many([key]).await
+    }
+
+    /// [`invalidate`](Self::invalidate) of several keys.
+    ///
+    /// # Errors
+    ///
+    /// As [`invalidate`](Self::invalidate).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`invalidate`](Self::invalidate).
+    pub async fn invalidate_many(
+        &mut self,
+        keys: impl IntoIterator<Item = impl Into<Key>>,
+    ) -> Result<(), sqlx::Error> {
+        let keys: Vec<String> = keys.into_iter().map(|k| k.into().into_string()).collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        DB::enqueue(&mut self.tx, &keys).await
     }
 
     /// Commits. For the outermost transaction: reads the transaction's keys, sends `COMMIT`, invalidates the

@@ -224,6 +224,14 @@ BEGIN
   END IF;
 END
 $fn$;
+-- Writes `keys` to the outbox in the current transaction, as a captured write does (`CachedPool::invalidate`).
+CREATE OR REPLACE FUNCTION @schema@.invalidate(keys text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+  @emit@
+END
+$fn$;
+REVOKE ALL ON FUNCTION @schema@.invalidate(text[]) FROM PUBLIC;
 -- Schema version 4's signature, for processes of older builds during a rolling deploy.
 CREATE OR REPLACE FUNCTION @schema@.delivered(ids bigint[], consumer text) RETURNS void
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$

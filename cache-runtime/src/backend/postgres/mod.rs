@@ -154,6 +154,19 @@ impl Backend for Postgres {
         })
     }
 
+    fn enqueue<'a>(
+        conn: &'a mut PgConnection,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            sqlx::query(concat!("SELECT ", function!("invalidate($1)")))
+                .bind(keys)
+                .execute(conn)
+                .await
+                .map(drop)
+        })
+    }
+
     fn invalidated(_state: &(), _ids: &[i64]) {}
 
     fn delete<'a>(

@@ -36,7 +36,8 @@
 //!   `claim_rows(int, interval, bigint, text)` (a consumer's undelivered rows with their ages, or every
 //!   such row up to an id whatever its age: the drain after a store outage), `delivered(bigint[],
 //!   text, bigint)` (which records the delivered keys with the store's sequence in the replay window),
-//!   `acknowledged(text)` (the highest sequence recorded), `replay_keys(text, bigint, integer)`,
+//!   `acknowledged(text)` (the highest sequence recorded), `invalidate(text[])` (keys written to the
+//!   outbox by hand, see [`CachedPool::invalidate`](crate::CachedPool::invalidate)), `replay_keys(text, bigint, integer)`,
 //!   `cut_replay(text, bigint)` and `purge_replay(text, interval)` (the replay window, see
 //!   [`RelayConfig::replay_window`](crate::outbox::RelayConfig::replay_window)), `register(text, text, interval, text)` and `prune()` (a consumer's heartbeat), `backlog(text)` (a consumer's
 //!   depth, the highest id, its oldest row's age, the outbox's size and the live consumers: the relay's
@@ -847,6 +848,7 @@ pub(super) const CLIENT_FUNCTIONS: &[&str] = &[
     function!("delivered(bigint[], text)"),
     function!("delivered(bigint[], text, bigint)"),
     function!("acknowledged(text)"),
+    function!("invalidate(text[])"),
     function!("replay_keys(text, bigint, integer)"),
     function!("cut_replay(text, bigint)"),
     function!("purge_replay(text, interval)"),
@@ -859,7 +861,9 @@ pub(super) const CLIENT_FUNCTIONS: &[&str] = &[
 /// The schema, the tables and the functions that do not depend on the registry: `base.sql`, whose `@name@`
 /// tokens stand for the object names, the unreserved character class and the rendering expressions.
 fn base_sql() -> String {
-    let base = include_str!("base.sql").replace("@written_keys@", &written_keys_sql());
+    let base = include_str!("base.sql")
+        .replace("@written_keys@", &written_keys_sql())
+        .replace("@emit@", EMIT_SQL);
     fill(&(base + include_str!("ddl.sql")))
         .replace("@render_text@", &render_expr(PartKind::Text, "v"))
         .replace("@render_int@", &render_expr(PartKind::Int, "v"))

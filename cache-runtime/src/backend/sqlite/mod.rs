@@ -55,6 +55,9 @@ impl SqliteState {
     fn render(&self, rows: Vec<(i64, String, String)>) -> Vec<(i64, Vec<String>)> {
         rows.into_iter()
             .map(|(id, table, image)| {
+                if table == KEYS_ROW {
+                    return (id, self.hand_keys(id, &image));
+                }
                 let mut keys = Vec::new();
                 if let Err(problem) = self.renderer.keys(&table, &image, &mut keys) {
                     tracing::error!(
@@ -70,6 +73,21 @@ impl SqliteState {
             .collect()
     }
 }
+
+impl SqliteState {
+    /// The keys of a row written by [`Backend::enqueue`] (a JSON array); one that cannot be decoded
+    /// invalidates every namespace of the registry (never stale) and is logged.
+    fn hand_keys(&self, id: i64, image: &str) -> Vec<String> {
+        serde_json::from_str(image).unwrap_or_else(|error| {
+            tracing::error!(id, %error, "cannot decode the keys of an outbox row; invalidating every namespace");
+            self.renderer.all_namespaces()
+        })
+    }
+}
+
+/// The `tbl` of an outbox row holding keys written by hand (no table has this name: it is not an
+/// identifier).
+const KEYS_ROW: &str = "<keys>";
 
 /// The longest a relay sweep leaves a fresh row to its writer (at most the configured
 /// [`wrapped_grace`](crate::RelayBuilder::wrapped_grace)).
@@ -152,6 +170,25 @@ impl Backend for Sqlite {
             .fetch_all(conn)
             .await?;
             Ok(state.render(rows))
+        })
+    }
+
+    fn enqueue<'a>(
+        conn: &'a mut SqliteConnection,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            let image = serde_json::to_string(keys).map_err(|e| sqlx::Error::Encode(e.into()))?;
+            sqlx::query(concat!(
+                "INSERT INTO ",
+                outbox!(),
+                " (tbl, image) VALUES (?1, ?2)"
+            ))
+            .bind(KEYS_ROW)
+            .bind(image)
+            .execute(conn)
+            .await
+            .map(drop)
         })
     }
 

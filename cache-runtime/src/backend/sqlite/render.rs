@@ -95,6 +95,14 @@ impl Renderer {
         }
     }
 
+    /// The namespaces of every registered table.
+    pub(crate) fn all_namespaces(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.plans.keys().flat_map(|t| self.namespaces(t)).collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// The namespace shapes (`product:<>`) of `table`'s templates: what to invalidate when a row of the
     /// table cannot be rendered.
     pub(crate) fn namespaces(&self, table: &str) -> Vec<String> {
