@@ -125,6 +125,27 @@ pub enum Error {
          `options` to pgbouncer's `ignore_startup_parameters` and use `transaction_pooler(true)` too"
     )]
     PoolerRefusedOptions(#[source] sqlx::Error),
+
+    /// A pool handed to [`CachedPoolOptions::wrap`](crate::CachedPoolOptions::wrap) lacks a connection
+    /// setting capture needs.
+    #[error("the pool handed to `wrap` lacks a connection setting cache invalidation needs: {0}")]
+    UnsuitablePool(String),
+
+    /// The migrations given to [`CachedPoolOptions::migrations`](crate::CachedPoolOptions::migrations)
+    /// failed; nothing else was done at connect.
+    #[cfg(feature = "migrate")]
+    #[error("migrations failed at connect: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// An environment variable read by a `from_env` constructor is missing or malformed (see the
+    /// [`environment`](crate::environment) module).
+    #[error("environment variable `{name}` {problem}")]
+    Environment {
+        /// The variable.
+        name: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 /// A table or placeholder column that does not match its entity; see [`Error::Columns`].

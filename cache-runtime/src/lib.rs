@@ -5,6 +5,7 @@ pub mod backend;
 pub mod cache;
 mod consumer;
 pub mod entity;
+pub mod environment;
 pub mod error;
 pub mod health;
 pub mod key;

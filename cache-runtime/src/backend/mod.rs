@@ -136,6 +136,25 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     fn begin_sql(statement: &str, consumer: &Consumer) -> String;
 
+    /// Runs `migrator` on `pool` (see [`CachedPoolOptions::migrations`](crate::CachedPoolOptions::migrations)).
+    #[cfg(feature = "migrate")]
+    #[doc(hidden)]
+    fn migrate<'a>(
+        migrator: &'a sqlx::migrate::Migrator,
+        pool: &'a Pool<Self>,
+    ) -> BoxFuture<'a, Result<(), sqlx::migrate::MigrateError>>;
+
+    /// Whether the wrapper marks its sessions (in the connect options, see [`wrap`](Self::wrap)): a pool
+    /// it did not connect is then marked per transaction instead.
+    #[doc(hidden)]
+    const SESSION_MARK: bool;
+
+    /// Checks that a pool the application connected (see
+    /// [`CachedPoolOptions::wrap`](crate::CachedPoolOptions::wrap)) has the connection settings capture
+    /// needs.
+    #[doc(hidden)]
+    fn check_shared(pool: &Pool<Self>) -> BoxFuture<'_, Result<(), Error>>;
+
     /// Installs (or updates) the triggers.
     #[doc(hidden)]
     fn install<'a>(

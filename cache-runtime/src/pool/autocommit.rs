@@ -87,7 +87,7 @@ impl<DB: Backend> Autocommit<DB> {
     ) -> Result<(Self, Materialized<DB>), sqlx::Error> {
         let query = Materialized::new(query);
         let wrote = query.may_write(core.options.detection);
-        let conn = if wrote && core.options.pooler {
+        let conn = if wrote && core.options.marks_transactions() {
             Conn::Own(core.begin_marked("BEGIN").await?)
         } else {
             Conn::Plain(core.pool.acquire().await?)

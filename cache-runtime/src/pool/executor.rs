@@ -137,3 +137,23 @@ impl<'c, DB: Backend> Executor<'c> for &'c CachedPool<DB> {
         })
     }
 }
+
+/// `sqlx::Acquire` for `&CachedPool`, for code that takes `impl Acquire` (`sqlx::migrate!().run(&pool)`,
+/// libraries): plain connections and transactions of the underlying pool. Writes through them are captured
+/// (the triggers see every write) but delivered by the relay, within its grace period
+/// ([`RelayConfig::wrapped_grace`](crate::outbox::RelayConfig::wrapped_grace)), not before the call
+/// returns: write through `&CachedPool` or [`CachedPool::begin`] for read-your-writes.
+impl<'a, DB: Backend> sqlx::Acquire<'a> for &'_ CachedPool<DB> {
+    type Database = DB;
+    type Connection = sqlx::pool::PoolConnection<DB>;
+
+    fn acquire(self) -> BoxFuture<'static, Result<Self::Connection, sqlx::Error>> {
+        let pool = self.sqlx_pool().clone();
+        Box::pin(async move { pool.acquire().await })
+    }
+
+    fn begin(self) -> BoxFuture<'static, Result<sqlx::Transaction<'a, DB>, sqlx::Error>> {
+        let pool = self.sqlx_pool().clone();
+        Box::pin(async move { sqlx::Acquire::begin(&pool).await })
+    }
+}

@@ -207,6 +207,20 @@ impl<DB: Backend> CachedPool<DB> {
         CachedPoolOptions::new()
     }
 
+    /// Wraps `pool`, a sqlx pool the application already has, with default options (see
+    /// [`CachedPoolOptions::wrap`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`CachedPoolOptions::wrap`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`CachedPoolOptions::wrap`].
+    pub async fn wrap(pool: Pool<DB>, store: impl Store) -> Result<Self, Error> {
+        CachedPoolOptions::new().wrap(pool, store).await
+    }
+
     /// The pool's state and tasks, on a connected and verified `pool`.
     fn start(
         pool: Pool<DB>,
@@ -265,7 +279,7 @@ impl<DB: Backend> CachedPool<DB> {
     ///
     /// Dropping the future returns the connection to the pool (rolling back a started transaction).
     pub async fn begin(&self) -> Result<CachedTransaction<'static, DB>, sqlx::Error> {
-        let tx = if self.core.options.pooler {
+        let tx = if self.core.options.marks_transactions() {
             self.core.begin_marked("BEGIN").await?
         } else {
             self.sqlx_pool().begin().await?
@@ -289,7 +303,7 @@ impl<DB: Backend> CachedPool<DB> {
         &self,
         statement: impl sqlx::SqlSafeStr,
     ) -> Result<CachedTransaction<'static, DB>, sqlx::Error> {
-        let tx = if self.core.options.pooler {
+        let tx = if self.core.options.marks_transactions() {
             let statement = statement.into_sql_str();
             self.core.begin_marked(statement.as_str()).await?
         } else {

@@ -40,9 +40,13 @@ pub struct CachedPoolOptions<DB: Backend = Postgres> {
     pub(super) detection: WriteDetection,
     pub(super) consumer: Option<Consumer>,
     pub(super) pooler: bool,
+    /// The pool was handed in by the application ([`wrap`](Self::wrap)): its sessions carry no mark.
+    pub(super) shared: bool,
     pub(super) direct: Option<ConnectOptions<DB>>,
     pub(super) replica: Option<sqlx::Pool<DB>>,
     pub(super) replica_wait: std::time::Duration,
+    #[cfg(feature = "migrate")]
+    pub(super) migrator: Option<Arc<sqlx::migrate::Migrator>>,
     #[cfg(feature = "fault-injection")]
     pub(super) crash_after_commit: bool,
 }
@@ -55,6 +59,8 @@ impl<DB: Backend> Clone for CachedPoolOptions<DB> {
             consumer: self.consumer.clone(),
             direct: self.direct.clone(),
             replica: self.replica.clone(),
+            #[cfg(feature = "migrate")]
+            migrator: self.migrator.clone(),
             ..*self
         }
     }
@@ -81,9 +87,12 @@ impl<DB: Backend> CachedPoolOptions<DB> {
             detection: WriteDetection::default(),
             consumer: None,
             pooler: false,
+            shared: false,
             direct: None,
             replica: None,
             replica_wait: std::time::Duration::from_secs(1),
+            #[cfg(feature = "migrate")]
+            migrator: None,
             #[cfg(feature = "fault-injection")]
             crash_after_commit: false,
         }
@@ -164,6 +173,27 @@ impl<DB: Backend> CachedPoolOptions<DB> {
         self
     }
 
+    /// Runs `migrator` (`sqlx::migrate!()`) when the pool connects, before the schema is installed or
+    /// verified: the startup order a service needs (its tables exist before capture is checked on them),
+    /// with one pool. The migrations' writes are other clients' writes (delivered by the relay once it
+    /// runs). Needs the `migrate` feature.
+    ///
+    /// # Examples
+    ///
+    /// ```ignore
+    /// let pool = CachedPgPool::options()
+    ///     .migrations(sqlx::migrate!())
+    ///     .auto_install(true)
+    ///     .connect(&url, store)
+    ///     .await?;
+    /// ```
+    #[cfg(feature = "migrate")]
+    #[must_use]
+    pub fn migrations(mut self, migrator: sqlx::migrate::Migrator) -> Self {
+        self.migrator = Some(Arc::new(migrator));
+        self
+    }
+
     /// Installs (or updates) the triggers at connect instead of only checking them (default `false`). Needs
     /// a role that may create triggers on the registered tables.
     #[must_use]
@@ -236,6 +266,62 @@ impl<DB: Backend> CachedPoolOptions<DB> {
         self.connect_with(options, store).await
     }
 
+    /// Whether the pool's mark is set per transaction (behind a pooler, or on a pool it did not connect).
+    pub(super) fn marks_transactions(&self) -> bool {
+        self.pooler || self.shared
+    }
+
+    /// Wraps `pool`, a sqlx pool the application already has, instead of connecting one: installs or
+    /// verifies the schema and starts the relay as [`connect_with`](Self::connect_with) does, and shares
+    /// the pool's connections (its size and timeouts are the application's; [`pool_options`] is ignored).
+    ///
+    /// On PostgreSQL the wrapper cannot mark sessions it did not open (the mark rides on the connect
+    /// options), so it marks each transaction it begins instead, as behind a
+    /// [transaction pooler](Self::transaction_pooler): an autocommit statement through the wrapper that
+    /// may write runs in a transaction of its own (two round trips more than on a pool the wrapper
+    /// connected). Writes through the application's own handle on `pool` are other clients' writes: the
+    /// relay delivers them within milliseconds. On SQLite the pool must have `recursive_triggers` on.
+    ///
+    /// [`pool_options`]: Self::pool_options
+    ///
+    /// # Errors
+    ///
+    /// As [`connect_with`](Self::connect_with); also [`Error::UnsuitablePool`] for a SQLite pool without
+    /// `recursive_triggers`.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`connect_with`](Self::connect_with).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cache_runtime::{CachedPgPool, RedisStore};
+    ///
+    /// let pool = sqlx::PgPool::connect("postgres://app@localhost/app").await?; // the service's own
+    /// let store = RedisStore::connect("redis://127.0.0.1:6379", "myapp:").await?;
+    /// let cached = CachedPgPool::options().wrap(pool.clone(), store).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn wrap(
+        mut self,
+        pool: sqlx::Pool<DB>,
+        store: impl Store,
+    ) -> Result<CachedPool<DB>, Error> {
+        self.shared = DB::SESSION_MARK;
+        DB::check_shared(&pool).await?;
+        let consumer = self.consumer_of(&store);
+        self.start_on(pool, consumer, store).await
+    }
+
+    /// The consumer the pool delivers to.
+    fn consumer_of(&mut self, store: &impl Store) -> Consumer {
+        self.consumer
+            .take()
+            .unwrap_or_else(|| Consumer::new(store.consumer()))
+    }
+
     /// Connects, installs or verifies the schema, and starts the relay.
     ///
     /// # Errors
@@ -253,18 +339,28 @@ impl<DB: Backend> CachedPoolOptions<DB> {
         options: ConnectOptions<DB>,
         store: impl Store,
     ) -> Result<CachedPool<DB>, Error> {
-        let registry = self.registry.take().unwrap_or_else(|| registry().clone());
-        registry.validate()?;
-        let consumer = self
-            .consumer
-            .take()
-            .unwrap_or_else(|| Consumer::new(store.consumer()));
+        self.registry
+            .get_or_insert_with(|| registry().clone())
+            .validate()?;
+        let consumer = self.consumer_of(&store);
         let pool = self
             .pool_options
             .clone()
             .connect_with(DB::wrap(options, &consumer, self.pooler))
             .await
             .map_err(refused_options)?;
+        self.start_on(pool, consumer, store).await
+    }
+
+    /// Installs or verifies the schema on `pool` and starts the pool's tasks.
+    async fn start_on(
+        mut self,
+        pool: sqlx::Pool<DB>,
+        consumer: Consumer,
+        store: impl Store,
+    ) -> Result<CachedPool<DB>, Error> {
+        let registry = self.registry.take().unwrap_or_else(|| registry().clone());
+        registry.validate()?;
         let direct = match self.direct.clone() {
             Some(direct) => {
                 PoolOptions::new()
@@ -274,6 +370,10 @@ impl<DB: Backend> CachedPoolOptions<DB> {
             }
             None => pool.clone(),
         };
+        #[cfg(feature = "migrate")]
+        if let Some(migrator) = &self.migrator {
+            DB::migrate(migrator, &direct).await?;
+        }
         {
             let mut conn = direct.acquire().await?;
             if self.auto_install {

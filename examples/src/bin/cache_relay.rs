@@ -7,7 +7,8 @@
 //!   `cache_invalidation` schema is installed;
 //! - `REDIS_URL` (default `redis://127.0.0.1:6379`) and `CACHE_PREFIX` (default empty): the store, with
 //!   the same prefix as the applications' `RedisStore`;
-//! - `RELAY_SWEEP_MS` (default 500), `RELAY_GRACE_MS` (default 2000), `RELAY_BATCH_ROWS` (default 5000).
+//! - `RELAY_SWEEP_MS` (default 500), `RELAY_GRACE_MS` (default 2000), `RELAY_BATCH_ROWS` (default 5000),
+//!   `RELAY_STORE_TIMEOUT_MS`, `CACHE_REPLAY_WINDOW_S`: read by the library (`cache_runtime::environment`).
 //!
 //! `cache_relay` runs until killed (killing it loses nothing: a batch in flight rolls back or has
 //! committed). `cache_relay --drain` delivers every row deliverable now, prints what it delivered and the
@@ -15,46 +16,25 @@
 //!
 //! Run: `cargo run --release -p examples --bin cache_relay`.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cache_runtime::RedisStore;
 use cache_runtime::outbox::{Relay, RelayConfig};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn env(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-fn env_u64(name: &str, default: u64) -> Result<u64, BoxError> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .map_err(|e| format!("{name}={v:?} is not a number ({e}); set a whole number").into()),
-        Err(_) => Ok(default),
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let database_url = env(
-        "DATABASE_URL",
-        "postgres://postgres@127.0.0.1:5432/postgres",
-    );
-    let redis_url = env("REDIS_URL", "redis://127.0.0.1:6379");
-    let prefix = env("CACHE_PREFIX", "");
+    let database_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(&database_url)
         .await?;
-    let store = RedisStore::connect(&redis_url, prefix).await?;
+    // REDIS_URL, CACHE_PREFIX and the RELAY_* settings (see `cache_runtime::environment`).
+    let store = RedisStore::from_env().await?;
     let relay = Relay::builder(pool, store)
-        .config(
-            RelayConfig::new()
-                .sweep_interval(Duration::from_millis(env_u64("RELAY_SWEEP_MS", 500)?))
-                .wrapped_grace(Duration::from_millis(env_u64("RELAY_GRACE_MS", 2000)?))
-                .batch_rows(u32::try_from(env_u64("RELAY_BATCH_ROWS", 5000)?).unwrap_or(u32::MAX)),
-        )
+        .config(RelayConfig::from_env()?)
         .build();
     match std::env::args().nth(1).as_deref() {
         Some("--drain") => {
@@ -86,7 +66,7 @@ async fn main() -> Result<(), BoxError> {
             .into());
         }
         None => {
-            eprintln!("cache_relay: relaying {database_url} to {redis_url}");
+            eprintln!("cache_relay: relaying {database_url}");
             relay.run().await;
         }
     }

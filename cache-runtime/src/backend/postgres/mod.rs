@@ -102,6 +102,20 @@ impl Backend for Postgres {
         options.options([(WRAPPED_SETTING, consumer.tag())])
     }
 
+    #[cfg(feature = "migrate")]
+    fn migrate<'a>(
+        migrator: &'a sqlx::migrate::Migrator,
+        pool: &'a PgPool,
+    ) -> BoxFuture<'a, Result<(), sqlx::migrate::MigrateError>> {
+        Box::pin(migrator.run(pool))
+    }
+
+    const SESSION_MARK: bool = true;
+
+    fn check_shared(_pool: &PgPool) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn begin_sql(statement: &str, consumer: &Consumer) -> String {
         format!(
             "{statement}; SELECT pg_catalog.set_config({}, {}, true)",

@@ -131,6 +131,34 @@ impl Backend for Sqlite {
         statement.to_owned()
     }
 
+    #[cfg(feature = "migrate")]
+    fn migrate<'a>(
+        migrator: &'a sqlx::migrate::Migrator,
+        pool: &'a SqlitePool,
+    ) -> BoxFuture<'a, Result<(), sqlx::migrate::MigrateError>> {
+        Box::pin(migrator.run(pool))
+    }
+
+    const SESSION_MARK: bool = false;
+
+    fn check_shared(pool: &SqlitePool) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            // Every connection of a pool is made from the same options: one tells for all.
+            let on: bool = sqlx::query_scalar("PRAGMA recursive_triggers")
+                .fetch_one(pool)
+                .await?;
+            if on {
+                return Ok(());
+            }
+            Err(Error::UnsuitablePool(
+                "SQLite's `recursive_triggers` is off, so the rows a `REPLACE` deletes on a conflict with \
+                 another unique column would not be captured; connect the pool with \
+                 `SqliteConnectOptions::pragma(\"recursive_triggers\", \"ON\")`"
+                    .to_owned(),
+            ))
+        })
+    }
+
     fn wrap(
         options: SqliteConnectOptions,
         _consumer: &Consumer,
