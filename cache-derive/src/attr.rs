@@ -11,6 +11,8 @@ pub(crate) struct Attrs {
     pub(crate) table: Option<LitStr>,
     pub(crate) key: Option<LitStr>,
     pub(crate) depends: Vec<LitStr>,
+    /// `variants = [...]`: declared templates extended by request parameters.
+    pub(crate) variants: Vec<LitStr>,
     pub(crate) ttl: Option<LitStr>,
     /// `crate = "…"`: the path generated code uses for `cache_runtime`.
     pub(crate) krate: Option<syn::Path>,
@@ -44,7 +46,7 @@ impl Attrs {
                         &meta.path,
                         format!(
                             "unknown key `{shown}` in #[cached_entity(...)]: {hint}expected one of `table`, `key`, \
-                             `depends`, `ttl`"
+                             `depends`, `variants`, `ttl`"
                         ),
                     );
                     skip_value(&meta)?;
@@ -58,12 +60,16 @@ impl Attrs {
                 }
                 seen.push(name.clone());
                 match name.as_str() {
-                    symbol::DEPENDS => {
+                    symbol::DEPENDS | symbol::VARIANTS => {
                         let value = meta.value()?;
                         let content;
                         syn::bracketed!(content in value);
                         let list = Punctuated::<LitStr, Token![,]>::parse_terminated(&content)?;
-                        out.depends.extend(list);
+                        if name == symbol::DEPENDS {
+                            out.depends.extend(list);
+                        } else {
+                            out.variants.extend(list);
+                        }
                     }
                     symbol::CRATE => {
                         let value: LitStr = meta.value()?.parse()?;

@@ -65,6 +65,7 @@ fn declares(t: &Template, ident: &syn::Ident, krate: &syn::Path) -> TokenStream 
     let id = Literal::u64_suffixed(t.id());
     quote! {
         #[automatically_derived]
+        #[diagnostic::do_not_recommend]
         impl #krate::__private::Declares<#ident> for #krate::__private::TemplateId<#id> {}
     }
 }
@@ -133,6 +134,23 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
         .map(|i| format_ident!("__DEPENDS_{}", i))
         .collect();
     let dep_tokens = checked.depends.iter().map(|t| template_tokens(t, krate));
+    let variant_idents: Vec<_> = (0..checked.variants.len())
+        .map(|i| format_ident!("__VARIANT_{}", i))
+        .collect();
+    let variant_tokens = checked
+        .variants
+        .iter()
+        .map(|v| template_tokens(&v.template, krate));
+    let variant_metas = checked.variants.iter().zip(&variant_idents).map(|(v, id)| {
+        let base = match v.base {
+            None => quote!(&__KEY),
+            Some(i) => {
+                let dep = &dep_idents[i];
+                quote!(&#dep)
+            }
+        };
+        quote!(#krate::__private::Variant { template: &#id, base: #base })
+    });
 
     let columns = checked.used.iter().map(|f| {
         let field = unraw(f.ident);
@@ -178,7 +196,11 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
     let keyed = keyed_entity(cont, checked, krate);
 
     let mut declared = vec![declares(&checked.key, ident, krate)];
-    for t in &checked.depends {
+    for t in checked
+        .depends
+        .iter()
+        .chain(checked.variants.iter().map(|v| &v.template))
+    {
         declared.push(declares(t, ident, krate));
     }
 
@@ -187,11 +209,13 @@ fn expand(cont: &Container<'_>, checked: &valid::Checked<'_>) -> TokenStream {
         const _: () = {
             static __KEY: #krate::__private::Template = #key_tokens;
             #(static #dep_idents: #krate::__private::Template = #dep_tokens;)*
+            #(static #variant_idents: #krate::__private::Template = #variant_tokens;)*
             static __META: #krate::__private::EntityMeta = #krate::__private::EntityMeta {
                 type_name: #type_name,
                 table: #table,
                 key: &__KEY,
                 depends: &[#(&#dep_idents),*],
+                variants: &[#(#variant_metas),*],
                 ttl: #krate::__private::core::time::Duration::from_millis(#ttl_ms),
                 columns: &[#(#columns),*],
             };

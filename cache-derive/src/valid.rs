@@ -14,9 +14,17 @@ pub(crate) struct Checked<'a> {
     pub(crate) table: String,
     pub(crate) key: Template,
     pub(crate) depends: Vec<Template>,
+    pub(crate) variants: Vec<Variant>,
     pub(crate) ttl: Duration,
     /// Fields used by placeholders, in first-use order.
     pub(crate) used: Vec<&'a crate::ast::Field<'a>>,
+}
+
+/// A `variants` template: a declared template (its base) followed by request parameters.
+pub(crate) struct Variant {
+    pub(crate) template: Template,
+    /// The base: `None` for the key, `Some(i)` for `depends[i]`.
+    pub(crate) base: Option<usize>,
 }
 
 /// The default TTL when the attribute gives none.
@@ -27,6 +35,7 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
     let table = check_table(cx, cont);
     let key = check_key(cx, cont, &table);
     let depends = check_depends(cx, cont);
+    let variants = check_variants(cx, cont, key.as_ref(), &depends);
     let ttl = check_ttl(cx, cont);
     let used = used_fields(cont, key.iter().chain(&depends));
     for field in &used {
@@ -39,6 +48,7 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
         table,
         key: key?,
         depends,
+        variants,
         ttl,
         used,
     })
@@ -123,6 +133,63 @@ fn check_depends(cx: &mut Ctxt, cont: &Container<'_>) -> Vec<Template> {
         }
     }
     depends
+}
+
+/// The `variants` templates: each extends the longest declared template (`key` or `depends`) it starts
+/// with, by a separator and request parameters (placeholders that need not be fields).
+fn check_variants(
+    cx: &mut Ctxt,
+    cont: &Container<'_>,
+    key: Option<&Template>,
+    depends: &[Template],
+) -> Vec<Variant> {
+    let attrs = &cont.attrs;
+    let declared: Vec<(Option<usize>, &Template)> = key
+        .map(|k| (None, k))
+        .into_iter()
+        .chain(depends.iter().enumerate().map(|(i, t)| (Some(i), t)))
+        .collect();
+    let mut variants = Vec::new();
+    for (i, lit) in attrs.variants.iter().enumerate() {
+        let text = lit.value();
+        if attrs.variants[..i].iter().any(|v| v.value() == text) {
+            cx.error_spanned_by(
+                lit,
+                format!("\"{text}\" is listed twice in `variants`: remove the repetition"),
+            );
+            continue;
+        }
+        let Some(template) = report(cx, lit, cache_template::parse(&text)) else {
+            continue;
+        };
+        let base = declared
+            .iter()
+            .filter(|(_, t)| extends(&text, &t.text))
+            .max_by_key(|(_, t)| t.text.len());
+        match base {
+            Some(&(base, _)) => variants.push(Variant { template, base }),
+            None => {
+                let example = key.map_or("product:<id>", |k| k.text.as_str());
+                cx.error_spanned_by(
+                    lit,
+                    format!(
+                        "variant \"{text}\" must start with one of this entity's templates (`key` or \
+                         `depends`) followed by a separator and its request parameters, e.g. \
+                         \"{example}:as:<viewer>\": its entries are invalidated with that template's key"
+                    ),
+                );
+            }
+        }
+    }
+    variants
+}
+
+/// Whether `variant` is `base` followed by a separator (a character no rendered value contains) and more.
+fn extends(variant: &str, base: &str) -> bool {
+    variant
+        .strip_prefix(base)
+        .and_then(|rest| rest.chars().next())
+        .is_some_and(|c| !cache_template::is_value_char(c) && c != '<')
 }
 
 /// The `ttl`, or the default.

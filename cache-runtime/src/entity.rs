@@ -52,10 +52,25 @@ pub struct EntityMeta {
     pub key: &'static Template,
     /// The dependent key templates (`depends = [...]`).
     pub depends: &'static [&'static Template],
+    /// The variant templates (`variants = [...]`): never rendered by a write, invalidated with their base.
+    pub variants: &'static [Variant],
     /// Time to live of cached entries of this entity: the safety net, never what correctness depends on.
     pub ttl: Duration,
     /// The fields used by placeholders, with their columns and kinds.
     pub columns: &'static [Column],
+}
+
+/// A variant template (`variants = ["article:<slug>:as:<viewer>"]`): a declared template of the entity, its
+/// *base* (`article:<slug>`), extended by request parameters (`<viewer>`), for values that depend on who or
+/// what asks (per-viewer pages, pages of a list, a currency). Writes never render variant keys: every read
+/// of one is tagged with the key of its base, so invalidating the base (a write to the row) invalidates all
+/// its variants at once, O(1), whatever their number.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    /// The variant template.
+    pub template: &'static Template,
+    /// The declared template it extends (the entity's key or one of its `depends`).
+    pub base: &'static Template,
 }
 
 impl EntityMeta {

@@ -173,20 +173,45 @@ impl Template {
     /// assert_eq!(User::META.key.parse("product:1"), None);
     /// ```
     pub fn parse(&self, key: &str) -> Option<Vec<Option<String>>> {
-        let mut rest = key;
         let mut out = Vec::new();
+        let rest = self.strip(key, |raw| {
+            out.push(unescape(raw)?);
+            Some(())
+        })?;
+        rest.is_empty().then_some(out)
+    }
+
+    /// The key of this template that `key` starts with (`key` being a rendering of a template that extends
+    /// this one, such as a variant of it); `None` when it does not start with one.
+    pub(crate) fn key_prefix(&'static self, key: &str) -> Option<Key> {
+        let rest = self.strip(key, |_| Some(()))?;
+        let text = key[..key.len() - rest.len()].to_owned();
+        Some(Key {
+            text,
+            template: self,
+        })
+    }
+
+    /// Matches this template's segments at the start of `key`, handing each placeholder's raw value to
+    /// `value`; returns what follows.
+    fn strip<'k>(
+        &self,
+        key: &'k str,
+        mut value: impl FnMut(&'k str) -> Option<()>,
+    ) -> Option<&'k str> {
+        let mut rest = key;
         for segment in self.segments {
             match segment {
                 Segment::Lit(text) => rest = rest.strip_prefix(text)?,
                 Segment::Placeholder(_) => {
                     let end = rest.find(|c: char| !is_value_char(c)).unwrap_or(rest.len());
                     let (raw, tail) = rest.split_at(end);
-                    out.push(unescape(raw)?);
+                    value(raw)?;
                     rest = tail;
                 }
             }
         }
-        rest.is_empty().then_some(out)
+        Some(rest)
     }
 }
 

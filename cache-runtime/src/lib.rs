@@ -23,11 +23,15 @@ pub mod store;
 ///     table = "products",                            // optional: snake_case struct name + "s"
 ///     key = "product:<id>",                          // required: the row's own key
 ///     depends = ["category:<category_id>:products"], // optional: keys derived from the row
+///     variants = ["product:<id>:in:<currency>"],     // optional: a template above + request parameters
 ///     ttl = "10m",                                   // optional (default 1h): ms, s, m, h, d, e.g. "1h30m"
 /// )]
 /// ```
 ///
 /// Placeholders name fields of the struct; their column is the field name or its `#[sqlx(rename = "…")]`.
+/// A *variant* extends the key or a `depends` template (its base) with placeholders that are request
+/// parameters rather than fields (a viewer, a page, a currency): `key!` renders it, and its entries are
+/// invalidated whenever their base key is, in one store operation (see [`entity::Variant`]).
 /// A placeholder's type must implement [`KeyPart`]. Every mistake is a compile error with a span and a
 /// message that says what to do, all of them at once.
 ///
@@ -106,7 +110,7 @@ pub use store::{MemoryStore, RedisStore, Store, StoreError};
 /// Support for generated code; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::entity::{Column, EntityMeta};
+    pub use crate::entity::{Column, EntityMeta, Variant};
     pub use crate::key::{KeyBuilder, Segment, Template};
     pub use crate::registry::Registration;
     pub use core;
@@ -136,6 +140,7 @@ pub mod __private {
         table: "",
         key: &FALLBACK_TEMPLATE,
         depends: &[],
+        variants: &[],
         ttl: core::time::Duration::from_secs(1),
         columns: &[],
     };

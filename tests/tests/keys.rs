@@ -181,6 +181,7 @@ mod fixed {
         table: "items",
         key: &ITEM_KEY,
         depends: &[&ITEM_SHELF],
+        variants: &[],
         ttl: Duration::from_secs(60),
         columns: ITEM_COLUMNS,
     };
@@ -189,6 +190,7 @@ mod fixed {
         table: "tags",
         key: &TAG_KEY,
         depends: &[],
+        variants: &[],
         ttl: Duration::from_secs(60),
         columns: &[
             Column {

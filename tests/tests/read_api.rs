@@ -141,6 +141,21 @@ async fn cache_none_false_opts_one_call_out_of_tombstones() {
     assert_eq!(cache.stats().fills, 1);
 }
 
+/// An article, whose page is rendered per viewer (`favorited`, `following`), and whose category's list is
+/// paged: variant keys of its key and of a `depends` template.
+#[derive(Debug, Clone, PartialEq, CachedEntity, Serialize, Deserialize, sqlx::FromRow)]
+#[cached_entity(
+    table = "articles",
+    key = "article:<slug>",
+    depends = ["topic:<topic_id>:articles"],
+    variants = ["article:<slug>:as:<viewer>", "topic:<topic_id>:articles:page:<page>"]
+)]
+struct Article {
+    slug: String,
+    topic_id: i64,
+    title: String,
+}
+
 tests::on_both_backends! {
     async fn items(hint: &str) -> (TestDatabase, sqlx::Pool<Db>) {
         let db = TestDatabase::create(hint).await;
@@ -261,5 +276,90 @@ tests::on_both_backends! {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("port")
+    }
+
+    async fn articles(hint: &str) -> (TestDatabase, sqlx::Pool<Db>, CachedPool<Db>, TestPrefix) {
+        let db = TestDatabase::create(hint).await;
+        let plain = db.pool().await;
+        sqlx::raw_sql(
+            "CREATE TABLE articles (slug text PRIMARY KEY, topic_id bigint NOT NULL, title text NOT NULL);
+             INSERT INTO articles VALUES ('leases', 1, 'Leases'), ('tags', 1, 'Tags'), ('other', 2, 'Other');",
+        )
+        .execute(&plain)
+        .await
+        .expect("schema");
+        let prefix = TestPrefix::create(hint).await;
+        let store = RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
+            .await
+            .expect("redis");
+        let pool = CachedPool::<Db>::options()
+            .registry(Registry::new([Article::META]))
+            .auto_install(true)
+            .connect(&db.url, store)
+            .await
+            .expect("connect");
+        (db, plain, pool, prefix)
+    }
+
+    /// The page of `slug` as `viewer` sees it: its title, and a per-viewer mark (`text`, standing for what
+    /// the loader would compute for that viewer).
+    async fn page(pool: &CachedPool<Db>, slug: &str, viewer: i64, text: &str) -> String {
+        let loaded = format!("{text} for {viewer}");
+        let (pool2, slug2) = (pool.clone(), slug.to_owned());
+        pool.cache()
+            .try_get_with(key!("article:<slug>:as:<viewer>", slug = slug, viewer = viewer), || async move {
+                let title: String = sqlx::query_scalar("SELECT title FROM articles WHERE slug = $1")
+                    .bind(slug2)
+                    .fetch_one(pool2.sqlx_pool())
+                    .await?;
+                Ok::<_, sqlx::Error>(format!("{title}: {loaded}"))
+            })
+            .await
+            .expect("page")
+    }
+
+    async fn list_page(pool: &CachedPool<Db>, topic: i64, page: i64, text: &str) -> String {
+        let text = text.to_owned();
+        pool.cache()
+            .get_with(key!("topic:<topic_id>:articles:page:<page>", topic_id = topic, page = page), || async move { text })
+            .await
+    }
+
+    /// Every viewer's page of an article is invalidated by a write to the article, in one store operation
+    /// (the variants are tagged with the article's key), and only that article's; pages of a topic's list
+    /// by a write to any article of the topic; every variant by `TRUNCATE`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn variant_keys_are_invalidated_with_their_base() {
+        let (_db, _plain, pool, _prefix) = articles("variants").await;
+        for viewer in 1..=3 {
+            assert_eq!(page(&pool, "leases", viewer, "v1").await, format!("Leases: v1 for {viewer}"));
+            assert_eq!(page(&pool, "leases", viewer, "v2").await, format!("Leases: v1 for {viewer}"), "cached");
+        }
+        assert_eq!(page(&pool, "tags", 1, "v1").await, "Tags: v1 for 1");
+        for page_no in 1..=2 {
+            assert_eq!(list_page(&pool, 1, page_no, "l1").await, "l1");
+        }
+        assert_eq!(list_page(&pool, 2, 1, "l1").await, "l1");
+        sqlx::query("UPDATE articles SET title = 'Leases!' WHERE slug = 'leases'")
+            .execute(&pool)
+            .await
+            .expect("write");
+        for viewer in 1..=3 {
+            assert_eq!(
+                page(&pool, "leases", viewer, "v2").await,
+                format!("Leases!: v2 for {viewer}"),
+                "every viewer's page of the written article was invalidated"
+            );
+        }
+        assert_eq!(page(&pool, "tags", 1, "v2").await, "Tags: v1 for 1", "another article's stays");
+        for page_no in 1..=2 {
+            assert_eq!(list_page(&pool, 1, page_no, "l2").await, "l2", "the written article's topic pages");
+        }
+        assert_eq!(list_page(&pool, 2, 1, "l2").await, "l1", "another topic's pages stay");
+        sqlx::query(if BACKEND == "postgres" { "TRUNCATE articles" } else { "DELETE FROM articles" })
+            .execute(&pool)
+            .await
+            .expect("truncate");
+        assert_eq!(list_page(&pool, 2, 1, "l3").await, "l3", "TRUNCATE (or a delete of all) reaches variants");
     }
 }

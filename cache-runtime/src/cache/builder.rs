@@ -8,7 +8,7 @@ use super::stats::Counters;
 use super::{Cache, Inner};
 use crate::cache::flight::Flights;
 use crate::health::{BreakerConfig, Guarded};
-use crate::key::Key;
+use crate::key::{Key, Template};
 use crate::registry::{Registry, registry};
 use crate::store::Store;
 
@@ -168,16 +168,31 @@ impl Cache {
                 config,
                 stats: Counters::default(),
                 ttls: ttls(entities.unwrap_or_else(|| registry())),
+                bases: bases(entities.unwrap_or_else(|| registry())),
             }),
         }
     }
 }
 
-/// The TTL of each declared template shape: the shortest of the entities that declare it.
+/// The bases of each variant template shape.
+fn bases(registry: &Registry) -> HashMap<&'static str, Vec<&'static Template>> {
+    let mut bases: HashMap<&'static str, Vec<&'static Template>> = HashMap::new();
+    for variant in registry.entities().iter().flat_map(|e| e.variants) {
+        let shape = bases.entry(variant.template.shape()).or_default();
+        if !shape.contains(&variant.base) {
+            shape.push(variant.base);
+        }
+    }
+    bases
+}
+
+/// The TTL of each declared template shape (variants included): the shortest of the entities that declare
+/// it.
 fn ttls(registry: &Registry) -> HashMap<&'static str, Duration> {
     let mut ttls: HashMap<&'static str, Duration> = HashMap::new();
     for entity in registry.entities() {
-        for template in entity.templates() {
+        let variants = entity.variants.iter().map(|v| v.template);
+        for template in entity.templates().chain(variants) {
             let ttl = ttls.entry(template.shape()).or_insert(entity.ttl);
             *ttl = (*ttl).min(entity.ttl);
         }

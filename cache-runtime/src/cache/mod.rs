@@ -95,6 +95,8 @@ struct Inner {
     stats: Counters,
     /// The TTL of each declared template shape.
     ttls: HashMap<&'static str, Duration>,
+    /// The bases of each variant template shape (see [`Variant`](crate::entity::Variant)).
+    bases: HashMap<&'static str, Vec<&'static crate::key::Template>>,
 }
 
 impl Cache {

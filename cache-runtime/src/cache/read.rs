@@ -241,7 +241,7 @@ impl Cache {
         let ttl = options.ttl.unwrap_or_else(|| self.ttl_for(key));
         Plan {
             key,
-            pre: tag_names(key, &options.tags),
+            pre: self.tags_of(key, &options.tags),
             // Drawn when a lease is asked for: a hit needs none.
             token: String::new(),
             ttl,
@@ -249,6 +249,21 @@ impl Cache {
             epoch: self.inner.guarded.health.epoch(),
             cache_none: options.cache_none,
         }
+    }
+
+    /// The tags read before a load of `key`: its namespace, the declared `tags` and, for a variant key,
+    /// the key of its base (see [`Variant`](crate::entity::Variant)).
+    fn tags_of(&self, key: &Key, tags: &[Key]) -> Vec<String> {
+        let Some(bases) = self.inner.bases.get(key.template().shape()) else {
+            return tag_names(key, tags);
+        };
+        let mut all = tags.to_vec();
+        all.extend(
+            bases
+                .iter()
+                .filter_map(|base| base.key_prefix(key.as_str())),
+        );
+        tag_names(key, &all)
     }
 
     /// The leader's read: peek (unless the caller `peeked` already, finding no valid entry), lease, load

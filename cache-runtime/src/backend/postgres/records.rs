@@ -85,6 +85,7 @@ pub(super) fn decode(record: &str) -> Result<Vec<&'static EntityMeta>, String> {
                 table: leak(&head[2]),
                 key,
                 depends: Box::leak(depends.to_vec().into_boxed_slice()),
+                variants: &[],
                 ttl: Duration::from_millis(ttl),
                 columns: Box::leak(columns.into_boxed_slice()),
             })))
@@ -124,6 +125,7 @@ pub(super) fn merge(entities: &[&'static EntityMeta]) -> Option<&'static EntityM
         table: first.table,
         key,
         depends: Box::leak(depends.to_vec().into_boxed_slice()),
+        variants: &[],
         ttl: first.ttl,
         columns: Box::leak(columns.into_boxed_slice()),
     })))

@@ -558,6 +558,7 @@ mod tests {
         table: "products",
         key: &PRODUCT_KEY,
         depends: &[&PRODUCT_CATEGORY],
+        variants: &[],
         ttl: Duration::from_secs(60),
         columns: &[
             Column {
@@ -598,6 +599,7 @@ mod tests {
         table: "users",
         key: &USER_KEY,
         depends: &[&USER_ORG],
+        variants: &[],
         ttl: Duration::from_secs(60),
         columns: &[
             Column {
@@ -630,6 +632,7 @@ mod tests {
         table: WEIRD_TABLE,
         key: &WEIRD_KEY,
         depends: &[],
+        variants: &[],
         ttl: Duration::from_secs(60),
         columns: &[Column {
             field: "id",
@@ -649,6 +652,7 @@ mod tests {
         table: "products",
         key: &GADGET_KEY,
         depends: &[],
+        variants: &[],
         ttl: Duration::from_secs(60),
         columns: &[Column {
             field: "missing",
@@ -666,6 +670,7 @@ mod tests {
         table: "ghosts",
         key: &GHOST_KEY,
         depends: &[],
+        variants: &[],
         ttl: Duration::from_secs(60),
         columns: &[Column {
             field: "id",
