@@ -210,16 +210,15 @@ impl Drop for Service {
                     .execute(&mut admin)
                     .await;
                 }
-                if let Ok(keys) = redis_keys(&prefix).await {
-                    if let Ok(client) = redis::Client::open(redis_url()) {
-                        if let Ok(mut con) = client.get_multiplexed_async_connection().await {
-                            for key in keys {
-                                let _ = redis::cmd("UNLINK")
-                                    .arg(key)
-                                    .query_async::<()>(&mut con)
-                                    .await;
-                            }
-                        }
+                if let (Ok(keys), Ok(client)) =
+                    (redis_keys(&prefix).await, redis::Client::open(redis_url()))
+                    && let Ok(mut con) = client.get_multiplexed_async_connection().await
+                {
+                    for key in keys {
+                        let _ = redis::cmd("UNLINK")
+                            .arg(key)
+                            .query_async::<()>(&mut con)
+                            .await;
                     }
                 }
             });
