@@ -2,7 +2,9 @@
 //! servers) and drives it over HTTP with a tiny HTTP/1.1 client: cached reads and hits, read-your-writes
 //! after every admin write, lists of both categories when a product moves, tombstones removed by a create,
 //! a page invalidated through its category tag, a write by a plain pool delivered by the relay, error
-//! statuses, the live page; then `SIGTERM`, after which the service's database and Redis keys are gone.
+//! statuses, the live page; then `SIGTERM`, after which the service's database and Redis keys are gone. A
+//! second test loads the live page in headless Chromium (`tests/setup.sh` installs it) and checks the
+//! numbers its script shows.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -503,4 +505,128 @@ async fn the_shop_over_http_reads_its_writes_through_the_cache() {
     );
     let left = redis_keys(&service.prefix).await.expect("SCAN");
     assert!(left.is_empty(), "the service left Redis keys: {left:?}");
+}
+
+/// The `chromium` binary (`CHROMIUM` to name another), or a failure saying how to install it.
+fn chromium() -> String {
+    let name = std::env::var("CHROMIUM")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "chromium".to_owned());
+    let found = Command::new(&name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "this test loads the live page in headless Chromium, and `{name}` cannot be run: install it with \
+         `tests/setup.sh` (as root; it runs `apt-get install -y --no-install-recommends chromium`), or set \
+         CHROMIUM to a Chromium binary"
+    );
+    name
+}
+
+/// Loads `url` in headless Chromium, lets its scripts run for `budget` of virtual time, and returns the DOM.
+fn dump_dom(chromium: &str, url: &str, budget: Duration) -> String {
+    let dir = std::env::temp_dir().join(format!("shop_http_chromium_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let out = dir.join("dom.html");
+    let mut child = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+        .arg(format!("--virtual-time-budget={}", budget.as_millis()))
+        .arg("--dump-dom")
+        .arg(url)
+        .stdout(std::fs::File::create(&out).expect("create the DOM file"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let dom = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    match status {
+        Some(s) if s.success() => dom,
+        Some(s) => panic!("chromium --dump-dom {url} failed ({s}):\n{dom}"),
+        None => panic!("chromium --dump-dom {url} did not finish within 60 s"),
+    }
+}
+
+/// The text of the element with `id` in `dom` (the page's cells are `<td id="…">N</td>`).
+fn cell<'a>(dom: &'a str, id: &str) -> &'a str {
+    let open = format!("id=\"{id}\">");
+    let start = dom
+        .find(&open)
+        .unwrap_or_else(|| panic!("no element {id} in:\n{dom}"))
+        + open.len();
+    let end = dom[start..]
+        .find('<')
+        .unwrap_or_else(|| panic!("unclosed element {id} in:\n{dom}"));
+    &dom[start..start + end]
+}
+
+#[tokio::test]
+async fn the_live_page_shows_the_counters_in_chromium() {
+    let chromium = chromium();
+    let service = Service::start();
+    // A hit, a miss and a write: every counter the page shows is non-zero.
+    service.get("/products/1").await;
+    service.get("/products/1").await;
+    service
+        .json(
+            "PUT",
+            "/admin/products/1",
+            Some(json!({"name": "Lamp"})),
+            200,
+        )
+        .await;
+    let before = service.stats().await;
+    let url = format!("http://{}/", service.addr);
+    let dom =
+        tokio::task::spawn_blocking(move || dump_dom(&chromium, &url, Duration::from_millis(3500)))
+            .await
+            .expect("the chromium task");
+    let after = service.stats().await;
+    let shown = |id: &str| -> u64 {
+        cell(&dom, id)
+            .parse()
+            .unwrap_or_else(|_| panic!("{id} shows no number (did the script run?):\n{dom}"))
+    };
+    // Nothing but the page's polls reached the service meanwhile, and they change no counter.
+    assert_eq!(
+        (shown("hits"), shown("misses")),
+        (before.hits, before.misses),
+        "{dom}"
+    );
+    assert_eq!((before.hits, after.hits), (1, 1), "{after:?}");
+    let invalidations = shown("invalidations");
+    assert!(
+        invalidations >= 1 && (before.invalidations..=after.invalidations).contains(&invalidations),
+        "invalidations shown {invalidations}, /stats {before:?} then {after:?}:\n{dom}"
+    );
+    // The page polled every second: several times in 3.5 s.
+    let status = cell(&dom, "status");
+    let polls: u32 = status
+        .rsplit_once("(poll ")
+        .and_then(|(_, n)| n.strip_suffix(')'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no poll count in the status {status:?}:\n{dom}"));
+    assert!(polls >= 3, "{polls} polls in 3.5 s:\n{dom}");
 }
