@@ -1,14 +1,21 @@
 #!/usr/bin/env sh
 # What the test suite needs besides PostgreSQL, Redis and Rust: pgbouncer (the pooler test runs a real
-# one). Installs it from Debian's packages when it is missing; does nothing otherwise.
+# one) and chromium (the shop_http test loads the service's live page in headless Chromium). Installs each
+# from Debian's packages when it is missing; does nothing otherwise.
 set -eu
-if [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1; then
-  exit 0
+install() { # package, apt-get options
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "tests/setup.sh: $1 is missing; install it as root: apt-get install -y $1" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  # shellcheck disable=SC2086 # the options are words
+  apt-get install -y -q $2 "$1" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $2 "$1" >/dev/null; }
+}
+if ! [ -x /usr/sbin/pgbouncer ] && ! command -v pgbouncer >/dev/null 2>&1; then
+  # The package starts nothing we need; the tests run their own pgbouncer on a free port.
+  install pgbouncer ""
 fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "tests/setup.sh: pgbouncer is missing; install it as root: apt-get install -y pgbouncer" >&2
-  exit 1
+if ! command -v chromium >/dev/null 2>&1; then
+  install chromium --no-install-recommends
 fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -q pgbouncer >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q pgbouncer >/dev/null; }
-# The package starts nothing we need; the tests run their own pgbouncer on a free port.

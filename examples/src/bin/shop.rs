@@ -21,55 +21,15 @@ use cache_runtime::{
     CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, CachedTransaction, LoadOptions,
     MemoryStore, RedisStore, Registry, key,
 };
-use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Connection as _, PgConnection, Pool};
 
-/// A category row. A change invalidates `category:<id>` and the category's product list.
-#[derive(Debug, Clone, PartialEq, CachedEntity, sqlx::FromRow, Serialize, Deserialize)]
-#[cached_entity(table = "categories", key = "category:<id>", depends = ["category:<id>:products"])]
-struct Category {
-    id: i64,
-    name: String,
-}
-
-/// A product row. A change invalidates `product:<id>`, its page, and the list of its category (of the old
-/// and of the new category when it moves).
-#[derive(Debug, Clone, PartialEq, CachedEntity, sqlx::FromRow, Serialize, Deserialize)]
-#[cached_entity(
-    table = "products",
-    key = "product:<id>",
-    depends = ["product:<id>:page", "category:<category_id>:products"],
-    ttl = "10m"
-)]
-struct Product {
-    id: i64,
-    category_id: i64,
-    name: String,
-    price_cents: i64,
-}
-
-/// The product page: a product joined with its category.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow, Serialize, Deserialize)]
-struct Page {
-    id: i64,
-    name: String,
-    price_cents: i64,
-    category_id: i64,
-    category: String,
-}
+#[path = "../shop_model.rs"]
+mod shop_model;
+use shop_model::{Category, Page, Product, SCHEMA};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The tables and rows of the shop. The same DDL works on PostgreSQL and SQLite.
-const SCHEMA: &str = "
-    CREATE TABLE categories (id bigint PRIMARY KEY, name text NOT NULL);
-    CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL REFERENCES categories (id),
-                           name text NOT NULL, price_cents bigint NOT NULL);
-    INSERT INTO categories VALUES (1, 'Lamps'), (2, 'Kitchen');
-    INSERT INTO products VALUES (1, 1, 'Desk lamp', 4999), (2, 1, 'Floor lamp', 8999),
-                                (3, 2, 'Kettle', 2999);";
 
 /// The keys this example caches, watched before and after each write.
 const WATCHED: [&str; 6] = [
