@@ -6,11 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::observe;
 
 /// Counters of one [`Cache`](super::Cache) since it was created.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Stats {
     /// Reads answered by a valid entry of the store.
     pub hits: u64,
+    /// Reads that found no valid entry in the store (then loaded, or waited for another reader's lease).
+    pub misses: u64,
     /// Reads answered by another read of this process in flight (single-flight).
     pub coalesced: u64,
     /// Loader calls.
@@ -62,7 +64,7 @@ pub(crate) enum Event {
 
 /// The counters behind [`Stats`].
 #[derive(Debug, Default)]
-pub(crate) struct Counters([AtomicU64; 13]);
+pub(crate) struct Counters([AtomicU64; 14]);
 
 /// The index of each counter (the order of [`Stats`]' fields).
 mod slot {
@@ -79,6 +81,7 @@ mod slot {
     pub(super) const LEASE_TIMEOUTS: usize = 10;
     pub(super) const STORE_ERRORS: usize = 11;
     pub(super) const BYPASSED: usize = 12;
+    pub(super) const MISSES: usize = 13;
 }
 
 impl Counters {
@@ -91,7 +94,7 @@ impl Counters {
             }
             Event::Miss => {
                 observe::miss();
-                return;
+                slot::MISSES
             }
             Event::Coalesced => slot::COALESCED,
             Event::Load => {
@@ -129,6 +132,7 @@ impl Counters {
         let get = |i: usize| self.0[i].load(Ordering::Relaxed);
         Stats {
             hits: get(slot::HITS),
+            misses: get(slot::MISSES),
             coalesced: get(slot::COALESCED),
             loads: get(slot::LOADS),
             load_errors: get(slot::LOAD_ERRORS),

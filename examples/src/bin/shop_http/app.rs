@@ -18,7 +18,7 @@ use crate::shop_model::{Category, Page, Product};
 pub(crate) struct AppState {
     /// The cached pool: reads through its cache, writes through it as through a `PgPool`.
     pub(crate) pool: CachedPgPool,
-    /// The misses and invalidations that `Cache::stats` does not count.
+    /// The invalidations, which `Cache::stats` does not count (they are the pool's, not the cache's).
     pub(crate) counters: Counters,
 }
 
@@ -87,7 +87,7 @@ async fn stats(State(state): State<AppState>) -> Json<StatsBody> {
     let s = state.pool.cache().stats();
     Json(StatsBody {
         hits: s.hits,
-        misses: state.counters.misses(),
+        misses: s.misses,
         invalidations: state.counters.invalidations(),
         loads: s.loads,
         coalesced: s.coalesced,
@@ -147,7 +147,7 @@ async fn category_products(
 ) -> Result<Json<Vec<Product>>, AppError> {
     let products = pool
         .cache()
-        .get_or_load(key!("category:<category_id>:products", category_id), || {
+        .try_get_with(key!("category:<category_id>:products", category_id), || {
             sqlx::query_as("SELECT * FROM products WHERE category_id = $1 ORDER BY id")
                 .bind(category_id)
                 .fetch_all(&pool)

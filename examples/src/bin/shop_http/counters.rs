@@ -1,17 +1,16 @@
-//! The two counters `/stats` shows that [`Cache::stats`](cache_runtime::Cache::stats) does not have:
-//! misses and invalidations. The library records them through the [`metrics`] facade
-//! (`cache_misses_total`, `cache_invalidations_sent_total`, see `cache_runtime::observe`); this recorder
-//! keeps just those two (summed over their labels) and ignores every other series.
+//! The counter `/stats` shows that [`Cache::stats`](cache_runtime::Cache::stats) does not have: the keys
+//! the pool and its relay invalidated. The library records them through the [`metrics`] facade
+//! (`cache_invalidations_sent_total`, see `cache_runtime::observe`); this recorder keeps just that one
+//! (summed over its labels) and ignores every other series.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 
-/// Misses and invalidated keys of this process so far.
+/// Invalidated keys of this process so far.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Counters {
-    misses: Arc<AtomicU64>,
     invalidations: Arc<AtomicU64>,
 }
 
@@ -24,11 +23,6 @@ impl Counters {
     pub(crate) fn install(&self) -> Result<(), String> {
         metrics::set_global_recorder(self.clone())
             .map_err(|_| "a metrics recorder is already installed".to_owned())
-    }
-
-    /// Reads that found no valid entry.
-    pub(crate) fn misses(&self) -> u64 {
-        self.misses.load(Ordering::Relaxed)
     }
 
     /// Keys invalidated in the store: after a commit through the pool, or by the relay.
@@ -44,7 +38,6 @@ impl Recorder for Counters {
 
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         match key.name() {
-            "cache_misses_total" => Counter::from_arc(self.misses.clone()),
             "cache_invalidations_sent_total" => Counter::from_arc(self.invalidations.clone()),
             _ => Counter::noop(),
         }
