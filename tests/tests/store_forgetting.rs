@@ -451,3 +451,39 @@ async fn sqlite_a_restore_within_the_replay_window_keeps_untouched_entries_warm(
         "untouched products are hits"
     );
 }
+
+/// A store on the application's deadpool-redis pool (`RedisStore::with_pool`): reads and invalidations
+/// work through pooled connections, and a restore from an older snapshot is repaired too (each new pooled
+/// connection's first read counts as a reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_on_a_deadpool_pool_is_repaired_after_a_restore() {
+    let (db, admin) = database("forget_deadpool").await;
+    let mut redis = RedisServer::start_persistent();
+    let deadpool = || {
+        deadpool_redis::Config::from_url(redis.url())
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .unwrap()
+    };
+    let pooled = RedisStore::with_pool(deadpool(), PREFIX).await.unwrap();
+    let running = pool(&db, pooled).await;
+    warm(&running).await;
+    assert_eq!(redis.command(&["SAVE"]), "OK");
+    write(&running, &admin, 1..=10, 200).await;
+    let (stale, _) = read_once(&running, 1..=10, 200).await;
+    assert_eq!(stale, 0, "invalidated through the pool's connections");
+    redis.kill();
+    redis.restart();
+    assert_eq!(
+        cached_slots(&redis),
+        ROWS as usize,
+        "the snapshot's entries are back"
+    );
+    let (stale, reads) = stale_reads(&running, 200, Duration::from_millis(1500)).await;
+    assert_eq!(
+        stale,
+        reads / 2,
+        "only the untouched products (half the reads) have the old price: {stale} of {reads}"
+    );
+    let (stale, _) = read_once(&running, 11..=ROWS, 100).await;
+    assert_eq!(stale, 0);
+}

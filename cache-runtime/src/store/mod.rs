@@ -367,4 +367,9 @@ pub enum StoreError {
     /// server); check that every process runs the same version of this crate.
     #[error("unexpected answer from the store: {0}")]
     Protocol(String),
+
+    /// No connection could be taken from the application's connection pool (see
+    /// [`RedisStore::with_pool`](crate::RedisStore::with_pool)).
+    #[error("redis connection pool: {0}")]
+    Pool(String),
 }

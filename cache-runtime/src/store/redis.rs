@@ -86,7 +86,7 @@ impl Scripts {
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Connection,
     prefix: String,
     scripts: Arc<Scripts>,
     consumer: String,
@@ -95,6 +95,36 @@ pub struct RedisStore {
     /// The `CLIENT ID` of the connection the last read answered on (0: none yet): another one means the
     /// connection manager reconnected, maybe to another server or dataset.
     client: Arc<AtomicU64>,
+    /// With a pool: the `CLIENT ID`s of the pooled connections seen so far.
+    #[cfg(feature = "deadpool-redis")]
+    pooled: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+}
+
+/// How the store reaches Redis.
+#[derive(Clone)]
+enum Connection {
+    /// One multiplexed connection that reconnects on its own.
+    Manager(ConnectionManager),
+    /// The application's deadpool-redis pool: each call takes a connection.
+    #[cfg(feature = "deadpool-redis")]
+    Pool(deadpool_redis::Pool),
+}
+
+impl Connection {
+    /// Runs `pipe` on a connection.
+    async fn query<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
+        match self {
+            Self::Manager(manager) => Ok(pipe.query_async(&mut manager.clone()).await?),
+            #[cfg(feature = "deadpool-redis")]
+            Self::Pool(pool) => {
+                let mut conn = pool
+                    .get()
+                    .await
+                    .map_err(|e| StoreError::Pool(e.to_string()))?;
+                Ok(pipe.query_async(&mut conn).await?)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -146,13 +176,40 @@ impl RedisStore {
         conn: ConnectionManager,
         prefix: impl Into<String>,
     ) -> Result<Self, StoreError> {
+        Self::on(Connection::Manager(conn), prefix.into()).await
+    }
+
+    /// A store on the application's deadpool-redis pool; every key this store touches starts with
+    /// `prefix`. Each call takes a connection from the pool. A connection the store has not seen before
+    /// counts, on its first read, as a reconnect: the pool checks the store (one recovery pass) before it
+    /// serves from it, as after a reconnect of [`connect`](Self::connect)'s connection (the server behind a
+    /// new connection may have restarted from an older snapshot). Needs the `deadpool-redis` feature.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Pool`] or [`StoreError::Redis`] when the scripts cannot be loaded.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`with_connection`](Self::with_connection).
+    #[cfg(feature = "deadpool-redis")]
+    pub async fn with_pool(
+        pool: deadpool_redis::Pool,
+        prefix: impl Into<String>,
+    ) -> Result<Self, StoreError> {
+        Self::on(Connection::Pool(pool), prefix.into()).await
+    }
+
+    async fn on(conn: Connection, prefix: String) -> Result<Self, StoreError> {
         let mut store = Self {
             conn,
-            prefix: prefix.into(),
+            prefix,
             scripts: Arc::new(Scripts::new()),
             consumer: String::new(),
             wait: None,
             client: Arc::new(AtomicU64::new(0)),
+            #[cfg(feature = "deadpool-redis")]
+            pooled: Arc::default(),
         };
         store.load_scripts().await?;
         store.consumer = store.dataset_id().await?;
@@ -172,8 +229,7 @@ impl RedisStore {
             .ignore()
             .cmd("GET")
             .arg(&slot);
-        let mut conn = self.conn.clone();
-        let (id,): (String,) = pipe.query_async(&mut conn).await?;
+        let (id,): (String,) = self.conn.query(&pipe).await?;
         Ok(format!("redis {} {id}", self.prefix))
     }
 
@@ -229,6 +285,20 @@ impl RedisStore {
         let id = int(answer)
             .and_then(|i| u64::try_from(i).ok())
             .ok_or_else(|| protocol("CLIENT ID", answer))?;
+        #[cfg(feature = "deadpool-redis")]
+        if matches!(self.conn, Connection::Pool(_)) {
+            // A pooled connection serves one call at a time: its first answer is the only one to check.
+            let mut seen = self
+                .pooled
+                .lock()
+                .map_err(|_| StoreError::Protocol("poisoned lock".into()))?;
+            let first = seen.is_empty();
+            return if seen.insert(id) && !first {
+                Err(StoreError::Reconnected)
+            } else {
+                Ok(())
+            };
+        }
         if sent_with == id {
             return Ok(());
         }
@@ -245,20 +315,19 @@ impl RedisStore {
         for script in self.scripts.all() {
             pipe.load_script(script).ignore();
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.conn.query::<()>(&pipe).await
     }
 
     /// Runs `pipe`; when the server lost the scripts (restart, `SCRIPT FLUSH`), loads them and retries once.
     async fn query(&self, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
-        let mut conn = self.conn.clone();
-        match pipe.query_async::<Vec<Value>>(&mut conn).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+        match self.conn.query::<Vec<Value>>(pipe).await {
+            Err(StoreError::Redis(e))
+                if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+            {
                 self.load_scripts().await?;
-                Ok(pipe.query_async::<Vec<Value>>(&mut conn).await?)
+                self.conn.query(pipe).await
             }
-            other => Ok(other?),
+            other => other,
         }
     }
 
@@ -474,8 +543,7 @@ impl Store for RedisStore {
             let mut pipe = redis::pipe();
             pipe.cmd("CLIENT").arg("ID").add_command(mget);
             let sent_with = self.client.load(Ordering::Acquire);
-            let mut conn = self.conn.clone();
-            let answers: Vec<Value> = pipe.query_async(&mut conn).await?;
+            let answers: Vec<Value> = self.conn.query(&pipe).await?;
             let [client, Value::Array(values)] = answers.as_slice() else {
                 return Err(StoreError::Protocol(format!("peek: {answers:?}")));
             };
