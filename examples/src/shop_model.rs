@@ -24,6 +24,8 @@ pub(crate) struct Category {
     table = "products",
     key = "product:<id>",
     depends = ["product:<id>:page", "category:<category_id>:products"],
+    // Pages of a category's list: variants of its list key, invalidated with it.
+    variants = ["category:<category_id>:products:page:<page>"],
     ttl = "10m"
 )]
 pub(crate) struct Product {

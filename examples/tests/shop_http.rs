@@ -321,6 +321,14 @@ async fn the_shop_over_http_reads_its_writes_through_the_cache() {
     }
     let s5 = service.stats().await;
     assert_eq!(s5.hits - s4.hits, 2, "{s5:?}");
+    // The first page of category 1 (a variant of its list key), cached before the move.
+    for _ in 0..2 {
+        assert_eq!(
+            ids(&service.get("/categories/1/products/page/1").await),
+            [1, 2]
+        );
+    }
+    assert!(service.in_redis("category:1:products:page:1").await);
     assert!(service.in_redis("category:1:products").await);
     let moved = service
         .json(
@@ -335,6 +343,11 @@ async fn the_shop_over_http_reads_its_writes_through_the_cache() {
         (&json!(2), &json!("Kitchen lamp"))
     );
     assert_eq!(ids(&service.get("/categories/1/products").await), [1]);
+    assert_eq!(
+        ids(&service.get("/categories/1/products/page/1").await),
+        [1],
+        "the page, a variant of the list, was invalidated with it"
+    );
     let kitchen = service.get("/categories/2/products").await;
     assert_eq!(ids(&kitchen), [2, 3]);
     assert_eq!(kitchen[0]["name"], "Kitchen lamp");

@@ -180,12 +180,19 @@ impl<DB: Backend> CachedPoolOptions<DB> {
     ///
     /// # Examples
     ///
-    /// ```ignore
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cache_runtime::{CachedPgPool, RedisStore};
+    ///
+    /// let store = RedisStore::connect("redis://127.0.0.1:6379", "myapp:").await?;
+    /// // `sqlx::migrate!()` in an application; here, the same migrations read at run time.
+    /// let migrator = sqlx::migrate::Migrator::new(std::path::Path::new("migrations")).await?;
     /// let pool = CachedPgPool::options()
-    ///     .migrations(sqlx::migrate!())
+    ///     .migrations(migrator)
     ///     .auto_install(true)
-    ///     .connect(&url, store)
+    ///     .connect("postgres://app@localhost/app", store)
     ///     .await?;
+    /// # Ok(()) }
     /// ```
     #[cfg(feature = "migrate")]
     #[must_use]

@@ -36,6 +36,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/products/{id}", get(product))
         .route("/products/{id}/page", get(page))
         .route("/categories/{id}/products", get(category_products))
+        .route("/categories/{id}/products/page/{page}", get(category_page))
         .route("/admin/products", axum::routing::post(create_product))
         .route(
             "/admin/products/{id}",
@@ -151,6 +152,36 @@ async fn category_products(
             sqlx::query_as("SELECT * FROM products WHERE category_id = $1 ORDER BY id")
                 .bind(category_id)
                 .fetch_all(&pool)
+        })
+        .await?;
+    Ok(Json(products))
+}
+
+/// Products per page of a category's list.
+const PAGE_SIZE: i64 = 2;
+
+/// `GET /categories/{id}/products/page/{page}`: one page (from 1) of the category's list, cached under the
+/// variant `category:<category_id>:products:page:<page>`: a write to any product of the category
+/// invalidates every page with the list, in one store operation.
+async fn category_page(
+    State(pool): State<CachedPgPool>,
+    Path((category_id, page)): Path<(i64, i64)>,
+) -> Result<Json<Vec<Product>>, AppError> {
+    let key = key!(
+        "category:<category_id>:products:page:<page>",
+        category_id,
+        page
+    );
+    let products = pool
+        .cache()
+        .try_get_with(key, || {
+            sqlx::query_as(
+                "SELECT * FROM products WHERE category_id = $1 ORDER BY id LIMIT $2 OFFSET $3",
+            )
+            .bind(category_id)
+            .bind(PAGE_SIZE)
+            .bind((page.max(1) - 1) * PAGE_SIZE)
+            .fetch_all(&pool)
         })
         .await?;
     Ok(Json(products))
