@@ -315,8 +315,10 @@ async fn a_restore_within_the_replay_window_keeps_untouched_entries_warm() {
     let (stale, hits) = read_once(&started_after, 11..=ROWS, 100).await;
     assert_eq!(stale, 0);
     assert_eq!(
-        hits, 10,
-        "untouched products are still cached after the repair"
+        hits,
+        10,
+        "untouched products are still cached after the repair: {:?}",
+        started_after.cache().stats()
     );
     let (stale, reads) = stale_reads(&running, 200, Duration::from_millis(1)).await;
     let (other, _) = read_once(&running, 11..=ROWS, 100).await;

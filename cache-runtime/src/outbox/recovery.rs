@@ -18,9 +18,8 @@ impl<DB: Backend> Relay<DB> {
                 health.tripped.notified().await;
                 continue;
             }
-            let epoch = health.epoch();
             match self.recover_once().await {
-                Ok(()) => {
+                Ok(epoch) => {
                     // A failure since `epoch` keeps the gate closed: start over.
                     let _ = health.open_gate(epoch);
                 }
@@ -43,10 +42,15 @@ impl<DB: Backend> Relay<DB> {
     /// store as it is now, or deleted by its deliverer. A deletion records the store's sequence in the same
     /// transaction, so if the store lost that invalidation, the check sees its sequence go back.
     ///
+    /// Returns the health epoch from which the pass vouches for the store: read after the first
+    /// sequence check, whose repair of a forgetful store counts as a failure (so that reads stop using the
+    /// store meanwhile) but is the pass's own. A failure after it keeps the gate closed; one before it
+    /// left its rows in the outbox, which the drain (its watermark read after the epoch) delivers.
+    ///
     /// # Errors
     ///
     /// A store or database error: the pass is retried.
-    pub(crate) async fn recover_once(&self) -> Result<(), Error> {
+    pub(crate) async fn recover_once(&self) -> Result<u64, Error> {
         let outbox = &self.outbox;
         // A probe through the breaker: a real round trip that changes nothing (the tag token of a slot no
         // key uses).
@@ -60,6 +64,7 @@ impl<DB: Backend> Relay<DB> {
         // A store known to have forgotten drops every namespace first (else the drain's invalidations
         // would fail the same check).
         outbox.check_sequence().await?;
+        let epoch = outbox.guarded.health.epoch();
         // A consumer that lapsed drops its namespaces before its reads use the store again.
         outbox.drop_lost_namespaces().await?;
         let upto = DB::max_id(&outbox.pool).await?;
@@ -72,6 +77,7 @@ impl<DB: Backend> Relay<DB> {
             // Rows released by a relay that failed: deliver them ourselves.
             self.drain(Some(upto)).await?;
         }
-        outbox.check_sequence().await
+        outbox.check_sequence().await?;
+        Ok(epoch)
     }
 }

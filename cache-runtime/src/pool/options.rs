@@ -394,9 +394,16 @@ impl<DB: Backend> CachedPoolOptions<DB> {
         // One recovery pass before the first read: rows delivered but not yet deleted by other processes
         // are delivered again, then the store's sequence is checked against what the database recorded.
         // If it cannot run (the store is down), the gate closes and the recovery task opens it later.
-        if let Err(error) = pool.relay().recover_once().await {
-            tracing::warn!(%error, "cache store not ready at connect; reads bypass it until it is");
-            pool.relay().outbox.guarded.health.skipped();
+        let health = &pool.relay().outbox.guarded.health;
+        match pool.relay().recover_once().await {
+            // A store repaired by the pass (which closed the gate) is used at once.
+            Ok(epoch) => {
+                let _ = health.open_gate(epoch);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cache store not ready at connect; reads bypass it until it is");
+                health.skipped();
+            }
         }
         Ok(pool)
     }
