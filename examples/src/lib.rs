@@ -223,6 +223,51 @@ impl Zipf {
     }
 }
 
+/// Every key under `prefix` on the Redis at `redis_url` (a tool may `SCAN`; the library never does).
+///
+/// # Errors
+///
+/// The Redis error.
+pub async fn prefix_keys(redis_url: &str, prefix: &str) -> redis::RedisResult<Vec<String>> {
+    let client = redis::Client::open(redis_url)?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut cursor: u64 = 0;
+    let mut all = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await?;
+        all.extend(keys);
+        if next == 0 {
+            return Ok(all);
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every key under `prefix` on the Redis at `redis_url`.
+///
+/// # Errors
+///
+/// The Redis error.
+pub async fn delete_prefix(redis_url: &str, prefix: &str) -> redis::RedisResult<()> {
+    let keys = prefix_keys(redis_url, prefix).await?;
+    let client = redis::Client::open(redis_url)?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    for chunk in keys.chunks(1000) {
+        redis::cmd("UNLINK")
+            .arg(chunk)
+            .query_async::<()>(&mut con)
+            .await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,9 +212,10 @@ impl Drop for Service {
                     .execute(&mut admin)
                     .await;
                 }
-                if let (Ok(keys), Ok(client)) =
-                    (redis_keys(&prefix).await, redis::Client::open(redis_url()))
-                    && let Ok(mut con) = client.get_multiplexed_async_connection().await
+                if let (Ok(keys), Ok(client)) = (
+                    examples::prefix_keys(&redis_url(), &prefix).await,
+                    redis::Client::open(redis_url()),
+                ) && let Ok(mut con) = client.get_multiplexed_async_connection().await
                 {
                     for key in keys {
                         let _ = redis::cmd("UNLINK")
@@ -236,29 +237,6 @@ struct Counts {
     misses: u64,
     loads: u64,
     invalidations: u64,
-}
-
-/// The keys under `prefix`.
-async fn redis_keys(prefix: &str) -> redis::RedisResult<Vec<String>> {
-    let client = redis::Client::open(redis_url())?;
-    let mut con = client.get_multiplexed_async_connection().await?;
-    let mut cursor: u64 = 0;
-    let mut all = Vec::new();
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut con)
-            .await?;
-        all.extend(keys);
-        if next == 0 {
-            return Ok(all);
-        }
-        cursor = next;
-    }
 }
 
 /// The ids of a JSON list of products.
@@ -516,7 +494,9 @@ async fn the_shop_over_http_reads_its_writes_through_the_cache() {
         "the service left its database {}",
         service.database
     );
-    let left = redis_keys(&service.prefix).await.expect("SCAN");
+    let left = examples::prefix_keys(&redis_url(), &service.prefix)
+        .await
+        .expect("SCAN");
     assert!(left.is_empty(), "the service left Redis keys: {left:?}");
 }
 

@@ -241,15 +241,8 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
-        let loaded = self
-            .get_or_load(key.into(), || async {
-                Ok::<_, std::convert::Infallible>(init().await)
-            })
-            .await;
-        match loaded {
-            Ok(value) => value,
-            Err(never) => match *never {},
-        }
+        self.load_infallible(key.into(), LoadOptions::default(), init)
+            .await
     }
 
     /// Reads `key`; on a miss runs `init` and caches its `Ok` value (errors are never cached): moka's
@@ -291,8 +284,18 @@ impl Cache {
         Fut: Future<Output = Option<V>>,
     {
         let options = LoadOptions::new().cache_none(false);
+        self.load_infallible(key.into(), options, init).await
+    }
+
+    /// [`get_or_load_with`](Self::get_or_load_with) of a loader that cannot fail.
+    async fn load_infallible<V, F, Fut>(&self, key: Key, options: LoadOptions, init: F) -> V
+    where
+        V: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
         let loaded = self
-            .get_or_load_with(key.into(), options, || async {
+            .get_or_load_with(key, options, || async {
                 Ok::<_, std::convert::Infallible>(init().await)
             })
             .await;

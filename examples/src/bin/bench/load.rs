@@ -426,6 +426,6 @@ pub(super) async fn memory(
         plain,
     );
     pool.close().await;
-    super::cleanup_prefix(redis_url, &prefix).await?;
-    super::cleanup_prefix(redis_url, &plain_prefix).await
+    examples::delete_prefix(redis_url, &prefix).await?;
+    Ok(examples::delete_prefix(redis_url, &plain_prefix).await?)
 }

@@ -164,7 +164,7 @@ async fn postgres_section(sizes: Sizes) -> Result<Report, BoxError> {
     )))
     .execute(&mut admin)
     .await?;
-    if let Err(e) = cleanup_prefix(&redis_url, &prefix).await {
+    if let Err(e) = examples::delete_prefix(&redis_url, &prefix).await {
         eprintln!("could not delete the keys under {prefix}: {e}");
     }
     result
@@ -173,33 +173,6 @@ async fn postgres_section(sizes: Sizes) -> Result<Report, BoxError> {
 impl Sizes {
     fn quick(&self) -> bool {
         self.single == Self::QUICK.single
-    }
-}
-
-/// Deletes the benchmark's keys (a tool may `SCAN`; the library never does).
-async fn cleanup_prefix(redis_url: &str, prefix: &str) -> Result<(), BoxError> {
-    let client = redis::Client::open(redis_url)?;
-    let mut con = client.get_multiplexed_async_connection().await?;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut con)
-            .await?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<()>(&mut con)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
     }
 }
 

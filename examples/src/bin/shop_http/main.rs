@@ -159,7 +159,7 @@ async fn serve(config: &Config, name: &str, counters: Counters) -> Result<(), Bo
     }
     .await;
     pool.close().await;
-    delete_prefix(&config.redis_url, &prefix).await?;
+    examples::delete_prefix(&config.redis_url, &prefix).await?;
     eprintln!("shop_http: deleted the Redis keys under {prefix:?}");
     result
 }
@@ -188,31 +188,4 @@ async fn shutdown(seconds: Option<u64>) {
         () = deadline => "SHOP_HTTP_SECONDS elapsed",
     };
     eprintln!("shop_http: shutting down ({why})");
-}
-
-/// Deletes every key under `prefix` (the service may `SCAN`; the library never does).
-async fn delete_prefix(redis_url: &str, prefix: &str) -> Result<(), BoxError> {
-    let client = redis::Client::open(redis_url)?;
-    let mut con = client.get_multiplexed_async_connection().await?;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut con)
-            .await?;
-        if !keys.is_empty() {
-            redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<()>(&mut con)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
 }
