@@ -19,81 +19,238 @@
 //! | `cache_invalidation_failures_total` | counter | `path` | invalidations that failed or were skipped (breaker open); the rows stay in the outbox |
 //! | `cache_relay_rows_total` | counter | | outbox rows delivered by a relay |
 //! | `cache_relay_batches_total` | counter | | relay batches (one claim, one store pipeline, one delete) |
-//! | `cache_relay_lag_seconds` | histogram | | per relay batch: age of its oldest row when delivered (commit → invalidation for writes the relay delivers) |
+//! | `cache_invalidation_lag_seconds` | histogram | `path` = `commit` \| `relay` | commit → invalidation acknowledged by the store: `commit`, from the `COMMIT`'s answer to the store's, per delivery of a writer through the pool; `relay`, per relay batch, the age of its oldest row when delivered (writes of other clients, and those the writer could not deliver) |
 //! | `cache_outbox_depth` | gauge | | outbox rows the relay's consumer has not delivered, measured by the relay when idle |
 //! | `cache_outbox_oldest_age_seconds` | gauge | | age of the oldest of those rows |
 //! | `cache_outbox_rows` | gauge | | every outbox row, including those other consumers still need (a consumer that is gone holds rows back until its expiry) |
 //! | `cache_outbox_consumers` | gauge | | live consumers of the outbox (see [`Consumer`](crate::outbox::Consumer)) |
 //!
 //! Every series is process-wide (several caches or relays in one process add up).
+//!
+//! # Names
+//!
+//! The names above have the default prefix [`DEFAULT_PREFIX`] (`cache`); a service whose own metrics
+//! already use `cache_…`, or that runs two libraries of this kind, sets another with [`set_prefix`] before
+//! the first pool or cache is built (`set_prefix("catalog_cache")` gives `catalog_cache_hits_total`).
+//! Counters end in `_total`, durations are in seconds (`_seconds`), as Prometheus' naming conventions ask.
+//! [`describe`] hands every series' kind, unit and help text to the installed recorder (for `# HELP`
+//! lines); call it once after installing the recorder.
+//!
+//! # Traces
+//!
+//! The spans `cache.commit`, `cache.relay_batch` and `cache.invalidate` (level `DEBUG`) carry
+//! OpenTelemetry's database attributes: `db.system.name` (`postgresql`, `sqlite`; on `cache.invalidate`
+//! the store's, `redis`, see [`Store::system_name`](crate::Store::system_name)) and `db.operation.name`
+//! (`COMMIT`, `UNLINK`). `cache.load` (a loader's call, which may not touch a database) carries the key.
 
-use metrics::{counter, gauge, histogram};
+use std::sync::OnceLock;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+/// The prefix of every metric name unless [`set_prefix`] chose another.
+pub const DEFAULT_PREFIX: &str = "cache";
+
+static PREFIX: OnceLock<String> = OnceLock::new();
+static NAMES: OnceLock<Names> = OnceLock::new();
+
+/// Why [`set_prefix`] refused a prefix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrefixError {
+    /// Not a Prometheus metric name (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
+    #[error(
+        "metric prefix {0:?} is not a Prometheus name: use letters, digits, `_` and `:`, not first a digit"
+    )]
+    Invalid(String),
+    /// The prefix was set before, or a metric was already recorded under it.
+    #[error(
+        "the metric prefix is already {0:?} (set before, or fixed by the first metric recorded): call \
+         `observe::set_prefix` once, before building any pool or cache"
+    )]
+    AlreadySet(String),
+}
+
+/// Sets the prefix of every metric name of this crate (default [`DEFAULT_PREFIX`]), for the whole
+/// process.
+///
+/// # Errors
+///
+/// [`PrefixError::Invalid`] when `prefix` is not a Prometheus name; [`PrefixError::AlreadySet`] when a
+/// prefix was set before or a metric was already recorded (the names are built once, at the first metric).
+pub fn set_prefix(prefix: &str) -> Result<(), PrefixError> {
+    let mut chars = prefix.chars();
+    let valid_first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':');
+    if !valid_first || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+        return Err(PrefixError::Invalid(prefix.to_owned()));
+    }
+    PREFIX
+        .set(prefix.to_owned())
+        .map_err(|_| PrefixError::AlreadySet(self::prefix().to_owned()))
+}
+
+/// The prefix of every metric name: the one [`set_prefix`] chose, else [`DEFAULT_PREFIX`] (fixed from
+/// then on).
+pub fn prefix() -> &'static str {
+    PREFIX.get_or_init(|| DEFAULT_PREFIX.to_owned())
+}
+
+/// Declares the metric series of this crate: their names (built once from the prefix) and, for
+/// [`describe`], their kind, unit and help text.
+macro_rules! series {
+    ($($field:ident: $kind:ident $unit:ident $help:literal;)*) => {
+        /// Every metric name, with the prefix; built once, at the first metric.
+        struct Names {
+            $($field: &'static str,)*
+        }
+
+        impl Names {
+            fn new(prefix: &str) -> Self {
+                // Built once per process, so a handful of leaked strings: `&'static str` names make every
+                // metric call allocation-free.
+                Self {
+                    $($field: Box::leak(format!("{prefix}_{}", stringify!($field)).into_boxed_str()),)*
+                }
+            }
+        }
+
+        /// Hands the kind, unit and help text of every series of this crate to the installed recorder (for
+        /// `# HELP` lines and units in the exposition). Call it once, after installing the recorder.
+        pub fn describe() {
+            let names = names();
+            $(series!(@describe $kind, names.$field, $unit, $help);)*
+        }
+    };
+    (@describe counter, $name:expr, $unit:ident, $help:literal) => {
+        describe_counter!($name, Unit::$unit, $help)
+    };
+    (@describe gauge, $name:expr, $unit:ident, $help:literal) => {
+        describe_gauge!($name, Unit::$unit, $help)
+    };
+    (@describe histogram, $name:expr, $unit:ident, $help:literal) => {
+        describe_histogram!($name, Unit::$unit, $help)
+    };
+}
+
+series! {
+    hits_total: counter Count "Reads answered by a valid store entry.";
+    misses_total: counter Count "Reads that found no valid entry.";
+    loads_total: counter Count "Loader calls.";
+    lease_waits_total: counter Count "Reads that found another reader's lease and waited.";
+    fills_rejected_total: counter Count "Loaded values not stored because the key was invalidated during the load.";
+    bypassed_reads_total: counter Count "Reads that skipped the store (breaker open, or post-outage gate closed).";
+    store_errors_total: counter Count "Failed store operations, by operation.";
+    store_resets_total: counter Count "Repairs of a store that forgot acknowledged invalidations.";
+    replay_window_deliveries: gauge Count "Deliveries held in the replay window.";
+    replica_loads_total: counter Count "Loads of get_or_load_on_replica, on the replica or the primary.";
+    breaker_state: gauge Count "Store circuit breaker: 0 closed, 1 half-open, 2 open.";
+    gate_closed: gauge Count "1 while reads bypass the cache until the outage's outbox rows are delivered.";
+    invalidations_sent_total: counter Count "Keys invalidated in the store, by path.";
+    invalidation_failures_total: counter Count "Invalidations that failed or were skipped; the rows stay in the outbox.";
+    invalidation_lag_seconds: histogram Seconds "Commit to invalidation acknowledged by the store, by path.";
+    relay_rows_total: counter Count "Outbox rows delivered by a relay.";
+    relay_batches_total: counter Count "Relay batches.";
+    outbox_depth: gauge Count "Outbox rows this relay's consumer has not delivered.";
+    outbox_oldest_age_seconds: gauge Seconds "Age of the oldest undelivered outbox row.";
+    outbox_rows: gauge Count "Every outbox row, including those other consumers still need.";
+    outbox_consumers: gauge Count "Live consumers of the outbox.";
+}
+
+fn names() -> &'static Names {
+    NAMES.get_or_init(|| Names::new(prefix()))
+}
 
 pub(crate) fn hit() {
-    counter!("cache_hits_total").increment(1);
+    counter!(names().hits_total).increment(1);
 }
 
 pub(crate) fn miss() {
-    counter!("cache_misses_total").increment(1);
+    counter!(names().misses_total).increment(1);
 }
 
 pub(crate) fn load() {
-    counter!("cache_loads_total").increment(1);
+    counter!(names().loads_total).increment(1);
 }
 
 pub(crate) fn lease_wait() {
-    counter!("cache_lease_waits_total").increment(1);
+    counter!(names().lease_waits_total).increment(1);
 }
 
 pub(crate) fn fill_rejected() {
-    counter!("cache_fills_rejected_total").increment(1);
+    counter!(names().fills_rejected_total).increment(1);
 }
 
 pub(crate) fn bypassed(reason: &'static str) {
-    counter!("cache_bypassed_reads_total", "reason" => reason).increment(1);
+    counter!(names().bypassed_reads_total, "reason" => reason).increment(1);
 }
 
 pub(crate) fn store_error(op: &'static str) {
-    counter!("cache_store_errors_total", "op" => op).increment(1);
+    counter!(names().store_errors_total, "op" => op).increment(1);
 }
 
 pub(crate) fn store_reset(how: &'static str) {
-    counter!("cache_store_resets_total", "how" => how).increment(1);
+    counter!(names().store_resets_total, "how" => how).increment(1);
 }
 
 pub(crate) fn replay_window(deliveries: u64) {
-    gauge!("cache_replay_window_deliveries").set(deliveries as f64);
+    gauge!(names().replay_window_deliveries).set(deliveries as f64);
 }
 
 pub(crate) fn replica_load(on: &'static str) {
-    counter!("cache_replica_loads_total", "on" => on).increment(1);
+    counter!(names().replica_loads_total, "on" => on).increment(1);
 }
 
 pub(crate) fn breaker_state(state: u8) {
-    gauge!("cache_breaker_state").set(f64::from(state));
+    gauge!(names().breaker_state).set(f64::from(state));
 }
 
 pub(crate) fn gate_closed(closed: bool) {
-    gauge!("cache_gate_closed").set(if closed { 1.0 } else { 0.0 });
+    gauge!(names().gate_closed).set(if closed { 1.0 } else { 0.0 });
 }
 
 pub(crate) fn invalidations_sent(path: &'static str, keys: usize) {
-    counter!("cache_invalidations_sent_total", "path" => path).increment(keys as u64);
+    counter!(names().invalidations_sent_total, "path" => path).increment(keys as u64);
 }
 
 pub(crate) fn invalidation_failed(path: &'static str) {
-    counter!("cache_invalidation_failures_total", "path" => path).increment(1);
+    counter!(names().invalidation_failures_total, "path" => path).increment(1);
 }
 
 pub(crate) fn relay_batch(rows: usize, oldest_age_seconds: f64) {
-    counter!("cache_relay_batches_total").increment(1);
-    counter!("cache_relay_rows_total").increment(rows as u64);
-    histogram!("cache_relay_lag_seconds").record(oldest_age_seconds);
+    counter!(names().relay_batches_total).increment(1);
+    counter!(names().relay_rows_total).increment(rows as u64);
+    invalidation_lag("relay", oldest_age_seconds);
+}
+
+pub(crate) fn invalidation_lag(path: &'static str, seconds: f64) {
+    histogram!(names().invalidation_lag_seconds, "path" => path).record(seconds);
 }
 
 pub(crate) fn backlog(depth: u64, oldest_age_seconds: f64, total: u64, consumers: u32) {
-    gauge!("cache_outbox_depth").set(depth as f64);
-    gauge!("cache_outbox_oldest_age_seconds").set(oldest_age_seconds);
-    gauge!("cache_outbox_rows").set(total as f64);
-    gauge!("cache_outbox_consumers").set(f64::from(consumers));
+    gauge!(names().outbox_depth).set(depth as f64);
+    gauge!(names().outbox_oldest_age_seconds).set(oldest_age_seconds);
+    gauge!(names().outbox_rows).set(total as f64);
+    gauge!(names().outbox_consumers).set(f64::from(consumers));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_must_be_a_prometheus_name_and_is_set_once() {
+        for bad in ["", "1cache", "my-cache", "cache name", "cafe\u{e9}"] {
+            assert_eq!(set_prefix(bad), Err(PrefixError::Invalid(bad.to_owned())));
+        }
+        // Another test may have recorded a metric first (fixing the default): either way, the second call
+        // is refused and names the prefix in force.
+        let _ = set_prefix("unit_test:cache");
+        let again = set_prefix("other");
+        assert_eq!(again, Err(PrefixError::AlreadySet(prefix().to_owned())));
+        assert!(names().hits_total.starts_with(prefix()));
+        assert!(names().hits_total.ends_with("_hits_total"));
+    }
 }

@@ -13,7 +13,7 @@ mod recording;
 mod sqlite;
 
 pub use recording::RecordingStore;
-pub use sqlite::TestSqlite;
+pub use sqlite::{TestDir, TestSqlite};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -86,3 +86,34 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+/// A folder of its own in the temporary directory (e.g. for migration files), removed on drop.
+#[derive(Debug)]
+pub struct TestDir {
+    /// The folder (not created: the code under test may create it).
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    /// A fresh folder name.
+    pub fn new(hint: &str) -> Self {
+        let path = std::env::temp_dir().join(crate::unique(&format!("cache_test_{hint}")));
+        Self { path }
+    }
+
+    /// The names of the files in the folder, sorted.
+    pub fn files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.path.display()))
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

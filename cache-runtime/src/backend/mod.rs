@@ -27,6 +27,7 @@ use crate::entity::EntityMeta;
 use crate::error::Error;
 use crate::registry::Registry;
 
+pub(crate) mod migration;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
@@ -100,6 +101,9 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     /// Rows claimed by a relay batch until they are deleted.
     #[doc(hidden)]
     type Claim: Send;
+
+    /// The database's OpenTelemetry `db.system.name` (`postgresql`, `sqlite`), on this crate's spans.
+    const SYSTEM_NAME: &'static str;
 
     /// The state for `registry`.
     #[doc(hidden)]

@@ -371,7 +371,13 @@ impl<DB: Backend> Outbox<DB> {
     async fn invalidate_keys(&self, keys: &[String], path: &'static str) -> Result<u64, Error> {
         let mut sequence = 0;
         for chunk in keys.chunks(INVALIDATE_CHUNK) {
-            let span = tracing::debug_span!("cache.invalidate", path, keys = chunk.len());
+            let span = tracing::debug_span!(
+                "cache.invalidate",
+                path,
+                keys = chunk.len(),
+                "db.system.name" = self.guarded.store.system_name(),
+                "db.operation.name" = "UNLINK"
+            );
             let floor = self.guarded.acknowledged.floor();
             let result = self
                 .guarded
@@ -402,15 +408,23 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// Delivers the rows a writer read after its statement or before its `COMMIT`; returns the ids to
-    /// delete and the sequence to record with them. A store failure is logged (never returned: the `COMMIT`
-    /// stands) and every relay is asked to deliver at once.
-    pub(crate) async fn deliver(&self, rows: Rows) -> Option<(Vec<i64>, u64)> {
+    /// delete and the sequence to record with them; `committed`: when the `COMMIT` answered (for the lag
+    /// histogram). A store failure is logged (never returned: the `COMMIT` stands) and every relay is asked
+    /// to deliver at once.
+    pub(crate) async fn deliver(
+        &self,
+        rows: Rows,
+        committed: std::time::Instant,
+    ) -> Option<(Vec<i64>, u64)> {
         if rows.is_empty() {
             return None;
         }
         let keys: usize = rows.iter().map(|(_, keys)| keys.len()).sum();
         match self.invalidate(rows, "commit").await {
-            Ok(delivery) => Some((delivery.ids, delivery.sequence)),
+            Ok(delivery) => {
+                observe::invalidation_lag("commit", committed.elapsed().as_secs_f64());
+                Some((delivery.ids, delivery.sequence))
+            }
             Err(error) => {
                 tracing::warn!(
                     %error,

@@ -392,6 +392,7 @@ impl<DB: Backend> Relay<DB> {
         let outbox = &self.outbox;
         let span = tracing::debug_span!(
             "cache.relay_batch",
+            "db.system.name" = DB::SYSTEM_NAME,
             rows = tracing::field::Empty,
             keys = tracing::field::Empty
         );

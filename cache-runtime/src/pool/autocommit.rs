@@ -3,6 +3,7 @@
 //! pooler, such a statement runs in a transaction of its own, whose rows are read before its `COMMIT`.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use sqlx::error::BoxDynError;
 use sqlx::pool::PoolConnection;
@@ -151,7 +152,7 @@ async fn deliver<DB: Backend>(core: Arc<Core<DB>>, conn: Conn<DB>) {
         },
     };
     match rows {
-        Ok(rows) => core.deliver(rows).await,
+        Ok(rows) => core.deliver(rows, Instant::now()).await,
         Err(error) => tracing::warn!(
             %error,
             "could not read the outbox after a write; the relay will deliver its keys"

@@ -53,6 +53,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 use sqlx::{Pool, Postgres};
 use tokio::sync::mpsc;
@@ -478,12 +479,12 @@ impl<DB: Backend> Core<DB> {
 
     /// Invalidates the keys of a writer's outbox rows and queues the rows for deletion; a store failure is
     /// logged and left to the relay (see [`Outbox::deliver`]).
-    async fn deliver(&self, rows: Rows) {
+    async fn deliver(&self, rows: Rows, committed: Instant) {
         #[cfg(feature = "fault-injection")]
         if self.options.crash_after_commit {
             return;
         }
-        if let Some(delivered) = self.relay.outbox.deliver(rows).await {
+        if let Some(delivered) = self.relay.outbox.deliver(rows, committed).await {
             // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
             let _ = self.delivered.send(delivered);
         }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::time::Instant;
 
 use sqlx::Postgres;
 use tracing::Instrument as _;
@@ -144,7 +145,11 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
         if !self.outermost {
             return self.tx.commit().await;
         }
-        let span = tracing::debug_span!("cache.commit");
+        let span = tracing::debug_span!(
+            "cache.commit",
+            "db.system.name" = DB::SYSTEM_NAME,
+            "db.operation.name" = "COMMIT"
+        );
         self.commit_outermost().instrument(span).await
     }
 
@@ -152,9 +157,9 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
         let rows = DB::written_rows(&mut self.tx, &self.core.relay.outbox.state, true).await?;
         self.tx.commit().await?;
         if !rows.is_empty() {
-            let core = Arc::clone(&self.core);
+            let (core, committed) = (Arc::clone(&self.core), Instant::now());
             // A task of its own, so that dropping this future cannot interrupt the invalidation.
-            let _ = tokio::spawn(async move { core.deliver(rows).await }).await;
+            let _ = tokio::spawn(async move { core.deliver(rows, committed).await }).await;
         }
         Ok(())
     }

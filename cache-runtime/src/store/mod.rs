@@ -197,12 +197,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn consumer(&self) -> String {
         std::any::type_name::<Self>().to_owned()
     }
+
+    /// The store's OpenTelemetry `db.system.name` (`redis`), recorded on the `cache.invalidate` span; `None`
+    /// (the default) for a store that is not a database server, such as one in the process's memory.
+    fn system_name(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// A shared store is a store: `Arc<dyn Store>` (or `Arc<S>`) can be handed wherever a `Store` is taken.
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn consumer(&self) -> String {
         (**self).consumer()
+    }
+
+    fn system_name(&self) -> Option<&'static str> {
+        (**self).system_name()
     }
 
     fn invalidate<'a>(

@@ -461,6 +461,10 @@ impl Store for RedisStore {
         self.consumer.clone()
     }
 
+    fn system_name(&self) -> Option<&'static str> {
+        Some("redis")
+    }
+
     fn invalidate<'a>(
         &'a self,
         keys: &'a [String],

@@ -8,7 +8,8 @@
 //!
 //! It creates a database of its own on `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
 //! uses the Redis at `REDIS_URL` (default `redis://127.0.0.1:6379`) under a prefix of its own, runs for
-//! `METRICS_SECONDS` (default 30), prints the final exposition and drops the database.
+//! `METRICS_SECONDS` (default 30), prints the final exposition and drops the database. `METRICS_PREFIX` sets
+//! the metric names' prefix (`cache_runtime::observe::set_prefix`; default `cache`).
 //!
 //! Run: `cargo run -p examples --bin metrics`, then `curl http://127.0.0.1:9898/metrics`.
 
@@ -61,10 +62,12 @@ enum Series {
     Summary(Arc<Summary>),
 }
 
-/// A recorder that keeps every series in memory and renders the Prometheus text format.
+/// A recorder that keeps every series in memory and renders the Prometheus text format (0.0.4): one
+/// `# HELP` and `# TYPE` per name, before its samples; histograms as summaries without quantiles.
 #[derive(Debug, Clone, Default)]
 struct TextRecorder {
     series: Arc<Mutex<BTreeMap<(String, String), Series>>>,
+    help: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl TextRecorder {
@@ -82,6 +85,28 @@ impl TextRecorder {
             .clone()
     }
 
+    fn describe(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        let unit = unit
+            .filter(|u| *u != Unit::Count)
+            .map_or(String::new(), |u| format!(" ({})", u.as_str()));
+        // The exposition escapes `\\` and newlines in help text.
+        let help = format!("{description}{unit}")
+            .replace('\\', "\\\\")
+            .replace('\n', "\\n");
+        self.help
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.as_str().to_owned(), help);
+    }
+
+    fn help_of(&self, name: &str) -> Option<String> {
+        self.help
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
     fn render(&self) -> String {
         let series = self
             .series
@@ -97,6 +122,9 @@ impl TextRecorder {
                 Series::Summary(_) => "summary",
             };
             if typed != name {
+                if let Some(help) = self.help_of(&name) {
+                    let _ = writeln!(out, "# HELP {name} {help}");
+                }
                 let _ = writeln!(out, "# TYPE {name} {kind}");
                 typed.clone_from(&name);
             }
@@ -131,9 +159,15 @@ impl TextRecorder {
 }
 
 impl Recorder for TextRecorder {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.describe(key, unit, description);
+    }
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.describe(key, unit, description);
+    }
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.describe(key, unit, description);
+    }
 
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         match self.entry(key, || Series::Counter(Arc::default())) {
@@ -180,8 +214,12 @@ async fn serve(listener: tokio::net::TcpListener, recorder: TextRecorder) {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let recorder = TextRecorder::default();
+    if let Ok(prefix) = std::env::var("METRICS_PREFIX") {
+        cache_runtime::observe::set_prefix(&prefix)?;
+    }
     metrics::set_global_recorder(recorder.clone())
         .map_err(|_| "a metrics recorder is already installed")?;
+    cache_runtime::observe::describe();
     let admin_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let redis_url =

@@ -73,6 +73,8 @@ impl Backend for Postgres {
     type Listener = Listener;
     type Claim = sqlx::Transaction<'static, Postgres>;
 
+    const SYSTEM_NAME: &'static str = "postgresql";
+
     super::connection_executor!();
 
     fn state(_registry: &Registry) -> Self::State {}

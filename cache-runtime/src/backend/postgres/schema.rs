@@ -166,6 +166,25 @@ impl<'r> PgSchema<'r> {
         self.script(&self.merged(&[]), true)
     }
 
+    /// Writes [`sql`](Self::sql) into `dir` as a migration for `sqlx migrate` (or
+    /// [`sqlx::migrate!`](https://docs.rs/sqlx/latest/sqlx/macro.migrate.html)), named
+    /// `<UTC timestamp>_cache_invalidation_<fingerprint>_v<schema version>.sql` with a version above every
+    /// migration already in `dir`, and returns its path. Idempotent: when the file of this registry and
+    /// schema version is there with the same content, nothing is written and its path is returned. Run it
+    /// again (`cargo run --bin export_schema -- --migration migrations/` in the examples) whenever an entity's
+    /// table, templates or columns change, or this crate's schema version does, and commit the new file.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Migration`] when `dir` cannot be created or read, or the file cannot be written.
+    pub fn write_migration(
+        &self,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<std::path::PathBuf, Error> {
+        let fingerprint = self.registry.fingerprint();
+        crate::backend::migration::write(dir.as_ref(), &fingerprint, SCHEMA_VERSION, &self.sql())
+    }
+
     /// The install script for `tables` (one entity per table, standing for every build that installed
     /// it). `exported`: a script applied without this crate (a migration), which refuses to drop another
     /// build's differing capture of these tables instead of keeping it.

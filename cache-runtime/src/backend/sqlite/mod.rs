@@ -101,6 +101,8 @@ impl Backend for Sqlite {
     type Listener = ();
     type Claim = SqlitePool;
 
+    const SYSTEM_NAME: &'static str = "sqlite";
+
     super::connection_executor!();
 
     fn parameter(n: usize) -> String {

@@ -94,6 +94,26 @@ impl<'r> SqliteSchema<'r> {
         sql(self.registry)
     }
 
+    /// Writes [`sql`](Self::sql) into `dir` as a migration for `sqlx migrate`, as
+    /// [`PgSchema::write_migration`](crate::backend::postgres::PgSchema::write_migration) does (same naming,
+    /// idempotent), and returns its path.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Migration`] when `dir` cannot be created or read, or the file cannot be written.
+    pub fn write_migration(
+        &self,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<std::path::PathBuf, Error> {
+        let fingerprint = self.registry.fingerprint();
+        crate::backend::migration::write(
+            dir.as_ref(),
+            &fingerprint,
+            SQLITE_SCHEMA_VERSION,
+            &self.sql(),
+        )
+    }
+
     /// Installs (or updates) the triggers in one `BEGIN IMMEDIATE` transaction: checks the tables and
     /// placeholder columns, drops the triggers of tables no longer registered, runs [`sql`](Self::sql).
     /// SQLite has row triggers only (no trigger mode).

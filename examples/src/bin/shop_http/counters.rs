@@ -1,6 +1,6 @@
 //! The counter `/stats` shows that [`Cache::stats`](cache_runtime::Cache::stats) does not have: the keys
 //! the pool and its relay invalidated. The library records them through the [`metrics`] facade
-//! (`cache_invalidations_sent_total`, see `cache_runtime::observe`); this recorder keeps just that one
+//! (`cache_invalidations_sent_total` with the default prefix, see `cache_runtime::observe`); this recorder keeps just that one
 //! (summed over its labels) and ignores every other series.
 
 use std::sync::Arc;
@@ -37,9 +37,14 @@ impl Recorder for Counters {
     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
 
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        match key.name() {
-            "cache_invalidations_sent_total" => Counter::from_arc(self.invalidations.clone()),
-            _ => Counter::noop(),
+        let sent = format!(
+            "{}_invalidations_sent_total",
+            cache_runtime::observe::prefix()
+        );
+        if key.name() == sent {
+            Counter::from_arc(self.invalidations.clone())
+        } else {
+            Counter::noop()
         }
     }
 
