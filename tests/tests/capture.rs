@@ -1183,8 +1183,8 @@ tests::on_both_backends! {
         let message = err.to_string();
         assert!(
             message.contains("auto_install(true)")
-                && message.contains(".sql()")
-                && message.contains("SqliteSchema::new(registry()).sql()"),
+                && message.contains("PgSchema::new(registry()).write_migration(")
+                && message.contains("SQLite: `SqliteSchema`"),
             "{message}"
         );
         // The installing pool's registry still connects.
