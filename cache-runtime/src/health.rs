@@ -327,6 +327,9 @@ pub(crate) struct Guarded {
     pub(crate) recent: crate::recent::Recent,
     /// The highest sequence the store is known to have reached.
     pub(crate) acknowledged: crate::acknowledged::Acknowledged,
+    /// Where a read given a [`WriteToken`](crate::token::WriteToken) asks whether its write was delivered
+    /// to this store: the pool's outbox (unset for a standalone cache).
+    pub(crate) positions: std::sync::OnceLock<std::sync::Weak<dyn crate::token::Positions>>,
 }
 
 impl Guarded {
@@ -338,6 +341,7 @@ impl Guarded {
             health: Health::new(config, gate),
             recent: crate::recent::Recent::default(),
             acknowledged: crate::acknowledged::Acknowledged::default(),
+            positions: std::sync::OnceLock::new(),
         }
     }
 

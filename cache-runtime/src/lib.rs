@@ -9,12 +9,15 @@ pub mod environment;
 pub mod error;
 pub mod health;
 pub mod key;
+#[cfg(feature = "tower")]
+pub mod layer;
 pub mod observe;
 pub mod outbox;
 pub mod pool;
 mod recent;
 pub mod registry;
 pub mod store;
+pub mod token;
 
 /// Derives [`CachedEntity`](trait@CachedEntity) for a struct that maps a table row.
 ///

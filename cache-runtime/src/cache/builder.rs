@@ -11,6 +11,7 @@ use crate::health::{BreakerConfig, Guarded};
 use crate::key::{Key, Template};
 use crate::registry::{Registry, registry};
 use crate::store::Store;
+use crate::token::WriteToken;
 
 /// The settings of a [`Cache`].
 #[derive(Debug, Clone)]
@@ -20,6 +21,7 @@ pub(crate) struct Config {
     pub(crate) lease_ttl: Duration,
     pub(crate) lease_wait: Duration,
     pub(crate) negative_ttl: Duration,
+    pub(crate) token_wait: Duration,
 }
 
 /// Builds a [`Cache`] with non-default settings.
@@ -112,6 +114,7 @@ impl<H> CacheBuilder<H> {
                 lease_ttl: Duration::from_secs(5),
                 lease_wait: Duration::from_secs(1),
                 negative_ttl: Duration::from_secs(60),
+                token_wait: Duration::from_secs(1),
             },
             registry: None,
         }
@@ -148,6 +151,15 @@ impl<H> CacheBuilder<H> {
     #[must_use]
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
         self.config.negative_ttl = ttl;
+        self
+    }
+
+    /// How long a read given a [`WriteToken`] waits for the write's invalidation to be delivered to this
+    /// cache's store before it bypasses the cache and loads from the database (default 1 s; see the
+    /// [`token`](crate::token) module).
+    #[must_use]
+    pub fn token_wait(mut self, wait: Duration) -> Self {
+        self.config.token_wait = wait;
         self
     }
 
@@ -219,6 +231,7 @@ pub struct LoadOptions {
     pub(crate) ttl: Option<Duration>,
     pub(crate) tags: Vec<Key>,
     pub(crate) cache_none: bool,
+    pub(crate) after: Option<WriteToken>,
 }
 
 impl Default for LoadOptions {
@@ -227,6 +240,7 @@ impl Default for LoadOptions {
             ttl: None,
             tags: Vec::new(),
             cache_none: true,
+            after: None,
         }
     }
 }
@@ -244,6 +258,18 @@ impl LoadOptions {
     #[must_use]
     pub fn cache_none(mut self, cache: bool) -> Self {
         self.cache_none = cache;
+        self
+    }
+
+    /// Read-your-writes after the write of `token` (made by any process): the read never returns a value
+    /// older than that write. It uses the cache once the write's invalidation is known delivered to this
+    /// cache's store (at once when the writer's store acknowledged it), else waits up to
+    /// [`token_wait`](CacheBuilder::token_wait) for it, then loads from the database without storing. See
+    /// the [`token`](crate::token) module. Without this option, a read honors the token of its
+    /// [`token::scope`](crate::token::scope), if any.
+    #[must_use]
+    pub fn after(mut self, token: WriteToken) -> Self {
+        self.after = Some(token);
         self
     }
 

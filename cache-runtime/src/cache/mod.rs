@@ -45,6 +45,7 @@ use crate::health::{BreakerState, Guarded};
 use crate::key::Key;
 use crate::store::{Store, StoreError};
 
+mod after;
 mod builder;
 mod codec;
 mod flight;

@@ -165,6 +165,12 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(V, Vec<Key>), E>>,
     {
+        if let Some(token) = options.after.or_else(crate::token::current)
+            && !self.caught_up(&token).await
+        {
+            self.inner.stats.record(Event::Bypassed("token"));
+            return self.load_unstored(loader).await.0;
+        }
         // The hit path needs no flight: with none in progress for the key, peek first (a valid entry is
         // returned as the leader's peek would); a miss then joins a flight and asks for the lease at once.
         let mut peeked = None;

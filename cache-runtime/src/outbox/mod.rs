@@ -492,3 +492,17 @@ fn split(rows: impl IntoIterator<Item = (i64, Vec<String>)>) -> (Vec<i64>, Vec<S
     }
     (ids, keys.into_iter().collect())
 }
+
+impl<DB: Backend> crate::token::Positions for Outbox<DB> {
+    fn consumer(&self) -> u64 {
+        self.consumer.id()
+    }
+
+    fn delivered(
+        &self,
+        position: i64,
+    ) -> futures_core::future::BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(async move { Ok(DB::pending_upto(&self.pool, &self.consumer, position).await? == 0) })
+    }
+
+}
