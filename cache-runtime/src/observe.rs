@@ -8,7 +8,12 @@
 //! | `cache_loads_total` | counter | | loader calls |
 //! | `cache_lease_waits_total` | counter | | reads that found another reader's lease and waited |
 //! | `cache_fills_rejected_total` | counter | | loaded values not stored because the key was invalidated during the load (stale stores refused) |
-//! | `cache_bypassed_reads_total` | counter | `reason` = `breaker` \| `gate` | reads that skipped the store (breaker open, or the post-outage gate closed) and went to the loader |
+//! | `cache_bypassed_reads_total` | counter | `reason` = `breaker` \| `gate` \| `token` | reads that skipped the store (breaker open, the post-outage gate closed, or a [write token](crate::token) not delivered within `token_wait`) and went to the loader |
+//! | `cache_consistency_samples_total` | counter | | hits checked against the database by the consistency sampler ([`Sampling`](crate::cache::Sampling)) |
+//! | `cache_consistency_inconsistent_total` | counter | | checked hits whose entry still differed from an unchanged row Δ after the first check |
+//! | `cache_consistency_dropped_total` | counter | | samples dropped (queue full, or a check's read failed) |
+//! | `cache_consistency_delay_seconds` | gauge | | Δ of the sampler |
+//! | `cache_commit_lag_seconds` | histogram | | per writer delivery: `COMMIT` (or the autocommit statement) done → its keys invalidated in the store (the relay's are `cache_relay_lag_seconds`) |
 //! | `cache_store_errors_total` | counter | `op` | failed store operations (`peek`, `lookup`, `tags`, `fill`, `invalidate`, `sequence`, `reset`, `forgot`) |
 //! | `cache_store_resets_total` | counter | `how` | times the store was found to have forgotten acknowledged invalidations (its sequence went back) and was repaired: `replayed` (the replay window's keys sent again) or `dropped` (every namespace of the registry, when the window did not reach back far enough) |
 //! | `cache_replay_window_deliveries` | gauge | | deliveries held in the replay window (see `RelayConfig::replay_window`) |
@@ -26,6 +31,20 @@
 //! | `cache_outbox_consumers` | gauge | | live consumers of the outbox (see [`Consumer`](crate::outbox::Consumer)) |
 //!
 //! Every series is process-wide (several caches or relays in one process add up).
+//!
+//! # Consistency as "N nines within Δ"
+//!
+//! The fraction of sampled hits that were consistent within Δ, and its nines (PromQL):
+//!
+//! ```text
+//! 1 - rate(cache_consistency_inconsistent_total[1h]) / rate(cache_consistency_samples_total[1h])
+//! -log10(rate(cache_consistency_inconsistent_total[1h]) / rate(cache_consistency_samples_total[1h]))
+//! ```
+//!
+//! (the second is `+Inf` while nothing was inconsistent; alert on `increase(cache_consistency_inconsistent_total[5m]) > 0`
+//! for a cache that must never be stale). Invalidation lag: `histogram_quantile(0.99,
+//! rate(cache_commit_lag_seconds_bucket[5m]))` for writers, `cache_relay_lag_seconds` for the relay, and
+//! `cache_outbox_oldest_age_seconds` for what is still waiting.
 
 use metrics::{counter, gauge, histogram};
 
@@ -96,4 +115,24 @@ pub(crate) fn backlog(depth: u64, oldest_age_seconds: f64, total: u64, consumers
     gauge!("cache_outbox_oldest_age_seconds").set(oldest_age_seconds);
     gauge!("cache_outbox_rows").set(total as f64);
     gauge!("cache_outbox_consumers").set(f64::from(consumers));
+}
+
+pub(crate) fn consistency_sample() {
+    counter!("cache_consistency_samples_total").increment(1);
+}
+
+pub(crate) fn consistency_inconsistent() {
+    counter!("cache_consistency_inconsistent_total").increment(1);
+}
+
+pub(crate) fn consistency_dropped() {
+    counter!("cache_consistency_dropped_total").increment(1);
+}
+
+pub(crate) fn consistency_delay(seconds: f64) {
+    gauge!("cache_consistency_delay_seconds").set(seconds);
+}
+
+pub(crate) fn commit_lag(seconds: f64) {
+    histogram!("cache_commit_lag_seconds").record(seconds);
 }

@@ -22,6 +22,7 @@ pub(crate) struct Config {
     pub(crate) lease_wait: Duration,
     pub(crate) negative_ttl: Duration,
     pub(crate) token_wait: Duration,
+    pub(crate) sampling: Option<super::Sampling>,
 }
 
 /// Builds a [`Cache`] with non-default settings.
@@ -115,6 +116,7 @@ impl<H> CacheBuilder<H> {
                 lease_wait: Duration::from_secs(1),
                 negative_ttl: Duration::from_secs(60),
                 token_wait: Duration::from_secs(1),
+                sampling: None,
             },
             registry: None,
         }
@@ -163,6 +165,16 @@ impl<H> CacheBuilder<H> {
         self
     }
 
+    /// Turns on the live consistency SLI: a fraction of the hits of reads that can reload their value
+    /// (entity-first reads, [`CachedPool::get`](crate::CachedPool::get)) is compared with the database Δ
+    /// later, off the request path (see [`Sampling`](super::Sampling) and the `sample` module docs). Off by
+    /// default. Needs a tokio runtime when the cache is built.
+    #[must_use]
+    pub fn sampling(mut self, sampling: super::Sampling) -> Self {
+        self.config.sampling = Some(sampling);
+        self
+    }
+
     /// How long a reader waits for another reader's lease before loading without storing (default 1 s).
     #[must_use]
     pub fn lease_wait(mut self, wait: Duration) -> Self {
@@ -173,14 +185,17 @@ impl<H> CacheBuilder<H> {
 
 impl Cache {
     fn from_parts(guarded: Arc<Guarded>, config: Config, entities: Option<&Registry>) -> Self {
+        let sampling = config.sampling;
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|inner| Inner {
                 guarded,
                 flights: Flights::default(),
                 config,
                 stats: Counters::default(),
                 ttls: ttls(entities.unwrap_or_else(|| registry())),
                 bases: bases(entities.unwrap_or_else(|| registry())),
+                sampler: sampling
+                    .and_then(|s| super::sample::Sampler::start(s, inner.clone())),
             }),
         }
     }
@@ -232,6 +247,7 @@ pub struct LoadOptions {
     pub(crate) tags: Vec<Key>,
     pub(crate) cache_none: bool,
     pub(crate) after: Option<WriteToken>,
+    pub(crate) sample: Option<super::sample::SampleReload>,
 }
 
 impl Default for LoadOptions {
@@ -241,6 +257,7 @@ impl Default for LoadOptions {
             tags: Vec::new(),
             cache_none: true,
             after: None,
+            sample: None,
         }
     }
 }

@@ -47,13 +47,15 @@ use crate::store::{Store, StoreError};
 
 mod after;
 mod builder;
-mod codec;
+pub(crate) mod codec;
 mod flight;
 mod read;
+pub(crate) mod sample;
 pub(crate) mod scope;
 mod stats;
 
 pub use builder::{CacheBuilder, LoadOptions, OwnBreaker, SharedHealth};
+pub use sample::Sampling;
 pub use stats::Stats;
 
 use builder::Config;
@@ -98,6 +100,8 @@ struct Inner {
     ttls: HashMap<&'static str, Duration>,
     /// The bases of each variant template shape (see [`Variant`](crate::entity::Variant)).
     bases: HashMap<&'static str, Vec<&'static crate::key::Template>>,
+    /// The consistency sampler, when sampling is on.
+    sampler: Option<sample::Sampler>,
 }
 
 impl Cache {

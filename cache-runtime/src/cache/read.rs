@@ -181,6 +181,9 @@ impl Cache {
             } else {
                 match self.peek::<V>(&plan).await {
                     Step::Hit(value, _) => {
+                        if let Some(reload) = &options.sample {
+                            self.submit_sample(&key, reload);
+                        }
                         // An in-process hit never waits: let a loop of them yield to other tasks now
                         // and then (as tokio's own resources do), or it starves the runtime.
                         tokio::task::consume_budget().await;
@@ -301,7 +304,12 @@ impl Cache {
                     (plan, None)
                 } else {
                     match self.peek::<V>(&plan).await {
-                        Step::Hit(value, payload) => return (Ok(value), Outcome::Value(payload)),
+                        Step::Hit(value, payload) => {
+                            if let Some(reload) = &options.sample {
+                                self.submit_sample(key, reload);
+                            }
+                            return (Ok(value), Outcome::Value(payload));
+                        }
                         Step::Unstored => return self.load_unstored(loader).await,
                         Step::Next(replace) => (plan, replace),
                     }
@@ -631,6 +639,35 @@ impl Cache {
             Hit::StoreFailed => {}
         }
         hit
+    }
+
+    /// The payload of `key`'s valid entry now, read without counting a read (for the consistency
+    /// sampler): `None` when there is no valid entry; `Err` when the store failed.
+    pub(super) async fn current(&self, key: &Key) -> Result<Option<Arc<[u8]>>, ()> {
+        let plan = self.plan(key, &LoadOptions::default());
+        let peek = self
+            .inner
+            .guarded
+            .store
+            .peek(key.as_str(), &plan.pre)
+            .await
+            .map_err(drop)?;
+        let Some(bytes) = peek.value else {
+            return Ok(None);
+        };
+        let tokens: Vec<Option<&str>> = peek
+            .tags
+            .iter()
+            .map(|t| t.as_ref().map(|t| t.id.as_str()))
+            .collect();
+        match self
+            .check::<serde::de::IgnoredAny>(&bytes, &plan.pre, &tokens)
+            .await
+        {
+            Hit::Valid(_, payload) => Ok(Some(payload)),
+            Hit::Stale | Hit::Undecodable => Ok(None),
+            Hit::StoreFailed => Err(()),
+        }
     }
 
     /// Validates and decodes a stored entry.

@@ -39,6 +39,12 @@ pub struct Stats {
     /// Reads that skipped the store (circuit breaker open, or the post-outage gate closed) and loaded
     /// without storing.
     pub bypassed: u64,
+    /// Hits checked against the database by the consistency sampler (see [`Sampling`](super::Sampling)).
+    pub samples: u64,
+    /// Checked hits whose entry still differed from an unchanged row Δ after the first check.
+    pub inconsistent: u64,
+    /// Samples dropped: the queue was full, or a check's store or database read failed.
+    pub samples_dropped: u64,
 }
 
 /// Something a read did.
@@ -60,11 +66,17 @@ pub(crate) enum Event {
     StoreError(&'static str),
     /// The read skipped the store (`gate` or `breaker`).
     Bypassed(&'static str),
+    /// A sampled hit was checked.
+    Sampled,
+    /// A checked hit was inconsistent.
+    Inconsistent,
+    /// A sample was dropped.
+    SampleDropped,
 }
 
 /// The counters behind [`Stats`].
 #[derive(Debug, Default)]
-pub(crate) struct Counters([AtomicU64; 14]);
+pub(crate) struct Counters([AtomicU64; 17]);
 
 /// The index of each counter (the order of [`Stats`]' fields).
 mod slot {
@@ -82,6 +94,9 @@ mod slot {
     pub(super) const STORE_ERRORS: usize = 11;
     pub(super) const BYPASSED: usize = 12;
     pub(super) const MISSES: usize = 13;
+    pub(super) const SAMPLES: usize = 14;
+    pub(super) const INCONSISTENT: usize = 15;
+    pub(super) const SAMPLES_DROPPED: usize = 16;
 }
 
 impl Counters {
@@ -123,6 +138,18 @@ impl Counters {
                 observe::bypassed(reason);
                 slot::BYPASSED
             }
+            Event::Sampled => {
+                observe::consistency_sample();
+                slot::SAMPLES
+            }
+            Event::Inconsistent => {
+                observe::consistency_inconsistent();
+                slot::INCONSISTENT
+            }
+            Event::SampleDropped => {
+                observe::consistency_dropped();
+                slot::SAMPLES_DROPPED
+            }
         };
         self.0[counter].fetch_add(1, Ordering::Relaxed);
     }
@@ -145,6 +172,9 @@ impl Counters {
             lease_timeouts: get(slot::LEASE_TIMEOUTS),
             store_errors: get(slot::STORE_ERRORS),
             bypassed: get(slot::BYPASSED),
+            samples: get(slot::SAMPLES),
+            inconsistent: get(slot::INCONSISTENT),
+            samples_dropped: get(slot::SAMPLES_DROPPED),
         }
     }
 }

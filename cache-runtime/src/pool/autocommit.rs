@@ -149,6 +149,7 @@ async fn deliver<DB: Backend>(
     sink: Option<Arc<crate::token::Scope>>,
 ) {
     let state = &core.relay.outbox.state;
+    let committed = std::time::Instant::now();
     let rows = match conn {
         Conn::Plain(mut conn) => DB::written_rows(&mut conn, state, false).await,
         Conn::Own(mut tx) => match DB::written_rows(&mut tx, state, true).await {
@@ -158,7 +159,7 @@ async fn deliver<DB: Backend>(
     };
     match rows {
         Ok(rows) => {
-            if let (Some(token), Some(sink)) = (core.deliver(rows).await, sink) {
+            if let (Some(token), Some(sink)) = (core.deliver(rows, committed).await, sink) {
                 sink.record(token);
             }
         }

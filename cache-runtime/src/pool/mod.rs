@@ -258,7 +258,12 @@ impl<DB: Backend> CachedPool<DB> {
         // Weak: the outbox holds the guarded store.
         let positions: Arc<dyn crate::token::Positions> = relay.outbox.clone();
         let _ = guarded.positions.set(Arc::downgrade(&positions));
-        let cache = CacheBuilder::on_pool(guarded, registry.clone()).build();
+        let mut builder =
+            CacheBuilder::on_pool(guarded, registry.clone()).token_wait(options.token_wait);
+        if let Some(sampling) = options.sampling {
+            builder = builder.sampling(sampling);
+        }
+        let cache = builder.build();
         Self {
             core: Arc::new(Core {
                 pool,
@@ -482,8 +487,9 @@ impl<DB: Backend> Core<DB> {
 
     /// Invalidates the keys of a writer's outbox rows and queues the rows for deletion; a store failure is
     /// logged and left to the relay (see [`Outbox::deliver`]). Returns the write's token (`None` without
-    /// rows), acknowledged when the store took the invalidation.
-    async fn deliver(&self, rows: Rows) -> Option<WriteToken> {
+    /// rows), acknowledged when the store took the invalidation. `committed`: when the write committed
+    /// (for the commit → invalidation lag).
+    async fn deliver(&self, rows: Rows, committed: std::time::Instant) -> Option<WriteToken> {
         let position = rows.iter().map(|(id, _)| *id).max()?;
         let consumer = self.relay.outbox.consumer.id();
         #[cfg(feature = "fault-injection")]
@@ -493,6 +499,7 @@ impl<DB: Backend> Core<DB> {
         let Some(delivered) = self.relay.outbox.deliver(rows).await else {
             return Some(WriteToken::new(position, consumer, false));
         };
+        crate::observe::commit_lag(committed.elapsed().as_secs_f64());
         // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
         let _ = self.delivered.send(delivered);
         Some(WriteToken::new(position, consumer, true))

@@ -17,7 +17,10 @@ use sqlx::{FromRow, IntoArguments};
 use super::CachedPool;
 use crate::backend::{Backend, select_by_keys};
 use crate::entity::KeyedEntity;
+use crate::cache::codec;
+use crate::cache::sample::{Reload, SampleReload};
 use crate::key::Key;
+use crate::LoadOptions;
 
 impl<DB: Backend> CachedPool<DB> {
     /// Reads the entity `T` whose own key has the values `id` (the key field's value, or a tuple of them
@@ -52,11 +55,15 @@ impl<DB: Backend> CachedPool<DB> {
     /// ```
     pub async fn get<T>(&self, id: &T::Id) -> Result<Option<T>, Arc<sqlx::Error>>
     where
-        T: KeyedEntity<DB> + for<'r> FromRow<'r, DB::Row> + Serialize + DeserializeOwned,
+        T: KeyedEntity<DB> + for<'r> FromRow<'r, DB::Row> + Serialize + DeserializeOwned + 'static,
         DB::Arguments: IntoArguments<DB>,
     {
+        let mut options = LoadOptions::new().ttl(T::META.ttl);
+        if self.cache().draw_sample() {
+            options.sample = self.reload_of::<T>(id);
+        }
         self.cache()
-            .get_entity(T::key_of(id), || async move {
+            .get_or_load_with(T::key_of(id), options, || async move {
                 let mut args = DB::Arguments::default();
                 T::bind_id(id, &mut args).map_err(sqlx::Error::Encode)?;
                 let sql = select_by_keys::<DB>(T::META, 1);
@@ -115,6 +122,37 @@ impl<DB: Backend> CachedPool<DB> {
         self.cache()
             .get_or_load(key, || async move { loader(self.caught_up().await?).await })
             .await
+    }
+
+    /// How the consistency sampler reads `id`'s row again (twice at most), encoded as the cache does:
+    /// on the primary. `None` when `id` cannot be bound.
+    fn reload_of<T>(&self, id: &T::Id) -> Option<SampleReload>
+    where
+        T: KeyedEntity<DB> + for<'r> FromRow<'r, DB::Row> + Serialize + 'static,
+        DB::Arguments: IntoArguments<DB>,
+    {
+        let mut args = Vec::new();
+        for _ in 0..2 {
+            let mut one = DB::Arguments::default();
+            T::bind_id(id, &mut one).ok()?;
+            args.push(one);
+        }
+        let args = std::sync::Mutex::new(args);
+        let pool = self.clone();
+        let reload: Reload = Arc::new(move || {
+            let args = args.lock().ok().and_then(|mut a| a.pop());
+            let pool = pool.clone();
+            Box::pin(async move {
+                let args = args.ok_or("a consistency sample was reloaded more than twice")?;
+                let sql = select_by_keys::<DB>(T::META, 1);
+                let query = sqlx::query_with(sqlx::AssertSqlSafe(sql), args);
+                let mut conn = pool.sqlx_pool().acquire().await?;
+                let row = DB::fetch_optional(&mut conn, query).await?;
+                let value: Option<T> = row.map(|row| T::from_row(&row)).transpose()?;
+                Ok(codec::encode(&value)?)
+            })
+        });
+        Some(SampleReload(reload))
     }
 
     /// A connection with every write the primary has now (see the module docs).

@@ -181,6 +181,7 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
     async fn commit_outermost(mut self) -> Result<WriteToken, sqlx::Error> {
         let rows = DB::written_rows(&mut self.tx, &self.core.relay.outbox.state, true).await?;
         self.tx.commit().await?;
+        let committed = std::time::Instant::now();
         if rows.is_empty() {
             return Ok(WriteToken::NONE);
         }
@@ -188,7 +189,7 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
         let undelivered = WriteToken::new(position, self.core.relay.outbox.consumer.id(), false);
         let core = Arc::clone(&self.core);
         // A task of its own, so that dropping this future cannot interrupt the invalidation.
-        let token = tokio::spawn(async move { core.deliver(rows).await })
+        let token = tokio::spawn(async move { core.deliver(rows, committed).await })
             .await
             .ok()
             .flatten()
