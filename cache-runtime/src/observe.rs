@@ -129,8 +129,13 @@ pub(crate) fn consistency_dropped() {
     counter!("cache_consistency_dropped_total").increment(1);
 }
 
-pub(crate) fn consistency_delay(seconds: f64) {
+/// A sampler started with delay Δ = `seconds`: the gauge, and the counters registered at their value (so
+/// a dashboard shows 0 inconsistencies rather than no series).
+pub(crate) fn consistency_sampler(seconds: f64) {
     gauge!("cache_consistency_delay_seconds").set(seconds);
+    counter!("cache_consistency_samples_total").increment(0);
+    counter!("cache_consistency_inconsistent_total").increment(0);
+    counter!("cache_consistency_dropped_total").increment(0);
 }
 
 pub(crate) fn commit_lag(seconds: f64) {

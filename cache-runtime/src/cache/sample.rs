@@ -133,7 +133,7 @@ impl Sampler {
         };
         let (queue, receiver) = mpsc::channel(config.queue);
         runtime.spawn(run(inner, receiver, config));
-        observe::consistency_delay(config.delay.as_secs_f64());
+        observe::consistency_sampler(config.delay.as_secs_f64());
         Some(Self { config, queue })
     }
 }
