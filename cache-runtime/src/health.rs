@@ -330,6 +330,8 @@ pub(crate) struct Guarded {
     /// Where a read given a [`WriteToken`](crate::token::WriteToken) asks whether its write was delivered
     /// to this store: the pool's outbox (unset for a standalone cache).
     pub(crate) positions: std::sync::OnceLock<std::sync::Weak<dyn crate::token::Positions>>,
+    /// The hot keys refreshed after their invalidation (see [`refresh`](crate::refresh)).
+    pub(crate) refresh: crate::refresh::Refresher,
 }
 
 impl Guarded {
@@ -342,6 +344,7 @@ impl Guarded {
             recent: crate::recent::Recent::default(),
             acknowledged: crate::acknowledged::Acknowledged::default(),
             positions: std::sync::OnceLock::new(),
+            refresh: crate::refresh::Refresher::default(),
         }
     }
 

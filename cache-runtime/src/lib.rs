@@ -15,6 +15,7 @@ pub mod observe;
 pub mod outbox;
 pub mod pool;
 mod recent;
+pub mod refresh;
 pub mod registry;
 pub mod store;
 pub mod token;
@@ -28,6 +29,7 @@ pub mod token;
 ///     depends = ["category:<category_id>:products"], // optional: keys derived from the row
 ///     variants = ["product:<id>:in:<currency>"],     // optional: a template above + request parameters
 ///     ttl = "10m",                                   // optional (default 1h): ms, s, m, h, d, e.g. "1h30m"
+///     refresh = "30s",                               // optional: reload keys read within 30 s after a write
 /// )]
 /// ```
 ///

@@ -397,6 +397,9 @@ impl<DB: Backend> Outbox<DB> {
             }
             observe::invalidations_sent(path, chunk.len());
             self.guarded.recent.note(chunk);
+            if !self.guarded.health.gated() {
+                self.guarded.refresh.invalidated(chunk);
+            }
         }
         Ok(sequence)
     }
