@@ -14,6 +14,7 @@
 //! | `cache_consistency_dropped_total` | counter | | samples dropped (queue full, or a check's read failed) |
 //! | `cache_consistency_delay_seconds` | gauge | | Δ of the sampler |
 //! | `cache_refreshes_total` | counter | `outcome` = `started` \| `skipped` | reloads of hot keys after their invalidation (see [`refresh`](crate::refresh)); `skipped`: too many running |
+//! | `cache_stale_served_total` | counter | `reason` = `revalidating` \| `loader_error` | reads that returned a value seen valid within their explicit bound (`LoadOptions::stale_while_revalidate` / `stale_on_error`) |
 //! | `cache_commit_lag_seconds` | histogram | | per writer delivery: `COMMIT` (or the autocommit statement) done → its keys invalidated in the store (the relay's are `cache_relay_lag_seconds`) |
 //! | `cache_store_errors_total` | counter | `op` | failed store operations (`peek`, `lookup`, `tags`, `fill`, `invalidate`, `sequence`, `reset`, `forgot`) |
 //! | `cache_store_resets_total` | counter | `how` | times the store was found to have forgotten acknowledged invalidations (its sequence went back) and was repaired: `replayed` (the replay window's keys sent again) or `dropped` (every namespace of the registry, when the window did not reach back far enough) |
@@ -145,4 +146,8 @@ pub(crate) fn commit_lag(seconds: f64) {
 
 pub(crate) fn refresh(outcome: &'static str) {
     counter!("cache_refreshes_total", "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn stale_served(reason: &'static str) {
+    counter!("cache_stale_served_total", "reason" => reason).increment(1);
 }

@@ -196,6 +196,7 @@ impl Cache {
                 bases: bases(entities.unwrap_or_else(|| registry())),
                 sampler: sampling
                     .and_then(|s| super::sample::Sampler::start(s, inner.clone())),
+                recall: super::recall::Recall::default(),
             }),
         }
     }
@@ -248,6 +249,8 @@ pub struct LoadOptions {
     pub(crate) cache_none: bool,
     pub(crate) after: Option<WriteToken>,
     pub(crate) sample: Option<super::sample::SampleReload>,
+    pub(crate) stale_while_revalidate: Option<Duration>,
+    pub(crate) stale_on_error: Option<Duration>,
 }
 
 impl Default for LoadOptions {
@@ -258,6 +261,8 @@ impl Default for LoadOptions {
             cache_none: true,
             after: None,
             sample: None,
+            stale_while_revalidate: None,
+            stale_on_error: None,
         }
     }
 }
@@ -287,6 +292,32 @@ impl LoadOptions {
     #[must_use]
     pub fn after(mut self, token: WriteToken) -> Self {
         self.after = Some(token);
+        self
+    }
+
+    /// **Stale-while-revalidate, bounded**: when the key's entry is gone (invalidated, expired) and another
+    /// reader holds its lease (reloading it: a [refresh](crate::refresh), another process's miss), return
+    /// the value this process last saw valid for the key, if it saw it at most `bound` ago, instead of
+    /// waiting for the lease. The value returned is then at most `bound` old, *even after a write this
+    /// process made* (it is not read-your-writes); without a value seen within `bound`, the read waits as
+    /// usual. Never the default; ignored for a read with a [`WriteToken`]. Counted in
+    /// [`Stats::stale_served`](super::Stats::stale_served) and
+    /// `cache_stale_served_total{reason="revalidating"}`. Reads with this option remember their values
+    /// (at most 10,000 keys per cache).
+    #[must_use]
+    pub fn stale_while_revalidate(mut self, bound: Duration) -> Self {
+        self.stale_while_revalidate = Some(bound);
+        self
+    }
+
+    /// **Stale-on-loader-error, bounded**: when the loader fails, return the value this process last saw
+    /// valid for the key, if it saw it at most `bound` ago, instead of the error (which is logged by
+    /// nobody: count it with `cache_stale_served_total{reason="loader_error"}`). The value returned is at
+    /// most `bound` old, even after this process's own writes. Never the default; ignored for a read with a
+    /// [`WriteToken`]. Reads with this option remember their values (at most 10,000 keys per cache).
+    #[must_use]
+    pub fn stale_on_error(mut self, bound: Duration) -> Self {
+        self.stale_on_error = Some(bound);
         self
     }
 

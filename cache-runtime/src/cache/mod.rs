@@ -50,6 +50,7 @@ mod builder;
 pub(crate) mod codec;
 mod flight;
 mod read;
+mod recall;
 pub(crate) mod sample;
 pub(crate) mod scope;
 mod stats;
@@ -102,6 +103,8 @@ struct Inner {
     bases: HashMap<&'static str, Vec<&'static crate::key::Template>>,
     /// The consistency sampler, when sampling is on.
     sampler: Option<sample::Sampler>,
+    /// Values last seen valid, for the stale options (see the `recall` module).
+    recall: recall::Recall,
 }
 
 impl Cache {

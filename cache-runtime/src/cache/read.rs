@@ -41,6 +41,9 @@ enum Step<V, T> {
     Hit(V, Arc<[u8]>),
     /// The store cannot be used for this read: load without storing.
     Unstored,
+    /// A value this process saw valid within the read's stale-while-revalidate bound, returned while
+    /// another reader holds the lease (never shared with other readers).
+    Recalled(V),
     /// Go on.
     Next(T),
 }
@@ -58,6 +61,8 @@ struct Plan<'k> {
     epoch: u64,
     /// Whether a loaded "nothing" is stored (see [`LoadOptions::cache_none`]).
     cache_none: bool,
+    /// [`LoadOptions::stale_while_revalidate`].
+    stale_while_revalidate: Option<Duration>,
 }
 
 /// A lease taken by [`Cache::acquire`].
@@ -151,9 +156,47 @@ impl Cache {
     /// # Ok(()) }
     /// ```
     ///
-    /// Every read of the cache ends here: it joins the key's single flight in this process and, as its
-    /// leader, runs the protocol below.
+    /// Every read of the cache ends here: it honors the read's token, if any, joins the key's single
+    /// flight in this process and, as its leader, runs the protocol below.
     pub async fn get_or_load_tagged<V, E, F, Fut>(
+        &self,
+        key: Key,
+        mut options: LoadOptions,
+        loader: F,
+    ) -> Result<V, Arc<E>>
+    where
+        V: Serialize + DeserializeOwned,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(V, Vec<Key>), E>>,
+    {
+        if let Some(token) = options.after.or_else(crate::token::current) {
+            if !self.caught_up(&token).await {
+                self.inner.stats.record(Event::Bypassed("token"));
+                return self.load_unstored(loader).await.0;
+            }
+            // A read after a write never takes an older value.
+            options.stale_while_revalidate = None;
+            options.stale_on_error = None;
+        }
+        let Some(name) = options.recalls().then(|| key.as_str().to_owned()) else {
+            return self.read_tagged(key, options, loader).await;
+        };
+        let stale_on_error = options.stale_on_error;
+        let result = self.read_tagged(key, options, loader).await;
+        match &result {
+            Ok(value) => self.remember(name, value),
+            Err(_) => {
+                if let Some(value) = stale_on_error.and_then(|b| self.recall(&name, b, "loader_error")) {
+                    return Ok(value);
+                }
+            }
+        }
+        result
+    }
+
+    /// [`get_or_load_tagged`](Self::get_or_load_tagged) after the token and the stale options.
+    async fn read_tagged<V, E, F, Fut>(
         &self,
         key: Key,
         options: LoadOptions,
@@ -165,12 +208,6 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(V, Vec<Key>), E>>,
     {
-        if let Some(token) = options.after.or_else(crate::token::current)
-            && !self.caught_up(&token).await
-        {
-            self.inner.stats.record(Event::Bypassed("token"));
-            return self.load_unstored(loader).await.0;
-        }
         // The hit path needs no flight: with none in progress for the key, peek first (a valid entry is
         // returned as the leader's peek would); a miss then joins a flight and asks for the lease at once.
         let mut peeked = None;
@@ -189,7 +226,7 @@ impl Cache {
                         tokio::task::consume_budget().await;
                         return Ok(value);
                     }
-                    Step::Unstored => None,
+                    Step::Unstored | Step::Recalled(_) => None,
                     Step::Next(replace) => Some(replace),
                 }
             };
@@ -257,6 +294,7 @@ impl Cache {
             tag_ttl: ttl.saturating_add(Duration::from_secs(60)),
             epoch: self.inner.guarded.health.epoch(),
             cache_none: options.cache_none,
+            stale_while_revalidate: options.stale_while_revalidate,
         }
     }
 
@@ -310,7 +348,9 @@ impl Cache {
                             }
                             return (Ok(value), Outcome::Value(payload));
                         }
-                        Step::Unstored => return self.load_unstored(loader).await,
+                        Step::Unstored | Step::Recalled(_) => {
+                            return self.load_unstored(loader).await;
+                        }
                         Step::Next(replace) => (plan, replace),
                     }
                 }
@@ -320,6 +360,7 @@ impl Cache {
         plan.token = nonce();
         match self.acquire::<V>(&plan, replace).await {
             Step::Hit(value, payload) => (Ok(value), Outcome::Value(payload)),
+            Step::Recalled(value) => (Ok(value), Outcome::Unshared),
             Step::Unstored => self.load_unstored(loader).await,
             Step::Next(lease) => self.load_and_fill(&plan, lease, loader).await,
         }
@@ -433,6 +474,12 @@ impl Cache {
                     replace = Some(bytes);
                 }
                 Slot::Leased => {
+                    if let Some(value) = plan
+                        .stale_while_revalidate
+                        .and_then(|bound| self.recall(plan.key.as_str(), bound, "revalidating"))
+                    {
+                        return Step::Recalled(value);
+                    }
                     if !std::mem::replace(&mut waited, true) {
                         self.inner.stats.record(Event::LeaseWait);
                     }

@@ -45,6 +45,10 @@ pub struct Stats {
     pub inconsistent: u64,
     /// Samples dropped: the queue was full, or a check's store or database read failed.
     pub samples_dropped: u64,
+    /// Reads that returned a value seen valid within their bound instead of waiting or failing
+    /// ([`LoadOptions::stale_while_revalidate`](super::LoadOptions::stale_while_revalidate),
+    /// [`LoadOptions::stale_on_error`](super::LoadOptions::stale_on_error)).
+    pub stale_served: u64,
 }
 
 /// Something a read did.
@@ -72,11 +76,13 @@ pub(crate) enum Event {
     Inconsistent,
     /// A sample was dropped.
     SampleDropped,
+    /// A bounded stale value was returned (`revalidating`, `loader_error`).
+    ServedStale(&'static str),
 }
 
 /// The counters behind [`Stats`].
 #[derive(Debug, Default)]
-pub(crate) struct Counters([AtomicU64; 17]);
+pub(crate) struct Counters([AtomicU64; 18]);
 
 /// The index of each counter (the order of [`Stats`]' fields).
 mod slot {
@@ -97,6 +103,7 @@ mod slot {
     pub(super) const SAMPLES: usize = 14;
     pub(super) const INCONSISTENT: usize = 15;
     pub(super) const SAMPLES_DROPPED: usize = 16;
+    pub(super) const STALE_SERVED: usize = 17;
 }
 
 impl Counters {
@@ -150,6 +157,10 @@ impl Counters {
                 observe::consistency_dropped();
                 slot::SAMPLES_DROPPED
             }
+            Event::ServedStale(reason) => {
+                observe::stale_served(reason);
+                slot::STALE_SERVED
+            }
         };
         self.0[counter].fetch_add(1, Ordering::Relaxed);
     }
@@ -175,6 +186,7 @@ impl Counters {
             samples: get(slot::SAMPLES),
             inconsistent: get(slot::INCONSISTENT),
             samples_dropped: get(slot::SAMPLES_DROPPED),
+            stale_served: get(slot::STALE_SERVED),
         }
     }
 }
