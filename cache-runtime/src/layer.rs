@@ -15,7 +15,7 @@
 //! # fn app<S>(service: S) -> cache_runtime::layer::TokenService<S> {
 //! use tower_layer::Layer as _;
 //! let layer = TokenLayer::new().cookie_max_age(std::time::Duration::from_secs(60));
-//! layer.layer(service) // with axum: `Router::new()…​.layer(TokenLayer::new())`
+//! layer.layer(service) // with axum: `router.layer(TokenLayer::new())`
 //! # }
 //! ```
 

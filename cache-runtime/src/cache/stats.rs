@@ -36,8 +36,8 @@ pub struct Stats {
     pub lease_timeouts: u64,
     /// Store operations that failed; the read fell through to the loader.
     pub store_errors: u64,
-    /// Reads that skipped the store (circuit breaker open, or the post-outage gate closed) and loaded
-    /// without storing.
+    /// Reads that skipped the store (circuit breaker open, the post-outage gate closed, or a
+    /// [write token](crate::token) not known delivered within `token_wait`) and loaded without storing.
     pub bypassed: u64,
     /// Hits checked against the database by the consistency sampler (see [`Sampling`](super::Sampling)).
     pub samples: u64,
@@ -68,7 +68,7 @@ pub(crate) enum Event {
     LeaseTimeout,
     /// A store operation (`peek`, `lookup`, `tags`, `fill`, `invalidate`) failed.
     StoreError(&'static str),
-    /// The read skipped the store (`gate` or `breaker`).
+    /// The read skipped the store (`gate`, `breaker` or `token`).
     Bypassed(&'static str),
     /// A sampled hit was checked.
     Sampled,
