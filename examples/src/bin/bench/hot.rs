@@ -68,9 +68,14 @@ struct Run {
     writes: u64,
 }
 
-/// `READERS` tasks read row 1 of `T` through `pool.get` for `length` while its row is written through
-/// the pool every 100 ms.
-async fn workload<T>(pool: &CachedPgPool, table: &str, length: Duration) -> Result<Run, BoxError>
+/// `READERS` tasks read row 1 of `T` through `pool.get` for `length` (each read `pace` after the
+/// previous one, or back to back) while its row is written through the pool every 100 ms.
+async fn workload<T>(
+    pool: &CachedPgPool,
+    table: &str,
+    length: Duration,
+    pace: Option<Duration>,
+) -> Result<Run, BoxError>
 where
     T: KeyedEntity<Postgres, Id = i64>
         + for<'r> FromRow<'r, sqlx::postgres::PgRow>
@@ -89,6 +94,9 @@ where
             let mut samples = Samples::default();
             while Instant::now() < deadline {
                 samples.time(pool.get::<T>(&1)).await?;
+                if let Some(pace) = pace {
+                    tokio::time::sleep(pace).await;
+                }
             }
             Ok::<_, Arc<sqlx::Error>>(samples)
         }));
@@ -115,7 +123,8 @@ where
     Ok(run)
 }
 
-/// The hot-key rows: delete on write against `refresh`, in alternating rounds.
+/// The hot-key rows: delete on write against `refresh`, in alternating rounds; readers back to back, and
+/// paced (a read every 2 ms each).
 pub(crate) async fn hot_key(
     url: &str,
     redis_url: &str,
@@ -125,14 +134,27 @@ pub(crate) async fn hot_key(
 ) -> Result<(), BoxError> {
     let pool = pool(url, redis_url, prefix, None).await?;
     let length = Duration::from_secs(if quick { 2 } else { 5 });
+    hot_key_rows(&pool, length, None, report).await?;
+    hot_key_rows(&pool, length, Some(Duration::from_millis(2)), report).await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// One shape of the hot-key workload: both variants, its rows.
+async fn hot_key_rows(
+    pool: &CachedPgPool,
+    length: Duration,
+    pace: Option<Duration>,
+    report: &mut Report,
+) -> Result<(), BoxError> {
     let (mut deleted, mut refreshed) = (Run::default(), Run::default());
     for round in 0..2 {
         let mut pair = [None, None];
         for side in [round % 2, 1 - round % 2] {
             pair[side] = Some(if side == 0 {
-                workload::<Deleted>(&pool, "hk_deleted", length).await?
+                workload::<Deleted>(pool, "hk_deleted", length, pace).await?
             } else {
-                workload::<Refreshed>(&pool, "hk_refreshed", length).await?
+                workload::<Refreshed>(pool, "hk_refreshed", length, pace).await?
             });
         }
         for (total, run) in [&mut deleted, &mut refreshed].into_iter().zip(pair) {
@@ -142,16 +164,24 @@ pub(crate) async fn hot_key(
             total.writes += run.writes;
         }
     }
-    let group = format!("hot key written every 100 ms, {READERS} readers: pool.get");
+    let readers = match pace {
+        None => format!("{READERS} readers back to back"),
+        Some(pace) => format!("{READERS} readers, a read every {} ms each", pace.as_millis()),
+    };
+    let group = format!("hot key written every 100 ms, {readers}: pool.get");
     let base = deleted.reads.stats();
     report.latency(&group, "delete on write (baseline)", base, Some(base.median_us));
     report.latency(&group, "refresh = \"1m\"", refreshed.reads.stats(), Some(base.median_us));
-    let rate = |run: &Run| 100.0 * run.misses as f64 / run.reads.len().max(1) as f64;
-    let group = "hot key written every 100 ms: reads not answered by the store";
-    report.value(group, "delete on write", rate(&deleted), "% of reads");
-    report.value_vs(group, "refresh = \"1m\"", rate(&refreshed), "% of reads", rate(&deleted));
-    report.value(group, "writes (each variant)", deleted.writes as f64, "writes");
-    pool.close().await;
+    // Per write: the reads that found the key empty after it (a miss, or a wait for the load in flight).
+    let per_write = |run: &Run| run.misses as f64 / run.writes.max(1) as f64;
+    let group = format!("hot key, {readers}: reads not answered by the store");
+    report.value(&group, "delete on write, per write", per_write(&deleted), "reads");
+    let (base, refreshed_per_write) = (per_write(&deleted), per_write(&refreshed));
+    report.value_vs(&group, "refresh, per write", refreshed_per_write, "reads", base);
+    let share = |run: &Run| 1e6 * run.misses as f64 / run.reads.len().max(1) as f64;
+    report.value(&group, "delete on write, per million reads", share(&deleted), "reads");
+    report.value_vs(&group, "refresh, per million reads", share(&refreshed), "reads", share(&deleted));
+    report.value(&group, "writes (each variant)", deleted.writes as f64, "writes");
     Ok(())
 }
 
