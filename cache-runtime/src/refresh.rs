@@ -78,7 +78,12 @@ impl std::fmt::Debug for Refresher {
 impl Refresher {
     /// Records a read of `key`, hot for `window`; `reload` makes its reload when the key is not tracked yet
     /// (`None`: it cannot be reloaded).
-    pub(crate) fn read(&self, key: &str, window: Duration, reload: impl FnOnce() -> Option<Reload>) {
+    pub(crate) fn read(
+        &self,
+        key: &str,
+        window: Duration,
+        reload: impl FnOnce() -> Option<Reload>,
+    ) {
         let Ok(mut hot) = self.hot.lock() else {
             return;
         };
@@ -94,7 +99,14 @@ impl Refresher {
             }
         }
         if let Some(reload) = reload() {
-            hot.insert(key.to_owned(), Hot { read: now, window, reload });
+            hot.insert(
+                key.to_owned(),
+                Hot {
+                    read: now,
+                    window,
+                    reload,
+                },
+            );
             self.any.store(true, Ordering::Release);
         }
     }

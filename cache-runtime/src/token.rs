@@ -128,11 +128,7 @@ impl WriteToken {
 impl fmt::Display for WriteToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = if self.acknowledged { 'd' } else { 'p' };
-        write!(
-            f,
-            "w1.{:x}.{:016x}.{state}",
-            self.position, self.consumer
-        )
+        write!(f, "w1.{:x}.{:016x}.{state}", self.position, self.consumer)
     }
 }
 
@@ -232,7 +228,10 @@ tokio::task_local! {
 /// let header = written.map(|t| t.to_string()); // send it to the client, or to the next service
 /// # Ok(()) }
 /// ```
-pub async fn scope<F: Future>(read: Option<WriteToken>, future: F) -> (F::Output, Option<WriteToken>) {
+pub async fn scope<F: Future>(
+    read: Option<WriteToken>,
+    future: F,
+) -> (F::Output, Option<WriteToken>) {
     let scope = Arc::new(Scope {
         read,
         written: Mutex::new(None),
@@ -261,7 +260,15 @@ mod tests {
         let text = token.to_string();
         assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.'));
         assert_eq!(text.parse::<WriteToken>(), Ok(token));
-        for bad in ["", "w1", "w2.1.1.d", "w1.1.1.x", "w1.1.1.d.9", "w1.zz.1.d", "w1.ffffffffffffffff.0.d"] {
+        for bad in [
+            "",
+            "w1",
+            "w2.1.1.d",
+            "w1.1.1.x",
+            "w1.1.1.d.9",
+            "w1.zz.1.d",
+            "w1.ffffffffffffffff.0.d",
+        ] {
             assert!(bad.parse::<WriteToken>().is_err(), "{bad}");
         }
     }

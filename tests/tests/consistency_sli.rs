@@ -73,15 +73,26 @@ async fn the_sli_reports_zero_with_capture_and_fires_on_a_write_outside_it() {
         let sql = "UPDATE items SET version = version + 1 WHERE id = $1";
         let id = writes % 5 + 1;
         if writes % 2 == 0 {
-            sqlx::query(sql).bind(id).execute(&pool).await.expect("write");
+            sqlx::query(sql)
+                .bind(id)
+                .execute(&pool)
+                .await
+                .expect("write");
         } else {
-            sqlx::query(sql).bind(id).execute(&plain).await.expect("foreign write");
+            sqlx::query(sql)
+                .bind(id)
+                .execute(&plain)
+                .await
+                .expect("foreign write");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     settle(&pool).await;
     let correct = pool.cache().stats();
-    assert!(correct.samples >= 20, "the sampler checked hits: {correct:?}");
+    assert!(
+        correct.samples >= 20,
+        "the sampler checked hits: {correct:?}"
+    );
     assert_eq!(correct.inconsistent, 0, "capture intact: {correct:?}");
 
     // Broken setup: a superuser turns capture off and writes; the cached item 1 is now wrong.

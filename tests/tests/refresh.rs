@@ -54,7 +54,11 @@ async fn pool(db: &TestDb, prefix: &TestPrefix) -> CachedPgPool {
 }
 
 async fn hot(pool: &CachedPgPool) -> i64 {
-    pool.get::<HotItem>(&1).await.expect("read").expect("row").version
+    pool.get::<HotItem>(&1)
+        .await
+        .expect("read")
+        .expect("row")
+        .version
 }
 
 /// Waits up to 5 s for `key` to exist.
@@ -83,8 +87,14 @@ async fn a_hot_key_is_reloaded_after_a_write_and_a_plain_one_is_deleted() {
         .await
         .expect("write");
     }
-    assert!(appears(&prefix, "hot_item:1").await, "the hot key is stored again");
-    assert!(!prefix.exists("cold_item:1").await, "the plain key stays deleted");
+    assert!(
+        appears(&prefix, "hot_item:1").await,
+        "the hot key is stored again"
+    );
+    assert!(
+        !prefix.exists("cold_item:1").await,
+        "the plain key stays deleted"
+    );
     let before = pool.cache().stats();
     assert_eq!(hot(&pool).await, 2, "the refreshed entry is the new row");
     let after = pool.cache().stats();
@@ -104,7 +114,11 @@ async fn a_hot_key_is_reloaded_after_a_write_and_a_plain_one_is_deleted() {
     }
     let before = pool.cache().stats();
     assert_eq!(hot(&pool).await, 3);
-    assert_eq!(pool.cache().stats().misses, before.misses, "refreshed by the relay's delivery");
+    assert_eq!(
+        pool.cache().stats().misses,
+        before.misses,
+        "refreshed by the relay's delivery"
+    );
     pool.close().await;
 }
 
@@ -157,7 +171,10 @@ async fn concurrent_refreshes_never_store_an_older_row() {
     }
     // Let the last refreshes finish, then the entry must be the last row, and reads hit it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(prefix.exists("hot_item:1").await, "refreshed after the last write");
+    assert!(
+        prefix.exists("hot_item:1").await,
+        "refreshed after the last write"
+    );
     for pool in &pools {
         let before = pool.cache().stats();
         assert_eq!(hot(pool).await, 161, "the entry is the last row");

@@ -35,7 +35,11 @@ async fn read(cache: &Cache, options: LoadOptions, value: &'static str) -> Loade
 }
 
 /// Another process's miss: holds the lease for `hold` while it loads `value`.
-fn slow_load(other: &Cache, value: &'static str, hold: Duration) -> tokio::task::JoinHandle<Loaded> {
+fn slow_load(
+    other: &Cache,
+    value: &'static str,
+    hold: Duration,
+) -> tokio::task::JoinHandle<Loaded> {
     let other = other.clone();
     tokio::spawn(async move {
         other
@@ -59,12 +63,20 @@ async fn stale_while_revalidate_returns_the_last_value_only_within_its_bound() {
 
     let started = Instant::now();
     let stale = read(&cache, swr(), "unused").await.expect("read");
-    assert_eq!(stale, "v1", "the value seen within the bound, while the other process reloads");
-    assert!(started.elapsed() < Duration::from_millis(300), "without waiting for the lease");
+    assert_eq!(
+        stale, "v1",
+        "the value seen within the bound, while the other process reloads"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "without waiting for the lease"
+    );
     assert_eq!(cache.stats().stale_served, 1);
     assert_eq!(cache.stats().loads, 1, "no load of its own");
     assert_eq!(
-        read(&cache, LoadOptions::new(), "unused").await.expect("read"),
+        read(&cache, LoadOptions::new(), "unused")
+            .await
+            .expect("read"),
         "v2",
         "a read without the option waits for the lease holder's value"
     );
@@ -78,7 +90,11 @@ async fn stale_while_revalidate_returns_the_last_value_only_within_its_bound() {
     let reloading = slow_load(&other, "v3", Duration::from_millis(300));
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(read(&cache, short(), "unused").await.expect("read"), "v3");
-    assert_eq!(cache.stats().stale_served, 1, "nothing older than the bound");
+    assert_eq!(
+        cache.stats().stale_served,
+        1,
+        "nothing older than the bound"
+    );
     reloading.await.expect("join").expect("load");
 }
 
@@ -101,8 +117,14 @@ async fn stale_on_error_covers_a_failing_loader_only_within_its_bound() {
     };
     assert_eq!(failing(options()).await.expect("the last value"), "v1");
     assert_eq!(cache.stats().stale_served, 1);
-    assert!(failing(LoadOptions::new()).await.is_err(), "without the option, the error");
+    assert!(
+        failing(LoadOptions::new()).await.is_err(),
+        "without the option, the error"
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(failing(options()).await.is_err(), "beyond the bound, the error");
+    assert!(
+        failing(options()).await.is_err(),
+        "beyond the bound, the error"
+    );
     assert_eq!(cache.stats().stale_served, 1);
 }

@@ -126,15 +126,31 @@ async fn a_user_reads_their_write_on_another_instance_through_the_cookie_or_head
     assert_eq!(request(&reader, "GET", "/items/1", &[]).await.body, "1");
     let plain = request(&reader, "GET", "/items/1", &[]).await;
     assert_eq!(plain.body, "1");
-    assert_eq!(plain.header("x-cache-token"), None, "a read writes no token");
+    assert_eq!(
+        plain.header("x-cache-token"),
+        None,
+        "a read writes no token"
+    );
 
     let written = request(&writer, "PUT", "/items/1/2", &[]).await;
     assert_eq!(written.body, "ok");
-    let token = written.header("x-cache-token").expect("the write's token").to_owned();
-    assert!(token.ends_with(".p"), "not acknowledged by the store: {token}");
+    let token = written
+        .header("x-cache-token")
+        .expect("the write's token")
+        .to_owned();
+    assert!(
+        token.ends_with(".p"),
+        "not acknowledged by the store: {token}"
+    );
     let cookie = written.header("set-cookie").expect("the token's cookie");
-    assert!(cookie.starts_with(&format!("cache_token={token};")), "{cookie}");
-    assert!(cookie.contains("HttpOnly") && cookie.contains("Max-Age=300"), "{cookie}");
+    assert!(
+        cookie.starts_with(&format!("cache_token={token};")),
+        "{cookie}"
+    );
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("Max-Age=300"),
+        "{cookie}"
+    );
 
     assert_eq!(
         request(&reader, "GET", "/items/1", &[]).await.body,
@@ -143,8 +159,15 @@ async fn a_user_reads_their_write_on_another_instance_through_the_cookie_or_head
     );
     let cookie_pair = format!("cache_token={token}");
     let by_cookie = request(&reader, "GET", "/items/1", &[("cookie", &cookie_pair)]).await;
-    assert_eq!(by_cookie.body, "2", "the user's cookie makes the other instance read the write");
-    assert_eq!(by_cookie.header("set-cookie"), None, "a read does not reset the cookie");
+    assert_eq!(
+        by_cookie.body, "2",
+        "the user's cookie makes the other instance read the write"
+    );
+    assert_eq!(
+        by_cookie.header("set-cookie"),
+        None,
+        "a read does not reset the cookie"
+    );
     let by_header = request(&reader, "GET", "/items/1", &[("x-cache-token", &token)]).await;
     assert_eq!(by_header.body, "2");
 }

@@ -130,7 +130,10 @@ async fn a_token_makes_another_process_read_the_write_even_before_its_delivery()
     .await;
     updated.expect("update");
     let written = written.expect("an autocommit write in a scope records its token");
-    assert!(written.acknowledged() && written.position() > 0, "{written}");
+    assert!(
+        written.acknowledged() && written.position() > 0,
+        "{written}"
+    );
     let seen = reader.read(Some(written));
     assert_eq!((seen.version, seen.bypassed), (2, 0), "{seen:?}");
     assert_eq!(reader.read(None).hits, 2, "the reader cached version 2");
@@ -142,7 +145,10 @@ async fn a_token_makes_another_process_read_the_write_even_before_its_delivery()
         .await
         .expect("update");
     let pending = tx.commit_with_token().await.expect("commit");
-    assert!(!pending.acknowledged() && pending.position() > written.position(), "{pending}");
+    assert!(
+        !pending.acknowledged() && pending.position() > written.position(),
+        "{pending}"
+    );
     let parsed: WriteToken = pending.to_string().parse().expect("the token round-trips");
     assert_eq!(
         reader.read(None).version,
@@ -150,7 +156,11 @@ async fn a_token_makes_another_process_read_the_write_even_before_its_delivery()
         "without the token the reader serves its cached version (delivery held back)"
     );
     let seen = reader.read(Some(parsed));
-    assert_eq!((seen.version, seen.bypassed), (3, 1), "the token bypasses the cache: {seen:?}");
+    assert_eq!(
+        (seen.version, seen.bypassed),
+        (3, 1),
+        "the token bypasses the cache: {seen:?}"
+    );
 
     // Delivered by a relay: the token is satisfied from the database's record, and the cache is used.
     let drained = writer.relay().deliver_pending().await.expect("deliver");

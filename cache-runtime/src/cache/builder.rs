@@ -194,8 +194,7 @@ impl Cache {
                 stats: Counters::default(),
                 ttls: ttls(entities.unwrap_or_else(|| registry())),
                 bases: bases(entities.unwrap_or_else(|| registry())),
-                sampler: sampling
-                    .and_then(|s| super::sample::Sampler::start(s, inner.clone())),
+                sampler: sampling.and_then(|s| super::sample::Sampler::start(s, inner.clone())),
                 recall: super::recall::Recall::default(),
             }),
         }

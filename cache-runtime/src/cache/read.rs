@@ -187,7 +187,9 @@ impl Cache {
         match &result {
             Ok(value) => self.remember(name, value),
             Err(_) => {
-                if let Some(value) = stale_on_error.and_then(|b| self.recall(&name, b, "loader_error")) {
+                if let Some(value) =
+                    stale_on_error.and_then(|b| self.recall(&name, b, "loader_error"))
+                {
                     return Ok(value);
                 }
             }

@@ -24,7 +24,9 @@ impl Default for Recall {
 
 impl std::fmt::Debug for Recall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recall").field("keys", &self.0.entry_count()).finish()
+        f.debug_struct("Recall")
+            .field("keys", &self.0.entry_count())
+            .finish()
     }
 }
 

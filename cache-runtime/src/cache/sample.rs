@@ -128,7 +128,9 @@ impl Sampler {
     /// runtime (sampling is then off, with a warning).
     pub(super) fn start(config: Sampling, inner: Weak<Inner>) -> Option<Self> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!("consistency sampling needs a tokio runtime when the cache is built; it is off");
+            tracing::warn!(
+                "consistency sampling needs a tokio runtime when the cache is built; it is off"
+            );
             return None;
         };
         let (queue, receiver) = mpsc::channel(config.queue);

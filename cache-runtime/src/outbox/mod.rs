@@ -501,11 +501,9 @@ impl<DB: Backend> crate::token::Positions for Outbox<DB> {
         self.consumer.id()
     }
 
-    fn delivered(
-        &self,
-        position: i64,
-    ) -> futures_core::future::BoxFuture<'_, Result<bool, Error>> {
-        Box::pin(async move { Ok(DB::pending_upto(&self.pool, &self.consumer, position).await? == 0) })
+    fn delivered(&self, position: i64) -> futures_core::future::BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(
+            async move { Ok(DB::pending_upto(&self.pool, &self.consumer, position).await? == 0) },
+        )
     }
-
 }

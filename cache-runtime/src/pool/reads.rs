@@ -15,12 +15,12 @@ use sqlx::pool::PoolConnection;
 use sqlx::{FromRow, IntoArguments};
 
 use super::CachedPool;
+use crate::LoadOptions;
 use crate::backend::{Backend, select_by_keys};
-use crate::entity::KeyedEntity;
 use crate::cache::codec;
 use crate::cache::sample::{Reload, SampleReload};
+use crate::entity::KeyedEntity;
 use crate::key::Key;
-use crate::LoadOptions;
 
 impl<DB: Backend> CachedPool<DB> {
     /// Reads the entity `T` whose own key has the values `id` (the key field's value, or a tuple of them
@@ -55,7 +55,12 @@ impl<DB: Backend> CachedPool<DB> {
     /// ```
     pub async fn get<T>(&self, id: &T::Id) -> Result<Option<T>, Arc<sqlx::Error>>
     where
-        T: KeyedEntity<DB> + for<'r> FromRow<'r, DB::Row> + Serialize + DeserializeOwned + Send + 'static,
+        T: KeyedEntity<DB>
+            + for<'r> FromRow<'r, DB::Row>
+            + Serialize
+            + DeserializeOwned
+            + Send
+            + 'static,
         DB::Arguments: IntoArguments<DB> + Clone,
     {
         let key = T::key_of(id);
@@ -64,9 +69,12 @@ impl<DB: Backend> CachedPool<DB> {
             options.sample = self.reload_of::<T>(id);
         }
         if let Some(window) = T::REFRESH {
-            self.core.relay.outbox.guarded.refresh.read(key.as_str(), window, || {
-                self.refresh_of::<T>(&key, id)
-            });
+            self.core
+                .relay
+                .outbox
+                .guarded
+                .refresh
+                .read(key.as_str(), window, || self.refresh_of::<T>(&key, id));
         }
         self.cache()
             .get_or_load_with(key, options, || async move {
@@ -98,7 +106,12 @@ impl<DB: Backend> CachedPool<DB> {
     /// (the pool's store holds it). `None` when `id` cannot be bound.
     fn refresh_of<T>(&self, key: &Key, id: &T::Id) -> Option<crate::refresh::Reload>
     where
-        T: KeyedEntity<DB> + for<'r> FromRow<'r, DB::Row> + Serialize + DeserializeOwned + Send + 'static,
+        T: KeyedEntity<DB>
+            + for<'r> FromRow<'r, DB::Row>
+            + Serialize
+            + DeserializeOwned
+            + Send
+            + 'static,
         DB::Arguments: IntoArguments<DB> + Clone,
     {
         let mut args = DB::Arguments::default();

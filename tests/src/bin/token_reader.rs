@@ -49,7 +49,10 @@ async fn main() {
             std::process::exit(2)
         }
     };
-    let cache = pool.cache_builder().token_wait(Duration::from_millis(300)).build();
+    let cache = pool
+        .cache_builder()
+        .token_wait(Duration::from_millis(300))
+        .build();
     println!("ready");
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };

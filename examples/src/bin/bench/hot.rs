@@ -25,7 +25,12 @@ pub(crate) struct Deleted {
 
 /// Refreshed after writes while read within the last minute.
 #[derive(Debug, Clone, CachedEntity, Serialize, Deserialize, sqlx::FromRow)]
-#[cached_entity(table = "hk_refreshed", key = "hk_refreshed:<id>", ttl = "10m", refresh = "1m")]
+#[cached_entity(
+    table = "hk_refreshed",
+    key = "hk_refreshed:<id>",
+    ttl = "10m",
+    refresh = "1m"
+)]
 pub(crate) struct Refreshed {
     id: i64,
     version: i64,
@@ -166,22 +171,62 @@ async fn hot_key_rows(
     }
     let readers = match pace {
         None => format!("{READERS} readers back to back"),
-        Some(pace) => format!("{READERS} readers, a read every {} ms each", pace.as_millis()),
+        Some(pace) => format!(
+            "{READERS} readers, a read every {} ms each",
+            pace.as_millis()
+        ),
     };
     let group = format!("hot key written every 100 ms, {readers}: pool.get");
     let base = deleted.reads.stats();
-    report.latency(&group, "delete on write (baseline)", base, Some(base.median_us));
-    report.latency(&group, "refresh = \"1m\"", refreshed.reads.stats(), Some(base.median_us));
+    report.latency(
+        &group,
+        "delete on write (baseline)",
+        base,
+        Some(base.median_us),
+    );
+    report.latency(
+        &group,
+        "refresh = \"1m\"",
+        refreshed.reads.stats(),
+        Some(base.median_us),
+    );
     // Per write: the reads that found the key empty after it (a miss, or a wait for the load in flight).
     let per_write = |run: &Run| run.misses as f64 / run.writes.max(1) as f64;
     let group = format!("hot key, {readers}: reads not answered by the store");
-    report.value(&group, "delete on write, per write", per_write(&deleted), "reads");
+    report.value(
+        &group,
+        "delete on write, per write",
+        per_write(&deleted),
+        "reads",
+    );
     let (base, refreshed_per_write) = (per_write(&deleted), per_write(&refreshed));
-    report.value_vs(&group, "refresh, per write", refreshed_per_write, "reads", base);
+    report.value_vs(
+        &group,
+        "refresh, per write",
+        refreshed_per_write,
+        "reads",
+        base,
+    );
     let share = |run: &Run| 1e6 * run.misses as f64 / run.reads.len().max(1) as f64;
-    report.value(&group, "delete on write, per million reads", share(&deleted), "reads");
-    report.value_vs(&group, "refresh, per million reads", share(&refreshed), "reads", share(&deleted));
-    report.value(&group, "writes (each variant)", deleted.writes as f64, "writes");
+    report.value(
+        &group,
+        "delete on write, per million reads",
+        share(&deleted),
+        "reads",
+    );
+    report.value_vs(
+        &group,
+        "refresh, per million reads",
+        share(&refreshed),
+        "reads",
+        share(&deleted),
+    );
+    report.value(
+        &group,
+        "writes (each variant)",
+        deleted.writes as f64,
+        "writes",
+    );
     Ok(())
 }
 
@@ -218,9 +263,19 @@ pub(crate) async fn sli_overhead(
     let group = "consistency SLI: pool.get hit, Redis";
     let base = without.stats();
     report.latency(group, "no sampling (baseline)", base, Some(base.median_us));
-    report.latency(group, "sampling 1%, Δ = 1 s", with.stats(), Some(base.median_us));
+    report.latency(
+        group,
+        "sampling 1%, Δ = 1 s",
+        with.stats(),
+        Some(base.median_us),
+    );
     report.value(group, "samples checked", checked.samples as f64, "samples");
-    report.value(group, "inconsistent", checked.inconsistent as f64, "samples");
+    report.value(
+        group,
+        "inconsistent",
+        checked.inconsistent as f64,
+        "samples",
+    );
     plain.close().await;
     sampled.close().await;
     Ok(())

@@ -120,7 +120,12 @@ async fn main() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--quick" => sizes = Sizes { hot_only: sizes.hot_only, ..Sizes::QUICK },
+            "--quick" => {
+                sizes = Sizes {
+                    hot_only: sizes.hot_only,
+                    ..Sizes::QUICK
+                }
+            }
             "--hot-only" => sizes.hot_only = true,
             "--sqlite-only" => sqlite_only = true,
             "--out" => out = args.next().ok_or("--out needs a path")?,
