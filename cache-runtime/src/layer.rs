@@ -3,7 +3,7 @@
 //!
 //! Per request, the layer reads a [`WriteToken`] from a header (`x-cache-token` by default) or a cookie
 //! (`cache_token`), puts it in the request's extensions, and runs the inner service inside a
-//! [`token::scope`](crate::token::scope) with it: every cache read of the request honors it. The newest
+//! [`token::scope`](crate::token::scope()) with it: every cache read of the request honors it. The newest
 //! token of the request's writes through a [`CachedPool`](crate::CachedPool) goes back in the response: in
 //! the same header, and as a `Set-Cookie` (`Path=/; Max-Age=300; SameSite=Lax; HttpOnly` by default), so a
 //! browser sends it with its next request and an API client can copy the header.

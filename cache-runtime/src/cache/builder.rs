@@ -167,7 +167,7 @@ impl<H> CacheBuilder<H> {
 
     /// Turns on the live consistency SLI: a fraction of the hits of reads that can reload their value
     /// (entity-first reads, [`CachedPool::get`](crate::CachedPool::get)) is compared with the database Δ
-    /// later, off the request path (see [`Sampling`](super::Sampling) and the `sample` module docs). Off by
+    /// later, off the request path (see [`sample`](crate::cache::sample)). Off by
     /// default. Needs a tokio runtime when the cache is built.
     #[must_use]
     pub fn sampling(mut self, sampling: super::Sampling) -> Self {

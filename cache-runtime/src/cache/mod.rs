@@ -51,7 +51,7 @@ pub(crate) mod codec;
 mod flight;
 mod read;
 mod recall;
-pub(crate) mod sample;
+pub mod sample;
 pub(crate) mod scope;
 mod stats;
 

@@ -23,7 +23,7 @@
 //!
 //! `cache_consistency_samples_total`, `cache_consistency_inconsistent_total`,
 //! `cache_consistency_dropped_total` (counters) and `cache_consistency_delay_seconds` (gauge: Δ); see
-//! [`observe`](crate::observe) for the PromQL of "N nines within Δ".
+//! [`observe`] for the PromQL of "N nines within Δ".
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
