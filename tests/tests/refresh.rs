@@ -75,6 +75,12 @@ async fn appears(prefix: &TestPrefix, key: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_key_is_reloaded_after_a_write_and_a_plain_one_is_deleted() {
+    assert_eq!(
+        <HotItem as cache_runtime::KeyedEntity<sqlx::Postgres>>::REFRESH,
+        Some(Duration::from_secs(60)),
+        "the derive's `refresh`"
+    );
+    assert_eq!(<ColdItem as cache_runtime::KeyedEntity<sqlx::Postgres>>::REFRESH, None);
     let (db, prefix) = setup("refresh").await;
     let pool = pool(&db, &prefix).await;
     assert_eq!(hot(&pool).await, 1);
