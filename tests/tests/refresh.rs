@@ -80,7 +80,10 @@ async fn a_hot_key_is_reloaded_after_a_write_and_a_plain_one_is_deleted() {
         Some(Duration::from_secs(60)),
         "the derive's `refresh`"
     );
-    assert_eq!(<ColdItem as cache_runtime::KeyedEntity<sqlx::Postgres>>::REFRESH, None);
+    assert_eq!(
+        <ColdItem as cache_runtime::KeyedEntity<sqlx::Postgres>>::REFRESH,
+        None
+    );
     let (db, prefix) = setup("refresh").await;
     let pool = pool(&db, &prefix).await;
     assert_eq!(hot(&pool).await, 1);
