@@ -212,8 +212,15 @@ fn check_refresh(cx: &mut Ctxt, cont: &Container<'_>) -> Option<Duration> {
     let lit = cont.attrs.refresh.as_ref()?;
     match parse_ttl(&lit.value()) {
         Ok(window) => Some(window),
-        Err(message) => {
-            cx.error_spanned_by(lit, message.replacen("ttl", "refresh", 2));
+        Err(_) => {
+            cx.error_spanned_by(
+                lit,
+                format!(
+                    "invalid refresh \"{}\": write how long after a read a key stays hot, as a positive \
+                     duration such as \"30s\" or \"5m\" (units: ms, s, m, h, d)",
+                    lit.value()
+                ),
+            );
             None
         }
     }
