@@ -24,6 +24,11 @@
 //!
 //! A token from a write that changed no captured row has position 0 and is always satisfied.
 //!
+//! The load itself follows the usual snapshot rules: [`CachedPool::get`](crate::CachedPool::get) and
+//! [`get_or_load_on_replica`](crate::CachedPool::get_or_load_on_replica) load on a read replica only once
+//! it replayed the primary's WAL position read after the call, which is past the token's commit; custom
+//! loaders must read a snapshot taken after the call, as always.
+//!
 //! Tokens are not authenticated: one forged by a client can cost its own reads at most the bounded wait and
 //! a load from the database (as a miss does), and never changes what other reads see.
 //!

@@ -2,7 +2,8 @@
 //! `token_reader` binary, with its own pool on the same database and Redis prefix) return that write,
 //! whether the writer's store acknowledged the invalidation (the read uses the cache at once) or the
 //! delivery has not happened yet (the read bypasses the cache, where a read without the token returns
-//! the old value). Real PostgreSQL and Redis.
+//! the old value), and a delivery during the read's bounded wait ends the wait. Real PostgreSQL and
+//! Redis.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -65,8 +66,18 @@ impl Reader {
     }
 
     fn read(&mut self, token: Option<WriteToken>) -> Seen {
+        self.send(token);
+        self.seen()
+    }
+
+    /// Asks for a read, without waiting for its answer.
+    fn send(&mut self, token: Option<WriteToken>) {
         let arg = token.map_or_else(|| "-".to_owned(), |t| t.to_string());
         writeln!(self.stdin, "read {arg}").expect("write to token_reader");
+    }
+
+    /// The answer to the read asked for.
+    fn seen(&mut self) -> Seen {
         let line = self.line();
         let fields: Vec<&str> = line.split(' ').collect();
         match fields.as_slice() {
@@ -170,6 +181,22 @@ async fn a_token_makes_another_process_read_the_write_even_before_its_delivery()
     let seen = reader.read(Some(parsed));
     assert_eq!(seen.version, 3);
     assert!(seen.hits >= 3, "the reader uses its cache again: {seen:?}");
+
+    // Delivered while the reader waits (within its 300 ms `token_wait`): the wait ends with the
+    // delivery, and the read uses the cache.
+    let (_, pending) = token::scope(None, async {
+        sqlx::query("UPDATE items SET version = 5 WHERE id = 1")
+            .execute(&crashing)
+            .await
+    })
+    .await;
+    let pending = pending.expect("a token");
+    assert!(!pending.acknowledged(), "{pending}");
+    reader.send(Some(pending));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    writer.relay().deliver_pending().await.expect("deliver");
+    let seen = reader.seen();
+    assert_eq!((seen.version, seen.bypassed), (5, 1), "no bypass: {seen:?}");
     drop(reader);
     writer.close().await;
     crashing.close().await;
