@@ -201,3 +201,73 @@ async fn a_token_makes_another_process_read_the_write_even_before_its_delivery()
     writer.close().await;
     crashing.close().await;
 }
+
+/// A SQLite pool on `db` and `prefix` whose relay only delivers by hand.
+async fn sqlite_pool(
+    db: &tests::TestSqlite,
+    prefix: &TestPrefix,
+    crash_after_commit: bool,
+) -> cache_runtime::CachedSqlitePool {
+    let store = RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
+        .await
+        .expect("redis");
+    cache_runtime::CachedSqlitePool::options()
+        .registry(Registry::new([Item::META]))
+        .auto_install(true)
+        .run_relay(false)
+        .token_wait(Duration::from_millis(200))
+        .crash_after_commit(crash_after_commit)
+        .connect_with(db.options(), store)
+        .await
+        .expect("sqlite pool")
+}
+
+/// On SQLite, as on PostgreSQL: an undelivered write's token makes a reader bypass its cache until the
+/// outbox rows are gone, then use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_token_is_honored_until_its_rows_are_delivered() {
+    let db = tests::TestSqlite::create("tokens").await;
+    let prefix = TestPrefix::create("tokens_sqlite").await;
+    sqlx::raw_sql(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, version INTEGER NOT NULL); INSERT INTO items VALUES (1, 1);",
+    )
+    .execute(&db.pool().await)
+    .await
+    .expect("schema");
+    let reader = sqlite_pool(&db, &prefix, false).await;
+    let crashing = sqlite_pool(&db, &prefix, true).await;
+    let version = |pool: cache_runtime::CachedSqlitePool| async move {
+        pool.get::<Item>(&1)
+            .await
+            .expect("read")
+            .expect("row")
+            .version
+    };
+    assert_eq!(version(reader.clone()).await, 1);
+    let mut tx = crashing.begin().await.expect("begin");
+    sqlx::query("UPDATE items SET version = 2 WHERE id = 1")
+        .execute(&mut tx)
+        .await
+        .expect("update");
+    let token = tx.commit_with_token().await.expect("commit");
+    assert!(!token.acknowledged() && token.position() > 0, "{token}");
+    assert_eq!(
+        version(reader.clone()).await,
+        1,
+        "the delivery is held back"
+    );
+    let (seen, _) = token::scope(Some(token), version(reader.clone())).await;
+    assert_eq!(seen, 2, "the token's scope bypasses the cache");
+    assert_eq!(reader.cache().stats().bypassed, 1);
+    reader.relay().deliver_pending().await.expect("deliver");
+    let hits = reader.cache().stats().hits;
+    let (seen, _) = token::scope(Some(token), version(reader.clone())).await;
+    assert_eq!(seen, 2);
+    assert_eq!(
+        reader.cache().stats().bypassed,
+        1,
+        "delivered: the cache is used"
+    );
+    let (seen, _) = token::scope(Some(token), version(reader.clone())).await;
+    assert_eq!((seen, reader.cache().stats().hits), (2, hits + 1));
+}
