@@ -14,6 +14,8 @@ pub(crate) struct Attrs {
     /// `variants = [...]`: declared templates extended by request parameters.
     pub(crate) variants: Vec<LitStr>,
     pub(crate) ttl: Option<LitStr>,
+    /// `refresh = "…"`: how long after a read a key counts as hot.
+    pub(crate) refresh: Option<LitStr>,
     /// `crate = "…"`: the path generated code uses for `cache_runtime`.
     pub(crate) krate: Option<syn::Path>,
     /// Where to point when something is missing: the first `#[cached_entity]`, if any.
@@ -46,7 +48,7 @@ impl Attrs {
                         &meta.path,
                         format!(
                             "unknown key `{shown}` in #[cached_entity(...)]: {hint}expected one of `table`, `key`, \
-                             `depends`, `variants`, `ttl`"
+                             `depends`, `variants`, `ttl`, `refresh`"
                         ),
                     );
                     skip_value(&meta)?;
@@ -92,6 +94,7 @@ impl Attrs {
                         let slot = match other {
                             symbol::TABLE => &mut out.table,
                             symbol::KEY => &mut out.key,
+                            symbol::REFRESH => &mut out.refresh,
                             _ => &mut out.ttl,
                         };
                         slot.get_or_insert(value);

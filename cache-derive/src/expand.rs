@@ -97,6 +97,13 @@ fn keyed_entity(
         }
     };
     let sqlx = quote!(#krate::__private::sqlx);
+    let refresh = checked.refresh.map(|window| {
+        let ms = Literal::u64_suffixed(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+        quote! {
+            const REFRESH: ::core::option::Option<#krate::__private::core::time::Duration> =
+                ::core::option::Option::Some(#krate::__private::core::time::Duration::from_millis(#ms));
+        }
+    });
     quote! {
         #[automatically_derived]
         impl<__DB: #sqlx::Database> #krate::KeyedEntity<__DB> for #ident
@@ -104,6 +111,7 @@ fn keyed_entity(
             #(#types: for<'__q> #sqlx::Encode<'__q, __DB> + #sqlx::Type<__DB>,)*
         {
             type Id = #id;
+            #refresh
 
             fn key_of(__id: &Self::Id) -> #krate::Key {
                 Self::cache_key_for(#(#values),*)

@@ -18,7 +18,7 @@ use proc_macro::TokenStream;
 /// Implements `cache_runtime::CachedEntity` and registers the entity's templates.
 ///
 /// See `cache_runtime::CachedEntity` for the attribute and what is generated. Besides `table`, `key`,
-/// `depends` and `ttl`, the attribute takes `crate = "path"`: the path by which the deriving crate sees
+/// `depends`, `variants`, `ttl` and `refresh`, the attribute takes `crate = "path"`: the path by which the deriving crate sees
 /// `cache_runtime` (default `::cache_runtime`), used by every path of the generated code.
 #[proc_macro_derive(CachedEntity, attributes(cached_entity))]
 pub fn derive_cached_entity(input: TokenStream) -> TokenStream {

@@ -16,6 +16,8 @@ pub(crate) struct Checked<'a> {
     pub(crate) depends: Vec<Template>,
     pub(crate) variants: Vec<Variant>,
     pub(crate) ttl: Duration,
+    /// `refresh`: how long after a read a key counts as hot.
+    pub(crate) refresh: Option<Duration>,
     /// Fields used by placeholders, in first-use order.
     pub(crate) used: Vec<&'a crate::ast::Field<'a>>,
 }
@@ -37,6 +39,7 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
     let depends = check_depends(cx, cont);
     let variants = check_variants(cx, cont, key.as_ref(), &depends);
     let ttl = check_ttl(cx, cont);
+    let refresh = check_refresh(cx, cont);
     let used = used_fields(cont, key.iter().chain(&depends));
     for field in &used {
         check_type(cx, field.ty, &unraw(field.ident));
@@ -50,6 +53,7 @@ pub(crate) fn check<'a>(cx: &mut Ctxt, cont: &'a Container<'a>) -> Option<Checke
         depends,
         variants,
         ttl,
+        refresh,
         used,
     })
 }
@@ -200,6 +204,25 @@ fn check_ttl(cx: &mut Ctxt, cont: &Container<'_>) -> Duration {
             DEFAULT_TTL
         }),
         None => DEFAULT_TTL,
+    }
+}
+
+/// The `refresh` window, if given.
+fn check_refresh(cx: &mut Ctxt, cont: &Container<'_>) -> Option<Duration> {
+    let lit = cont.attrs.refresh.as_ref()?;
+    match parse_ttl(&lit.value()) {
+        Ok(window) => Some(window),
+        Err(_) => {
+            cx.error_spanned_by(
+                lit,
+                format!(
+                    "invalid refresh \"{}\": write how long after a read a key stays hot, as a positive \
+                     duration such as \"30s\" or \"5m\" (units: ms, s, m, h, d)",
+                    lit.value()
+                ),
+            );
+            None
+        }
     }
 }
 

@@ -59,6 +59,11 @@ impl Consumer {
         &self.name
     }
 
+    /// The tag as a number (what a [`WriteToken`](crate::token::WriteToken) records).
+    pub(crate) fn id(&self) -> u64 {
+        fnv1a64(self.name.as_bytes())
+    }
+
     /// The tag stored in outbox rows and sent as the wrapped sessions' marker: 16 hexadecimal digits.
     pub fn tag(&self) -> &str {
         &self.tag

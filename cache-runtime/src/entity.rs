@@ -119,6 +119,12 @@ pub trait KeyedEntity<DB: sqlx::Database>: CachedEntity {
     /// types, in the key's order, for several.
     type Id: Sync;
 
+    /// `#[cached_entity(refresh = "…")]`: a key of this entity read through
+    /// [`CachedPool::get`](crate::CachedPool::get) within this window is *hot*; after this process
+    /// delivers a write to it, it is reloaded and stored under the lease protocol instead of left empty
+    /// (see the [`refresh`](crate::refresh) module). `None` (the default): delete on write.
+    const REFRESH: Option<std::time::Duration> = None;
+
     /// The entity's own key for these values.
     fn key_of(id: &Self::Id) -> Key;
 

@@ -327,6 +327,11 @@ pub(crate) struct Guarded {
     pub(crate) recent: crate::recent::Recent,
     /// The highest sequence the store is known to have reached.
     pub(crate) acknowledged: crate::acknowledged::Acknowledged,
+    /// Where a read given a [`WriteToken`](crate::token::WriteToken) asks whether its write was delivered
+    /// to this store: the pool's outbox (unset for a standalone cache).
+    pub(crate) positions: std::sync::OnceLock<std::sync::Weak<dyn crate::token::Positions>>,
+    /// The hot keys refreshed after their invalidation (see [`refresh`](crate::refresh)).
+    pub(crate) refresh: crate::refresh::Refresher,
 }
 
 impl Guarded {
@@ -338,6 +343,8 @@ impl Guarded {
             health: Health::new(config, gate),
             recent: crate::recent::Recent::default(),
             acknowledged: crate::acknowledged::Acknowledged::default(),
+            positions: std::sync::OnceLock::new(),
+            refresh: crate::refresh::Refresher::default(),
         }
     }
 

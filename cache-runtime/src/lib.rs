@@ -9,12 +9,16 @@ pub mod environment;
 pub mod error;
 pub mod health;
 pub mod key;
+#[cfg(feature = "tower")]
+pub mod layer;
 pub mod observe;
 pub mod outbox;
 pub mod pool;
 mod recent;
+pub mod refresh;
 pub mod registry;
 pub mod store;
+pub mod token;
 
 /// Derives [`CachedEntity`](trait@CachedEntity) for a struct that maps a table row.
 ///
@@ -25,6 +29,7 @@ pub mod store;
 ///     depends = ["category:<category_id>:products"], // optional: keys derived from the row
 ///     variants = ["product:<id>:in:<currency>"],     // optional: a template above + request parameters
 ///     ttl = "10m",                                   // optional (default 1h): ms, s, m, h, d, e.g. "1h30m"
+///     refresh = "30s",                               // optional: reload keys read within 30 s after a write
 /// )]
 /// ```
 ///

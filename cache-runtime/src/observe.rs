@@ -8,7 +8,13 @@
 //! | `cache_loads_total` | counter | | loader calls |
 //! | `cache_lease_waits_total` | counter | | reads that found another reader's lease and waited |
 //! | `cache_fills_rejected_total` | counter | | loaded values not stored because the key was invalidated during the load (stale stores refused) |
-//! | `cache_bypassed_reads_total` | counter | `reason` = `breaker` \| `gate` | reads that skipped the store (breaker open, or the post-outage gate closed) and went to the loader |
+//! | `cache_bypassed_reads_total` | counter | `reason` = `breaker` \| `gate` \| `token` | reads that skipped the store (breaker open, the post-outage gate closed, or a [write token](crate::token) not delivered within `token_wait`) and went to the loader |
+//! | `cache_consistency_samples_total` | counter | | hits checked against the database by the consistency sampler ([`Sampling`](crate::cache::Sampling)) |
+//! | `cache_consistency_inconsistent_total` | counter | | checked hits whose entry still differed from an unchanged row Δ after the first check |
+//! | `cache_consistency_dropped_total` | counter | | samples dropped (queue full, or a check's read failed) |
+//! | `cache_consistency_delay_seconds` | gauge | | Δ of the sampler |
+//! | `cache_refreshes_total` | counter | `outcome` = `started` \| `skipped` | reloads of hot keys after their invalidation (see [`refresh`](crate::refresh)); `skipped`: too many running |
+//! | `cache_stale_served_total` | counter | `reason` = `revalidating` \| `loader_error` | reads that returned a value seen valid within their explicit bound (`LoadOptions::stale_while_revalidate` / `stale_on_error`) |
 //! | `cache_store_errors_total` | counter | `op` | failed store operations (`peek`, `lookup`, `tags`, `fill`, `invalidate`, `sequence`, `reset`, `forgot`) |
 //! | `cache_store_resets_total` | counter | `how` | times the store was found to have forgotten acknowledged invalidations (its sequence went back) and was repaired: `replayed` (the replay window's keys sent again) or `dropped` (every namespace of the registry, when the window did not reach back far enough) |
 //! | `cache_replay_window_deliveries` | gauge | | deliveries held in the replay window (see `RelayConfig::replay_window`) |
@@ -42,6 +48,20 @@
 //! OpenTelemetry's database attributes: `db.system.name` (`postgresql`, `sqlite`; on `cache.invalidate`
 //! the store's, `redis`, see [`Store::system_name`](crate::Store::system_name)) and `db.operation.name`
 //! (`COMMIT`, `UNLINK`). `cache.load` (a loader's call, which may not touch a database) carries the key.
+//!
+//! # Consistency as "N nines within Δ"
+//!
+//! The fraction of sampled hits that were consistent within Δ, and its nines (PromQL):
+//!
+//! ```text
+//! 1 - rate(cache_consistency_inconsistent_total[1h]) / rate(cache_consistency_samples_total[1h])
+//! -log10(rate(cache_consistency_inconsistent_total[1h]) / rate(cache_consistency_samples_total[1h]))
+//! ```
+//!
+//! (the second is `+Inf` while nothing was inconsistent; alert on `increase(cache_consistency_inconsistent_total[5m]) > 0`
+//! for a cache that must never be stale). Invalidation lag: `histogram_quantile(0.99,
+//! rate(cache_invalidation_lag_seconds_bucket[5m]))` by `path` (`commit` for writers, `relay` for the
+//! relay), and `cache_outbox_oldest_age_seconds` for what is still waiting.
 
 use std::sync::OnceLock;
 
@@ -151,6 +171,12 @@ series! {
     invalidations_sent_total: counter Count "Keys invalidated in the store, by path.";
     invalidation_failures_total: counter Count "Invalidations that failed or were skipped; the rows stay in the outbox.";
     invalidation_lag_seconds: histogram Seconds "Commit to invalidation acknowledged by the store, by path.";
+    consistency_samples_total: counter Count "Hits checked against the database by the consistency sampler.";
+    consistency_inconsistent_total: counter Count "Checked hits whose entry still differed from an unchanged row after the delay.";
+    consistency_dropped_total: counter Count "Consistency samples dropped (queue full, or a check's read failed).";
+    consistency_delay_seconds: gauge Seconds "The consistency sampler's delay.";
+    refreshes_total: counter Count "Reloads of hot keys after their invalidation, by outcome.";
+    stale_served_total: counter Count "Reads that returned a value seen valid within their explicit bound, by reason.";
     relay_rows_total: counter Count "Outbox rows delivered by a relay.";
     relay_batches_total: counter Count "Relay batches.";
     outbox_depth: gauge Count "Outbox rows this relay's consumer has not delivered.";
@@ -234,6 +260,35 @@ pub(crate) fn backlog(depth: u64, oldest_age_seconds: f64, total: u64, consumers
     gauge!(names().outbox_oldest_age_seconds).set(oldest_age_seconds);
     gauge!(names().outbox_rows).set(total as f64);
     gauge!(names().outbox_consumers).set(f64::from(consumers));
+}
+
+pub(crate) fn consistency_sample() {
+    counter!(names().consistency_samples_total).increment(1);
+}
+
+pub(crate) fn consistency_inconsistent() {
+    counter!(names().consistency_inconsistent_total).increment(1);
+}
+
+pub(crate) fn consistency_dropped() {
+    counter!(names().consistency_dropped_total).increment(1);
+}
+
+/// A sampler started with delay Δ = `seconds`: the gauge, and the counters registered at their value (so
+/// a dashboard shows 0 inconsistencies rather than no series).
+pub(crate) fn consistency_sampler(seconds: f64) {
+    gauge!(names().consistency_delay_seconds).set(seconds);
+    counter!(names().consistency_samples_total).increment(0);
+    counter!(names().consistency_inconsistent_total).increment(0);
+    counter!(names().consistency_dropped_total).increment(0);
+}
+
+pub(crate) fn refresh(outcome: &'static str) {
+    counter!(names().refreshes_total, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn stale_served(reason: &'static str) {
+    counter!(names().stale_served_total, "reason" => reason).increment(1);
 }
 
 #[cfg(test)]

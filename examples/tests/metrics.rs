@@ -205,6 +205,15 @@ fn the_metrics_example_serves_a_valid_exposition_under_its_prefix() {
         );
     }
     assert!(text.contains("# HELP demo_cache_hits_total "), "{text}");
+    // The consistency SLI's series (the example samples 5% of its hits): present, and 0 inconsistent.
+    assert!(
+        value("demo_cache_consistency_samples_total", None) > 0.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("demo_cache_consistency_inconsistent_total 0\n"),
+        "{text}"
+    );
 }
 
 #[test]

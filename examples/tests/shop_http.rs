@@ -106,6 +106,17 @@ impl Service {
 
     /// One request; the status and the body.
     async fn request(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
+        let (status, _, body) = self.exchange(method, path, body).await;
+        (status, body)
+    }
+
+    /// One request; the status, the head (status line and headers) and the body.
+    async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, String, String) {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\n\
@@ -142,7 +153,7 @@ impl Service {
             Some(n) => rest.get(..n).unwrap_or(rest),
             None => rest,
         };
-        (status, body.to_owned())
+        (status, head.to_owned(), body.to_owned())
     }
 
     /// A request expected to answer `status` with JSON.
@@ -284,6 +295,18 @@ async fn the_shop_over_http_reads_its_writes_through_the_cache() {
     assert_eq!(updated["price_cents"], 3999, "{updated}");
     let s3 = service.stats().await;
     assert!(s3.invalidations > s2.invalidations, "{s3:?}");
+    // Behind the token layer: a write's response carries its read-your-writes token; a read's does not.
+    let (_, head, _) = service
+        .exchange(
+            "PUT",
+            "/admin/products/1",
+            Some(json!({"price_cents": 3999})),
+        )
+        .await;
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("\r\nx-cache-token: w1."), "{head}");
+    assert!(head.contains("\r\nset-cookie: cache_token=w1."), "{head}");
+    let s3 = service.stats().await;
     assert_eq!(service.get("/products/1").await["price_cents"], 3999);
     let s4 = service.stats().await;
     assert_eq!(
@@ -291,6 +314,12 @@ async fn the_shop_over_http_reads_its_writes_through_the_cache() {
         1,
         "loaded again after the write: {s4:?}"
     );
+    let (_, head, _) = service.exchange("GET", "/products/1", None).await;
+    assert!(
+        !head.to_ascii_lowercase().contains("x-cache-token"),
+        "a read sends no token: {head}"
+    );
+    let s4 = service.stats().await;
 
     // The lists of both categories, cached (the second reads are hits), then product 2 moves.
     for _ in 0..2 {

@@ -11,6 +11,7 @@ use crate::health::{BreakerConfig, Guarded};
 use crate::key::{Key, Template};
 use crate::registry::{Registry, registry};
 use crate::store::Store;
+use crate::token::WriteToken;
 
 /// The settings of a [`Cache`].
 #[derive(Debug, Clone)]
@@ -20,6 +21,8 @@ pub(crate) struct Config {
     pub(crate) lease_ttl: Duration,
     pub(crate) lease_wait: Duration,
     pub(crate) negative_ttl: Duration,
+    pub(crate) token_wait: Duration,
+    pub(crate) sampling: Option<super::Sampling>,
 }
 
 /// Builds a [`Cache`] with non-default settings.
@@ -112,6 +115,8 @@ impl<H> CacheBuilder<H> {
                 lease_ttl: Duration::from_secs(5),
                 lease_wait: Duration::from_secs(1),
                 negative_ttl: Duration::from_secs(60),
+                token_wait: Duration::from_secs(1),
+                sampling: None,
             },
             registry: None,
         }
@@ -151,6 +156,25 @@ impl<H> CacheBuilder<H> {
         self
     }
 
+    /// How long a read given a [`WriteToken`] waits for the write's invalidation to be delivered to this
+    /// cache's store before it bypasses the cache and loads from the database (default 1 s; see the
+    /// [`token`](crate::token) module).
+    #[must_use]
+    pub fn token_wait(mut self, wait: Duration) -> Self {
+        self.config.token_wait = wait;
+        self
+    }
+
+    /// Turns on the live consistency SLI: a fraction of the hits of reads that can reload their value
+    /// (entity-first reads, [`CachedPool::get`](crate::CachedPool::get)) is compared with the database Δ
+    /// later, off the request path (see [`sample`](crate::cache::sample)). Off by
+    /// default. Needs a tokio runtime when the cache is built.
+    #[must_use]
+    pub fn sampling(mut self, sampling: super::Sampling) -> Self {
+        self.config.sampling = Some(sampling);
+        self
+    }
+
     /// How long a reader waits for another reader's lease before loading without storing (default 1 s).
     #[must_use]
     pub fn lease_wait(mut self, wait: Duration) -> Self {
@@ -161,14 +185,17 @@ impl<H> CacheBuilder<H> {
 
 impl Cache {
     fn from_parts(guarded: Arc<Guarded>, config: Config, entities: Option<&Registry>) -> Self {
+        let sampling = config.sampling;
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|inner| Inner {
                 guarded,
                 flights: Flights::default(),
                 config,
                 stats: Counters::default(),
                 ttls: ttls(entities.unwrap_or_else(|| registry())),
                 bases: bases(entities.unwrap_or_else(|| registry())),
+                sampler: sampling.and_then(|s| super::sample::Sampler::start(s, inner.clone())),
+                recall: super::recall::Recall::default(),
             }),
         }
     }
@@ -219,6 +246,10 @@ pub struct LoadOptions {
     pub(crate) ttl: Option<Duration>,
     pub(crate) tags: Vec<Key>,
     pub(crate) cache_none: bool,
+    pub(crate) after: Option<WriteToken>,
+    pub(crate) sample: Option<super::sample::SampleReload>,
+    pub(crate) stale_while_revalidate: Option<Duration>,
+    pub(crate) stale_on_error: Option<Duration>,
 }
 
 impl Default for LoadOptions {
@@ -227,6 +258,10 @@ impl Default for LoadOptions {
             ttl: None,
             tags: Vec::new(),
             cache_none: true,
+            after: None,
+            sample: None,
+            stale_while_revalidate: None,
+            stale_on_error: None,
         }
     }
 }
@@ -244,6 +279,44 @@ impl LoadOptions {
     #[must_use]
     pub fn cache_none(mut self, cache: bool) -> Self {
         self.cache_none = cache;
+        self
+    }
+
+    /// Read-your-writes after the write of `token` (made by any process): the read never returns a value
+    /// older than that write. It uses the cache once the write's invalidation is known delivered to this
+    /// cache's store (at once when the writer's store acknowledged it), else waits up to
+    /// [`token_wait`](CacheBuilder::token_wait) for it, then loads from the database without storing. See
+    /// the [`token`](crate::token) module. Without this option, a read honors the token of its
+    /// [`token::scope`](crate::token::scope), if any.
+    #[must_use]
+    pub fn after(mut self, token: WriteToken) -> Self {
+        self.after = Some(token);
+        self
+    }
+
+    /// **Stale-while-revalidate, bounded**: when the key's entry is gone (invalidated, expired) and another
+    /// reader holds its lease (reloading it: a [refresh](crate::refresh), another process's miss), return
+    /// the value this process last saw valid for the key, if it saw it at most `bound` ago, instead of
+    /// waiting for the lease. The value returned is then at most `bound` old, *even after a write this
+    /// process made* (it is not read-your-writes); without a value seen within `bound`, the read waits as
+    /// usual. Never the default; ignored for a read with a [`WriteToken`]. Counted in
+    /// [`Stats::stale_served`](super::Stats::stale_served) and
+    /// `cache_stale_served_total{reason="revalidating"}`. Reads with this option remember their values
+    /// (at most 10,000 keys per cache).
+    #[must_use]
+    pub fn stale_while_revalidate(mut self, bound: Duration) -> Self {
+        self.stale_while_revalidate = Some(bound);
+        self
+    }
+
+    /// **Stale-on-loader-error, bounded**: when the loader fails, return the value this process last saw
+    /// valid for the key, if it saw it at most `bound` ago, instead of the error (which is logged by
+    /// nobody: count it with `cache_stale_served_total{reason="loader_error"}`). The value returned is at
+    /// most `bound` old, even after this process's own writes. Never the default; ignored for a read with a
+    /// [`WriteToken`]. Reads with this option remember their values (at most 10,000 keys per cache).
+    #[must_use]
+    pub fn stale_on_error(mut self, bound: Duration) -> Self {
+        self.stale_on_error = Some(bound);
         self
     }
 

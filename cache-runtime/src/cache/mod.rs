@@ -45,14 +45,18 @@ use crate::health::{BreakerState, Guarded};
 use crate::key::Key;
 use crate::store::{Store, StoreError};
 
+mod after;
 mod builder;
-mod codec;
+pub(crate) mod codec;
 mod flight;
 mod read;
+mod recall;
+pub mod sample;
 pub(crate) mod scope;
 mod stats;
 
 pub use builder::{CacheBuilder, LoadOptions, OwnBreaker, SharedHealth};
+pub use sample::Sampling;
 pub use stats::Stats;
 
 use builder::Config;
@@ -97,6 +101,10 @@ struct Inner {
     ttls: HashMap<&'static str, Duration>,
     /// The bases of each variant template shape (see [`Variant`](crate::entity::Variant)).
     bases: HashMap<&'static str, Vec<&'static crate::key::Template>>,
+    /// The consistency sampler, when sampling is on.
+    sampler: Option<sample::Sampler>,
+    /// Values last seen valid, for the stale options (see the `recall` module).
+    recall: recall::Recall,
 }
 
 impl Cache {

@@ -41,6 +41,9 @@ enum Step<V, T> {
     Hit(V, Arc<[u8]>),
     /// The store cannot be used for this read: load without storing.
     Unstored,
+    /// A value this process saw valid within the read's stale-while-revalidate bound, returned while
+    /// another reader holds the lease (never shared with other readers).
+    Recalled(V),
     /// Go on.
     Next(T),
 }
@@ -58,6 +61,8 @@ struct Plan<'k> {
     epoch: u64,
     /// Whether a loaded "nothing" is stored (see [`LoadOptions::cache_none`]).
     cache_none: bool,
+    /// [`LoadOptions::stale_while_revalidate`].
+    stale_while_revalidate: Option<Duration>,
 }
 
 /// A lease taken by [`Cache::acquire`].
@@ -151,9 +156,49 @@ impl Cache {
     /// # Ok(()) }
     /// ```
     ///
-    /// Every read of the cache ends here: it joins the key's single flight in this process and, as its
-    /// leader, runs the protocol below.
+    /// Every read of the cache ends here: it honors the read's token, if any, joins the key's single
+    /// flight in this process and, as its leader, runs the protocol below.
     pub async fn get_or_load_tagged<V, E, F, Fut>(
+        &self,
+        key: Key,
+        mut options: LoadOptions,
+        loader: F,
+    ) -> Result<V, Arc<E>>
+    where
+        V: Serialize + DeserializeOwned,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(V, Vec<Key>), E>>,
+    {
+        if let Some(token) = options.after.or_else(crate::token::current) {
+            if !self.caught_up(&token).await {
+                self.inner.stats.record(Event::Bypassed("token"));
+                return self.load_unstored(loader).await.0;
+            }
+            // A read after a write never takes an older value.
+            options.stale_while_revalidate = None;
+            options.stale_on_error = None;
+        }
+        let Some(name) = options.recalls().then(|| key.as_str().to_owned()) else {
+            return self.read_tagged(key, options, loader).await;
+        };
+        let stale_on_error = options.stale_on_error;
+        let result = self.read_tagged(key, options, loader).await;
+        match &result {
+            Ok(value) => self.remember(name, value),
+            Err(_) => {
+                if let Some(value) =
+                    stale_on_error.and_then(|b| self.recall(&name, b, "loader_error"))
+                {
+                    return Ok(value);
+                }
+            }
+        }
+        result
+    }
+
+    /// [`get_or_load_tagged`](Self::get_or_load_tagged) after the token and the stale options.
+    async fn read_tagged<V, E, F, Fut>(
         &self,
         key: Key,
         options: LoadOptions,
@@ -175,12 +220,15 @@ impl Cache {
             } else {
                 match self.peek::<V>(&plan).await {
                     Step::Hit(value, _) => {
+                        if let Some(reload) = &options.sample {
+                            self.submit_sample(&key, reload);
+                        }
                         // An in-process hit never waits: let a loop of them yield to other tasks now
                         // and then (as tokio's own resources do), or it starves the runtime.
                         tokio::task::consume_budget().await;
                         return Ok(value);
                     }
-                    Step::Unstored => None,
+                    Step::Unstored | Step::Recalled(_) => None,
                     Step::Next(replace) => Some(replace),
                 }
             };
@@ -248,6 +296,7 @@ impl Cache {
             tag_ttl: ttl.saturating_add(Duration::from_secs(60)),
             epoch: self.inner.guarded.health.epoch(),
             cache_none: options.cache_none,
+            stale_while_revalidate: options.stale_while_revalidate,
         }
     }
 
@@ -295,8 +344,15 @@ impl Cache {
                     (plan, None)
                 } else {
                     match self.peek::<V>(&plan).await {
-                        Step::Hit(value, payload) => return (Ok(value), Outcome::Value(payload)),
-                        Step::Unstored => return self.load_unstored(loader).await,
+                        Step::Hit(value, payload) => {
+                            if let Some(reload) = &options.sample {
+                                self.submit_sample(key, reload);
+                            }
+                            return (Ok(value), Outcome::Value(payload));
+                        }
+                        Step::Unstored | Step::Recalled(_) => {
+                            return self.load_unstored(loader).await;
+                        }
                         Step::Next(replace) => (plan, replace),
                     }
                 }
@@ -306,6 +362,7 @@ impl Cache {
         plan.token = nonce();
         match self.acquire::<V>(&plan, replace).await {
             Step::Hit(value, payload) => (Ok(value), Outcome::Value(payload)),
+            Step::Recalled(value) => (Ok(value), Outcome::Unshared),
             Step::Unstored => self.load_unstored(loader).await,
             Step::Next(lease) => self.load_and_fill(&plan, lease, loader).await,
         }
@@ -419,6 +476,12 @@ impl Cache {
                     replace = Some(bytes);
                 }
                 Slot::Leased => {
+                    if let Some(value) = plan
+                        .stale_while_revalidate
+                        .and_then(|bound| self.recall(plan.key.as_str(), bound, "revalidating"))
+                    {
+                        return Step::Recalled(value);
+                    }
                     if !std::mem::replace(&mut waited, true) {
                         self.inner.stats.record(Event::LeaseWait);
                     }
@@ -625,6 +688,35 @@ impl Cache {
             Hit::StoreFailed => {}
         }
         hit
+    }
+
+    /// The payload of `key`'s valid entry now, read without counting a read (for the consistency
+    /// sampler): `None` when there is no valid entry; `Err` when the store failed.
+    pub(super) async fn current(&self, key: &Key) -> Result<Option<Arc<[u8]>>, ()> {
+        let plan = self.plan(key, &LoadOptions::default());
+        let peek = self
+            .inner
+            .guarded
+            .store
+            .peek(key.as_str(), &plan.pre)
+            .await
+            .map_err(drop)?;
+        let Some(bytes) = peek.value else {
+            return Ok(None);
+        };
+        let tokens: Vec<Option<&str>> = peek
+            .tags
+            .iter()
+            .map(|t| t.as_ref().map(|t| t.id.as_str()))
+            .collect();
+        match self
+            .check::<serde::de::IgnoredAny>(&bytes, &plan.pre, &tokens)
+            .await
+        {
+            Hit::Valid(_, payload) => Ok(Some(payload)),
+            Hit::Stale | Hit::Undecodable => Ok(None),
+            Hit::StoreFailed => Err(()),
+        }
     }
 
     /// Validates and decodes a stored entry.

@@ -36,9 +36,19 @@ pub struct Stats {
     pub lease_timeouts: u64,
     /// Store operations that failed; the read fell through to the loader.
     pub store_errors: u64,
-    /// Reads that skipped the store (circuit breaker open, or the post-outage gate closed) and loaded
-    /// without storing.
+    /// Reads that skipped the store (circuit breaker open, the post-outage gate closed, or a
+    /// [write token](crate::token) not known delivered within `token_wait`) and loaded without storing.
     pub bypassed: u64,
+    /// Hits checked against the database by the consistency sampler (see [`Sampling`](super::Sampling)).
+    pub samples: u64,
+    /// Checked hits whose entry still differed from an unchanged row Δ after the first check.
+    pub inconsistent: u64,
+    /// Samples dropped: the queue was full, or a check's store or database read failed.
+    pub samples_dropped: u64,
+    /// Reads that returned a value seen valid within their bound instead of waiting or failing
+    /// ([`LoadOptions::stale_while_revalidate`](super::LoadOptions::stale_while_revalidate),
+    /// [`LoadOptions::stale_on_error`](super::LoadOptions::stale_on_error)).
+    pub stale_served: u64,
 }
 
 /// Something a read did.
@@ -58,13 +68,21 @@ pub(crate) enum Event {
     LeaseTimeout,
     /// A store operation (`peek`, `lookup`, `tags`, `fill`, `invalidate`) failed.
     StoreError(&'static str),
-    /// The read skipped the store (`gate` or `breaker`).
+    /// The read skipped the store (`gate`, `breaker` or `token`).
     Bypassed(&'static str),
+    /// A sampled hit was checked.
+    Sampled,
+    /// A checked hit was inconsistent.
+    Inconsistent,
+    /// A sample was dropped.
+    SampleDropped,
+    /// A bounded stale value was returned (`revalidating`, `loader_error`).
+    ServedStale(&'static str),
 }
 
 /// The counters behind [`Stats`].
 #[derive(Debug, Default)]
-pub(crate) struct Counters([AtomicU64; 14]);
+pub(crate) struct Counters([AtomicU64; 18]);
 
 /// The index of each counter (the order of [`Stats`]' fields).
 mod slot {
@@ -82,6 +100,10 @@ mod slot {
     pub(super) const STORE_ERRORS: usize = 11;
     pub(super) const BYPASSED: usize = 12;
     pub(super) const MISSES: usize = 13;
+    pub(super) const SAMPLES: usize = 14;
+    pub(super) const INCONSISTENT: usize = 15;
+    pub(super) const SAMPLES_DROPPED: usize = 16;
+    pub(super) const STALE_SERVED: usize = 17;
 }
 
 impl Counters {
@@ -123,6 +145,22 @@ impl Counters {
                 observe::bypassed(reason);
                 slot::BYPASSED
             }
+            Event::Sampled => {
+                observe::consistency_sample();
+                slot::SAMPLES
+            }
+            Event::Inconsistent => {
+                observe::consistency_inconsistent();
+                slot::INCONSISTENT
+            }
+            Event::SampleDropped => {
+                observe::consistency_dropped();
+                slot::SAMPLES_DROPPED
+            }
+            Event::ServedStale(reason) => {
+                observe::stale_served(reason);
+                slot::STALE_SERVED
+            }
         };
         self.0[counter].fetch_add(1, Ordering::Relaxed);
     }
@@ -145,6 +183,10 @@ impl Counters {
             lease_timeouts: get(slot::LEASE_TIMEOUTS),
             store_errors: get(slot::STORE_ERRORS),
             bypassed: get(slot::BYPASSED),
+            samples: get(slot::SAMPLES),
+            inconsistent: get(slot::INCONSISTENT),
+            samples_dropped: get(slot::SAMPLES_DROPPED),
+            stale_served: get(slot::STALE_SERVED),
         }
     }
 }

@@ -403,6 +403,9 @@ impl<DB: Backend> Outbox<DB> {
             }
             observe::invalidations_sent(path, chunk.len());
             self.guarded.recent.note(chunk);
+            if !self.guarded.health.gated() {
+                self.guarded.refresh.invalidated(chunk);
+            }
         }
         Ok(sequence)
     }
@@ -505,4 +508,16 @@ fn split(rows: impl IntoIterator<Item = (i64, Vec<String>)>) -> (Vec<i64>, Vec<S
         keys.extend(row_keys);
     }
     (ids, keys.into_iter().collect())
+}
+
+impl<DB: Backend> crate::token::Positions for Outbox<DB> {
+    fn consumer(&self) -> u64 {
+        self.consumer.id()
+    }
+
+    fn delivered(&self, position: i64) -> futures_core::future::BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(
+            async move { Ok(DB::pending_upto(&self.pool, &self.consumer, position).await? == 0) },
+        )
+    }
 }

@@ -129,7 +129,9 @@ impl<DB: Backend> Autocommit<DB> {
         let conn = self.conn.take()?;
         let core = Arc::clone(&self.core);
         let handle = tokio::runtime::Handle::try_current().ok()?;
-        Some(handle.spawn(deliver(core, conn)))
+        // The caller's token scope (task-locals do not cross the spawn).
+        let sink = crate::token::sink();
+        Some(handle.spawn(deliver(core, conn, sink)))
     }
 }
 
@@ -141,9 +143,14 @@ impl<DB: Backend> Drop for Autocommit<DB> {
 }
 
 /// Reads the rows written by the statement (and commits its own transaction), releases the connection,
-/// and delivers them.
-async fn deliver<DB: Backend>(core: Arc<Core<DB>>, conn: Conn<DB>) {
+/// and delivers them; records the write's token in the caller's token scope, if any.
+async fn deliver<DB: Backend>(
+    core: Arc<Core<DB>>,
+    conn: Conn<DB>,
+    sink: Option<Arc<crate::token::Scope>>,
+) {
     let state = &core.relay.outbox.state;
+    let committed = Instant::now();
     let rows = match conn {
         Conn::Plain(mut conn) => DB::written_rows(&mut conn, state, false).await,
         Conn::Own(mut tx) => match DB::written_rows(&mut tx, state, true).await {
@@ -152,7 +159,11 @@ async fn deliver<DB: Backend>(core: Arc<Core<DB>>, conn: Conn<DB>) {
         },
     };
     match rows {
-        Ok(rows) => core.deliver(rows, Instant::now()).await,
+        Ok(rows) => {
+            if let (Some(token), Some(sink)) = (core.deliver(rows, committed).await, sink) {
+                sink.record(token);
+            }
+        }
         Err(error) => tracing::warn!(
             %error,
             "could not read the outbox after a write; the relay will deliver its keys"

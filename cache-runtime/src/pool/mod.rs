@@ -66,6 +66,7 @@ use crate::health::Guarded;
 use crate::outbox::{Consumer, Outbox, Relay, cleanup, heartbeat};
 use crate::registry::Registry;
 use crate::store::Store;
+use crate::token::WriteToken;
 
 mod autocommit;
 mod classify;
@@ -255,7 +256,15 @@ impl<DB: Backend> CachedPool<DB> {
         } else {
             tasks.push(tokio::spawn(heartbeat(Arc::clone(&relay.outbox))));
         }
-        let cache = CacheBuilder::on_pool(guarded, registry.clone()).build();
+        // Weak: the outbox holds the guarded store.
+        let positions: Arc<dyn crate::token::Positions> = relay.outbox.clone();
+        let _ = guarded.positions.set(Arc::downgrade(&positions));
+        let mut builder =
+            CacheBuilder::on_pool(guarded, registry.clone()).token_wait(options.token_wait);
+        if let Some(sampling) = options.sampling {
+            builder = builder.sampling(sampling);
+        }
+        let cache = builder.build();
         Self {
             core: Arc::new(Core {
                 pool,
@@ -478,15 +487,21 @@ impl<DB: Backend> Core<DB> {
     }
 
     /// Invalidates the keys of a writer's outbox rows and queues the rows for deletion; a store failure is
-    /// logged and left to the relay (see [`Outbox::deliver`]).
-    async fn deliver(&self, rows: Rows, committed: Instant) {
+    /// logged and left to the relay (see [`Outbox::deliver`]). Returns the write's token (`None` without
+    /// rows), acknowledged when the store took the invalidation. `committed`: when the write committed
+    /// (for the commit → invalidation lag).
+    async fn deliver(&self, rows: Rows, committed: Instant) -> Option<WriteToken> {
+        let position = rows.iter().map(|(id, _)| *id).max()?;
+        let consumer = self.relay.outbox.consumer.id();
         #[cfg(feature = "fault-injection")]
         if self.options.crash_after_commit {
-            return;
+            return Some(WriteToken::new(position, consumer, false));
         }
-        if let Some(delivered) = self.relay.outbox.deliver(rows, committed).await {
-            // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
-            let _ = self.delivered.send(delivered);
-        }
+        let Some(delivered) = self.relay.outbox.deliver(rows, committed).await else {
+            return Some(WriteToken::new(position, consumer, false));
+        };
+        // The receiver only stops with the runtime; undeleted rows are re-delivered by the relay.
+        let _ = self.delivered.send(delivered);
+        Some(WriteToken::new(position, consumer, true))
     }
 }

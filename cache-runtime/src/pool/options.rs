@@ -45,6 +45,8 @@ pub struct CachedPoolOptions<DB: Backend = Postgres> {
     pub(super) direct: Option<ConnectOptions<DB>>,
     pub(super) replica: Option<sqlx::Pool<DB>>,
     pub(super) replica_wait: std::time::Duration,
+    pub(super) sampling: Option<crate::cache::Sampling>,
+    pub(super) token_wait: std::time::Duration,
     #[cfg(feature = "migrate")]
     pub(super) migrator: Option<Arc<sqlx::migrate::Migrator>>,
     #[cfg(feature = "fault-injection")]
@@ -91,6 +93,8 @@ impl<DB: Backend> CachedPoolOptions<DB> {
             direct: None,
             replica: None,
             replica_wait: std::time::Duration::from_secs(1),
+            sampling: None,
+            token_wait: std::time::Duration::from_secs(1),
             #[cfg(feature = "migrate")]
             migrator: None,
             #[cfg(feature = "fault-injection")]
@@ -232,6 +236,24 @@ impl<DB: Backend> CachedPoolOptions<DB> {
     #[must_use]
     pub fn relay_config(mut self, config: RelayConfig) -> Self {
         self.relay = config;
+        self
+    }
+
+    /// Turns on the live consistency SLI for the pool's cache ([`CachedPool::cache`](crate::CachedPool::cache)):
+    /// a fraction of the hits of [`CachedPool::get`](crate::CachedPool::get) is compared with the
+    /// database Δ later, off the request path (see [`Sampling`](crate::cache::Sampling)). Off by default.
+    #[must_use]
+    pub fn sampling(mut self, sampling: crate::cache::Sampling) -> Self {
+        self.sampling = Some(sampling);
+        self
+    }
+
+    /// How long a read of the pool's cache given a [`WriteToken`](crate::token::WriteToken) waits for the
+    /// write's delivery before it bypasses the cache (default 1 s; see
+    /// [`CacheBuilder::token_wait`](crate::cache::CacheBuilder::token_wait)).
+    #[must_use]
+    pub fn token_wait(mut self, wait: std::time::Duration) -> Self {
+        self.token_wait = wait;
         self
     }
 

@@ -15,7 +15,10 @@ use sqlx::pool::PoolConnection;
 use sqlx::{FromRow, IntoArguments};
 
 use super::CachedPool;
+use crate::LoadOptions;
 use crate::backend::{Backend, select_by_keys};
+use crate::cache::codec;
+use crate::cache::sample::{Reload, SampleReload};
 use crate::entity::KeyedEntity;
 use crate::key::Key;
 
@@ -52,22 +55,89 @@ impl<DB: Backend> CachedPool<DB> {
     /// ```
     pub async fn get<T>(&self, id: &T::Id) -> Result<Option<T>, Arc<sqlx::Error>>
     where
-        T: KeyedEntity<DB> + for<'r> FromRow<'r, DB::Row> + Serialize + DeserializeOwned,
-        DB::Arguments: IntoArguments<DB>,
+        T: KeyedEntity<DB>
+            + for<'r> FromRow<'r, DB::Row>
+            + Serialize
+            + DeserializeOwned
+            + Send
+            + 'static,
+        DB::Arguments: IntoArguments<DB> + Clone,
     {
+        let key = T::key_of(id);
+        let mut options = LoadOptions::new().ttl(T::META.ttl);
+        if self.cache().draw_sample() {
+            options.sample = self.reload_of::<T>(id);
+        }
+        if let Some(window) = T::REFRESH {
+            self.core
+                .relay
+                .outbox
+                .guarded
+                .refresh
+                .read(key.as_str(), window, || self.refresh_of::<T>(&key, id));
+        }
         self.cache()
-            .get_entity(T::key_of(id), || async move {
+            .get_or_load_with(key, options, || async move {
                 let mut args = DB::Arguments::default();
                 T::bind_id(id, &mut args).map_err(sqlx::Error::Encode)?;
-                let sql = select_by_keys::<DB>(T::META, 1);
-                let query = sqlx::query_with(sqlx::AssertSqlSafe(sql), args);
-                let mut conn = self.caught_up().await?;
-                match DB::fetch_optional(&mut conn, query).await? {
-                    Some(row) => T::from_row(&row).map(Some),
-                    None => Ok(None),
-                }
+                self.load_entity::<T>(args).await
             })
             .await
+    }
+
+    /// Loads the entity `T` whose key values are bound in `args`: `SELECT * FROM <table> WHERE <key
+    /// columns> = …` on a connection with every write the primary has now.
+    async fn load_entity<T>(&self, args: DB::Arguments) -> Result<Option<T>, sqlx::Error>
+    where
+        T: KeyedEntity<DB> + for<'r> FromRow<'r, DB::Row>,
+        DB::Arguments: IntoArguments<DB>,
+    {
+        let sql = select_by_keys::<DB>(T::META, 1);
+        let query = sqlx::query_with(sqlx::AssertSqlSafe(sql), args);
+        let mut conn = self.caught_up().await?;
+        match DB::fetch_optional(&mut conn, query).await? {
+            Some(row) => T::from_row(&row).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// How a hot key of `T` is refreshed after its invalidation (see [`refresh`](crate::refresh)): a
+    /// read of `key` through the cache, as [`get`](Self::get) does on a miss. It holds the pool weakly
+    /// (the pool's store holds it). `None` when `id` cannot be bound.
+    fn refresh_of<T>(&self, key: &Key, id: &T::Id) -> Option<crate::refresh::Reload>
+    where
+        T: KeyedEntity<DB>
+            + for<'r> FromRow<'r, DB::Row>
+            + Serialize
+            + DeserializeOwned
+            + Send
+            + 'static,
+        DB::Arguments: IntoArguments<DB> + Clone,
+    {
+        let mut args = DB::Arguments::default();
+        T::bind_id(id, &mut args).ok()?;
+        // A mutex for `Sync` (the arguments are `Send` only); cloned for each refresh.
+        let args = std::sync::Mutex::new(args);
+        let core = Arc::downgrade(&self.core);
+        let key = key.clone();
+        Some(Arc::new(move || {
+            let (core, key) = (core.clone(), key.clone());
+            let args = args.lock().ok().map(|a| a.clone());
+            Box::pin(async move {
+                let (Some(core), Some(args)) = (core.upgrade(), args) else {
+                    return;
+                };
+                let pool = CachedPool { core };
+                let options = LoadOptions::new().ttl(T::META.ttl);
+                let loaded = pool
+                    .cache()
+                    .get_or_load_with(key, options, || pool.load_entity::<T>(args))
+                    .await;
+                if let Err(error) = loaded {
+                    tracing::debug!(%error, "refresh of a hot key failed; it stays invalidated");
+                }
+            })
+        }))
     }
 
     /// Reads `key` through the cache; on a miss, runs `loader` on a connection whose server has every
@@ -115,6 +185,37 @@ impl<DB: Backend> CachedPool<DB> {
         self.cache()
             .get_or_load(key, || async move { loader(self.caught_up().await?).await })
             .await
+    }
+
+    /// How the consistency sampler reads `id`'s row again (twice at most), encoded as the cache does:
+    /// on the primary. `None` when `id` cannot be bound.
+    fn reload_of<T>(&self, id: &T::Id) -> Option<SampleReload>
+    where
+        T: KeyedEntity<DB> + for<'r> FromRow<'r, DB::Row> + Serialize + 'static,
+        DB::Arguments: IntoArguments<DB>,
+    {
+        let mut args = Vec::new();
+        for _ in 0..2 {
+            let mut one = DB::Arguments::default();
+            T::bind_id(id, &mut one).ok()?;
+            args.push(one);
+        }
+        let args = std::sync::Mutex::new(args);
+        let pool = self.clone();
+        let reload: Reload = Arc::new(move || {
+            let args = args.lock().ok().and_then(|mut a| a.pop());
+            let pool = pool.clone();
+            Box::pin(async move {
+                let args = args.ok_or("a consistency sample was reloaded more than twice")?;
+                let sql = select_by_keys::<DB>(T::META, 1);
+                let query = sqlx::query_with(sqlx::AssertSqlSafe(sql), args);
+                let mut conn = pool.sqlx_pool().acquire().await?;
+                let row = DB::fetch_optional(&mut conn, query).await?;
+                let value: Option<T> = row.map(|row| T::from_row(&row)).transpose()?;
+                Ok(codec::encode(&value)?)
+            })
+        });
+        Some(SampleReload(reload))
     }
 
     /// A connection with every write the primary has now (see the module docs).

@@ -12,6 +12,7 @@ use super::Core;
 use crate::backend::Backend;
 use crate::cache::scope;
 use crate::key::Key;
+use crate::token::WriteToken;
 
 /// A transaction (or savepoint) of a [`CachedPool`](super::CachedPool).
 ///
@@ -142,8 +143,37 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
     /// dropped between the `COMMIT` and that spawn, the keys stay in the outbox and the relay delivers them
     /// within the grace period.
     pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.commit_with_token().await.map(drop)
+    }
+
+    /// [`commit`](Self::commit), returning the transaction's [`WriteToken`]: its outbox position, and
+    /// whether the store acknowledged its invalidation. A read in another process given the token never
+    /// returns a value older than this transaction (see the [`token`](crate::token) module).
+    /// [`WriteToken::NONE`] when the transaction wrote no captured row, and for a savepoint (the
+    /// outermost commit publishes). The token is also recorded in the task's
+    /// [`token::scope`](crate::token::scope), if any.
+    ///
+    /// # Errors
+    ///
+    /// As [`commit`](Self::commit).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`commit`](Self::commit).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(pool: cache_runtime::CachedPool) -> Result<(), sqlx::Error> {
+    /// let mut tx = pool.begin().await?;
+    /// sqlx::query("UPDATE products SET price_cents = 900 WHERE id = 7").execute(&mut tx).await?;
+    /// let token = tx.commit_with_token().await?;
+    /// println!("x-cache-token: {token}");
+    /// # Ok(()) }
+    /// ```
+    pub async fn commit_with_token(self) -> Result<WriteToken, sqlx::Error> {
         if !self.outermost {
-            return self.tx.commit().await;
+            return self.tx.commit().await.map(|()| WriteToken::NONE);
         }
         let span = tracing::debug_span!(
             "cache.commit",
@@ -153,15 +183,26 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
         self.commit_outermost().instrument(span).await
     }
 
-    async fn commit_outermost(mut self) -> Result<(), sqlx::Error> {
+    async fn commit_outermost(mut self) -> Result<WriteToken, sqlx::Error> {
         let rows = DB::written_rows(&mut self.tx, &self.core.relay.outbox.state, true).await?;
         self.tx.commit().await?;
-        if !rows.is_empty() {
-            let (core, committed) = (Arc::clone(&self.core), Instant::now());
-            // A task of its own, so that dropping this future cannot interrupt the invalidation.
-            let _ = tokio::spawn(async move { core.deliver(rows, committed).await }).await;
+        let committed = Instant::now();
+        if rows.is_empty() {
+            return Ok(WriteToken::NONE);
         }
-        Ok(())
+        let position = rows.iter().map(|(id, _)| *id).max().unwrap_or(0);
+        let undelivered = WriteToken::new(position, self.core.relay.outbox.consumer.id(), false);
+        let core = Arc::clone(&self.core);
+        // A task of its own, so that dropping this future cannot interrupt the invalidation.
+        let token = tokio::spawn(async move { core.deliver(rows, committed).await })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(undelivered);
+        if let Some(sink) = crate::token::sink() {
+            sink.record(token);
+        }
+        Ok(token)
     }
 
     /// Rolls back the transaction or savepoint; nothing is published.

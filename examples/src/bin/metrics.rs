@@ -4,7 +4,12 @@
 //! `cache_runtime::observe`). Any recorder works (e.g. `metrics-exporter-prometheus`); to keep the build
 //! lean, this example installs a tiny recorder of its own and serves the text exposition format on
 //! `http://127.0.0.1:9898/metrics` (`METRICS_ADDR` to change it), while a small workload runs: cached reads,
-//! writes through a `CachedPool`, and foreign writes delivered by the relay.
+//! writes through a `CachedPool`, and foreign writes delivered by the relay. The pool runs the live
+//! consistency SLI on 5% of its hits (Δ = 500 ms): `cache_consistency_samples_total`,
+//! `cache_consistency_inconsistent_total` and `cache_consistency_delay_seconds`, next to the invalidation
+//! lag (`cache_invalidation_lag_seconds{path="commit"|"relay"}`) and the outbox's age
+//! (`cache_outbox_oldest_age_seconds`). "N nines within Δ", as a dashboard query:
+//! `-log10(rate(cache_consistency_inconsistent_total[1h]) / rate(cache_consistency_samples_total[1h]))`.
 //!
 //! It creates a database of its own on `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
 //! uses the Redis at `REDIS_URL` (default `redis://127.0.0.1:6379`) under a prefix of its own, runs for
@@ -19,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache_runtime::{CachedEntity, CachedPgPool, RedisStore, Registry, key};
+use cache_runtime::cache::Sampling;
+use cache_runtime::{CachedEntity, CachedPgPool, RedisStore, Registry};
 use examples::database_url;
 use metrics::{
     Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
@@ -266,6 +272,7 @@ async fn run(
     let pool = CachedPgPool::options()
         .registry(Registry::new([Item::META]))
         .auto_install(true)
+        .sampling(Sampling::new(0.05).delay(Duration::from_millis(500)))
         .connect(url, store)
         .await?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -276,16 +283,8 @@ async fn run(
     while tokio::time::Instant::now() < deadline {
         n += 1;
         let id = i64::try_from(n % 100).unwrap_or(0) + 1;
-        let loader_pool = plain.clone();
-        let _item: Option<Item> = pool
-            .cache()
-            .get_or_load(key!("item:<id>", id), || async move {
-                sqlx::query_as("SELECT id, version FROM items WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&loader_pool)
-                    .await
-            })
-            .await?;
+        // Entity-first reads: the pool loads misses itself, and the sampler can reload sampled hits.
+        let _item: Option<Item> = pool.get::<Item>(&id).await?;
         if n.is_multiple_of(10) {
             sqlx::query("UPDATE items SET version = version + 1 WHERE id = $1")
                 .bind(id)

@@ -17,13 +17,16 @@
 //!   returned before the read began);
 //! - foreign writes: commit through a plain `PgPool` → key gone from Redis, through the relay;
 //! - backlog drain: outbox rows written by a plain pool while no relay runs, then drained;
+//! - hot key: 8 readers of one key written every 100 ms through the pool, delete on write against
+//!   `refresh = "1m"`: read latency and the share of reads not answered by the store; and the consistency
+//!   SLI's cost: `pool.get` hits with 1% sampling against none (`--hot-only` runs just these rows);
 //! - SQLite (a temporary database file in WAL mode, the in-process store): the three writes through
 //!   `CachedSqlitePool`, as hand-written `UPDATE` + store invalidate, and as raw sqlx; a `get_or_load` hit
 //!   and a miss against SQLite's primary-key `SELECT`. Needs no server; `--sqlite-only` runs just this.
 //!
 //! Prints a Markdown table and writes JSON (default `target/bench.json`).
 //!
-//! Run: `cargo run --release -p examples --bin bench [-- --quick] [-- --sqlite-only] [-- --out PATH]`.
+//! Run: `cargo run --release -p examples --bin bench [-- --quick] [-- --sqlite-only] [-- --hot-only] [-- --out PATH]`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -40,6 +43,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection as _, PgConnection, PgPool, Pool, Postgres, Sqlite};
 
+mod hot;
 mod load;
 
 /// The benchmarked entity and the cached value.
@@ -79,6 +83,8 @@ struct Sizes {
     mixed: Duration,
     foreign: usize,
     backlog: usize,
+    /// Only the hot-key and SLI rows (`--hot-only`).
+    hot_only: bool,
 }
 
 impl Sizes {
@@ -91,6 +97,7 @@ impl Sizes {
         mixed: Duration::from_secs(30),
         foreign: 1_000,
         backlog: 5_000,
+        hot_only: false,
     };
     const QUICK: Self = Self {
         single: 200,
@@ -101,6 +108,7 @@ impl Sizes {
         mixed: Duration::from_secs(6),
         foreign: 100,
         backlog: 1_000,
+        hot_only: false,
     };
 }
 
@@ -112,12 +120,18 @@ async fn main() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--quick" => sizes = Sizes::QUICK,
+            "--quick" => {
+                sizes = Sizes {
+                    hot_only: sizes.hot_only,
+                    ..Sizes::QUICK
+                }
+            }
+            "--hot-only" => sizes.hot_only = true,
             "--sqlite-only" => sqlite_only = true,
             "--out" => out = args.next().ok_or("--out needs a path")?,
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; use --quick, --sqlite-only and/or --out PATH"
+                    "unknown argument {other:?}; use --quick, --sqlite-only, --hot-only and/or --out PATH"
                 )
                 .into());
             }
@@ -128,8 +142,10 @@ async fn main() -> Result<(), BoxError> {
     } else {
         postgres_section(sizes).await?
     };
-    eprintln!("SQLite…");
-    sqlite_section(sizes, &mut report).await?;
+    if !sizes.hot_only {
+        eprintln!("SQLite…");
+        sqlite_section(sizes, &mut report).await?;
+    }
     report.fact("mode", if sizes.quick() { "--quick" } else { "default" });
     report.finish(&out)?;
     Ok(())
@@ -573,8 +589,10 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
          INSERT INTO plain_products SELECT * FROM products;
          CREATE TABLE l1_products (LIKE products INCLUDING ALL);
          INSERT INTO l1_products SELECT * FROM products;
+         {}
          {}",
-        load::TABLES
+        load::TABLES,
+        hot::TABLES
     )))
     .execute(&raw)
     .await?;
@@ -609,6 +627,11 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
         store_name: "Redis",
     };
     let mut report = Report::default();
+    if sizes.hot_only {
+        hot_rows(url, redis_url, prefix, sizes, &mut report).await?;
+        env.pool.close().await;
+        return Ok(report);
+    }
     report.fact("rows", ROWS);
     report.fact("codec", "MessagePack (rmp-serde) for every cached variant");
     report.fact(
@@ -649,11 +672,26 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
     mixed(&mut env, url, &mut report).await?;
     eprintln!("foreign writes…");
     foreign(&mut env, &mut report).await?;
+    hot_rows(url, redis_url, prefix, sizes, &mut report).await?;
     env.pool.close().await;
     eprintln!("backlog drain…");
     backlog(&env, url, redis_url, &mut report).await?;
     env.raw.close().await;
     Ok(report)
+}
+
+/// The hot-key (delete vs refresh) and consistency-SLI rows.
+async fn hot_rows(
+    url: &str,
+    redis_url: &str,
+    prefix: &str,
+    sizes: Sizes,
+    report: &mut Report,
+) -> Result<(), BoxError> {
+    eprintln!("hot key: delete vs refresh…");
+    hot::hot_key(url, redis_url, prefix, sizes.quick(), report).await?;
+    eprintln!("consistency SLI overhead…");
+    hot::sli_overhead(url, redis_url, prefix, sizes.quick(), report).await
 }
 
 const UPDATE: &str =

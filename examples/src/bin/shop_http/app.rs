@@ -28,7 +28,9 @@ impl FromRef<AppState> for CachedPgPool {
     }
 }
 
-/// The routes of the service.
+/// The routes of the service, behind the read-your-writes token layer: a write's response carries its
+/// token (`x-cache-token` header and `cache_token` cookie), and a request carrying one reads nothing
+/// older than that write, on whichever instance serves it.
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
@@ -47,6 +49,7 @@ pub(crate) fn router(state: AppState) -> Router {
             axum::routing::put(rename_category),
         )
         .with_state(state)
+        .layer(cache_runtime::layer::TokenLayer::new())
 }
 
 /// `GET /`: a page showing the counters live (it polls `/stats` every second).

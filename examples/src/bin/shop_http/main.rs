@@ -8,7 +8,10 @@
 //! (JSON `{"id"?, "category_id", "name", "price_cents"}`), `PUT /admin/products/{id}` (any of
 //! `category_id`, `name`, `price_cents`), `DELETE /admin/products/{id}`, `PUT /admin/categories/{id}`
 //! (`{"name"}`). A write by anything else (`psql`, another service) is delivered by the relay within
-//! milliseconds. `GET /stats` is the cache's counters as JSON; `GET /` a page showing hits, misses and
+//! milliseconds. Every response to a write carries its read-your-writes token (`x-cache-token` header,
+//! `cache_token` cookie; `cache_runtime::layer::TokenLayer`): requests that send it back never read an
+//! older value, on any instance of the service, even before the write's invalidation reached Redis.
+//! `GET /stats` is the cache's counters as JSON; `GET /` a page showing hits, misses and
 //! invalidations live.
 //!
 //! Configuration, from the environment:
