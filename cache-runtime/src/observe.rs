@@ -23,6 +23,9 @@
 //! | `cache_outbox_depth` | gauge | | outbox rows the relay's consumer has not delivered, measured by the relay when idle |
 //! | `cache_outbox_oldest_age_seconds` | gauge | | age of the oldest of those rows |
 //! | `cache_outbox_rows` | gauge | | every outbox row, including those other consumers still need (a consumer that is gone holds rows back until its expiry) |
+//! | `cache_tier_reads_total` | counter | `tier` = `l1` \| `l2` | peeks of a `TieredStore` answered by its in-process tier, or sent to Redis |
+//! | `cache_tier_invalidations_total` | counter | | keys a `TieredStore` invalidated (removed from its tier before and after Redis) |
+//! | `cache_fanout_connected` | gauge | | 1 while a `TieredStore` is subscribed to the invalidation channel |
 //! | `cache_outbox_consumers` | gauge | | live consumers of the outbox (see [`Consumer`](crate::outbox::Consumer)) |
 //!
 //! Every series is process-wide (several caches or relays in one process add up).
@@ -96,4 +99,16 @@ pub(crate) fn backlog(depth: u64, oldest_age_seconds: f64, total: u64, consumers
     gauge!("cache_outbox_oldest_age_seconds").set(oldest_age_seconds);
     gauge!("cache_outbox_rows").set(total as f64);
     gauge!("cache_outbox_consumers").set(f64::from(consumers));
+}
+
+pub(crate) fn tier_hit(tier: &'static str) {
+    counter!("cache_tier_reads_total", "tier" => tier).increment(1);
+}
+
+pub(crate) fn tier_invalidated(keys: usize) {
+    counter!("cache_tier_invalidations_total").increment(keys as u64);
+}
+
+pub(crate) fn fanout_connected(connected: bool) {
+    gauge!("cache_fanout_connected").set(if connected { 1.0 } else { 0.0 });
 }

@@ -34,9 +34,11 @@ use std::time::Duration;
 pub mod conformance;
 mod memory;
 mod redis;
+pub mod tiered;
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
+pub use tiered::{TierStats, TieredStore, TieredStoreBuilder};
 
 /// A boxed, sendable future: what [`Store`] methods return, so that stores can be used as `dyn Store`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
