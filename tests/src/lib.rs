@@ -9,6 +9,7 @@
 
 pub mod checker;
 pub mod model;
+pub mod processes;
 mod recording;
 mod sqlite;
 
