@@ -21,7 +21,7 @@ use sqlx::{PgPool, Postgres};
 
 /// The checker's row, as every node declares it (one registry, one fingerprint).
 #[derive(Debug, Clone, CachedEntity, serde::Serialize, serde::Deserialize)]
-#[cached_entity(table = "items", key = "item:<id>", depends = ["item:<id>:page"], ttl = "1m")]
+#[cached_entity(table = "items", key = "checked:<id>", ttl = "1m")]
 pub struct NodeItem {
     /// Row id.
     pub id: i64,
@@ -373,8 +373,7 @@ pub async fn run_node(node: &Node) -> Vec<Event> {
         );
     }
     pool.close().await;
-    let events = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    events
+    log.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 async fn read(
@@ -391,7 +390,7 @@ async fn read(
     let db: PgPool = pool.sqlx_pool().clone();
     let version = pool
         .cache()
-        .get_or_load(key!("item:<id>", id = id), || async move {
+        .get_or_load(key!("checked:<id>", id = id), || async move {
             let version = crate::checker::select_version(&db, id).await?;
             crate::checker::jitter().await;
             Ok::<_, sqlx::Error>(version)
