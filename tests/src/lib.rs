@@ -8,6 +8,7 @@
 //! server is not reachable the test fails with a message that says how to provide it.
 
 pub mod checker;
+pub mod cluster;
 pub mod model;
 pub mod processes;
 mod recording;

@@ -38,6 +38,8 @@ pub mod tiered;
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
+#[cfg(feature = "cluster")]
+pub use redis::cluster::RedisClusterStore;
 pub use tiered::{TierStats, TieredStore, TieredStoreBuilder};
 
 /// A boxed, sendable future: what [`Store`] methods return, so that stores can be used as `dyn Store`.

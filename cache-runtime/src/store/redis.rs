@@ -15,6 +15,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Pipeline, Script, ScriptInvocation, ServerErrorKind, Value};
 
+#[cfg(feature = "cluster")]
+pub(crate) mod cluster;
+
 use super::tiered::fanout;
 use super::{
     BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, nonce,
