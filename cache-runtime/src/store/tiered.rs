@@ -208,6 +208,11 @@ impl TieredStore {
         true
     }
 
+    /// Whether the in-process tier holds an entry for `key` (diagnostics: the fan-out benchmark polls it).
+    pub fn holds(&self, key: &str) -> bool {
+        self.l1.holds(key)
+    }
+
     /// What the in-process tier did so far.
     pub fn stats(&self) -> TierStats {
         let c = &self.l1.counts;

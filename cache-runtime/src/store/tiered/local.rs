@@ -192,6 +192,11 @@ impl Local {
         }
     }
 
+    /// Whether an entry of `key` is held.
+    pub(super) fn holds(&self, key: &str) -> bool {
+        matches!(self.slots.get(key), Some(Held::Value(_)))
+    }
+
     /// The tag token of `tag`, if held.
     pub(super) fn tag(&self, tag: &str) -> Option<TagToken> {
         match self.slots.get(&tag_slot(tag)) {
