@@ -1,5 +1,6 @@
 //! Two tiers: an in-process tier (moka) in front of a [`RedisStore`], kept consistent across instances
-//! by the invalidation fan-out (see [`fanout`]).
+//! by the invalidation fan-out: every [`RedisStore`] publishes the keys it invalidates on its
+//! [channel](RedisStore::channel), in the pipeline of the invalidation itself, and every tier subscribes.
 //!
 //! Every primitive of the lease protocol (lookup, fill, release, sequence, reset) runs on Redis exactly as
 //! with a plain [`RedisStore`]; the tier only answers [`Store::peek`] (and [`Store::tags`] without

@@ -62,11 +62,9 @@ impl std::fmt::Debug for RedisClusterStore {
     }
 }
 
-/// 64-bit FNV-1a: the hash tag of a key (stable across processes and versions).
+/// The hash of a key whose hex is its hash tag (FNV-1a: stable across processes and versions).
 fn fnv(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    cache_template::fnv1a64(text.as_bytes())
 }
 
 /// A hash tag whose slot is `slot`.
