@@ -7,7 +7,9 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_runtime::{Cache, CachedEntity, CachedPgPool, RedisClusterStore, Registry, Store, key};
+use cache_runtime::{
+    Cache, CachedEntity, CachedPgPool, RedisClusterStore, Registry, Store, TieredStore, key,
+};
 use sqlx::PgPool;
 use tests::TestDb;
 use tests::cluster::RedisCluster;
@@ -309,5 +311,90 @@ async fn a_failover_that_lost_invalidations_serves_no_invalidated_entry() {
     assert!(
         running.cache().stats().hits > hits,
         "hits again after the repair"
+    );
+}
+
+async fn tiered(cluster: &RedisCluster) -> TieredStore {
+    let urls = cluster.urls();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let store = TieredStore::connect_cluster(&urls, PREFIX).await.unwrap();
+    assert!(
+        store.ready(Duration::from_secs(10)).await,
+        "the tier serves"
+    );
+    store
+}
+
+/// Reads until `cache` returns `want` (at most `within`).
+async fn sees(cache: &Cache, source: &AtomicI64, want: i64, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let v = source.load(Ordering::SeqCst);
+        let got = cache
+            .get_or_load(key!("product:<id>", id = 5), || async move {
+                Ok::<_, std::convert::Infallible>(v)
+            })
+            .await
+            .unwrap();
+        if got == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    false
+}
+
+/// Two tiers over the cluster: one's invalidation reaches the other's tier; the primary of the
+/// channel's slot dies and its replica is promoted (automatic failover): the tiers flush, come back
+/// once redis-rs resubscribed and a heartbeat came through, and invalidations reach them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiers_over_the_cluster_fan_out_and_survive_a_failover() {
+    let mut cluster = RedisCluster::start();
+    let (a, b) = (tiered(&cluster).await, tiered(&cluster).await);
+    let (ca, cb) = (Cache::new(a.clone()), Cache::new(b.clone()));
+    let source = AtomicI64::new(1);
+    assert!(sees(&ca, &source, 1, Duration::from_secs(1)).await);
+    assert!(sees(&cb, &source, 1, Duration::from_secs(1)).await);
+    let hits = a.stats().hits;
+    assert!(sees(&ca, &source, 1, Duration::from_secs(1)).await);
+    assert_eq!(a.stats().hits, hits + 1, "held in A's tier");
+
+    source.store(2, Ordering::SeqCst);
+    cb.invalidate(["product:5"]).await.unwrap();
+    assert!(
+        sees(&cb, &source, 2, Duration::from_millis(1)).await,
+        "B reads its write"
+    );
+    assert!(
+        sees(&ca, &source, 2, Duration::from_secs(1)).await,
+        "B's invalidation reached A's tier"
+    );
+
+    let channel = format!("{PREFIX}<invalidated>");
+    let primary = cluster.primary_of(&channel);
+    let replica = cluster.replica_of(primary);
+    let flushes = a.stats().flushes;
+    cluster.kill(primary);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.command(replica, &["ROLE"]).contains("master") {
+        assert!(Instant::now() < deadline, "the replica was promoted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        a.stats().flushes > flushes,
+        "the dropped subscription flushed A's tier"
+    );
+    assert!(
+        a.ready(Duration::from_secs(20)).await,
+        "A's tier serves again after the failover"
+    );
+    assert!(b.ready(Duration::from_secs(20)).await, "B's too");
+    assert!(sees(&ca, &source, 2, Duration::from_secs(5)).await);
+    assert!(sees(&ca, &source, 2, Duration::from_secs(1)).await);
+    source.store(3, Ordering::SeqCst);
+    cb.invalidate(["product:5"]).await.unwrap();
+    assert!(
+        sees(&ca, &source, 3, Duration::from_secs(1)).await,
+        "invalidations reach A again"
     );
 }

@@ -52,7 +52,7 @@ use local::{Held, Local};
 #[derive(Debug, Clone)]
 pub struct TieredStore {
     l1: Arc<Local>,
-    l2: RedisStore,
+    l2: Backend,
     /// Closing it (dropping the last clone) stops the subscriber and heartbeat tasks.
     _shutdown: Arc<watch::Sender<()>>,
 }
@@ -133,24 +133,93 @@ impl TieredStoreBuilder {
     ///
     /// Outside a Tokio runtime.
     pub fn build(self, l2: RedisStore, client: redis::Client) -> TieredStore {
+        let (l1, closed, store) = self.start(Backend::Standalone(l2));
+        tokio::spawn(fanout::listen(client, store.l2.channel(), l1, closed));
+        store
+    }
+
+    /// The store, in front of the cluster store `l2`; `nodes` (URLs of cluster nodes) open the
+    /// subscription (RESP3, through redis-rs' cluster connection, which resubscribes after failovers;
+    /// every disconnection flushes the tier, and it serves again once a heartbeat came back). Every
+    /// invalidation and heartbeat is published on the primary of the channel's slot, so they arrive in
+    /// order. Needs the `cluster` feature.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Redis`] when a URL is invalid.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    #[cfg(feature = "cluster")]
+    pub fn build_cluster(
+        self,
+        l2: super::RedisClusterStore,
+        nodes: &[&str],
+    ) -> Result<TieredStore, StoreError> {
+        let client = fanout::cluster_client(nodes)?;
+        let (l1, closed, store) = self.start(Backend::Cluster(l2));
+        tokio::spawn(fanout::listen_cluster(
+            client,
+            store.l2.channel(),
+            l1,
+            closed,
+        ));
+        Ok(store)
+    }
+
+    /// The tier and its heartbeat; the caller spawns the listener on the returned tier and receiver.
+    fn start(self, l2: Backend) -> (Arc<Local>, watch::Receiver<()>, TieredStore) {
         let l1 = Arc::new(Local::new(self.capacity, self.ttl, self.max_lag));
         let (shutdown, closed) = watch::channel(());
-        tokio::spawn(fanout::listen(
-            client,
-            l2.channel(),
-            Arc::clone(&l1),
-            closed.clone(),
-        ));
         tokio::spawn(fanout::heartbeat(
             l2.clone(),
             Arc::clone(&l1),
             self.heartbeat,
-            closed,
+            closed.clone(),
         ));
-        TieredStore {
-            l1,
+        let store = TieredStore {
+            l1: Arc::clone(&l1),
             l2,
             _shutdown: Arc::new(shutdown),
+        };
+        (l1, closed, store)
+    }
+}
+
+/// The Redis tier behind a [`TieredStore`].
+#[derive(Debug, Clone)]
+pub(crate) enum Backend {
+    /// A standalone server.
+    Standalone(RedisStore),
+    /// A cluster.
+    #[cfg(feature = "cluster")]
+    Cluster(super::RedisClusterStore),
+}
+
+impl Backend {
+    fn store(&self) -> &dyn Store {
+        match self {
+            Self::Standalone(s) => s,
+            #[cfg(feature = "cluster")]
+            Self::Cluster(s) => s,
+        }
+    }
+
+    fn channel(&self) -> String {
+        match self {
+            Self::Standalone(s) => s.channel(),
+            #[cfg(feature = "cluster")]
+            Self::Cluster(s) => s.channel(),
+        }
+    }
+
+    /// Publishes `payload` on the channel (a heartbeat).
+    pub(crate) async fn publish(&self, payload: &[u8]) -> Result<(), StoreError> {
+        match self {
+            Self::Standalone(s) => s.publish(payload).await,
+            #[cfg(feature = "cluster")]
+            Self::Cluster(s) => s.publish_payload(payload).await,
         }
     }
 }
@@ -187,9 +256,28 @@ impl TieredStore {
         Ok(Self::builder().build(l2, redis::Client::open(url)?))
     }
 
+    /// Connects to a Redis Cluster through any of `nodes` ([`RedisClusterStore::connect`](
+    /// super::RedisClusterStore::connect)) with the default tier. Needs the `cluster` feature.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisClusterStore::connect`](super::RedisClusterStore::connect).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`connect`](Self::connect).
+    #[cfg(feature = "cluster")]
+    pub async fn connect_cluster(
+        nodes: &[&str],
+        prefix: impl Into<String>,
+    ) -> Result<Self, StoreError> {
+        let l2 = super::RedisClusterStore::connect(nodes, prefix).await?;
+        Self::builder().build_cluster(l2, nodes)
+    }
+
     /// The Redis tier.
-    pub fn redis(&self) -> &RedisStore {
-        &self.l2
+    pub fn redis(&self) -> &dyn Store {
+        self.l2.store()
     }
 
     /// Whether the in-process tier serves now (subscribed, and a recent heartbeat came back).
@@ -248,7 +336,7 @@ impl Store for TieredStore {
     fn consumer(&self) -> String {
         // The same data as the Redis tier: instances share the delivery of each outbox row, and the
         // fan-out carries it to every instance's tier.
-        self.l2.consumer()
+        self.l2.store().consumer()
     }
 
     fn invalidate<'a>(
@@ -257,7 +345,7 @@ impl Store for TieredStore {
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
             self.l1.apply(keys);
-            let result = self.l2.invalidate(keys).await;
+            let result = self.l2.store().invalidate(keys).await;
             // A read of Redis sent before the invalidation may have put the old slot back meanwhile.
             self.l1.apply(keys);
             crate::observe::tier_invalidated(keys.len());
@@ -266,7 +354,7 @@ impl Store for TieredStore {
     }
 
     fn sequence(&self, at_least: u64) -> BoxFuture<'_, Result<Option<u64>, StoreError>> {
-        self.l2.sequence(at_least)
+        self.l2.store().sequence(at_least)
     }
 
     fn reset<'a>(
@@ -276,7 +364,7 @@ impl Store for TieredStore {
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
             self.l1.flush();
-            let result = self.l2.reset(keys, at_least).await;
+            let result = self.l2.store().reset(keys, at_least).await;
             self.l1.flush();
             result
         })
@@ -295,7 +383,7 @@ impl Store for TieredStore {
                 return Ok(peek);
             }
             let stamp = self.l1.stamp(&slots_of(key, tags));
-            let peek = self.l2.peek(key, tags).await?;
+            let peek = self.l2.store().peek(key, tags).await?;
             if let Some(value) = &peek.value
                 && peek.tags.iter().all(Option::is_some)
             {
@@ -319,7 +407,7 @@ impl Store for TieredStore {
             // The entry found invalid (or missing) must not be served from the tier meanwhile.
             self.l1.forget_value(key);
             let stamp = self.l1.stamp(&slots_of(key, tags));
-            let lookup = self.l2.lookup(key, lease, tags, tag_ttl).await?;
+            let lookup = self.l2.store().lookup(key, lease, tags, tag_ttl).await?;
             let mut entries = tag_entries(tags, lookup.tags.iter().map(Some));
             if let Slot::Value(value) = &lookup.slot {
                 entries.push((key.to_owned(), Held::Value(value.as_slice().into())));
@@ -346,7 +434,7 @@ impl Store for TieredStore {
             }
             let slots: Vec<String> = tags.iter().map(|t| tag_slot(t)).collect();
             let stamp = self.l1.stamp(&slots);
-            let tokens = self.l2.tags(tags, create).await?;
+            let tokens = self.l2.store().tags(tags, create).await?;
             self.l1
                 .store_if(&stamp, tag_entries(tags, tokens.iter().map(Option::as_ref)));
             Ok(tokens)
@@ -362,7 +450,7 @@ impl Store for TieredStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let stamp = self.l1.stamp(&[key]);
-            let stored = self.l2.fill(key, lease, value, ttl).await?;
+            let stored = self.l2.store().fill(key, lease, value, ttl).await?;
             if stored {
                 self.l1
                     .store_if(&stamp, vec![(key.to_owned(), Held::Value(value.into()))]);
@@ -376,6 +464,6 @@ impl Store for TieredStore {
         key: &'a str,
         lease: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.l2.release(key, lease)
+        self.l2.store().release(key, lease)
     }
 }

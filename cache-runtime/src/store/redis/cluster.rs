@@ -246,6 +246,13 @@ impl RedisClusterStore {
         Ok(())
     }
 
+    /// Publishes `payload` on the channel (on the primary of the channel's slot, as every invalidation).
+    pub(crate) async fn publish_payload(&self, payload: &[u8]) -> Result<(), StoreError> {
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.channel()).arg(payload);
+        self.run::<Value>(&publish).await.map(drop)
+    }
+
     /// Runs `cmd` for every shard's sequence key, concurrently.
     async fn each_shard(&self, cmd: impl Fn(&str) -> Cmd) -> Result<Vec<Value>, StoreError> {
         try_join_all(self.sequences.iter().map(|key| {

@@ -13,8 +13,8 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use tokio::sync::watch;
 
+use super::Backend;
 use super::local::Local;
-use crate::store::RedisStore;
 
 /// Encodes keys as one message.
 pub(crate) fn encode<S: AsRef<str>>(keys: &[S]) -> Vec<u8> {
@@ -122,7 +122,7 @@ async fn subscribe(
 
 /// Publishes this instance's heartbeat every `every` until `shutdown` closes.
 pub(super) async fn heartbeat(
-    l2: RedisStore,
+    l2: Backend,
     local: Arc<Local>,
     every: Duration,
     mut shutdown: watch::Receiver<()>,
@@ -139,6 +139,105 @@ pub(super) async fn heartbeat(
             tracing::debug!(%error, "cannot publish the fan-out heartbeat");
         }
     }
+}
+
+/// A cluster client whose connections deliver pub/sub messages as RESP3 pushes.
+#[cfg(feature = "cluster")]
+pub(super) fn cluster_client(
+    nodes: &[&str],
+) -> Result<redis::cluster::ClusterClientBuilder, crate::StoreError> {
+    for node in nodes {
+        redis::Client::open(*node)?;
+    }
+    Ok(redis::cluster::ClusterClientBuilder::new(
+        nodes.iter().copied(),
+    ))
+}
+
+/// [`listen`] on a cluster: a RESP3 cluster connection subscribed to `channel` (on the primary of the
+/// channel's slot, where every invalidation and heartbeat is published). When any of its node connections
+/// drops, the tier is flushed and the connection made again (a failover moves the channel's slot to the
+/// promoted replica); the tier serves once a heartbeat came back through the new subscription.
+#[cfg(feature = "cluster")]
+pub(super) async fn listen_cluster(
+    builder: redis::cluster::ClusterClientBuilder,
+    channel: String,
+    local: Arc<Local>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
+    let client = match builder
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(tx)
+        .connection_timeout(Duration::from_secs(1))
+        .response_timeout(Duration::from_secs(1))
+        .build()
+    {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::warn!(%error, "cannot build the cluster subscription; the in-process tier stays off");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match subscribe_cluster(&client, &channel).await {
+            Ok(conn) => {
+                backoff = Duration::from_millis(10);
+                local.connected();
+                crate::observe::fanout_connected(true);
+                if !pushes(&local, &mut rx, &mut shutdown).await {
+                    return;
+                }
+                drop(conn);
+                tracing::warn!(%channel, "a cluster connection dropped; bypassing the in-process tier");
+            }
+            Err(error) => tracing::debug!(%error, "cannot subscribe to the invalidation channel"),
+        }
+        local.disconnected();
+        crate::observe::fanout_connected(false);
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Applies pushes until a connection drops (`true`) or the store is dropped (`false`).
+#[cfg(feature = "cluster")]
+async fn pushes(
+    local: &Local,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    shutdown: &mut watch::Receiver<()>,
+) -> bool {
+    loop {
+        let push = tokio::select! {
+            push = rx.recv() => push,
+            _ = shutdown.changed() => return false,
+        };
+        let Some(push) = push else {
+            return false;
+        };
+        match push.kind {
+            redis::PushKind::Message => match push.data.get(1) {
+                Some(redis::Value::BulkString(payload)) => receive(local, payload),
+                _ => local.flush(),
+            },
+            redis::PushKind::Disconnection => return true,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(feature = "cluster")]
+async fn subscribe_cluster(
+    client: &redis::cluster::ClusterClient,
+    channel: &str,
+) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
+    let mut conn = client.get_async_connection().await?;
+    conn.subscribe(channel).await?;
+    Ok(conn)
 }
 
 #[cfg(test)]
