@@ -238,6 +238,8 @@ pub struct Node {
     pub mode: Mode,
     /// The tier's `max_lag`.
     pub max_lag: Duration,
+    /// The nodes of a Redis Cluster to use instead of `redis_url` (empty: standalone).
+    pub cluster: Vec<String>,
 }
 
 impl Node {
@@ -260,6 +262,7 @@ impl Node {
                 .to_owned(),
             ),
             ("CHECKER_MAX_LAG_MS", self.max_lag.as_millis().to_string()),
+            ("CHECKER_CLUSTER", self.cluster.join(",")),
         ]
     }
 
@@ -285,6 +288,11 @@ impl Node {
                 Mode::Tiered
             },
             max_lag: Duration::from_millis(num("CHECKER_MAX_LAG_MS")),
+            cluster: var("CHECKER_CLUSTER")
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect(),
         }
     }
 }
@@ -292,12 +300,15 @@ impl Node {
 /// The pool of a node: a `CachedPool` on a `TieredStore` (or, for the naive control, a plain
 /// `RedisStore`); its relay delivers plain-pool writes.
 async fn pool(node: &Node) -> (CachedPool<Postgres>, Option<TieredStore>) {
-    let l2 = cache_runtime::RedisStore::connect(&node.redis_url, node.prefix.clone())
-        .await
-        .expect("connect Redis");
     let options = CachedPool::<Postgres>::options()
         .registry(registry())
         .pool_options(sqlx::pool::PoolOptions::<Postgres>::new().max_connections(4));
+    if !node.cluster.is_empty() {
+        return cluster_pool(node, options).await;
+    }
+    let l2 = cache_runtime::RedisStore::connect(&node.redis_url, node.prefix.clone())
+        .await
+        .expect("connect Redis");
     match node.mode {
         Mode::Tiered => {
             let client = redis::Client::open(node.redis_url.as_str()).expect("Redis URL");
@@ -314,6 +325,29 @@ async fn pool(node: &Node) -> (CachedPool<Postgres>, Option<TieredStore>) {
             (pool.expect("connect CachedPool"), None)
         }
     }
+}
+
+/// [`pool`] on a Redis Cluster (the tiered mode only).
+async fn cluster_pool(
+    node: &Node,
+    options: cache_runtime::CachedPoolOptions<Postgres>,
+) -> (CachedPool<Postgres>, Option<TieredStore>) {
+    assert_eq!(node.mode, Mode::Tiered, "the cluster checker runs tiers");
+    let nodes: Vec<&str> = node.cluster.iter().map(String::as_str).collect();
+    let l2 = cache_runtime::RedisClusterStore::connect(&nodes, node.prefix.clone())
+        .await
+        .expect("connect the cluster");
+    let store = TieredStore::builder()
+        .max_lag(node.max_lag)
+        .heartbeat(node.max_lag / 5)
+        .build_cluster(l2, &nodes)
+        .expect("cluster tier");
+    assert!(
+        store.ready(Duration::from_secs(10)).await,
+        "the tier serves"
+    );
+    let pool = options.connect(&node.database_url, store.clone()).await;
+    (pool.expect("connect CachedPool"), Some(store))
 }
 
 /// Runs one node: 6 readers (pausing a millisecond every fourth read or so) and a writer for `node.duration`; returns its log.

@@ -1,12 +1,12 @@
 //! The freshness checker across 3 OS processes (`checker-node`), each with its own `CachedPool` and
-//! in-process tier (`TieredStore`) over one Redis, each writing through its pool, plus a plain-pool writer
+//! in-process tier (`TieredStore`) over one Redis (and over a Redis Cluster of the test's own), each writing through its pool, plus a plain-pool writer
 //! in the test (delivered by the nodes' relays): 0 reads miss a write of their own process, 0 reads are
 //! older than the bound. The naive control (a moka map per process, cleared only by its own writes) must
 //! show violations.
 
 use std::time::{Duration, Instant};
 
-use cache_runtime::{CachedPool, RedisStore};
+use cache_runtime::{CachedPool, RedisClusterStore, RedisStore};
 use sqlx::Postgres;
 use tests::processes::{self, Event, Mode, Node, PLAIN, Verdict};
 use tests::{TestDb, TestPrefix};
@@ -18,24 +18,30 @@ const MAX_LAG: Duration = Duration::from_millis(50);
 /// The bound of plain-pool writes: the relay's delivery, then the fan-out.
 const RELAY_BOUND: Duration = Duration::from_secs(1);
 
-/// Runs the nodes and the plain writer; returns the merged log.
-async fn run(mode: Mode, hint: &str) -> Vec<Event> {
+/// Runs the nodes and the plain writer (on `cluster`'s nodes when given, else the shared Redis);
+/// returns the merged log.
+async fn run(mode: Mode, hint: &str, cluster: &[String]) -> Vec<Event> {
     let db = TestDb::create(hint).await;
     let pool = db.pool().await;
     tests::checker::create_items(&pool, ROWS).await;
     let prefix = TestPrefix::create(hint).await;
     // Install the capture once, before the nodes connect.
-    let store = RedisStore::connect(&tests::redis_url(), prefix.prefix.clone())
-        .await
-        .expect("connect Redis");
-    CachedPool::<Postgres>::options()
+    let options = CachedPool::<Postgres>::options()
         .registry(processes::registry())
-        .auto_install(true)
-        .connect(&db.url, store)
-        .await
-        .expect("install")
-        .close()
-        .await;
+        .auto_install(true);
+    let installed = if cluster.is_empty() {
+        let store = RedisStore::connect(&tests::redis_url(), prefix.prefix.clone()).await;
+        options
+            .connect(&db.url, store.expect("connect Redis"))
+            .await
+    } else {
+        let nodes: Vec<&str> = cluster.iter().map(String::as_str).collect();
+        let store = RedisClusterStore::connect(&nodes, prefix.prefix.clone()).await;
+        options
+            .connect(&db.url, store.expect("connect the cluster"))
+            .await
+    };
+    installed.expect("install").close().await;
     let duration = Duration::from_millis(2500);
     let children: Vec<_> = (0..NODES)
         .map(|node| {
@@ -48,6 +54,7 @@ async fn run(mode: Mode, hint: &str) -> Vec<Event> {
                 rows: ROWS,
                 mode,
                 max_lag: MAX_LAG,
+                cluster: cluster.to_vec(),
             };
             std::process::Command::new(env!("CARGO_BIN_EXE_checker_node"))
                 .envs(node.env())
@@ -116,12 +123,22 @@ fn print(what: &str, v: &Verdict) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_with_tiers_never_read_stale() {
-    let events = run(Mode::Tiered, "i15_tiered").await;
-    let all = processes::check(&events, bound);
-    print(
-        "3 processes, TieredStore, pool writers + plain writer",
-        &all,
-    );
+    let events = run(Mode::Tiered, "i15_tiered", &[]).await;
+    verify("3 processes, TieredStore", &events);
+}
+
+/// The same over a Redis Cluster of the test's own (3 primaries, 3 replicas).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_with_tiers_over_a_cluster_never_read_stale() {
+    let cluster = tests::cluster::RedisCluster::start();
+    let events = run(Mode::Tiered, "i15_tiered_cluster", &cluster.urls()).await;
+    verify("3 processes, TieredStore over a Redis Cluster", &events);
+}
+
+/// Checks a tiered run: no read-your-writes violation, no read older than the bound.
+fn verify(what: &str, events: &[Event]) {
+    let all = processes::check(events, bound);
+    print(&format!("{what}, pool writers + plain writer"), &all);
     // The fan-out alone: the staleness behind writes through the pools.
     let pooled: Vec<Event> = events
         .iter()
@@ -129,7 +146,7 @@ async fn three_processes_with_tiers_never_read_stale() {
         .filter(|e| !matches!(e, Event::Write { node: PLAIN, .. }))
         .collect();
     print(
-        "3 processes, TieredStore, pool writes only",
+        &format!("{what}, pool writes only"),
         &processes::check(&pooled, bound),
     );
     assert!(all.reads > 1000 && all.writes > 100, "{all:?}");
@@ -139,7 +156,7 @@ async fn three_processes_with_tiers_never_read_stale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_a_naive_tier() {
-    let events = run(Mode::Naive, "i15_naive").await;
+    let events = run(Mode::Naive, "i15_naive", &[]).await;
     let verdict = processes::check(&events, bound);
     print("3 processes, naive moka tier (no fan-out)", &verdict);
     assert!(verdict.reads > 1000, "{verdict:?}");
