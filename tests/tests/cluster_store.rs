@@ -31,6 +31,10 @@ async fn the_cluster_store_conforms() {
     cache_runtime::store::conformance::check(&store, "")
         .await
         .expect("RedisClusterStore conforms");
+    let tiered = tiered(&cluster).await;
+    cache_runtime::store::conformance::check(&tiered, "tiered:")
+        .await
+        .expect("a TieredStore over the cluster conforms");
 }
 
 /// The value (or lease) and the tag token of a key share a hash slot, by the server's own reckoning;

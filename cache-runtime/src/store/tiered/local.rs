@@ -223,3 +223,61 @@ impl Local {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serving() -> Local {
+        let local = Local::new(100, Duration::from_secs(60), Duration::from_secs(60));
+        local.connected();
+        local.confirm(local.now());
+        assert!(local.usable());
+        local
+    }
+
+    fn value(key: &str) -> Vec<(String, Held)> {
+        vec![(key.to_owned(), Held::Value(Arc::from(&b"v"[..])))]
+    }
+
+    #[test]
+    fn an_answer_read_before_an_invalidation_is_not_put_in() {
+        let local = serving();
+        let stamp = local.stamp(&["k"]);
+        local.apply(&["k"]);
+        local.store_if(&stamp, value("k"));
+        assert!(
+            !local.holds("k"),
+            "the invalidation came after the read was sent"
+        );
+        let stamp = local.stamp(&["k"]);
+        local.store_if(&stamp, value("k"));
+        assert!(local.holds("k"), "a read sent after it is put in");
+        local.apply(&["k"]);
+        assert!(!local.holds("k"), "and removed by the next invalidation");
+    }
+
+    #[test]
+    fn a_flush_refuses_answers_in_flight_and_a_lost_link_stops_the_tier() {
+        let local = serving();
+        let stamp = local.stamp(&["k"]);
+        local.flush();
+        local.store_if(&stamp, value("k"));
+        assert!(!local.holds("k"));
+        local.disconnected();
+        assert!(!local.usable());
+        let stamp = local.stamp(&["k"]);
+        local.store_if(&stamp, value("k"));
+        assert!(
+            !local.holds("k"),
+            "nothing is put in while the link is down"
+        );
+        local.connected();
+        assert!(
+            !local.usable(),
+            "serving needs a heartbeat through the new link"
+        );
+        local.confirm(local.now());
+        assert!(local.usable());
+    }
+}
