@@ -1,6 +1,7 @@
 #!/usr/bin/env sh
-# What the test suite needs besides PostgreSQL, Redis and Rust: pgbouncer (the pooler test runs a real
-# one) and chromium (the shop_http test loads the service's live page in headless Chromium). Installs each
+# What the test suite needs besides PostgreSQL, Redis and Rust: redis-server and redis-cli (fault and
+# cluster tests run servers of their own; `redis-cli --cluster create` makes the 6-node cluster of the
+# cluster tests), pgbouncer (the pooler test runs a real one) and chromium (the shop_http test loads the service's live page in headless Chromium). Installs each
 # from Debian's packages when it is missing; does nothing otherwise.
 set -eu
 install() { # package, apt-get options
@@ -12,6 +13,12 @@ install() { # package, apt-get options
   # shellcheck disable=SC2086 # the options are words
   apt-get install -y -q $2 "$1" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $2 "$1" >/dev/null; }
 }
+if ! command -v redis-server >/dev/null 2>&1; then
+  install redis-server ""
+fi
+if ! command -v redis-cli >/dev/null 2>&1; then
+  install redis-tools ""
+fi
 if ! [ -x /usr/sbin/pgbouncer ] && ! command -v pgbouncer >/dev/null 2>&1; then
   # The package starts nothing we need; the tests run their own pgbouncer on a free port.
   install pgbouncer ""

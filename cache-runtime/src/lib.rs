@@ -110,7 +110,9 @@ pub use key::{Key, KeyPart};
 pub use pool::CachedSqlitePool;
 pub use pool::{CachedPgPool, CachedPool, CachedPoolOptions, CachedTransaction, WriteDetection};
 pub use registry::{Registry, registry};
-pub use store::{MemoryStore, RedisStore, Store, StoreError};
+#[cfg(feature = "cluster")]
+pub use store::RedisClusterStore;
+pub use store::{MemoryStore, RedisStore, Store, StoreError, TieredStore};
 
 /// Support for generated code; not a public API.
 #[doc(hidden)]

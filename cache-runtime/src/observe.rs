@@ -29,6 +29,9 @@
 //! | `cache_outbox_depth` | gauge | | outbox rows the relay's consumer has not delivered, measured by the relay when idle |
 //! | `cache_outbox_oldest_age_seconds` | gauge | | age of the oldest of those rows |
 //! | `cache_outbox_rows` | gauge | | every outbox row, including those other consumers still need (a consumer that is gone holds rows back until its expiry) |
+//! | `cache_tier_reads_total` | counter | `tier` = `l1` \| `l2` | peeks of a `TieredStore` answered by its in-process tier, or sent to Redis |
+//! | `cache_tier_invalidations_total` | counter | | keys a `TieredStore` invalidated (removed from its tier before and after Redis) |
+//! | `cache_fanout_connected` | gauge | | 1 while a `TieredStore` is subscribed to the invalidation channel |
 //! | `cache_outbox_consumers` | gauge | | live consumers of the outbox (see [`Consumer`](crate::outbox::Consumer)) |
 //!
 //! Every series is process-wide (several caches or relays in one process add up).
@@ -177,6 +180,9 @@ series! {
     consistency_delay_seconds: gauge Seconds "The consistency sampler's delay.";
     refreshes_total: counter Count "Reloads of hot keys after their invalidation, by outcome.";
     stale_served_total: counter Count "Reads that returned a value seen valid within their explicit bound, by reason.";
+    tier_reads_total: counter Count "Peeks of a TieredStore, by the tier that answered (l1 in process, l2 Redis).";
+    tier_invalidations_total: counter Count "Keys a TieredStore removed from its in-process tier.";
+    fanout_connected: gauge Count "1 while a TieredStore is subscribed to the invalidation channel.";
     relay_rows_total: counter Count "Outbox rows delivered by a relay.";
     relay_batches_total: counter Count "Relay batches.";
     outbox_depth: gauge Count "Outbox rows this relay's consumer has not delivered.";
@@ -289,6 +295,18 @@ pub(crate) fn refresh(outcome: &'static str) {
 
 pub(crate) fn stale_served(reason: &'static str) {
     counter!(names().stale_served_total, "reason" => reason).increment(1);
+}
+
+pub(crate) fn tier_hit(tier: &'static str) {
+    counter!(names().tier_reads_total, "tier" => tier).increment(1);
+}
+
+pub(crate) fn tier_invalidated(keys: usize) {
+    counter!(names().tier_invalidations_total).increment(keys as u64);
+}
+
+pub(crate) fn fanout_connected(connected: bool) {
+    gauge!(names().fanout_connected).set(if connected { 1.0 } else { 0.0 });
 }
 
 #[cfg(test)]

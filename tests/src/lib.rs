@@ -8,7 +8,9 @@
 //! server is not reachable the test fails with a message that says how to provide it.
 
 pub mod checker;
+pub mod cluster;
 pub mod model;
+pub mod processes;
 mod recording;
 mod sqlite;
 
@@ -462,6 +464,7 @@ pub struct TcpProxy {
     /// The port it listens on.
     pub port: u16,
     target: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
     generation: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -479,20 +482,25 @@ impl TcpProxy {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
         let target = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(target));
         let (generation, _) = tokio::sync::watch::channel(0_u64);
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (to, generations) = (std::sync::Arc::clone(&target), generation.subscribe());
+        let holding = std::sync::Arc::clone(&held);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let port = to.load(std::sync::atomic::Ordering::SeqCst);
                 let mut switched = generations.clone();
                 switched.mark_unchanged();
+                let holding = std::sync::Arc::clone(&holding);
                 tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
                     else {
                         return;
                     };
-                    let mut client = client;
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = forward(client_read, server_write, std::sync::Arc::clone(&holding)) => {}
+                        _ = forward(server_read, client_write, holding) => {}
                         _ = switched.changed() => {}
                     }
                 });
@@ -501,9 +509,21 @@ impl TcpProxy {
         Self {
             port,
             target,
+            held,
             generation,
             task,
         }
+    }
+
+    /// Holds every byte in flight (both directions, every connection) until [`release`](Self::release):
+    /// a connection that stalls without dropping, as a congested network or a paused peer does.
+    pub fn hold(&self) {
+        self.held.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets the held bytes through, in order.
+    pub fn release(&self) {
+        self.held.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Its URL, as a Redis URL.
@@ -516,6 +536,28 @@ impl TcpProxy {
         self.target
             .store(target, std::sync::atomic::Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+/// Copies `from` to `to` until either closes, waiting while `held` before writing each read.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0_u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while held.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

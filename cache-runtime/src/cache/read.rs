@@ -175,7 +175,9 @@ impl Cache {
                 self.inner.stats.record(Event::Bypassed("token"));
                 return self.load_unstored(loader).await.0;
             }
-            // A read after a write never takes an older value.
+            // A read after a write never takes an older value: not from an in-process tier the write's
+            // fan-out may not have reached yet (the shared store has the invalidation), nor a stale one.
+            self.inner.guarded.store.forget_local(key.as_str());
             options.stale_while_revalidate = None;
             options.stale_on_error = None;
         }

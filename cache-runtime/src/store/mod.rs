@@ -34,9 +34,13 @@ use std::time::Duration;
 pub mod conformance;
 mod memory;
 mod redis;
+pub mod tiered;
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
+#[cfg(feature = "cluster")]
+pub use redis::cluster::RedisClusterStore;
+pub use tiered::{TierStats, TieredStore, TieredStoreBuilder};
 
 /// A boxed, sendable future: what [`Store`] methods return, so that stores can be used as `dyn Store`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -203,6 +207,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn system_name(&self) -> Option<&'static str> {
         None
     }
+
+    /// Drops what a tier local to this process holds of `key`'s value slot, so that the next
+    /// [`peek`](Self::peek) reads the shared store, and a read of the shared store sent before this call
+    /// does not put its answer back: how a read given a write's [token](crate::token) of another instance
+    /// avoids an in-process tier the write's fan-out may not have reached yet. Nothing (the default) for a
+    /// store without such a tier.
+    fn forget_local(&self, key: &str) {
+        let _ = key;
+    }
 }
 
 /// A shared store is a store: `Arc<dyn Store>` (or `Arc<S>`) can be handed wherever a `Store` is taken.
@@ -213,6 +226,10 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn system_name(&self) -> Option<&'static str> {
         (**self).system_name()
+    }
+
+    fn forget_local(&self, key: &str) {
+        (**self).forget_local(key);
     }
 
     fn invalidate<'a>(

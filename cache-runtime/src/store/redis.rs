@@ -15,6 +15,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, Pipeline, Script, ScriptInvocation, ServerErrorKind, Value};
 
+#[cfg(feature = "cluster")]
+pub(crate) mod cluster;
+
+use super::tiered::fanout;
 use super::{
     BoxFuture, LeaseRequest, Lookup, Peek, Slot, Store, StoreError, TagToken, is_shape, nonce,
     tag_slot,
@@ -259,9 +263,12 @@ impl RedisStore {
     }
 
     /// A pipeline that invalidates `keys`: `UNLINK` of their value and tag slots (a shape has only its
-    /// tag slot), up to 500 slots per command.
+    /// tag slot), up to 500 slots per command, each followed by a `PUBLISH` of its keys on the
+    /// [invalidation channel](Self::channel) (what every [`TieredStore`](crate::TieredStore)'s in-process
+    /// tier listens to), so the fan-out leaves in the same round trip as the invalidation.
     fn unlink(&self, keys: &[String]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
+        let channel = self.channel();
         for chunk in keys.chunks(UNLINK_KEYS / 2) {
             let mut unlink = redis::cmd("UNLINK");
             for key in chunk {
@@ -271,8 +278,22 @@ impl RedisStore {
                 unlink.arg(self.redis_key(&tag_slot(key)));
             }
             pipe.add_command(unlink).ignore();
+            pipe.publish(&channel, fanout::encode(chunk)).ignore();
         }
         pipe
+    }
+
+    /// The pub/sub channel on which every invalidation of this prefix is published (its keys, see
+    /// [`TieredStore`](crate::TieredStore)): `prefix + "<invalidated>"`.
+    pub fn channel(&self) -> String {
+        self.redis_key(CHANNEL_SLOT)
+    }
+
+    /// Publishes `payload` on the [invalidation channel](Self::channel) (the fan-out's heartbeat).
+    pub(crate) async fn publish(&self, payload: &[u8]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.publish(self.channel(), payload).ignore();
+        self.conn.query::<()>(&pipe).await
     }
 
     /// Checks the `CLIENT ID` answered to a read sent while the last known one was `sent_with`.
@@ -356,6 +377,9 @@ impl RedisStore {
 
 /// The slot (under the prefix) of the id naming this prefix's data as an outbox consumer.
 const CONSUMER_SLOT: &str = "<consumer>";
+
+/// The pub/sub channel (under the prefix) of invalidated keys.
+const CHANNEL_SLOT: &str = "<invalidated>";
 
 /// The slot (under the prefix) of the prefix's sequence.
 const SEQUENCE_SLOT: &str = "<sequence>";

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use cache_runtime::backend::Backend;
 use cache_runtime::{
     Cache, CachedEntity, CachedPgPool, CachedPool, CachedSqlitePool, CachedTransaction,
-    MemoryStore, RedisStore, Registry,
+    MemoryStore, RedisStore, Registry, TieredStore,
 };
 use examples::{Report, Samples, Zipf};
 use serde::{Deserialize, Serialize};
@@ -43,8 +43,10 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection as _, PgConnection, PgPool, Pool, Postgres, Sqlite};
 
+mod cluster;
 mod hot;
 mod load;
+mod tiered;
 
 /// The benchmarked entity and the cached value.
 #[derive(Debug, Clone, PartialEq, CachedEntity, Serialize, Deserialize, sqlx::FromRow)]
@@ -114,6 +116,9 @@ impl Sizes {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    if std::env::args().nth(1).as_deref() == Some(tiered::LISTENER) {
+        return tiered::listen().await;
+    }
     let mut sizes = Sizes::DEFAULT;
     let mut sqlite_only = false;
     let mut out = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench.json").to_owned();
@@ -203,6 +208,8 @@ struct BenchEnv<DB: Backend> {
     redis: Option<redis::aio::MultiplexedConnection>,
     /// The Redis key prefix (empty on SQLite: the store's keys are its own).
     prefix: String,
+    /// The Redis server's URL (empty on SQLite).
+    redis_url: String,
     /// Before each group's name: `""` (PostgreSQL) or `"SQLite "`.
     db: &'static str,
     /// The cached pool's type, as the rows name it.
@@ -622,6 +629,7 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
         sizes,
         redis: Some(redis),
         prefix: prefix.to_owned(),
+        redis_url: redis_url.to_owned(),
         db: "",
         pool_name: "CachedPool",
         store_name: "Redis",
@@ -664,6 +672,11 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
     ];
     let select = "SELECT by primary key (baseline)";
     env.reads(&env.pool, &hits, select, &mut report).await?;
+    eprintln!("two tiers…");
+    tiered::hits(&env, &mut report).await?;
+    tiered::fanout(&env, &mut report).await?;
+    eprintln!("Redis Cluster…");
+    cluster::rows(&env, &mut report).await?;
     eprintln!("memory…");
     load::memory(&env, url, redis_url, &mut report).await?;
     eprintln!("stampede…");
@@ -869,6 +882,7 @@ enum Mode {
     Naive,
     Ours,
     OursL1,
+    OursTiered,
 }
 
 impl Mode {
@@ -878,6 +892,7 @@ impl Mode {
             Mode::Naive => "naive cache-aside (GET, SELECT+SET EX / UPDATE+DEL)",
             Mode::Ours => "this library, Redis (get_or_load / CachedPool UPDATE)",
             Mode::OursL1 => "this library, in-process store (one process)",
+            Mode::OursTiered => "this library, TieredStore (in-process tier over Redis)",
         }
     }
 }
@@ -911,6 +926,24 @@ async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxE
     let plain_floor = Arc::new(Floors::new());
     let ours_floor = Arc::new(Floors::new());
     let l1_floor = Arc::new(Floors::new());
+    let tiered_floor = Arc::new(Floors::new());
+    let tier = TieredStore::builder().build(
+        RedisStore::connect(&env.redis_url, format!("{}t:", env.prefix)).await?,
+        redis::Client::open(env.redis_url.as_str())?,
+    );
+    if !tier.ready(Duration::from_secs(5)).await {
+        return Err("the TieredStore's tier did not come up".into());
+    }
+    let tiered = CachedPgPool::options()
+        .registry(Registry::new([
+            Product::META,
+            L1Product::META,
+            load::D5Product::META,
+            load::D20Product::META,
+        ]))
+        .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
+        .connect(url, tier.clone())
+        .await?;
     let l1 = CachedPgPool::options()
         .registry(Registry::new([
             Product::META,
@@ -921,9 +954,15 @@ async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxE
         .pool_options(PgPoolOptions::new().max_connections(CLIENTS as u32))
         .connect(url, MemoryStore::default())
         .await?;
-    let modes = [Mode::NoCache, Mode::Naive, Mode::Ours, Mode::OursL1];
-    let mut results: [Mixed; 4] = Default::default();
-    let slice = env.sizes.mixed / (ROUNDS * 4);
+    let modes = [
+        Mode::NoCache,
+        Mode::Naive,
+        Mode::Ours,
+        Mode::OursL1,
+        Mode::OursTiered,
+    ];
+    let mut results: [Mixed; 5] = Default::default();
+    let slice = env.sizes.mixed / (ROUNDS * 5);
     let redis_stats = env.pool.cache().stats();
     for round in 0..ROUNDS as usize {
         for k in 0..modes.len() {
@@ -932,6 +971,7 @@ async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxE
             let floors = match mode {
                 Mode::Ours => &ours_floor,
                 Mode::OursL1 => &l1_floor,
+                Mode::OursTiered => &tiered_floor,
                 _ => &plain_floor,
             };
             let start = Instant::now();
@@ -940,7 +980,7 @@ async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxE
             for client in 0..CLIENTS {
                 let (zipf, floors) = (Arc::clone(&zipf), Arc::clone(floors));
                 let (pool, raw, mut redis) = (env.pool.clone(), env.raw.clone(), redis.clone());
-                let l1 = l1.clone();
+                let (l1, tiered) = (l1.clone(), tiered.clone());
                 let prefix = env.prefix.clone();
                 tasks.spawn(async move {
                     let mut rng = fastrand::Rng::with_seed((round * 100 + client) as u64);
@@ -963,6 +1003,9 @@ async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxE
                                 }
                                 Mode::OursL1 => {
                                     sqlx::query_scalar(UPDATE_L1_RETURNING).bind(id).fetch_one(&l1).await?
+                                }
+                                Mode::OursTiered => {
+                                    sqlx::query_scalar(UPDATE_L1_RETURNING).bind(id).fetch_one(&tiered).await?
                                 }
                             };
                             writes.push(begin.elapsed());
@@ -991,6 +1034,11 @@ async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxE
                                 Mode::OursL1 => l1.cache().get_or_load(L1Product::cache_key_for(&id), || async {
                                         sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM l1_products WHERE id = $1")
                                             .bind(id).fetch_optional(&l1).await
+                                    })
+                                    .await.map_err(|e| e.to_string())?,
+                                Mode::OursTiered => tiered.cache().get_or_load(L1Product::cache_key_for(&id), || async {
+                                        sqlx::query_as("SELECT id, category_id, name, price_cents, version FROM l1_products WHERE id = $1")
+                                            .bind(id).fetch_optional(&tiered).await
                                     })
                                     .await.map_err(|e| e.to_string())?,
                             };
@@ -1042,7 +1090,7 @@ async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxE
         "mixed workload",
         format!(
             "{:?} per variant, in {ROUNDS} alternating slices",
-            env.sizes.mixed / 4
+            env.sizes.mixed / 5
         ),
     );
     let after = env.pool.cache().stats();
@@ -1070,7 +1118,20 @@ async fn mixed(env: &mut Env, url: &str, report: &mut Report) -> Result<(), BoxE
             l1_stats.fills_rejected
         ),
     );
+    let t = tiered.cache().stats();
+    report.fact(
+        "mixed workload, this library on a TieredStore",
+        format!(
+            "hits {} (in-process tier: {}), loads {}, fills {}, fills rejected {}",
+            t.hits,
+            tier.stats().hits,
+            t.loads,
+            t.fills,
+            t.fills_rejected
+        ),
+    );
     l1.close().await;
+    tiered.close().await;
     Ok(())
 }
 
@@ -1233,6 +1294,7 @@ async fn sqlite_section(sizes: Sizes, report: &mut Report) -> Result<(), BoxErro
             sizes,
             redis: None,
             prefix: String::new(),
+            redis_url: String::new(),
             db: "SQLite ",
             pool_name: "CachedSqlitePool",
             store_name: "in-process store",
