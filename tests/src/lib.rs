@@ -10,7 +10,6 @@
 pub mod checker;
 pub mod cluster;
 pub mod model;
-pub mod processes;
 mod recording;
 mod sqlite;
 

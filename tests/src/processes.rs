@@ -11,6 +11,11 @@
 //!
 //! Reads older than a write of another process that returned less than the bound before are counted as
 //! lagging, with their staleness (how long after the write returned they still saw the old version).
+//!
+//! Not part of the `tests` library: its entity would join the registry of every test binary. The
+//! `checker_node` binary and the `processes_checker` test include this file as a module of their own
+//! (`#[path]`), and each uses a part of it.
+#![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -425,8 +430,8 @@ async fn read(
     let version = pool
         .cache()
         .get_or_load(key!("checked:<id>", id = id), || async move {
-            let version = crate::checker::select_version(&db, id).await?;
-            crate::checker::jitter().await;
+            let version = tests::checker::select_version(&db, id).await?;
+            tests::checker::jitter().await;
             Ok::<_, sqlx::Error>(version)
         })
         .await

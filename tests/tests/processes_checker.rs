@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use cache_runtime::{CachedPool, RedisClusterStore, RedisStore};
 use sqlx::Postgres;
-use tests::processes::{self, Event, Mode, Node, PLAIN, Verdict};
+#[path = "../src/processes.rs"]
+mod processes;
+
+use processes::{Event, Mode, Node, PLAIN, Verdict};
 use tests::{TestDb, TestPrefix};
 
 const ROWS: i64 = 4;
