@@ -186,7 +186,7 @@ pub(crate) trait Positions: Send + Sync {
     fn delivered(
         &self,
         position: i64,
-    ) -> futures_core::future::BoxFuture<'_, Result<bool, crate::Error>>;
+    ) -> futures_core::future::BoxFuture<'_, Result<bool, crate::error::Error>>;
 }
 
 /// The tokens of one [`scope`]: the one its reads honor, and the newest of its writes.

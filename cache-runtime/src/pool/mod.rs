@@ -348,7 +348,7 @@ impl<DB: Backend> CachedPool<DB> {
     /// pool.invalidate(key!("product:<id>", id = 7)).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn invalidate(&self, key: impl Into<crate::Key>) -> Result<(), sqlx::Error> {
+    pub async fn invalidate(&self, key: impl Into<crate::key::Key>) -> Result<(), sqlx::Error> {
         self.invalidate_many([key]).await
     }
 
@@ -363,7 +363,7 @@ impl<DB: Backend> CachedPool<DB> {
     /// As [`invalidate`](Self::invalidate).
     pub async fn invalidate_many(
         &self,
-        keys: impl IntoIterator<Item = impl Into<crate::Key>>,
+        keys: impl IntoIterator<Item = impl Into<crate::key::Key>>,
     ) -> Result<(), sqlx::Error> {
         let mut tx = self.begin().await?;
         tx.invalidate_many(keys).await?;

@@ -15,8 +15,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::{FromRow, IntoArguments};
 
 use super::CachedPool;
-use crate::LoadOptions;
 use crate::backend::{Backend, select_by_keys};
+use crate::cache::LoadOptions;
 use crate::cache::codec;
 use crate::cache::sample::{Reload, SampleReload};
 use crate::entity::KeyedEntity;

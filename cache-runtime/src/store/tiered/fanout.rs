@@ -145,7 +145,7 @@ pub(super) async fn heartbeat(
 #[cfg(feature = "cluster")]
 pub(super) fn cluster_client(
     nodes: &[&str],
-) -> Result<redis::cluster::ClusterClientBuilder, crate::StoreError> {
+) -> Result<redis::cluster::ClusterClientBuilder, crate::store::StoreError> {
     for node in nodes {
         redis::Client::open(*node)?;
     }
