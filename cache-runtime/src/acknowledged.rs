@@ -12,15 +12,26 @@
 //! A process that has not seen the lost invalidations (started after them, or idle) learns the floor from
 //! the database: at connect and once a second.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::store::StoreError;
 
 /// The floor of one store, as one process knows it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Acknowledged {
     floor: AtomicU64,
-    forgot: AtomicBool,
+    /// The lowest sequence the store may have gone back to, as calls that found it forgetful saw it
+    /// (`u64::MAX`: none since it was last taken).
+    forgot_at: AtomicU64,
+}
+
+impl Default for Acknowledged {
+    fn default() -> Self {
+        Self {
+            floor: AtomicU64::new(0),
+            forgot_at: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl Acknowledged {
@@ -45,7 +56,9 @@ impl Acknowledged {
             return Ok(());
         };
         if seen < floor {
-            self.forgot.store(true, Ordering::Release);
+            // An invalidation's answer is its own raise: the dataset went back to `seen - 1` or lower
+            // (a read's, to `seen`: one delivery more is replayed, harmlessly).
+            self.mark_forgot(seen.saturating_sub(1));
             return Err(StoreError::Forgot {
                 seen,
                 acknowledged: self.floor(),
@@ -55,14 +68,18 @@ impl Acknowledged {
         Ok(())
     }
 
-    /// Whether a call found the store forgetful since it was last taken; clears it.
-    pub(crate) fn take_forgot(&self) -> bool {
-        self.forgot.swap(false, Ordering::AcqRel)
+    /// The lowest sequence the store may have gone back to, if a call found it forgetful since this was
+    /// last taken; clears it. A repair replays from there: the sequence read when repairing may already
+    /// include invalidations sent since the store went back.
+    pub(crate) fn take_forgot(&self) -> Option<u64> {
+        let at = self.forgot_at.swap(u64::MAX, Ordering::AcqRel);
+        (at != u64::MAX).then_some(at)
     }
 
-    /// Marks the store as forgetful again (a recovery that took the mark failed).
-    pub(crate) fn mark_forgot(&self) {
-        self.forgot.store(true, Ordering::Release);
+    /// Marks the store as forgetful, having gone back to `at` or lower (also: a recovery that took the
+    /// mark failed).
+    pub(crate) fn mark_forgot(&self, at: u64) {
+        self.forgot_at.fetch_min(at, Ordering::AcqRel);
     }
 }
 
@@ -90,7 +107,14 @@ mod tests {
                 acknowledged: 9
             })
         ));
-        assert!(ack.take_forgot());
-        assert!(!ack.take_forgot());
+        assert_eq!(
+            ack.take_forgot(),
+            Some(2),
+            "an invalidation's answer is its own raise"
+        );
+        assert_eq!(ack.take_forgot(), None);
+        ack.mark_forgot(6);
+        ack.mark_forgot(4);
+        assert_eq!(ack.take_forgot(), Some(4), "the lowest");
     }
 }

@@ -225,6 +225,11 @@ impl Health {
         }
     }
 
+    /// Whether failures close a read gate (a pool's health, which a recovery reopens).
+    pub(crate) fn gate_enabled(&self) -> bool {
+        self.gate_enabled
+    }
+
     /// A store call failed (or timed out): counts towards opening the breaker, and closes the gate.
     pub(crate) fn failure(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);

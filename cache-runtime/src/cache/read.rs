@@ -115,6 +115,10 @@ impl Cache {
     pub(super) fn store_failed(&self, op: &'static str, error: &StoreError) {
         self.inner.stats.record(Event::StoreError(op));
         self.inner.guarded.health.failure();
+        // A cache with no recovery to check the store (no pool's gate) takes the new connection at once.
+        if matches!(error, StoreError::Reconnected) && !self.inner.guarded.health.gate_enabled() {
+            self.inner.guarded.store.vouch();
+        }
         tracing::warn!(op, %error, "cache store failed; reading from the loader");
     }
 

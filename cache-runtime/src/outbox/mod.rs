@@ -240,18 +240,24 @@ impl<DB: Backend> Outbox<DB> {
             self.unsequenced.store(true, Ordering::Release);
             return Ok(());
         };
-        if !ack.take_forgot() && seen >= floor {
-            ack.raise(seen);
-            return Ok(());
-        }
+        // Replay from the lowest sequence the store may have gone back to: `seen` may already count
+        // invalidations sent since (the call that found it forgetful, and others).
+        let from = match ack.take_forgot() {
+            None if seen >= floor => {
+                ack.raise(seen);
+                return Ok(());
+            }
+            None => seen,
+            Some(at) => at.min(seen),
+        };
         self.guarded.health.failure();
-        match self.repair(seen, floor).await {
+        match self.repair(from, floor).await {
             Ok(seen) => {
                 ack.raise(seen);
                 Ok(())
             }
             Err(error) => {
-                ack.mark_forgot();
+                ack.mark_forgot(from);
                 Err(error)
             }
         }

@@ -78,6 +78,9 @@ impl<DB: Backend> Relay<DB> {
             self.drain(Some(upto)).await?;
         }
         outbox.check_sequence().await?;
+        // Reads may use the connection the store reconnected on: it is the one just checked (one that
+        // changed again since fails the next read, and another pass runs).
+        outbox.guarded.store.vouch();
         Ok(epoch)
     }
 }

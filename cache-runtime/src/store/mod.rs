@@ -216,6 +216,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn forget_local(&self, key: &str) {
         let _ = key;
     }
+
+    /// Accepts the connection the store's reads found new (see [`StoreError::Reconnected`]): until then
+    /// every read answered on it fails, so that no read is served from a server that may have restarted
+    /// from an older snapshot before a check vouched for it. A pool's recovery calls it once it checked
+    /// the store's sequence (and repaired it); a cache without one, at the failure. Nothing (the default)
+    /// for a store that does not watch its connection.
+    fn vouch(&self) {}
 }
 
 /// A shared store is a store: `Arc<dyn Store>` (or `Arc<S>`) can be handed wherever a `Store` is taken.
@@ -230,6 +237,10 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn forget_local(&self, key: &str) {
         (**self).forget_local(key);
+    }
+
+    fn vouch(&self) {
+        (**self).vouch();
     }
 
     fn invalidate<'a>(

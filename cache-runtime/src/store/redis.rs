@@ -96,9 +96,12 @@ pub struct RedisStore {
     consumer: String,
     /// `WAIT` for this many replicas, this long, after each invalidation.
     wait: Option<(u64, Duration)>,
-    /// The `CLIENT ID` of the connection the last read answered on (0: none yet): another one means the
-    /// connection manager reconnected, maybe to another server or dataset.
+    /// The `CLIENT ID` of the accepted connection (0: none yet): a read answered on another one means the
+    /// connection manager reconnected, maybe to another server or dataset, and fails until
+    /// [`vouch`](Store::vouch) accepts the newest one seen.
     client: Arc<AtomicU64>,
+    /// The newest `CLIENT ID` a read found (0: none), for [`vouch`](Store::vouch).
+    newest: Arc<AtomicU64>,
     /// With a pool: the `CLIENT ID`s of the pooled connections seen so far.
     #[cfg(feature = "deadpool-redis")]
     pooled: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
@@ -212,6 +215,7 @@ impl RedisStore {
             consumer: String::new(),
             wait: None,
             client: Arc::new(AtomicU64::new(0)),
+            newest: Arc::new(AtomicU64::new(0)),
             #[cfg(feature = "deadpool-redis")]
             pooled: Arc::default(),
         };
@@ -323,11 +327,20 @@ impl RedisStore {
         if sent_with == id {
             return Ok(());
         }
-        let previous = self.client.swap(id, Ordering::AcqRel);
         // The first reads (sent before any answer) all learn the same id.
-        if sent_with == 0 && (previous == 0 || previous == id) {
-            return Ok(());
+        if sent_with == 0 {
+            match self
+                .client
+                .compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(accepted) if accepted == id => return Ok(()),
+                Err(_) => {}
+            }
         }
+        // Not accepted here: every read on the new connection fails until a check vouched for it, so that
+        // none is served (on another task) before the failure of this one closed the gate.
+        self.newest.store(id, Ordering::Release);
         Err(StoreError::Reconnected)
     }
 
@@ -487,6 +500,13 @@ impl Store for RedisStore {
 
     fn system_name(&self) -> Option<&'static str> {
         Some("redis")
+    }
+
+    fn vouch(&self) {
+        let newest = self.newest.load(Ordering::Acquire);
+        if newest != 0 {
+            self.client.store(newest, Ordering::Release);
+        }
     }
 
     fn invalidate<'a>(
@@ -670,10 +690,26 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut fill = self.scripts.fill.key(self.redis_key(key));
-            let answer = self
-                .invoke(fill.arg(lease_value(lease)).arg(value).arg(millis(ttl)))
-                .await?;
-            Ok(int(&answer) == Some(1))
+            let mut pipe = redis::pipe();
+            pipe.cmd("CLIENT").arg("ID");
+            pipe.invoke_script(fill.arg(lease_value(lease)).arg(value).arg(millis(ttl)));
+            let sent_with = self.client.load(Ordering::Acquire);
+            let values = self.query(&pipe).await?;
+            let [client, answer] = values.as_slice() else {
+                return Err(StoreError::Protocol(format!("fill: {values:?}")));
+            };
+            let filled = int(answer) == Some(1);
+            if let Err(error) = self.check_connection(sent_with, client) {
+                // Filled on a new connection: the lease may be one a restore brought back (taken before
+                // the snapshot, deleted by an invalidation the server forgot). Take the value back.
+                if filled {
+                    let mut unlink = redis::pipe();
+                    unlink.cmd("UNLINK").arg(self.redis_key(key)).ignore();
+                    self.query(&unlink).await?;
+                }
+                return Err(error);
+            }
+            Ok(filled)
         })
     }
 

@@ -361,6 +361,10 @@ impl Store for TieredStore {
         self.l1.forget_value(key);
     }
 
+    fn vouch(&self) {
+        self.l2.store().vouch();
+    }
+
     fn system_name(&self) -> Option<&'static str> {
         Some("redis")
     }

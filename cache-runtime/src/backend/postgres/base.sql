@@ -244,13 +244,20 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
                   coalesce((SELECT max(r.sequence) FROM @schema@.replay r WHERE r.consumer = acknowledged.consumer), 0))
 $fn$;
 -- The distinct keys of `consumer`'s deliveries above the store sequence `after` (at most `max_keys` + 1:
--- more means too many to replay); NULL when the window no longer reaches back to `after`.
+-- more means too many to replay); NULL when the window no longer reaches back to `after`. With them, in the
+-- same snapshot, the keys of the outbox rows `consumer` has not marked delivered: a delivery the store
+-- acknowledged before it went back whose rows are not deleted yet (its deleter batches) is recorded
+-- nowhere else, and a row is either still in the outbox or in the window (its deletion records it).
 CREATE OR REPLACE FUNCTION @schema@.replay_keys(consumer text, after bigint, max_keys integer) RETURNS text[]
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
   SELECT CASE WHEN coalesce((SELECT c.store_sequence FROM @schema@.consumers c WHERE c.tag = consumer), 0) > after
               THEN NULL
-              ELSE array(SELECT DISTINCT k FROM @schema@.replay r, unnest(r.keys) k
-                         WHERE r.consumer = replay_keys.consumer AND r.sequence > after LIMIT max_keys + 1) END
+              ELSE array(SELECT k FROM (SELECT k FROM @schema@.replay r, unnest(r.keys) k
+                                        WHERE r.consumer = replay_keys.consumer AND r.sequence > after
+                                        UNION
+                                        SELECT k FROM @schema@.outbox o, unnest(o.keys) k
+                                        WHERE NOT replay_keys.consumer = ANY (o.delivered_to)) AS d
+                         LIMIT max_keys + 1) END
 $fn$;
 -- The window no longer reaches below `sequence`: deliveries at or below it were purged, or an invalidation
 -- at it is not in the window (a namespace drop after the consumer missed rows).

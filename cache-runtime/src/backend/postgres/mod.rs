@@ -49,7 +49,7 @@ pub const WRAPPED_SETTING: &str = function!("wrapped");
 pub(crate) const SEEN_SETTING: &str = function!("seen");
 
 /// The version of the generated SQL; an installed schema of another version must be re-installed.
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// The application name of the relay's `LISTEN` connection (visible in `pg_stat_activity`).
 pub const LISTEN_APPLICATION_NAME: &str = "cache_invalidation_relay";

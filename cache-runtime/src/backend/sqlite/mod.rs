@@ -341,8 +341,12 @@ impl Backend for Sqlite {
             if cut(pool).await? > after {
                 return Ok(None);
             }
+            // With the window, in one statement (one snapshot), the rows still in the outbox: a delivery
+            // the store acknowledged before it went back whose rows are not deleted yet is recorded
+            // nowhere else (a row is either there or in the window: its deletion copies it).
             let rows: Vec<(i64, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT rowid, tbl, image FROM {REPLAY} WHERE sequence > ?1"
+                "SELECT rowid, tbl, image FROM {REPLAY} WHERE sequence > ?1 \
+                 UNION ALL SELECT id, tbl, image FROM {OUTBOX}"
             )))
             .bind(after)
             .fetch_all(pool)
