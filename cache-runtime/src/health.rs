@@ -269,8 +269,9 @@ impl Health {
         self.tripped.notify_one();
     }
 
-    /// A store call was skipped because the breaker is open: its work is left to the outbox. Closes the gate
-    /// (it normally is already) and restarts a recovery in progress, without counting a failure.
+    /// A store call was skipped because the breaker is open (its work is left to the outbox), or the store
+    /// answered but must not be used until it is repaired (it forgot acknowledged invalidations). Closes
+    /// the gate and restarts a recovery in progress, without counting a failure towards the breaker.
     pub(crate) fn skipped(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         if self.gate_enabled && !self.gated.swap(true, Ordering::SeqCst) {
@@ -364,7 +365,9 @@ impl Guarded {
         let result = self.acknowledged.observe(floor, seen);
         if let Err(error) = &result {
             tracing::warn!(%error, "cache store went back in time");
-            self.health.failure();
+            // The store answered: close the gate until it is repaired, but count no failure towards the
+            // breaker (which would skip the writers' deliveries for a backoff after the store is back).
+            self.health.skipped();
             observe::store_error("forgot");
         }
         result

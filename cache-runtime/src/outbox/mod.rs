@@ -250,7 +250,9 @@ impl<DB: Backend> Outbox<DB> {
             None => seen,
             Some(at) => at.min(seen),
         };
-        self.guarded.health.failure();
+        // Reads stop using the store until the repair (a pass's own, see `recover_once`); not a failure of
+        // the store's connection, so the breaker does not count it.
+        self.guarded.health.skipped();
         match self.repair(from, floor).await {
             Ok(seen) => {
                 ack.raise(seen);
