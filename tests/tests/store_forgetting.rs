@@ -500,3 +500,66 @@ async fn a_store_on_a_deadpool_pool_is_repaired_after_a_restore() {
     let (stale, _) = read_once(&running, 11..=ROWS, 100).await;
     assert_eq!(stale, 0);
 }
+
+/// A restore brings back leases taken before its snapshot. A reader that took one, loaded, and fills
+/// after the restore must not store its value: the invalidation that deleted its lease (acknowledged,
+/// after the snapshot) is forgotten, so the value may be older than a committed write. The fill is
+/// answered on a new connection: it fails as `Reconnected` and the value is taken back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_with_a_lease_a_restore_brought_back_is_taken_back() {
+    use cache_runtime::store::{LeaseRequest, Slot};
+    use cache_runtime::{Store as _, StoreError};
+    let mut redis = RedisServer::start_persistent();
+    let store = store(&redis.url()).await;
+    // A read learns the connection; then the lease is taken.
+    store.peek("item:1", &[]).await.unwrap();
+    let lease = LeaseRequest {
+        token: "lease-before-snapshot",
+        ttl: Duration::from_secs(60),
+        replace: None,
+    };
+    let lookup = store
+        .lookup("item:1", lease, &[], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(lookup.slot, Slot::Acquired { .. }), "{lookup:?}");
+    assert_eq!(redis.command(&["SAVE"]), "OK");
+    // A write's invalidation deletes the lease (acknowledged), then the server restarts from the snapshot.
+    store.invalidate(&["item:1".to_owned()]).await.unwrap();
+    redis.kill();
+    redis.restart();
+    let slot = format!("{PREFIX}item:1");
+    assert!(
+        redis
+            .command(&["GET", &slot])
+            .contains("lease-before-snapshot"),
+        "the snapshot brought the lease back"
+    );
+    // The first call on the dead connection may fail; the fill then answers on the new one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let filled = loop {
+        match store
+            .fill(
+                "item:1",
+                "lease-before-snapshot",
+                b"old",
+                Duration::from_secs(60),
+            )
+            .await
+        {
+            Err(StoreError::Redis(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(filled, Err(StoreError::Reconnected)),
+        "a fill on the new connection fails: {filled:?}"
+    );
+    assert_eq!(
+        redis.command(&["EXISTS", &slot]),
+        "int(0)",
+        "the value filled with the restored lease was taken back"
+    );
+}
