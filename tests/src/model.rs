@@ -67,3 +67,23 @@ pub async fn cached_price(cache: &cache_runtime::Cache, db: &sqlx::PgPool, id: i
         .await
         .unwrap_or_else(|e| panic!("reading product {id}: {e}"))
 }
+
+/// A fresh database holding the `products` table with `rows` products (category 1, price 100 each), and a
+/// plain pool on it.
+///
+/// # Panics
+///
+/// When the server is unreachable or the statement fails.
+pub async fn products_database(hint: &str, rows: i64) -> (crate::TestDb, sqlx::PgPool) {
+    let db = crate::TestDb::create(hint).await;
+    let admin = db.pool().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
+           price_cents bigint NOT NULL);
+         INSERT INTO products SELECT i, 1, 'p' || i, 100 FROM generate_series(1, {rows}) i;"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap_or_else(|e| panic!("creating the products table: {e}"));
+    (db, admin)
+}

@@ -17,17 +17,7 @@ const ROWS: i64 = 20;
 const PREFIX: &str = "forget:";
 
 async fn database(hint: &str) -> (TestDb, PgPool) {
-    let db = TestDb::create(hint).await;
-    let admin = db.pool().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE products (id bigint PRIMARY KEY, category_id bigint NOT NULL, name text NOT NULL,
-           price_cents bigint NOT NULL);
-         INSERT INTO products SELECT i, 1, 'p' || i, 100 FROM generate_series(1, {ROWS}) i;"
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
-    (db, admin)
+    tests::model::products_database(hint, ROWS).await
 }
 
 async fn pool(db: &TestDb, store: RedisStore) -> CachedPgPool {

@@ -412,6 +412,13 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis().max(1)).unwrap_or(u64::MAX)
 }
 
+/// The entry a value slot's answer holds: `None` when it is empty or leased.
+pub(crate) fn entry_of(v: &Value) -> Option<Vec<u8>> {
+    bytes(v)
+        .filter(|b| !b.starts_with(LEASE_MARK))
+        .map(<[u8]>::to_vec)
+}
+
 fn bytes(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
@@ -600,12 +607,7 @@ impl Store for RedisStore {
             let (first, rest) = values
                 .split_first()
                 .ok_or_else(|| StoreError::Protocol("empty pipeline answer".into()))?;
-            let value = match first {
-                Value::Nil => None,
-                v => bytes(v)
-                    .filter(|b| !b.starts_with(LEASE_MARK))
-                    .map(<[u8]>::to_vec),
-            };
+            let value = entry_of(first);
             let tags = rest.iter().map(parse_token).collect::<Result<_, _>>()?;
             Ok(Peek {
                 value,

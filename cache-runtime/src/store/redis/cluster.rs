@@ -25,7 +25,7 @@ use redis::cluster_routing::Slot;
 use redis::{Cmd, Value};
 
 use super::{
-    FILL, LEASE_MARK, LOOKUP, RELEASE, SEQUENCE, TAG, bytes, int, lease_value, millis, parse_slot,
+    FILL, LOOKUP, RELEASE, SEQUENCE, TAG, entry_of, int, lease_value, millis, parse_slot,
     parse_token, protocol, sequence,
 };
 use crate::store::tiered::fanout;
@@ -359,12 +359,7 @@ impl Store for RedisClusterStore {
                 .ok_or_else(|| protocol("peek", &answer))?;
             let (tag_values, sequences) =
                 rest.split_at(rest.len().saturating_sub(self.sequences.len()));
-            let value = match first {
-                Value::Nil => None,
-                v => bytes(v)
-                    .filter(|b| !b.starts_with(LEASE_MARK))
-                    .map(<[u8]>::to_vec),
-            };
+            let value = entry_of(first);
             Ok(Peek {
                 value,
                 tags: tag_values
