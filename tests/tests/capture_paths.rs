@@ -502,6 +502,90 @@ async fn writes_of_deferred_constraint_triggers_are_delivered_by_the_commit() {
     assert!(error.to_string().contains("foreign key"), "{error}");
 }
 
+/// The outermost commit reads the keys and sends `COMMIT` in one message, which leaves sqlx's transaction
+/// an empty one of its own to roll back. On a pool of one connection: the write is committed (seen by
+/// another session), the next statements on that connection run in transactions of their own (two
+/// transaction ids), the connection is not left idle in a transaction, and a commit whose `COMMIT` fails delivers
+/// nothing and leaves the connection usable.
+#[tokio::test]
+async fn a_commit_in_one_message_leaves_its_connection_out_of_any_transaction() {
+    let shop = Shop::new("commit_message", INHERITED).await;
+    let pool = CachedPgPool::options()
+        .registry(registry())
+        .pool_options(sqlx::postgres::PgPoolOptions::new().max_connections(1))
+        .connect(&shop._db.url, MemoryStore::default())
+        .await
+        .unwrap();
+    for round in 0..3_i64 {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("UPDATE products SET price_cents = $1 WHERE id = 1")
+            .bind(1_000 + round)
+            .execute(&mut tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            shop.price(1).await,
+            Some(1_000 + round),
+            "round {round}: committed"
+        );
+        let xact = || async {
+            sqlx::query_scalar::<_, String>("SELECT pg_current_xact_id()::text")
+                .fetch_one(pool.sqlx_pool())
+                .await
+                .unwrap()
+        };
+        let (first, second) = (xact().await, xact().await);
+        assert_ne!(
+            first, second,
+            "round {round}: the next statements ran inside a transaction left open"
+        );
+    }
+    let idle_in_transaction: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+           AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(&shop.admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        idle_in_transaction, 0,
+        "a connection was left in a transaction"
+    );
+    // A `COMMIT` that fails (a deferred check): an error, nothing committed, the connection usable.
+    sqlx::raw_sql(
+        "CREATE TABLE holds (id bigint PRIMARY KEY, product_id bigint NOT NULL REFERENCES products (id)
+           DEFERRABLE INITIALLY DEFERRED);",
+    )
+    .execute(&shop.admin)
+    .await
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("UPDATE products SET price_cents = 7 WHERE id = 1")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO holds VALUES (1, 999)")
+        .execute(&mut tx)
+        .await
+        .unwrap();
+    assert!(
+        tx.commit().await.is_err(),
+        "the deferred foreign key fails the commit"
+    );
+    assert_eq!(
+        shop.price(1).await,
+        Some(1_002),
+        "the failed commit wrote nothing"
+    );
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(pool.sqlx_pool())
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    pool.close().await;
+}
+
 /// One statement changing `rows` rows through the pool, on Redis: the call returns with every key
 /// invalidated (delivered in bounded chunks), the read gate open, the outbox drained.
 async fn huge_update(rows: i64) {

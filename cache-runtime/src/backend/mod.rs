@@ -174,13 +174,19 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         conn: &'a mut Self::Connection,
     ) -> BoxFuture<'a, Result<(), Error>>;
 
-    /// The rows a writer delivers: after an autocommit statement (`in_transaction == false`, on the
-    /// statement's connection) or before `COMMIT` (inside the transaction).
+    /// The rows an autocommit statement wrote, read after it on its connection.
     #[doc(hidden)]
     fn written_rows<'a>(
         conn: &'a mut Self::Connection,
         state: &'a Self::State,
-        in_transaction: bool,
+    ) -> BoxFuture<'a, Result<Rows, sqlx::Error>>;
+
+    /// Reads the rows the transaction `tx` wrote and commits it, in one round trip where the backend
+    /// allows. An error means the keys were not read or the `COMMIT` failed: nothing is to be delivered.
+    #[doc(hidden)]
+    fn commit_written<'a>(
+        tx: sqlx::Transaction<'a, Self>,
+        state: &'a Self::State,
     ) -> BoxFuture<'a, Result<Rows, sqlx::Error>>;
 
     /// Writes `keys` to the outbox on `conn` (in its transaction), as a captured write would: delivered

@@ -24,9 +24,9 @@ use super::{Cache, Event, LoadOptions, codec, scope};
 use crate::key::Key;
 use crate::store::{LeaseRequest, Slot, Store, StoreError, TagToken, nonce};
 
-/// What a stored entry turned out to be.
+/// What a stored entry turned out to be: a valid one carries where its payload starts in its bytes.
 enum Hit<V> {
-    Valid(V, Arc<[u8]>),
+    Valid(V, usize),
     Stale,
     Undecodable,
     StoreFailed,
@@ -38,7 +38,7 @@ type Read<V, E> = (Result<V, Arc<E>>, Outcome);
 /// The outcome of a step: the read is over, or goes on with `T`.
 enum Step<V, T> {
     /// A valid entry.
-    Hit(V, Arc<[u8]>),
+    Hit(V, Payload),
     /// The store cannot be used for this read: load without storing.
     Unstored,
     /// A value this process saw valid within the read's stale-while-revalidate bound, returned while
@@ -46,6 +46,19 @@ enum Step<V, T> {
     Recalled(V),
     /// Go on.
     Next(T),
+}
+
+/// A valid entry's payload, still in the bytes the store returned: copied out only when shared with a
+/// flight's readers (a hit without followers never copies it).
+struct Payload {
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl Payload {
+    fn shared(self) -> Arc<[u8]> {
+        Arc::from(self.bytes.get(self.start..).unwrap_or_default())
+    }
 }
 
 /// What one leader's read is about: computed once, used by every step.
@@ -354,7 +367,7 @@ impl Cache {
                             if let Some(reload) = &options.sample {
                                 self.submit_sample(key, reload);
                             }
-                            return (Ok(value), Outcome::Value(payload));
+                            return (Ok(value), Outcome::Value(payload.shared()));
                         }
                         Step::Unstored | Step::Recalled(_) => {
                             return self.load_unstored(loader).await;
@@ -367,7 +380,7 @@ impl Cache {
         self.inner.stats.record(Event::Miss);
         plan.token = nonce();
         match self.acquire::<V>(&plan, replace).await {
-            Step::Hit(value, payload) => (Ok(value), Outcome::Value(payload)),
+            Step::Hit(value, payload) => (Ok(value), Outcome::Value(payload.shared())),
             Step::Recalled(value) => (Ok(value), Outcome::Unshared),
             Step::Unstored => self.load_unstored(loader).await,
             Step::Next(lease) => self.load_and_fill(&plan, lease, loader).await,
@@ -412,7 +425,7 @@ impl Cache {
             .map(|t| t.as_ref().map(|t| t.id.as_str()))
             .collect();
         match self.examine::<V>(plan, &bytes, &current).await {
-            Hit::Valid(value, payload) => Step::Hit(value, payload),
+            Hit::Valid(value, start) => Step::Hit(value, Payload { bytes, start }),
             Hit::StoreFailed => Step::Unstored,
             Hit::Stale | Hit::Undecodable => Step::Next(Some(bytes)),
         }
@@ -470,7 +483,9 @@ impl Cache {
                     let current: Vec<Option<&str>> =
                         lookup.tags.iter().map(|t| Some(t.id.as_str())).collect();
                     match self.examine::<V>(plan, &bytes, &current).await {
-                        Hit::Valid(value, payload) => return Step::Hit(value, payload),
+                        Hit::Valid(value, start) => {
+                            return Step::Hit(value, Payload { bytes, start });
+                        }
                         Hit::StoreFailed => return Step::Unstored,
                         Hit::Stale | Hit::Undecodable => {}
                     }
@@ -719,7 +734,7 @@ impl Cache {
             .check::<serde::de::IgnoredAny>(&bytes, &plan.pre, &tokens)
             .await
         {
-            Hit::Valid(_, payload) => Ok(Some(payload)),
+            Hit::Valid(_, start) => Ok(Some(Payload { bytes, start }.shared())),
             Hit::Stale | Hit::Undecodable => Ok(None),
             Hit::StoreFailed => Err(()),
         }
@@ -774,7 +789,7 @@ impl Cache {
             }
         }
         match codec::decode::<V>(envelope.payload) {
-            Ok(value) => Hit::Valid(value, envelope.payload.into()),
+            Ok(value) => Hit::Valid(value, bytes.len() - envelope.payload.len()),
             Err(_) => Hit::Undecodable,
         }
     }

@@ -152,11 +152,8 @@ async fn deliver<DB: Backend>(
     let state = &core.relay.outbox.state;
     let committed = Instant::now();
     let rows = match conn {
-        Conn::Plain(mut conn) => DB::written_rows(&mut conn, state, false).await,
-        Conn::Own(mut tx) => match DB::written_rows(&mut tx, state, true).await {
-            Ok(rows) => tx.commit().await.map(|()| rows),
-            Err(error) => Err(error),
-        },
+        Conn::Plain(mut conn) => DB::written_rows(&mut conn, state).await,
+        Conn::Own(tx) => DB::commit_written(tx, state).await,
     };
     match rows {
         Ok(rows) => {

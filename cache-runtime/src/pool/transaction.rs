@@ -183,9 +183,8 @@ impl<DB: Backend> CachedTransaction<'_, DB> {
         self.commit_outermost().instrument(span).await
     }
 
-    async fn commit_outermost(mut self) -> Result<WriteToken, sqlx::Error> {
-        let rows = DB::written_rows(&mut self.tx, &self.core.relay.outbox.state, true).await?;
-        self.tx.commit().await?;
+    async fn commit_outermost(self) -> Result<WriteToken, sqlx::Error> {
+        let rows = DB::commit_written(self.tx, &self.core.relay.outbox.state).await?;
         let committed = Instant::now();
         if rows.is_empty() {
             return Ok(WriteToken::NONE);

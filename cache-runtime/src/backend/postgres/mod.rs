@@ -149,21 +149,29 @@ impl Backend for Postgres {
     fn written_rows<'a>(
         conn: &'a mut PgConnection,
         _state: &'a (),
-        in_transaction: bool,
     ) -> BoxFuture<'a, Result<Rows, sqlx::Error>> {
-        if !in_transaction {
-            let sql = concat!("SELECT id, keys FROM ", function!("session_keys()"));
-            return Box::pin(sqlx::query_as(sql).fetch_all(conn));
-        }
-        // Before `COMMIT`: fire the deferred constraint triggers now, so that the rows they write are read
-        // too (one simple-protocol round trip for both statements, as the read alone costs).
+        let sql = concat!("SELECT id, keys FROM ", function!("session_keys()"));
+        Box::pin(sqlx::query_as(sql).fetch_all(conn))
+    }
+
+    fn commit_written<'a>(
+        mut tx: sqlx::Transaction<'a, Postgres>,
+        _state: &'a (),
+    ) -> BoxFuture<'a, Result<Rows, sqlx::Error>> {
+        // One simple-query message: fire the deferred constraint triggers (so that the rows they write are
+        // read too), read the rows, `COMMIT`. An error skips the rest of the message (a failed `COMMIT`
+        // rolls back). The trailing `BEGIN` opens an empty transaction for sqlx's transaction, which still
+        // counts one level: dropped, it queues the `ROLLBACK` that closes it, sent with the connection's
+        // next use or its release to the pool, not waited for here.
         Box::pin(async move {
             use sqlx::Row as _;
             let sql = concat!(
                 "SET CONSTRAINTS ALL IMMEDIATE; SELECT id, keys FROM ",
-                function!("transaction_keys()")
+                function!("transaction_keys()"),
+                "; COMMIT; BEGIN"
             );
-            let rows = sqlx::raw_sql(sql).fetch_all(conn).await?;
+            let rows = sqlx::raw_sql(sql).fetch_all(&mut *tx).await?;
+            drop(tx);
             rows.iter()
                 .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
                 .collect()

@@ -185,10 +185,20 @@ impl Backend for Sqlite {
         Box::pin(async move { SqliteSchema::new(registry).verify(conn).await })
     }
 
+    fn commit_written<'a>(
+        mut tx: sqlx::Transaction<'a, Sqlite>,
+        state: &'a SqliteState,
+    ) -> BoxFuture<'a, Result<Rows, sqlx::Error>> {
+        Box::pin(async move {
+            let rows = Self::written_rows(&mut tx, state).await?;
+            tx.commit().await?;
+            Ok(rows)
+        })
+    }
+
     fn written_rows<'a>(
         conn: &'a mut SqliteConnection,
         state: &'a SqliteState,
-        _in_transaction: bool,
     ) -> BoxFuture<'a, Result<Rows, sqlx::Error>> {
         Box::pin(async move {
             let rows = sqlx::query_as(concat!(

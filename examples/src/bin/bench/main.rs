@@ -134,9 +134,16 @@ async fn main() -> Result<(), BoxError> {
             "--hot-only" => sizes.hot_only = true,
             "--sqlite-only" => sqlite_only = true,
             "--out" => out = args.next().ok_or("--out needs a path")?,
+            "--only" => {
+                let groups = args
+                    .next()
+                    .ok_or("--only needs a comma-separated list of groups")?;
+                ONLY.set(groups.split(',').map(str::to_owned).collect())
+                    .map_err(|_| "--only given twice")?;
+            }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; use --quick, --sqlite-only, --hot-only and/or --out PATH"
+                    "unknown argument {other:?}; use --quick, --sqlite-only, --hot-only, --only GROUPS and/or --out PATH"
                 )
                 .into());
             }
@@ -147,7 +154,7 @@ async fn main() -> Result<(), BoxError> {
     } else {
         postgres_section(sizes).await?
     };
-    if !sizes.hot_only {
+    if !sizes.hot_only && wanted("sqlite") {
         eprintln!("SQLite…");
         sqlite_section(sizes, &mut report).await?;
     }
@@ -341,6 +348,8 @@ where
 
     async fn write_tx(&mut self, report: &mut Report) -> Result<(), BoxError> {
         let mut s: [Samples; 3] = Default::default();
+        // The commit alone: `CachedTransaction::commit` against `COMMIT` then the `DEL`s.
+        let mut commits: [Samples; 2] = Default::default();
         for i in 0..self.sizes.tx {
             let ids: Vec<i64> = (0..5)
                 .map(|k| 1 + (i as i64 * 53 + k * 997) % ROWS)
@@ -353,28 +362,48 @@ where
                         for &id in &ids {
                             sqlx::query(UPDATE).bind(id).execute(&mut tx).await?;
                         }
+                        let commit = Instant::now();
                         tx.commit().await?;
+                        commits[0].push(commit.elapsed());
                     }
                     1 => {
-                        self.plain_tx(&ids).await?;
+                        let commit = self.plain_tx(&ids).await?;
                         let keys: Vec<String> = ids.iter().flat_map(|&id| self.keys(id)).collect();
                         self.invalidate_by_hand(&keys).await?;
+                        commits[1].push(commit.elapsed());
                     }
-                    _ => self.plain_tx(&ids).await?,
+                    _ => drop(self.plain_tx(&ids).await?),
                 }
                 s[(i + v) % 3].push(start.elapsed());
             }
         }
         self.write_rows(report, "5-UPDATE transaction", &s);
+        let group = format!("{}write: 5-UPDATE transaction, the commit alone", self.db);
+        let base = commits[1].stats();
+        report.latency(
+            &group,
+            "CachedTransaction::commit (keys read, COMMIT, invalidate)",
+            commits[0].stats(),
+            Some(base.median_us),
+        );
+        report.latency(
+            &group,
+            "hand-written COMMIT then DEL (baseline)",
+            base,
+            Some(base.median_us),
+        );
         Ok(())
     }
 
-    async fn plain_tx(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
+    /// The 5-`UPDATE` transaction on the plain pool; returns when its `COMMIT` was sent.
+    async fn plain_tx(&self, ids: &[i64]) -> Result<Instant, sqlx::Error> {
         let mut tx = self.raw.begin().await?;
         for &id in ids {
             sqlx::query(UPDATE_PLAIN).bind(id).execute(&mut *tx).await?;
         }
-        tx.commit().await
+        let commit = Instant::now();
+        tx.commit().await?;
+        Ok(commit)
     }
 
     async fn write_bulk(&mut self, report: &mut Report) -> Result<(), BoxError> {
@@ -421,6 +450,60 @@ where
         .bind(id)
         .fetch_optional(executor)
         .await
+    }
+
+    /// In-process hits in a tight loop (1,000 in a row, the batches of the two variants alternating):
+    /// `get_or_load` on a `MemoryStore` cache against a raw moka `get` + decode, per hit.
+    async fn tight_hits(
+        &self,
+        memory: &Cache,
+        moka: &moka::sync::Cache<String, Vec<u8>>,
+        value: &Option<Product>,
+        report: &mut Report,
+    ) -> Result<(), BoxError> {
+        const BATCH: u32 = 1_000;
+        let mut s: [Samples; 2] = Default::default();
+        for i in 0..self.sizes.reads / 50 {
+            for v in 0..2 {
+                let k = (i + v) % 2;
+                let start = Instant::now();
+                for _ in 0..BATCH {
+                    let got: Option<Product> = if k == 0 {
+                        let bytes = moka.get("product:1").ok_or("raw moka entry gone")?;
+                        rmp_serde::from_slice(&bytes)?
+                    } else {
+                        memory
+                            .get_or_load(Product::cache_key_for(&1), || async {
+                                Err::<Option<Product>, _>("a measured hit ran the loader")
+                            })
+                            .await
+                            .map_err(|e| e.to_string())?
+                    };
+                    if got != *value {
+                        return Err(format!("read returned {got:?}, expected {value:?}").into());
+                    }
+                }
+                s[k].push(start.elapsed() / BATCH);
+            }
+        }
+        let group = format!(
+            "{}read: in-process hit, tight loop (per hit, 1,000 in a row)",
+            self.db
+        );
+        let base = s[0].stats();
+        report.latency(
+            &group,
+            "raw moka get + decode (baseline)",
+            base,
+            Some(base.median_us),
+        );
+        report.latency(
+            &group,
+            "get_or_load, in-process store",
+            s[1].stats(),
+            Some(base.median_us),
+        );
+        Ok(())
     }
 
     /// The read rows: a hit of one cached product in each of `hits` (the first is the baseline), then a miss
@@ -517,6 +600,10 @@ where
         let (group, base) = (format!("{}read: hit", self.db), s[0].stats());
         for ((name, _), s) in hits.iter().zip(&s) {
             report.latency(&group, name, s.stats(), Some(base.median_us));
+        }
+
+        if uses(Hit::Memory) && uses(Hit::RawMoka) {
+            self.tight_hits(&memory, &moka, &value, report).await?;
         }
 
         // With Redis, a third variant: the naive miss (`GET` finds nothing, `SELECT`, `SET … EX`).
@@ -647,15 +734,72 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
         format!("{CLIENTS} connections each (CachedPool, plain PgPool)"),
     );
 
-    eprintln!("write path…");
-    env.write_single(&mut report).await?;
-    write_breakdown(&mut env, &mut report).await?;
-    env.write_tx(&mut report).await?;
-    env.write_bulk(&mut report).await?;
-    load::wide_depends(&mut env, &mut report).await?;
-    eprintln!("write throughput…");
-    load::throughput(&mut env, &mut report).await?;
-    eprintln!("read path…");
+    if wanted("single") {
+        eprintln!("write path…");
+        env.write_single(&mut report).await?;
+        write_breakdown(&mut env, &mut report).await?;
+    }
+    if wanted("tx") {
+        env.write_tx(&mut report).await?;
+    }
+    if wanted("bulk") {
+        env.write_bulk(&mut report).await?;
+        load::wide_depends(&mut env, &mut report).await?;
+    }
+    if wanted("throughput") {
+        eprintln!("write throughput…");
+        load::throughput(&mut env, &mut report).await?;
+    }
+    if wanted("reads") {
+        eprintln!("read path…");
+        read_rows(&env, &mut report).await?;
+    }
+    if wanted("tiers") {
+        eprintln!("two tiers…");
+        tiered::hits(&env, &mut report).await?;
+        tiered::fanout(&env, &mut report).await?;
+        eprintln!("Redis Cluster…");
+        cluster::rows(&env, &mut report).await?;
+    }
+    if wanted("memory") {
+        eprintln!("memory…");
+        load::memory(&env, url, redis_url, &mut report).await?;
+    }
+    if wanted("stampede") {
+        eprintln!("stampede…");
+        stampede(&mut env, &mut report).await?;
+    }
+    if wanted("mixed") {
+        eprintln!("mixed workload…");
+        mixed(&mut env, url, &mut report).await?;
+    }
+    if wanted("foreign") {
+        eprintln!("foreign writes…");
+        foreign(&mut env, &mut report).await?;
+    }
+    if wanted("hot") {
+        hot_rows(url, redis_url, prefix, sizes, &mut report).await?;
+    }
+    env.pool.close().await;
+    if wanted("backlog") {
+        eprintln!("backlog drain…");
+        backlog(&env, url, redis_url, &mut report).await?;
+    }
+    env.raw.close().await;
+    Ok(report)
+}
+
+/// The groups `--only` names (every group without it): single, tx, bulk, throughput, reads, tiers,
+/// memory, stampede, mixed, foreign, hot, backlog, sqlite.
+static ONLY: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Whether the group `name` runs.
+fn wanted(name: &str) -> bool {
+    ONLY.get().is_none_or(|only| only.iter().any(|g| g == name))
+}
+
+/// The read-hit and read-miss rows.
+async fn read_rows(env: &Env, report: &mut Report) -> Result<(), BoxError> {
     let hits = [
         ("raw GET + decode, Redis (baseline)", Hit::RawGet),
         ("get_or_load, Redis", Hit::Cache),
@@ -671,26 +815,7 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
         ),
     ];
     let select = "SELECT by primary key (baseline)";
-    env.reads(&env.pool, &hits, select, &mut report).await?;
-    eprintln!("two tiers…");
-    tiered::hits(&env, &mut report).await?;
-    tiered::fanout(&env, &mut report).await?;
-    eprintln!("Redis Cluster…");
-    cluster::rows(&env, &mut report).await?;
-    eprintln!("memory…");
-    load::memory(&env, url, redis_url, &mut report).await?;
-    eprintln!("stampede…");
-    stampede(&mut env, &mut report).await?;
-    eprintln!("mixed workload…");
-    mixed(&mut env, url, &mut report).await?;
-    eprintln!("foreign writes…");
-    foreign(&mut env, &mut report).await?;
-    hot_rows(url, redis_url, prefix, sizes, &mut report).await?;
-    env.pool.close().await;
-    eprintln!("backlog drain…");
-    backlog(&env, url, redis_url, &mut report).await?;
-    env.raw.close().await;
-    Ok(report)
+    env.reads(&env.pool, &hits, select, report).await
 }
 
 /// The hot-key (delete vs refresh) and consistency-SLI rows.
