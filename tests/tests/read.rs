@@ -1195,3 +1195,49 @@ async fn the_redis_store_conforms() {
         .await
         .expect("a shared store conforms");
 }
+
+/// On Redis 7, a miss takes its lease without a script (`SET … NX GET`): once the namespace's tag exists,
+/// the only script a miss runs is the fill's compare-and-set; the entry is then a hit. On a server of its
+/// own, whose command counters no other test moves.
+#[tokio::test]
+async fn a_miss_on_redis_7_runs_one_script_the_fill() {
+    let server = tests::RedisServer::start();
+    let store = RedisStore::connect(&server.url(), "native:".to_owned())
+        .await
+        .expect("connect");
+    let cache = Cache::new(store);
+    let load = |n: i64| async move { Ok::<_, std::io::Error>(n) };
+    // The first read of the namespace creates its tag (the tag script).
+    let first = cache
+        .get_or_load(item_key(1), || load(1))
+        .await
+        .expect("load");
+    assert_eq!(first, 1);
+    let evalsha = || {
+        let stats = server.command(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |calls| calls.parse::<u64>().expect("a count"))
+    };
+    let before = evalsha();
+    let second = cache
+        .get_or_load(item_key(2), || load(2))
+        .await
+        .expect("load");
+    assert_eq!(second, 2);
+    assert_eq!(
+        evalsha() - before,
+        1,
+        "the miss ran scripts besides the fill"
+    );
+    let hits = cache.stats().hits;
+    let again = cache
+        .get_or_load(item_key(2), || async {
+            Err::<i64, _>(std::io::Error::other("a hit ran the loader"))
+        })
+        .await
+        .expect("a hit");
+    assert_eq!((again, cache.stats().hits), (2, hits + 1));
+}

@@ -9,7 +9,7 @@
 //! tag tokens, so on a Redis Cluster those slots would need one hash slot.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -105,6 +105,9 @@ pub struct RedisStore {
     /// With a pool: the `CLIENT ID`s of the pooled connections seen so far.
     #[cfg(feature = "deadpool-redis")]
     pooled: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+    /// Whether the server takes `SET … NX GET` and `PEXPIRE … GT` (Redis 7.0 and later): a lease is then
+    /// taken without a script (see `lookup_native`). Cleared for good by a server error on that path.
+    native: Arc<AtomicBool>,
 }
 
 /// How the store reaches Redis.
@@ -218,15 +221,117 @@ impl RedisStore {
             newest: Arc::new(AtomicU64::new(0)),
             #[cfg(feature = "deadpool-redis")]
             pooled: Arc::default(),
+            native: Arc::default(),
         };
         store.load_scripts().await?;
         store.consumer = store.dataset_id().await?;
+        store.native = Arc::new(AtomicBool::new(store.takes_native_lease().await?));
         Ok(store)
     }
 
     /// The consumer name of the data under this prefix on this server: a random id kept in the slot
     /// `prefix + "<consumer>"` (created by the first store to connect, without expiry), so that every store
     /// on the same server and prefix has the same name, however it was connected.
+    /// [`Store::lookup`] without a script (Redis 7.0 and later), when no invalid entry is to be replaced:
+    /// `TIME`, then `SET … NX PX … GET` (the old value, or nil when this lease was set), each tag's `GET` and
+    /// `PEXPIRE … GT` (it lives at least `tag_ttl`), the sequence and `CLIENT ID`, in one round trip. A
+    /// script costs the server several times what these commands do (3 per miss were most of a miss's
+    /// extra cost over `GET` + `SET`). `TIME` comes first, so the lease's recorded start is never later
+    /// than the lease: a tag created in between counts as created after it (the fill is refused, never a
+    /// stale one stored). A missing tag (the first read of a namespace, or after a `TRUNCATE`) is created
+    /// by the tag script, in a second round trip.
+    async fn lookup_native(
+        &self,
+        key: &str,
+        lease: &LeaseRequest<'_>,
+        tags: &[String],
+        tag_ttl: Duration,
+    ) -> Result<Lookup, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME");
+        pipe.cmd("SET")
+            .arg(self.redis_key(key))
+            .arg(lease_value(lease.token))
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(lease.ttl))
+            .arg("GET");
+        for tag in tags {
+            let slot = self.redis_key(&tag_slot(tag));
+            pipe.get(&slot);
+            pipe.cmd("PEXPIRE")
+                .arg(&slot)
+                .arg(millis(tag_ttl))
+                .arg("GT")
+                .ignore();
+        }
+        pipe.get(self.redis_key(SEQUENCE_SLOT));
+        pipe.cmd("CLIENT").arg("ID");
+        let sent_with = self.client.load(Ordering::Acquire);
+        let values: Vec<Value> = self.conn.query(&pipe).await?;
+        let (client, values) = split_last(&values)?;
+        self.check_connection(sent_with, client)?;
+        let (counted, values) = split_last(values)?;
+        let [time, old, found @ ..] = values else {
+            return Err(StoreError::Protocol(format!("lookup: {values:?}")));
+        };
+        let slot = match (old, bytes(old)) {
+            (Value::Nil, _) => Slot::Acquired {
+                started: server_micros(time)?,
+            },
+            (_, Some(b)) if b.starts_with(LEASE_MARK) => Slot::Leased,
+            (_, Some(b)) => Slot::Value(b.to_vec()),
+            (v, None) => return Err(protocol("lookup", v)),
+        };
+        let mut tokens: Vec<Option<TagToken>> =
+            found.iter().map(parse_token).collect::<Result<_, _>>()?;
+        let missing: Vec<usize> = (0..tokens.len()).filter(|&i| tokens[i].is_none()).collect();
+        if !missing.is_empty() {
+            let mut pipe = redis::pipe();
+            for &i in &missing {
+                self.push_tag(&mut pipe, &tags[i], Some(tag_ttl));
+            }
+            for (&i, v) in missing.iter().zip(&self.query(&pipe).await?) {
+                tokens[i] = parse_token(v)?;
+            }
+        }
+        let tags = tokens
+            .into_iter()
+            .map(|t| t.ok_or_else(|| StoreError::Protocol("a created tag token is missing".into())))
+            .collect::<Result<_, _>>()?;
+        Ok(Lookup {
+            slot,
+            tags,
+            sequence: sequence(counted)?,
+        })
+    }
+
+    /// Whether the server takes the commands of `lookup_native`: tried on a slot of this prefix, removed in
+    /// the same round trip (a server error, such as a syntax error before Redis 7.0 or a command the ACL
+    /// denies, means no).
+    async fn takes_native_lease(&self) -> Result<bool, StoreError> {
+        let slot = self.redis_key(PROBE_SLOT);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&slot)
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(1_000)
+            .arg("GET")
+            .cmd("PEXPIRE")
+            .arg(&slot)
+            .arg(1_000)
+            .arg("GT")
+            .cmd("UNLINK")
+            .arg(&slot);
+        match self.conn.query::<Vec<Value>>(&pipe).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Redis(e)) if is_server_error(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn dataset_id(&self) -> Result<String, StoreError> {
         let slot = self.redis_key(CONSUMER_SLOT);
         let mut pipe = redis::pipe();
@@ -397,6 +502,14 @@ const CHANNEL_SLOT: &str = "<invalidated>";
 /// The slot (under the prefix) of the prefix's sequence.
 const SEQUENCE_SLOT: &str = "<sequence>";
 
+/// The slot (under the prefix) that tells whether the server takes the script-free lease.
+const PROBE_SLOT: &str = "<probe>";
+
+/// Whether `e` is an error the server answered (not one of the connection).
+fn is_server_error(e: &redis::RedisError) -> bool {
+    e.kind() != ErrorKind::Io && !e.is_connection_dropped() && !e.is_timeout() && e.code().is_some()
+}
+
 /// Slots per `UNLINK` command of an invalidation.
 const UNLINK_KEYS: usize = 500;
 
@@ -457,6 +570,20 @@ fn protocol(what: &str, v: &Value) -> StoreError {
     StoreError::Protocol(format!("{what}: {v:?}"))
 }
 
+/// The server's `TIME` answer in microseconds.
+fn server_micros(v: &Value) -> Result<u64, StoreError> {
+    match v {
+        Value::Array(parts) => micros(parts).ok_or_else(|| protocol("TIME", v)),
+        _ => Err(protocol("TIME", v)),
+    }
+}
+
+/// Seconds and microseconds (as `TIME` answers them) in microseconds.
+fn micros(parts: &[Value]) -> Option<u64> {
+    let (s, us) = (parts.first().and_then(int)?, parts.get(1).and_then(int)?);
+    u64::try_from(s * 1_000_000 + us).ok()
+}
+
 fn parse_slot(v: &Value) -> Result<Slot, StoreError> {
     let Value::Array(items) = v else {
         return Err(protocol("lookup", v));
@@ -468,16 +595,11 @@ fn parse_slot(v: &Value) -> Result<Slot, StoreError> {
             .map(|b| Slot::Value(b.to_vec()))
             .ok_or_else(|| protocol("lookup", v)),
         Some(2) => Ok(Slot::Leased),
-        Some(3) => {
-            let secs = items.get(1).and_then(int);
-            let micros = items.get(2).and_then(int);
-            match (secs, micros) {
-                (Some(s), Some(us)) => Ok(Slot::Acquired {
-                    started: u64::try_from(s * 1_000_000 + us).unwrap_or(0),
-                }),
-                _ => Err(protocol("lookup", v)),
-            }
-        }
+        Some(3) => items
+            .get(1..)
+            .and_then(micros)
+            .map(|started| Slot::Acquired { started })
+            .ok_or_else(|| protocol("lookup", v)),
         _ => Err(protocol("lookup", v)),
     }
 }
@@ -625,6 +747,15 @@ impl Store for RedisStore {
         tag_ttl: Duration,
     ) -> BoxFuture<'a, Result<Lookup, StoreError>> {
         Box::pin(async move {
+            if lease.replace.is_none() && self.native.load(Ordering::Relaxed) {
+                match self.lookup_native(key, &lease, tags, tag_ttl).await {
+                    Err(StoreError::Redis(e)) if is_server_error(&e) => {
+                        tracing::warn!(error = %e, "the server refused the script-free lease; using the lookup script from now on");
+                        self.native.store(false, Ordering::Relaxed);
+                    }
+                    other => return other,
+                }
+            }
             let mut pipe = redis::pipe();
             pipe.invoke_script(
                 self.scripts
