@@ -78,7 +78,8 @@ impl Scripts {
 /// A [`Store`] on Redis, through redis-rs' reconnecting [`ConnectionManager`].
 ///
 /// Standalone servers; every atomic operation touches a single key, so a Cluster implementation can share
-/// the scripts.
+/// the scripts. On Redis 7.0 and later (found at connect), a miss takes its lease without a script
+/// (`SET … NX GET`); older servers run the lookup script, with the same guarantees.
 ///
 /// # Examples
 ///
