@@ -107,7 +107,8 @@ pub struct RedisStore {
     #[cfg(feature = "deadpool-redis")]
     pooled: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
     /// Whether the server takes `SET … NX GET` and `PEXPIRE … GT` (Redis 7.0 and later): a lease is then
-    /// taken without a script (see `lookup_native`). Cleared for good by a server error on that path.
+    /// taken without a script (see `lookup_native`). Cleared for good when the server answers that path
+    /// with a plain `ERR` (a syntax error: a server replaced by an older one).
     native: Arc<AtomicBool>,
 }
 
@@ -230,9 +231,6 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// The consumer name of the data under this prefix on this server: a random id kept in the slot
-    /// `prefix + "<consumer>"` (created by the first store to connect, without expiry), so that every store
-    /// on the same server and prefix has the same name, however it was connected.
     /// [`Store::lookup`] without a script (Redis 7.0 and later), when no invalid entry is to be replaced:
     /// `TIME`, then `SET … NX PX … GET` (the old value, or nil when this lease was set), each tag's `GET` and
     /// `PEXPIRE … GT` (it lives at least `tag_ttl`), the sequence and `CLIENT ID`, in one round trip. A
@@ -276,6 +274,9 @@ impl RedisStore {
         let [time, old, found @ ..] = values else {
             return Err(StoreError::Protocol(format!("lookup: {values:?}")));
         };
+        if found.len() != tags.len() {
+            return Err(StoreError::Protocol(format!("lookup: {values:?}")));
+        }
         let slot = match (old, bytes(old)) {
             (Value::Nil, _) => Slot::Acquired {
                 started: server_micros(time)?,
@@ -333,6 +334,9 @@ impl RedisStore {
         }
     }
 
+    /// The consumer name of the data under this prefix on this server: a random id kept in the slot
+    /// `prefix + "<consumer>"` (created by the first store to connect, without expiry), so that every store
+    /// on the same server and prefix has the same name, however it was connected.
     async fn dataset_id(&self) -> Result<String, StoreError> {
         let slot = self.redis_key(CONSUMER_SLOT);
         let mut pipe = redis::pipe();
@@ -749,13 +753,16 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<Lookup, StoreError>> {
         Box::pin(async move {
             if lease.replace.is_none() && self.native.load(Ordering::Relaxed) {
-                match self.lookup_native(key, &lease, tags, tag_ttl).await {
-                    Err(StoreError::Redis(e)) if is_server_error(&e) => {
-                        tracing::warn!(error = %e, "the server refused the script-free lease; using the lookup script from now on");
-                        self.native.store(false, Ordering::Relaxed);
-                    }
-                    other => return other,
+                let result = self.lookup_native(key, &lease, tags, tag_ttl).await;
+                // Not retried with the script in this call: the `SET` may have taken the lease already,
+                // and the script would then wait for it. The read falls through to the loader once.
+                if let Err(StoreError::Redis(e)) = &result
+                    && e.code() == Some("ERR")
+                {
+                    tracing::warn!(error = %e, "the server refused the script-free lease; using the lookup script from now on");
+                    self.native.store(false, Ordering::Relaxed);
                 }
+                return result;
             }
             let mut pipe = redis::pipe();
             pipe.invoke_script(

@@ -138,8 +138,15 @@ async fn main() -> Result<(), BoxError> {
                 let groups = args
                     .next()
                     .ok_or("--only needs a comma-separated list of groups")?;
-                ONLY.set(groups.split(',').map(str::to_owned).collect())
-                    .map_err(|_| "--only given twice")?;
+                let groups: Vec<String> = groups.split(',').map(str::to_owned).collect();
+                if let Some(unknown) = groups.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+                    return Err(format!(
+                        "unknown group {unknown:?}; the groups: {}",
+                        GROUPS.join(", ")
+                    )
+                    .into());
+                }
+                ONLY.set(groups).map_err(|_| "--only given twice")?;
             }
             other => {
                 return Err(format!(
@@ -789,8 +796,24 @@ async fn run(url: &str, redis_url: &str, prefix: &str, sizes: Sizes) -> Result<R
     Ok(report)
 }
 
-/// The groups `--only` names (every group without it): single, tx, bulk, throughput, reads, tiers,
-/// memory, stampede, mixed, foreign, hot, backlog, sqlite.
+/// The groups `--only` may name.
+const GROUPS: [&str; 13] = [
+    "single",
+    "tx",
+    "bulk",
+    "throughput",
+    "reads",
+    "tiers",
+    "memory",
+    "stampede",
+    "mixed",
+    "foreign",
+    "hot",
+    "backlog",
+    "sqlite",
+];
+
+/// The groups `--only` named (every group without it).
 static ONLY: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 /// Whether the group `name` runs.
